@@ -1,0 +1,64 @@
+"""The `mlxmoe` command line. Subcommands live next to the code they drive and
+are imported only when used, so `mlxmoe --help` stays fast and a broken
+optional part never takes the others down."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import click
+
+# name -> (module, attribute, one-line help shown in `mlxmoe --help`)
+COMMANDS = {
+    "plan": ("mlxmoe.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
+    "split": ("mlxmoe.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
+    "run": ("mlxmoe.runtime.commands", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
+    "calibrate": ("mlxmoe.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
+    "eval": ("mlxmoe.quality", "eval_cmd", "Measure how far masked routing is from the full model."),
+    "bench": ("mlxmoe.bench", "bench_cmd", "Decode speed and memory of a node vs mlx-lm."),
+    "init": ("mlxmoe.cluster.commands", "init_cmd", "Create the cluster key shared by your Macs."),
+    "node": ("mlxmoe.cluster.commands", "node_cmd", "Serve one expert group of a bundle on this Mac."),
+    "serve": ("mlxmoe.cluster.commands", "serve_cmd", "Run the router: OpenAI-compatible API, placement, status page."),
+    "chat": ("mlxmoe.ui.commands", "chat_cmd", "Chat in the terminal with the cluster (or any OpenAI-compatible server)."),
+    "demo": ("mlxmoe.ui.demo", "demo_cmd", "Offline demo: split the bundled model, start nodes + router, chat."),
+    "doctor": ("mlxmoe.ui.commands", "doctor_cmd", "Check this Mac's setup and the cluster, and say what to fix."),
+    "menubar": ("mlxmoe.ui.commands", "menubar_cmd", "Menu-bar app (macOS): cluster state, start/stop node, open chat."),
+    "service": ("mlxmoe.ui.commands", "service_cmd", "Install or remove the login service (launchd / systemd --user)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [n for n, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        mod, attr, _ = COMMANDS[name]
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError):
+            return None
+
+    def format_commands(self, ctx, formatter):
+        rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlxmoe")
+def main():
+    """mlxmoe: one Mixture-of-Experts LLM across the Macs you own.
+
+    Every Mac holds the model's trunk plus one group of its experts; a chat is
+    pinned to the Mac whose group fits it best and decodes there, locally.
+
+    Start with `mlxmoe demo` (offline, bundled model), or on real Macs:
+    `mlxmoe plan`, `mlxmoe split`, `mlxmoe init`, `mlxmoe node`, `mlxmoe chat`.
+    """
+
+
+if __name__ == "__main__":
+    main()
