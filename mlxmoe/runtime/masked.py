@@ -1,0 +1,160 @@
+"""Masked routing, one implementation for every supported architecture.
+
+Instead of copying each model's MoE block, the block's own router and expert
+modules are given a subclass (same parameters, same paths):
+
+- the router's logits of non-eligible experts become -inf *before* the block's
+  own selection rule (softmax or softmax-after-top-k, norm_topk_prob, shared
+  experts untouched). DeepSeek's sigmoid gate selects inside the gate with a
+  bias correction, so its masked twin applies the mask to the selection scores.
+- the SwitchGLU holds only the local experts; global expert ids chosen by the
+  router are mapped to local rows by a lookup table.
+
+With every expert eligible no mask is installed: the model is mlx-lm's own.
+The gates can also record their raw logits (placement, calibration, eval).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+_CLASS_CACHE: dict = {}
+
+
+def _set(module, name, value):
+    # Plain attributes, kept out of the nn.Module tree: never parameters, never saved.
+    object.__setattr__(module, name, value)
+
+
+class StopForward(Exception):
+    """Raised by a recording gate to end a forward pass early (trunk-only scoring)."""
+
+
+def _subclass(base, mixin):
+    key = (base, mixin)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"Masked{base.__name__}", (mixin, base), {})
+    return _CLASS_CACHE[key]
+
+
+class _Recorder:
+    """Shared by gate mixins: keep raw logits when recording is on."""
+
+    def _record_logits(self, logits):
+        rec = getattr(self, "_rec", None)
+        if rec is not None:
+            rec.append((self._layer, logits))
+            if self._layer == getattr(self, "_stop_at", None):
+                raise StopForward
+
+
+class MaskedLinearGate(_Recorder):
+    """Router that is a Linear (qwen*, mixtral, olmoe, gpt_oss): logits + mask."""
+
+    def __call__(self, x):
+        logits = super().__call__(x)
+        self._record_logits(logits)
+        mask = getattr(self, "_mask", None)
+        return logits if mask is None else logits + mask
+
+
+class MaskedSigmoidGate(_Recorder):
+    """DeepSeek-V3 / Kimi-K2 gate: sigmoid scores, e_score_correction_bias,
+    group-limited selection; non-eligible experts can never be selected."""
+
+    def __call__(self, x):
+        logits = x @ self.weight.T
+        self._record_logits(logits)
+        return sigmoid_group_select(logits, self.e_score_correction_bias, getattr(self, "_mask", None),
+                                    self.top_k, self.n_group, self.topk_group,
+                                    self.routed_scaling_factor, self.norm_topk_prob)
+
+
+def sigmoid_group_select(logits, bias, mask, top_k, n_group, topk_group, scaling, norm_topk_prob):
+    """mlx-lm's deepseek_v3 group_expert_select with an eligibility mask. With
+    mask=None it computes exactly what mlx-lm computes."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    orig = scores
+    scores = scores + bias
+    if mask is not None:
+        scores = scores + mask  # -inf for non-eligible: never a group's best, never selected
+    if n_group > 1:
+        scores = mx.unflatten(scores, axis=-1, shape=(n_group, -1))
+        group_scores = mx.topk(scores, 2, axis=-1).sum(axis=-1, keepdims=True)
+        k = n_group - topk_group
+        group_idx = mx.argpartition(group_scores, kth=k - 1, axis=-2)[..., :k, :]
+        scores = mx.put_along_axis(scores, mx.stop_gradient(group_idx), mx.array(0.0), axis=-2)
+        scores = mx.flatten(scores, -2, -1)
+        if mask is not None:
+            scores = scores + mask  # dropped groups were zeroed; keep their masked experts out
+    inds = mx.stop_gradient(mx.argpartition(-scores, kth=top_k - 1, axis=-1)[..., :top_k])
+    w = mx.take_along_axis(orig, inds, axis=-1)
+    if top_k > 1 and norm_topk_prob:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return inds, w * scaling
+
+
+class LocalExperts:
+    """SwitchGLU holding only local experts: global ids -> local rows."""
+
+    def __call__(self, x, indices):
+        g2l = getattr(self, "_g2l", None)
+        return super().__call__(x, indices if g2l is None else g2l[indices])
+
+
+def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
+            n_experts: int, local_ids: list[int] | None):
+    """Make `block` route only to `local_ids` (global ids, in local row order).
+    local_ids=None: every expert is local and eligible (no mask, no remap)."""
+    gate = getattr(block, gate_attr)
+    mixin = MaskedSigmoidGate if scoring == "sigmoid_group" else MaskedLinearGate
+    gate.__class__ = _subclass(type(gate), mixin)
+    _set(gate, "_layer", layer)
+    experts = getattr(block, experts_attr)
+    experts.__class__ = _subclass(type(experts), LocalExperts)
+    local_ids = list(range(n_experts)) if local_ids is None else list(local_ids)
+    set_eligible(block, gate_attr, n_experts, None if len(set(local_ids)) == n_experts else local_ids)
+    g2l = None
+    if local_ids != list(range(n_experts)):
+        table = [0] * n_experts  # non-eligible ids are never selected; 0 keeps the gather in range
+        for i, e in enumerate(local_ids):
+            table[e] = i
+        g2l = mx.array(table, dtype=mx.int32)
+    _set(experts, "_g2l", g2l)
+
+
+def set_eligible(block, gate_attr: str, n_experts: int, eligible: list[int] | None):
+    """Change only the mask (experts stay loaded): used to evaluate many
+    configurations on one full model."""
+    gate = getattr(block, gate_attr)
+    m = None
+    if eligible is not None:
+        m = mx.full((n_experts,), -mx.inf, dtype=mx.float32)
+        m[mx.array(sorted(eligible))] = 0.0
+    _set(gate, "_mask", m)
+
+
+class GateRecorder:
+    """Context manager: collect (layer, logits) from every MoE gate of a model
+    during forward passes; `stop_at=layer` ends the pass right after that gate."""
+
+    def __init__(self, gates: list, stop_at: int | None = None):
+        self.gates, self.stop_at, self.records = gates, stop_at, []
+
+    def __enter__(self):
+        for g in self.gates:
+            _set(g, "_rec", self.records)
+            _set(g, "_stop_at", self.stop_at)
+        return self
+
+    def __exit__(self, *exc):
+        for g in self.gates:
+            _set(g, "_rec", None)
+            _set(g, "_stop_at", None)
+        return exc[0] is StopForward
+
+    def by_layer(self) -> dict:
+        out: dict = {}
+        for layer, logits in self.records:
+            out.setdefault(layer, []).append(logits)
+        return {l: mx.concatenate(v, axis=-2) if len(v) > 1 else v[0] for l, v in out.items()}
