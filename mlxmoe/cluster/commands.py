@@ -1,0 +1,141 @@
+"""`mlxmoe init`, `mlxmoe node`, `mlxmoe serve` (loaded lazily by mlxmoe.cli)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import click
+
+from . import keys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _key(path: str | None) -> bytes:
+    try:
+        return keys.load_key(path)
+    except keys.ClusterKeyError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def parse_size(text: str | None) -> int | None:
+    """'2GB', '512MiB', '1.5G', '123456' -> bytes (GB/GiB both mean 2^30: memory)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 2GB, 512MB or 1073741824", param_hint="--kv-budget")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+KEY_HELP = "Cluster key file (default: $MLXMOE_CLUSTER_KEY_FILE or ~/.config/mlxmoe/cluster.key)."
+IFACE_HELP = "Use Bonjour only on the interface with this IPv4 address (default: all interfaces)."
+
+
+@click.command("init")
+@click.option("--path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the key (default: ~/.config/mlxmoe/cluster.key, or $MLXMOE_CLUSTER_KEY_FILE).")
+@click.option("--force", is_flag=True, help="Replace an existing key (every Mac then needs the new one).")
+def init_cmd(path, force):
+    """Create the cluster key shared by your Macs.
+
+    The key is a random secret. Nodes and the router sign every request with
+    it, so a device on your network without the key gets nothing. Run this
+    once, on one Mac, then copy the file to the same place on the others.
+    """
+    try:
+        p = keys.create_key(path, force=force)
+    except FileExistsError as e:
+        raise click.ClickException(str(e)) from None
+    rel = "~/" + str(p.relative_to(p.home())) if str(p).startswith(str(p.home())) else str(p)
+    click.echo(f"Wrote a new cluster key to {p} (readable only by you).\n\n"
+               f"Copy it to each of your other Macs, for example:\n"
+               f"  ssh OTHER-MAC 'mkdir -p {str(p.parent).replace(str(p.home()), '~')}' && scp {p} OTHER-MAC:{rel}\n"
+               f"  ssh OTHER-MAC 'chmod 600 {rel}'\n\n"
+               f"Then on every Mac: `mlxmoe node BUNDLE --group N`, and on the one you chat from: "
+               f"`mlxmoe serve BUNDLE`.")
+
+
+@click.command("node")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--group", "-g", type=int, required=True, help="Which expert group of the bundle this Mac serves.")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--port", default=0, show_default=True,
+              help="Port to listen on; 0 picks a free one (fine with Bonjour). Use a fixed port, e.g. 7420, "
+                   "if the router lists this node in a --peers file.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help=KEY_HELP)
+@click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Quantize the KV cache to this many bits (less memory per session).")
+@click.option("--kv-budget", default=None, metavar="SIZE",
+              help="Memory for KV caches of all sessions, e.g. 2GB. When full, idle sessions are evicted; "
+                   "if none is idle, new sessions are refused (the router tries another Mac).")
+@click.option("--advertise/--no-advertise", default=True, show_default=True,
+              help="Announce this node on the local network with Bonjour.")
+@click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_budget, advertise, interface, verbose):
+    """Serve one expert group of BUNDLE on this Mac.
+
+    Loads the trunk, the overlay and expert group GROUP from the bundle made by
+    `mlxmoe split`, and answers the router's signed requests. Chats pinned to
+    this Mac decode here, locally.
+
+    Example: mlxmoe node ~/models/qwen3-bundle --group 1
+    """
+    _setup_logging(verbose)
+    key = _key(key_file)
+    budget = parse_size(kv_budget)
+    try:
+        from mlxmoe.runtime.node import Node
+    except ImportError as e:
+        raise click.ClickException(f"the node runtime is not available in this install ({e})") from None
+    from .node_server import serve_node
+    engine = Node.load(bundle, group, kv_bits=int(kv_bits) if kv_bits else None, kv_budget_bytes=budget)
+    asyncio.run(serve_node(engine, key, host=host, port=port, advertise=advertise, interface=interface))
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address for the API. The default keeps it on this Mac; 0.0.0.0 opens it to your network.")
+@click.option("--port", default=8000, show_default=True, help="Port for the API.")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help=KEY_HELP)
+@click.option("--peers", "peers_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML file listing nodes to use without Bonjour ([[peers]] url = \"http://IP:PORT\"); "
+                   "see configs/cluster.example.toml.")
+@click.option("--mdns/--no-mdns", default=True, show_default=True, help="Find nodes with Bonjour.")
+@click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, verbose):
+    """Run the router: an OpenAI-compatible API for the whole cluster.
+
+    Loads only the trunk and tokenizer of BUNDLE (to score which expert group
+    fits each new chat), finds the nodes (Bonjour and/or --peers), and serves
+    http://HOST:PORT/v1 (chat/completions, completions, models), /status
+    (JSON) and a status page at /.
+
+    Point any OpenAI client at it: base_url=http://127.0.0.1:8000/v1
+    """
+    _setup_logging(verbose)
+    key = _key(key_file)
+    from .discovery import load_static_peers
+    try:
+        static = load_static_peers(peers_file) if peers_file else []
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        from mlxmoe.runtime.trunk import TrunkFrontend
+    except ImportError as e:
+        raise click.ClickException(f"the trunk front end is not available in this install ({e})") from None
+    from .api import serve_router
+    from .router import Router
+    frontend = TrunkFrontend.load(bundle)
+    router = Router(frontend, key, static_peers=static, mdns=mdns, interface=interface)
+    asyncio.run(serve_router(router, host, port))

@@ -1,0 +1,266 @@
+"""Node RPC wire format: a msgpack envelope, authenticated with HMAC-SHA256.
+
+Request  = POST /rpc/<op>, body = msgpack({"v", "op", "ts", "nonce", "body"[, "mh"]}),
+           header X-MLXMoE-Auth = hex HMAC-SHA256(cluster key, exact body bytes).
+Response = msgpack({"ok": true, "body": ...}) or ({"ok": false, "error": {...}}),
+           header X-MLXMoE-Auth = HMAC over b"resp:" + request nonce + response
+           bytes, so the router knows the answer came from a key holder too.
+Stream   = (generate) a sequence of msgpack maps: {"t": "tok", ...} per token,
+           then {"t": "end", ...}, or {"t": "err", ...} if it fails midway;
+           the header HMAC covers b"stream:" + nonce.
+
+Checks run in this order, so a sender without the key learns nothing but 401:
+size (413) -> HMAC (401) -> decode/envelope (400, version 426) -> freshness
+(401, with a reason: the sender holds the key) -> per-op schema (400).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+AUTH_HEADER = "X-MLXMoE-Auth"
+CONTENT_TYPE = "application/msgpack"
+MiB = 1 << 20
+DEFAULT_MAX_BYTES = 8 * MiB
+OP_MAX_BYTES = {"import_session": 256 * MiB}
+REPLAY_WINDOW_S = 60.0
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_PROMPT_TOKENS = 1 << 20
+
+
+class WireError(Exception):
+    """A request that must be refused: HTTP status, a short code, and a
+    message naming the offending field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+# ---------------------------------------------------------------- HMAC / limits
+
+def sign(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def verify(key: bytes, data: bytes, signature: str | None) -> bool:
+    if not signature or len(signature) != 64:
+        return False
+    return hmac.compare_digest(sign(key, data), signature)
+
+
+def response_mac(key: bytes, nonce: str, data: bytes) -> str:
+    return sign(key, b"resp:" + nonce.encode() + data)
+
+
+def stream_mac(key: bytes, nonce: str) -> str:
+    return sign(key, b"stream:" + nonce.encode())
+
+
+def max_bytes(op: str) -> int:
+    return OP_MAX_BYTES.get(op, DEFAULT_MAX_BYTES)
+
+
+class ReplayGuard:
+    """Rejects envelopes whose ts is outside +-window or whose nonce was seen
+    within the window. Nonces older than the window are forgotten (a replay
+    that old fails the ts check anyway)."""
+
+    def __init__(self, window_s: float = REPLAY_WINDOW_S):
+        self.window_s = window_s
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def check(self, ts: float, nonce: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if abs(now - ts) > self.window_s:
+            raise WireError(401, "stale", f"field 'ts': timestamp is {now - ts:+.1f}s from this node's clock, "
+                                          f"outside the {self.window_s:.0f}s replay window (are the Macs' clocks set?)", "ts")
+        with self._lock:
+            if len(self._seen) > 10000:
+                self._seen = {n: t for n, t in self._seen.items() if now - t <= self.window_s}
+            if nonce in self._seen:
+                raise WireError(401, "replay", "field 'nonce': this request was already received (replay)", "nonce")
+            self._seen[nonce] = now
+
+
+# ---------------------------------------------------------------- schemas
+# A field spec is a type name; "?" suffix = may be None. Nested dict schemas
+# are dicts. `REQUIRED` lists required fields; every other field is optional,
+# and fields not in the schema are refused.
+
+PARAMS_SCHEMA = {
+    "_required": ["max_tokens"],
+    "max_tokens": "int",
+    "temperature": "num",
+    "top_p": "num",
+    "stop": "list[str]",
+    "seed": "int?",
+}
+
+ENVELOPE_SCHEMA = {
+    "_required": ["v", "op", "ts", "nonce", "body"],
+    "v": "int", "op": "str", "ts": "num", "nonce": "str", "body": "dict",
+    "mh": "str",  # manifest hash the caller expects (DESIGN: travels in every RPC)
+}
+
+OP_SCHEMAS: dict[str, dict] = {
+    "info": {"_required": []},
+    "prefill": {"_required": ["session", "prompt"], "session": "str", "prompt": "tokens"},
+    "generate": {"_required": ["session", "prompt", "params"], "session": "str", "prompt": "tokens",
+                 "params": PARAMS_SCHEMA},
+    "close": {"_required": ["session"], "session": "str"},
+    "export_session": {"_required": ["session"], "session": "str"},
+    "import_session": {"_required": ["state"], "state": "dict"},
+}
+OPS = tuple(OP_SCHEMAS)
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    if spec.endswith("?"):
+        return value is None or _type_ok(value, spec[:-1])
+    if spec == "str":
+        return isinstance(value, str)
+    if spec == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if spec == "num":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if spec == "bool":
+        return isinstance(value, bool)
+    if spec == "dict":
+        return isinstance(value, dict)
+    if spec == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if spec == "tokens":
+        return (isinstance(value, list) and len(value) <= MAX_PROMPT_TOKENS and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID for v in value))
+    raise AssertionError(f"unknown spec {spec}")
+
+
+_SPEC_WORDS = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true/false",
+               "dict": "a map", "list[str]": "a list of strings",
+               "tokens": f"a list of token ids (integers 0..{MAX_TOKEN_ID}, at most {MAX_PROMPT_TOKENS})"}
+
+
+def check_schema(obj: Any, schema: dict, where: str = "body") -> None:
+    if not isinstance(obj, dict):
+        raise WireError(400, "schema", f"field '{where}': must be a map", where)
+    for key in obj:
+        if not isinstance(key, str) or key.startswith("_") or key not in schema:
+            raise WireError(400, "schema", f"field '{where}.{key}': not allowed here", f"{where}.{key}")
+    for key in schema["_required"]:
+        if key not in obj:
+            raise WireError(400, "schema", f"field '{where}.{key}': required", f"{where}.{key}")
+    for key, value in obj.items():
+        spec, path = schema[key], f"{where}.{key}"
+        if isinstance(spec, dict):
+            check_schema(value, spec, path)
+        elif not _type_ok(value, spec):
+            words = _SPEC_WORDS[spec.rstrip("?")] + (" or nil" if spec.endswith("?") else "")
+            raise WireError(400, "schema", f"field '{path}': must be {words}", path)
+
+
+def _check_values(op: str, body: dict) -> None:
+    """Range checks the type schema cannot express."""
+    p = body.get("params")
+    if p is not None:
+        if not 0 <= p["max_tokens"] <= 1 << 20:
+            raise WireError(400, "schema", "field 'body.params.max_tokens': must be 0..1048576", "body.params.max_tokens")
+        if not 0.0 <= p.get("temperature", 0.0) <= 100.0:
+            raise WireError(400, "schema", "field 'body.params.temperature': must be 0..100", "body.params.temperature")
+        if not 0.0 < p.get("top_p", 1.0) <= 1.0:
+            raise WireError(400, "schema", "field 'body.params.top_p': must be in (0, 1]", "body.params.top_p")
+    sess = body.get("session")
+    if sess is not None and not 1 <= len(sess) <= 256:
+        raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
+
+
+# ---------------------------------------------------------------- encode / decode
+
+def new_nonce() -> str:
+    return os.urandom(16).hex()
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """msgpack -> Python, refusing anything odd (ext types, non-str keys)."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                               ext_hook=_no_ext)
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises many types (ExtraData, StackError, ValueError, ...)
+        raise WireError(400, "malformed", f"body is not one valid msgpack value ({type(e).__name__}: {e})")
+
+
+def _no_ext(code, data):
+    raise WireError(400, "malformed", f"msgpack extension type {code} is not allowed")
+
+
+@dataclass
+class Request:
+    op: str
+    body: dict
+    ts: float
+    nonce: str
+    mh: str | None = None
+
+
+def encode_request(key: bytes, op: str, body: dict, mh: str | None = None,
+                   ts: float | None = None, nonce: str | None = None) -> tuple[bytes, dict]:
+    """(bytes, headers) for one RPC. The HMAC covers the exact bytes sent."""
+    env = {"v": PROTOCOL_VERSION, "op": op, "ts": time.time() if ts is None else ts,
+           "nonce": nonce or new_nonce(), "body": body}
+    if mh is not None:
+        env["mh"] = mh
+    data = pack(env)
+    return data, {AUTH_HEADER: sign(key, data), "Content-Type": CONTENT_TYPE}
+
+
+def decode_request(key: bytes, data: bytes, signature: str | None, path_op: str,
+                   guard: ReplayGuard | None = None) -> Request:
+    """Verify, decode and schema-check one request; raise WireError otherwise."""
+    if len(data) > max_bytes(path_op):
+        raise WireError(413, "too_large", f"request is {len(data)} bytes; the limit for '{path_op}' is {max_bytes(path_op)}")
+    if not verify(key, data, signature):
+        raise WireError(401, "unauthorized", "unauthorized")
+    env = unpack(data)
+    if not isinstance(env, dict):
+        raise WireError(400, "malformed", "envelope must be a msgpack map")
+    v = env.get("v")
+    if isinstance(v, int) and not isinstance(v, bool) and v != PROTOCOL_VERSION:
+        raise WireError(426, "version", f"field 'v': protocol {v} is not supported; this node speaks {PROTOCOL_VERSION}", "v")
+    check_schema(env, ENVELOPE_SCHEMA, "envelope")
+    if env["op"] not in OP_SCHEMAS:
+        raise WireError(400, "unknown_op", f"field 'op': unknown op {env['op']!r}; known: {', '.join(OPS)}", "op")
+    if env["op"] != path_op:
+        raise WireError(400, "op_mismatch", f"field 'op': {env['op']!r} does not match the URL's op {path_op!r}", "op")
+    if not 8 <= len(env["nonce"]) <= 64:
+        raise WireError(400, "schema", "field 'envelope.nonce': must be 8..64 characters", "envelope.nonce")
+    (guard or ReplayGuard()).check(float(env["ts"]), env["nonce"])
+    check_schema(env["body"], OP_SCHEMAS[env["op"]], "body")
+    _check_values(env["op"], env["body"])
+    return Request(env["op"], env["body"], float(env["ts"]), env["nonce"], env.get("mh"))
+
+
+def ok_response(body: Any) -> bytes:
+    return pack({"ok": True, "body": body})
+
+
+def error_response(err: WireError | dict) -> bytes:
+    return pack({"ok": False, "error": err.to_dict() if isinstance(err, WireError) else err})
