@@ -43,10 +43,12 @@ def sample_status(n_peers: int = 3) -> dict:
 class FakeRouter:
     def __init__(self, tokens=("Hello", ",", " world", "!"), *, mlxmoe_headers: bool = True,
                  has_status: bool = True, status: dict | None = None, token_delay: float = 0.01,
-                 fail_status: int | None = None, index_status: dict | None = None, port: int = 0):
+                 fail_status: int | None = None, index_status: dict | None = None,
+                 completion_tokens: int | None = None, port: int = 0):
         self.tokens = list(tokens)
         self.mlxmoe_headers, self.has_status = mlxmoe_headers, has_status
         self.status = status if status is not None else sample_status()
+        self.completion_tokens = completion_tokens or len(self.tokens)  # what `usage` reports
         self.index_status = index_status  # what `/` embeds, when it should differ from /status
         self.token_delay, self.fail_status, self.port = token_delay, fail_status, port
         self.requests: list[dict] = []
@@ -90,7 +92,8 @@ class FakeRouter:
             return web.json_response(
                 {"id": cid, "object": "chat.completion", "created": created, "model": MODEL,
                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                 "usage": {"prompt_tokens": 5, "completion_tokens": len(self.tokens), "total_tokens": 5 + len(self.tokens)}},
+                 "usage": {"prompt_tokens": 5, "completion_tokens": self.completion_tokens,
+                           "total_tokens": 5 + self.completion_tokens}},
                 headers=self._headers(sid))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **self._headers(sid)})
@@ -110,8 +113,8 @@ class FakeRouter:
         await send(chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             await send({"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL, "choices": [],
-                        "usage": {"prompt_tokens": 5, "completion_tokens": len(self.tokens),
-                                  "total_tokens": 5 + len(self.tokens)}})
+                        "usage": {"prompt_tokens": 5, "completion_tokens": self.completion_tokens,
+                                  "total_tokens": 5 + self.completion_tokens}})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
