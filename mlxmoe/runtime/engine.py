@@ -46,6 +46,7 @@ class PlacementScores:
     scores: dict[int, float]
     layers: list[int]
     n_tokens: int
+    elapsed_ms: float = 0.0
 
     @property
     def ranked(self) -> list[int]:
@@ -63,7 +64,7 @@ class PlacementScores:
     def to_dict(self) -> dict:
         return {"scores": {str(g): s for g, s in self.scores.items()},
                 "layers": self.layers, "n_tokens": self.n_tokens,
-                "best": self.best, "margin": self.margin}
+                "best": self.best, "margin": self.margin, "elapsed_ms": self.elapsed_ms}
 
 
 class Engine(Protocol):

@@ -159,4 +159,7 @@ def _default_dtype(m: Manifest):
 def load_tokenizer(bundle_dir):
     from mlx_lm.utils import load_tokenizer as _load
 
-    return _load(Path(bundle_dir))
+    d = Path(bundle_dir)
+    if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise BundleError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json); split a checkpoint that includes one")
+    return _load(d)

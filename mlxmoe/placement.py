@@ -1,0 +1,48 @@
+"""Placement scores: which group fits a prompt (DESIGN.md, "placement score").
+
+S(g) = mean over scored (layer, token) of the sum of the top-k router
+probabilities within eligible(g). Probabilities are over all experts: softmax
+of the logits, or for sigmoid-scored models (DeepSeek) the sigmoid scores
+normalised to sum to one."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .manifest import Manifest
+from .runtime.engine import PlacementScores
+
+
+def router_probs(logits: mx.array, scoring: str) -> mx.array:
+    logits = logits.astype(mx.float32)
+    if scoring == "sigmoid_group":
+        s = mx.sigmoid(logits)
+        return s / s.sum(axis=-1, keepdims=True)
+    return mx.softmax(logits, axis=-1)
+
+
+def topk_mass(probs: mx.array, eligible: list[int] | None, k: int) -> mx.array:
+    """Per token: sum of the k largest probabilities among `eligible` (None: all)."""
+    if eligible is not None:
+        probs = probs[..., mx.array(sorted(eligible))]
+    k = min(k, probs.shape[-1])
+    return mx.topk(probs, k, axis=-1).sum(axis=-1)
+
+
+def eligible_sets(m: Manifest) -> dict[int, dict[int, list[int]]]:
+    """group -> layer -> eligible ids."""
+    return {g: {l: m.eligible(g, l) for l in m.moe_layers} for g in range(m.n_groups)}
+
+
+def score_groups(m: Manifest, logits_by_layer: dict, sets: dict | None = None) -> PlacementScores:
+    """Score every group (or the given {name: {layer: ids}} sets) from one set
+    of router logits: {layer: [..., tokens, n_experts]}."""
+    sets = sets if sets is not None else eligible_sets(m)
+    layers = sorted(logits_by_layer)
+    probs = {l: router_probs(logits_by_layer[l], m.moe["scoring"]).reshape(-1, m.n_experts) for l in layers}
+    scores = {}
+    for g, per_layer in sets.items():
+        masses = [topk_mass(probs[l], per_layer[l], m.top_k).mean() for l in layers]
+        scores[g] = mx.stack(masses).mean().item()
+    n_tokens = next(iter(probs.values())).shape[0] if probs else 0
+    return PlacementScores(scores, layers, n_tokens)

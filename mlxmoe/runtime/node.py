@@ -1,0 +1,243 @@
+"""A node: one bundle group loaded into an mlx-lm model with masked routing,
+sessions with their own (quantized) KV caches, and generation with per-token
+log-probabilities. Implements runtime.engine.Engine for the cluster layer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import ContextOverflow, MlxMoeError
+from .engine import GenParams, TokenEvent
+from .generate import text_events
+from .load import Loaded, load_bundle, load_tokenizer
+from .sessions import Session, SessionStore
+from .tokens import Tokens
+from .trunk import gate_logits
+
+DEFAULT_KV_START = 0  # quantize the KV cache from the first token
+
+
+class Node(Tokens):
+    def __init__(self, loaded: Loaded, tokenizer, *, kv_bits: int | None = 8, kv_group_size: int = 64,
+                 kv_start: int = DEFAULT_KV_START, kv_budget_bytes: int | None = None,
+                 max_context: int | None = None, bundle_dir: str | None = None):
+        self.loaded, self.tokenizer = loaded, tokenizer
+        self.model, self.manifest, self.group = loaded.model, loaded.manifest, loaded.group
+        self.bundle_dir = bundle_dir
+        self.kv_bits, self.kv_group_size, self.kv_start = kv_bits, kv_group_size, kv_start
+        cfg = self.manifest.model["config"]
+        self.max_context = int(max_context or cfg.get("max_position_embeddings") or 4096)
+        self.vocab_size = int(cfg["vocab_size"])
+        self.eos = set(tokenizer.eos_token_ids)
+        per_token = self._kv_bytes_per_token()
+        budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
+        self.sessions = SessionStore(budget, per_token)
+        self.started = time.time()
+
+    @classmethod
+    def load(cls, bundle_dir: str, group: int | None, kv_bits: int | None = "manifest",
+             kv_budget_bytes: int | None = None, verify: bool = True, **kw) -> "Node":
+        loaded = load_bundle(bundle_dir, group, verify=verify)
+        if kv_bits == "manifest":
+            kv_bits = loaded.manifest.quantization.get("kv_bits")
+        return cls(loaded, load_tokenizer(bundle_dir), kv_bits=kv_bits,
+                   kv_budget_bytes=kv_budget_bytes, bundle_dir=str(bundle_dir), **kw)
+
+    # ------------------------------------------------------------ KV
+    def _kv_bytes_per_token(self) -> float:
+        """Measure KV bytes per token: one token through a fresh cache."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self.model)
+        self.model(mx.array([[0]]), cache=cache)
+        elems = 0
+        for c in cache:
+            for t in (getattr(c, "keys", None), getattr(c, "values", None)):
+                if isinstance(t, mx.array):
+                    elems += t.shape[1] * t.shape[-1] if t.ndim == 4 else t.shape[-1]
+                    if self.kv_bits and t.shape[-1] % self.kv_group_size:
+                        raise MlxMoeError(f"--kv-bits {self.kv_bits}: head size {t.shape[-1]} is not a multiple of the KV "
+                                          f"quantization group size {self.kv_group_size}; use --kv-bits 16 for this model")
+        itemsize = self.model.parameters_dtype_size if hasattr(self.model, "parameters_dtype_size") else 2
+        if self.kv_bits:
+            return elems * (self.kv_bits / 8 + 2 * itemsize / self.kv_group_size)
+        return elems * itemsize
+
+    def _new_cache(self):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def _reuse(self, s: Session, prompt: list[int]) -> int:
+        """Trim the session's cache to its longest common prefix with `prompt`
+        (leaving at least one prompt token to feed); return that prefix length."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        if s.cache is None:
+            s.cache, s.tokens = self._new_cache(), []
+        n = 0
+        for a, b in zip(s.tokens, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)
+        if n < len(s.tokens):
+            if can_trim_prompt_cache(s.cache):
+                trim_prompt_cache(s.cache, len(s.tokens) - n)
+            else:
+                s.cache, n = self._new_cache(), 0
+            s.tokens = s.tokens[:n]
+        return n
+
+    # ------------------------------------------------------------ generation
+    def check_prompt(self, prompt, params: GenParams):
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise MlxMoeError("prompt: expected a non-empty list of token ids")
+        bad = [t for t in prompt if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise MlxMoeError(f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        if len(prompt) >= self.max_context:
+            raise ContextOverflow(f"prompt: {len(prompt)} tokens do not fit the context limit of {self.max_context} tokens")
+        if params.max_tokens < 1:
+            raise MlxMoeError("max_tokens: must be at least 1")
+
+    def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
+        """Stream TokenEvents for `prompt` in session `session_id` (reusing its
+        cached prefix). Validation errors are raised before the first event."""
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        self.check_prompt(prompt, params)
+        max_tokens = min(params.max_tokens, self.max_context - len(prompt))
+        s = self.sessions.get(session_id or uuid.uuid4().hex)
+        if s.busy:
+            raise MlxMoeError(f"session {s.id}: already generating")
+        n = self._reuse(s, list(prompt))
+        self.sessions.admit(s, len(prompt) - n + max_tokens)
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_sampler(temp=params.temperature, top_p=params.top_p)
+        steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
+                              prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
+                              quantized_kv_start=self.kv_start)
+        return self._stream(s, list(prompt), steps, params, max_tokens)
+
+    def _stream(self, s: Session, prompt, steps, params, max_tokens):
+        s.busy = True
+        out: list[int] = []
+        try:
+            pairs = ((int(t), float(lp[t].item())) for t, lp in steps)
+            for ev in text_events(pairs, self.tokenizer.detokenizer, self.eos, params.stop, max_tokens):
+                out.append(ev.token)
+                yield ev
+        finally:
+            s.busy = False
+            s.turns += 1
+            s.tokens = (prompt + out)[: s.cache[0].offset] if s.cache else []
+            s.last_used = time.time()
+
+    def score(self, tokens: list[int], layers: list[int] | None = None):
+        """Placement scores from this node's own forward pass (exact at the
+        first MoE layer; later layers see this node's masked experts)."""
+        from ..placement import score_groups
+
+        return score_groups(self.manifest, gate_logits(self.loaded, tokens, layers))
+
+    def logits(self, tokens: list[int]) -> mx.array:
+        """Teacher-forced next-token logits [T, vocab] (no session)."""
+        return self.model(mx.array([tokens]))[0]
+
+    # ------------------------------------------------------------ sessions
+    def close_session(self, session_id: str) -> bool:
+        return self.sessions.close(session_id)
+
+    def export_session(self, session_id: str) -> dict:
+        s = self.sessions.sessions.get(session_id)
+        if s is None:
+            raise MlxMoeError(f"session {session_id}: unknown on this node")
+        caches = [] if s.cache is None else [_cache_state(c) for c in s.cache]
+        return {"id": s.id, "tokens": list(s.tokens), "caches": caches, "manifest": self.manifest.hash}
+
+    def import_session(self, state: dict) -> str:
+        if state.get("manifest") != self.manifest.hash:
+            raise MlxMoeError(f"session {state.get('id')}: exported from manifest {state.get('manifest')}, this node serves {self.manifest.hash}")
+        s = self.sessions.get(state["id"])
+        s.tokens = list(state["tokens"])
+        s.cache = [_cache_from_state(c) for c in state["caches"]] or None
+        return s.id
+
+    # ------------------------------------------------------------ status
+    def info(self) -> dict:
+        m = self.manifest
+        return {
+            "model": m.model_id, "manifest_hash": m.hash, "group": self.group, "n_groups": m.n_groups,
+            "eligible": {str(l): len(ids) for l, ids in self.loaded.local_ids.items()},
+            "memory": {**self.loaded.bytes, "kv_used": self.sessions.used(), "kv_budget": self.sessions.budget},
+            "free_kv": self.sessions.budget - self.sessions.used(),
+            "sessions": len(self.sessions.sessions),
+            "active_sessions": sum(s.busy for s in self.sessions.sessions.values()),
+            "context_limit": self.max_context, "kv_bits": self.kv_bits,
+            "backend": backend_name(), "uptime_s": time.time() - self.started,
+        }
+
+
+def backend_name() -> str:
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def _default_budget() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.25)
+
+
+# KV export/import: plain dicts of bytes/ints, msgpack-friendly.
+def _arr(a: mx.array) -> dict:
+    dt = str(a.dtype).split(".")[-1]
+    data = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
+    return {"dtype": dt, "shape": list(a.shape), "data": data.tobytes()}
+
+
+def _unarr(d: dict) -> mx.array:
+    if d["dtype"] == "bfloat16":
+        return mx.array(np.frombuffer(d["data"], np.uint16).reshape(d["shape"])).view(mx.bfloat16)
+    return mx.array(np.frombuffer(d["data"], np.dtype(d["dtype"])).reshape(d["shape"]))
+
+
+def _flat(x):
+    if isinstance(x, mx.array):
+        return {"a": _arr(x)}
+    if isinstance(x, (list, tuple)):
+        return {"l": [_flat(v) for v in x]}
+    return {"v": x}
+
+
+def _unflat(x):
+    if "a" in x:
+        return _unarr(x["a"])
+    if "l" in x:
+        return [_unflat(v) for v in x["l"]]
+    return x["v"]
+
+
+def _cache_state(c) -> dict:
+    return {"type": type(c).__name__, "state": _flat(list(c.state)), "meta": list(c.meta_state) if hasattr(c, "meta_state") else []}
+
+
+def _cache_from_state(d: dict):
+    from mlx_lm.models import cache as cache_mod
+
+    cls = getattr(cache_mod, d["type"], None)
+    if cls is None:
+        raise MlxMoeError(f"session import: unknown cache type {d['type']!r}")
+    c = cls.from_state(_unflat(d["state"]))
+    if d.get("meta"):
+        c.meta_state = d["meta"]
+    return c

@@ -1,0 +1,17 @@
+"""Tokenizer helpers shared by nodes and the router's trunk front end."""
+
+from __future__ import annotations
+
+
+class Tokens:
+    tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
