@@ -1,0 +1,185 @@
+"""Login services: launchd agents on macOS, systemd user units on Linux.
+
+One service per role (`node`, `router`); `both` means one of each. Files
+land under the user's home (`Path.home()` honours $HOME, and
+$XDG_CONFIG_HOME is honoured on Linux), so tests point HOME at a temp dir.
+The service runs `<this python> -m mlxmoe.cli ...` by absolute path:
+launchd and systemd start with a bare PATH, so a venv's `mlxmoe` script
+would not be found.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from mlxmoe.errors import MlxMoeError
+
+ROLES = ("node", "router")
+DESCRIPTION = {"node": "mlxmoe node (serves one expert group)", "router": "mlxmoe router (OpenAI-compatible API)"}
+
+
+def roles(role: str) -> list[str]:
+    if role == "both":
+        return list(ROLES)
+    if role not in ROLES:
+        raise MlxMoeError(f"unknown service role {role!r}: use node, router or both")
+    return [role]
+
+
+def is_macos(platform: str | None = None) -> bool:
+    return (platform or sys.platform) == "darwin"
+
+
+def label(role: str) -> str:
+    return f"com.mlxmoe.{role}"
+
+
+def unit_path(role: str, platform: str | None = None) -> Path:
+    if is_macos(platform):
+        return Path.home() / "Library" / "LaunchAgents" / f"{label(role)}.plist"
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return config / "systemd" / "user" / f"mlxmoe-{role}.service"
+
+
+def log_dir() -> Path:
+    return Path.home() / "Library" / "Logs" / "mlxmoe"
+
+
+def command(role: str, bundle: str | None = None, group: int | None = None) -> list[str]:
+    """The argv the service runs. The router gets the bundle too: it runs the
+    trunk to score placement."""
+    argv = [sys.executable, "-m", "mlxmoe.cli", "node" if role == "node" else "serve"]
+    if bundle:
+        argv += ["--bundle", str(Path(bundle).expanduser().resolve())]
+    if role == "node" and group is not None:
+        argv += ["--group", str(group)]
+    return argv
+
+
+def _env() -> dict[str, str]:
+    env = {"PYTHONUNBUFFERED": "1"}  # log lines appear as they happen
+    if os.environ.get("MLXMOE_CLUSTER_KEY_FILE"):
+        env["MLXMOE_CLUSTER_KEY_FILE"] = os.environ["MLXMOE_CLUSTER_KEY_FILE"]
+    return env
+
+
+def launchd_plist(role: str, argv: list[str]) -> bytes:
+    logs = log_dir()
+    return plistlib.dumps({
+        "Label": label(role),
+        "ProgramArguments": argv,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "ThrottleInterval": 10,  # a crashing service restarts every 10 s, not in a hot loop
+        # launchd throttles CPU/IO of "Background" agents; inference must not be.
+        "ProcessType": "Interactive",
+        "WorkingDirectory": str(Path.home()),
+        "EnvironmentVariables": _env(),
+        "StandardOutPath": str(logs / f"{role}.log"),
+        "StandardErrorPath": str(logs / f"{role}.err.log"),
+    })
+
+
+def _systemd_quote(arg: str) -> str:
+    # systemd expands %specifiers and $VARS in ExecStart; double both.
+    arg = arg.replace("%", "%%").replace("$", "$$")
+    if arg and not re.search(r'[\s"\'\\;]', arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_unit(role: str, argv: list[str]) -> str:
+    env = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in _env().items())
+    return (f"[Unit]\nDescription={DESCRIPTION[role]}\n\n"
+            f"[Service]\nExecStart={' '.join(_systemd_quote(a) for a in argv)}\n"
+            f"{env}WorkingDirectory=%h\nRestart=always\nRestartSec=10\n\n"
+            f"[Install]\nWantedBy=default.target\n")
+
+
+def render(role: str, bundle: str | None = None, group: int | None = None, platform: str | None = None) -> bytes:
+    argv = command(role, bundle, group)
+    return launchd_plist(role, argv) if is_macos(platform) else systemd_unit(role, argv).encode()
+
+
+def _run(cmd: list[str]) -> str | None:
+    """Run a service-manager command; return None on success, else why not."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if r.returncode == 0 else (r.stderr or r.stdout).strip() or f"exit status {r.returncode}"
+
+
+def _start_cmds(role: str) -> list[list[str]]:
+    if is_macos():
+        return [["launchctl", "bootstrap", f"gui/{os.getuid()}", str(unit_path(role))]]
+    return [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", f"mlxmoe-{role}.service"]]
+
+
+def _stop_cmds(role: str) -> list[list[str]]:
+    if is_macos():
+        return [["launchctl", "bootout", f"gui/{os.getuid()}/{label(role)}"]]
+    return [["systemctl", "--user", "disable", "--now", f"mlxmoe-{role}.service"]]
+
+
+def start(role: str) -> str | None:
+    for cmd in _start_cmds(role):
+        if err := _run(cmd):
+            return f"`{' '.join(cmd)}` failed: {err}"
+    return None
+
+
+def stop(role: str) -> str | None:
+    for cmd in _stop_cmds(role):
+        if err := _run(cmd):
+            return f"`{' '.join(cmd)}` failed: {err}"
+    return None
+
+
+def install(role: str, *, bundle: str | None = None, group: int | None = None, dry_run: bool = False,
+            start_now: bool = True) -> list[str]:
+    """Write (and start) the service file(s); return lines to show the user."""
+    out = []
+    for r in roles(role):
+        if r == "node" and not bundle:
+            raise MlxMoeError("the node service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
+        if bundle and not Path(bundle).expanduser().is_dir():
+            raise MlxMoeError(f"bundle directory not found: {bundle}")
+        path, content = unit_path(r), render(r, bundle, group)
+        if dry_run:
+            out += [f"# would write {path}", content.decode()]
+            if start_now:
+                out += ["# then run: " + " ; ".join(" ".join(c) for c in _start_cmds(r))]
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_macos():
+            log_dir().mkdir(parents=True, exist_ok=True)
+        if start_now and path.exists():
+            stop(r)  # reinstall: unload the old definition first (errors: it was not loaded)
+        path.write_bytes(content)
+        out.append(f"wrote {path}")
+        if start_now:
+            err = start(r)
+            out.append(f"could not start {r}: {err}" if err else f"started {r} service")
+    return out
+
+
+def uninstall(role: str, *, dry_run: bool = False) -> list[str]:
+    out = []
+    for r in roles(role):
+        path = unit_path(r)
+        if not path.exists():
+            out.append(f"{r}: no service installed ({path} not found)")
+            continue
+        if dry_run:
+            out += ["# would run: " + " ; ".join(" ".join(c) for c in _stop_cmds(r)), f"# would remove {path}"]
+            continue
+        stop(r)  # an unloaded service is fine: we remove it either way
+        path.unlink()
+        out.append(f"removed {path}")
+    return out
