@@ -1,0 +1,112 @@
+"""Router-side client of one node's RPC (see wire.py for the format).
+
+Every failure surfaces as RpcError with `retryable` set when another node
+may succeed (connection lost, node busy, node failed midway). Bytes sent and
+received are counted so the router can report traffic per decoded token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+import aiohttp
+import msgpack
+
+from . import wire
+from .errors import RpcError
+
+MAX_FRAME_BYTES = 1 << 20
+
+
+class NodeClient:
+    def __init__(self, http: aiohttp.ClientSession, url: str, key: bytes, manifest_hash: str | None = None,
+                 name: str | None = None):
+        self.http, self.url, self.key, self.mh = http, url.rstrip("/"), key, manifest_hash
+        self.name = name or self.url
+        self.bytes_out = self.bytes_in = 0
+
+    def _err(self, status: int, code: str, message: str, retryable: bool, retry_after: float | None = None) -> RpcError:
+        return RpcError(status, code, message, retryable=retryable, retry_after=retry_after, peer=self.name)
+
+    async def _post(self, op: str, body: dict, timeout: float | None):
+        nonce = wire.new_nonce()
+        data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce)
+        self.bytes_out += len(data)
+        try:
+            resp = await self.http.post(f"{self.url}/rpc/{op}", data=data, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise self._err(0, "unreachable", f"cannot reach node at {self.url}: {type(e).__name__}: {e}", True) from None
+        return resp, nonce
+
+    async def _error_from(self, resp: aiohttp.ClientResponse) -> RpcError:
+        raw = await resp.read()
+        self.bytes_in += len(raw)
+        code, message = "http_" + str(resp.status), f"HTTP {resp.status}"
+        try:
+            err = wire.unpack(raw).get("error") or {}
+            code, message = str(err.get("code", code)), str(err.get("message", message))
+        except Exception:
+            pass
+        if resp.status == 401:
+            message = "node refused our cluster key (401): copy the same cluster.key to every Mac"
+        ra = resp.headers.get("Retry-After")
+        retry_after = float(ra) if ra and ra.replace(".", "", 1).isdigit() else None
+        retryable = resp.status in (429, 500, 502, 503, 504)
+        return self._err(resp.status, code, message, retryable, retry_after)
+
+    async def call(self, op: str, body: dict | None = None, timeout: float | None = 30.0):
+        resp, nonce = await self._post(op, body or {}, timeout)
+        async with resp:
+            if resp.status != 200:
+                raise await self._error_from(resp)
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                raise self._err(0, "disconnected", f"node {self.url} dropped the connection: {e}", True) from None
+            self.bytes_in += len(raw)
+            if not wire.verify(self.key, b"resp:" + nonce.encode() + raw, resp.headers.get(wire.AUTH_HEADER)):
+                raise self._err(0, "unauthenticated", f"answer from {self.url} is not signed with our cluster key", False)
+            msg = wire.unpack(raw)
+            if not isinstance(msg, dict) or msg.get("ok") is not True:
+                raise self._err(0, "bad_response", f"malformed answer from {self.url}", False)
+            return msg.get("body")
+
+    async def generate(self, session: str, prompt: list[int], params: dict,
+                       token_timeout: float = 60.0) -> AsyncIterator[dict]:
+        """Yield the node's frames ({"t": "tok"|"end"}). Raises RpcError for an
+        error frame, an HTTP error, a dropped connection, or a silent node."""
+        resp, nonce = await self._post("generate", {"session": session, "prompt": prompt, "params": params}, None)
+        async with resp:
+            if resp.status != 200:
+                raise await self._error_from(resp)
+            if not wire.verify(self.key, b"stream:" + nonce.encode(), resp.headers.get(wire.AUTH_HEADER)):
+                raise self._err(0, "unauthenticated", f"stream from {self.url} is not signed with our cluster key", False)
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME_BYTES)
+            ended = False
+            while not ended:
+                try:
+                    chunk = await asyncio.wait_for(resp.content.readany(), token_timeout)
+                except asyncio.TimeoutError:
+                    raise self._err(0, "timeout", f"node {self.url} sent nothing for {token_timeout:.0f}s", True) from None
+                except (aiohttp.ClientError, OSError) as e:
+                    raise self._err(0, "disconnected", f"node {self.url} dropped the stream: {type(e).__name__}", True) from None
+                if not chunk:
+                    raise self._err(0, "disconnected", f"node {self.url} closed the stream before its end frame", True)
+                self.bytes_in += len(chunk)
+                try:
+                    unpacker.feed(chunk)
+                except msgpack.BufferFull:
+                    raise self._err(0, "bad_response", f"oversized frame from {self.url}", True) from None
+                for frame in unpacker:
+                    if not isinstance(frame, dict):
+                        raise self._err(0, "bad_response", f"malformed frame from {self.url}", True)
+                    if frame.get("t") == "err":
+                        status = int(frame.get("status", 500))
+                        raise self._err(status, str(frame.get("code")), str(frame.get("message")),
+                                        retryable=status >= 500)
+                    yield frame
+                    if frame.get("t") == "end":
+                        ended = True
+                        break
