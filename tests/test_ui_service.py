@@ -35,12 +35,12 @@ def test_launchd_plist(home, monkeypatch):
     assert path == home / "Library" / "LaunchAgents" / "com.mlxmoe.node.plist"
     plist = plistlib.loads(service.render("node", bundle, 2))
     assert plist["Label"] == "com.mlxmoe.node"
-    assert plist["ProgramArguments"] == [sys.executable, "-m", "mlxmoe.cli", "node", "--bundle", bundle, "--group", "2"]
+    assert plist["ProgramArguments"] == [sys.executable, "-m", "mlxmoe.cli", "node", bundle, "--group", "2"]
     assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
     assert plist["StandardOutPath"] == str(home / "Library" / "Logs" / "mlxmoe" / "node.log")
     assert plist["StandardErrorPath"] == str(home / "Library" / "Logs" / "mlxmoe" / "node.err.log")
     router = plistlib.loads(service.render("router", bundle))
-    assert router["Label"] == "com.mlxmoe.router" and router["ProgramArguments"][3:] == ["serve", "--bundle", bundle]
+    assert router["Label"] == "com.mlxmoe.router" and router["ProgramArguments"][3:] == ["serve", bundle]
 
 
 def test_install_uninstall_macos(home, monkeypatch, no_service_manager):
@@ -64,7 +64,7 @@ def test_systemd_unit_paths_and_content(home, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "xdg"))
     assert service.unit_path("node") == home / "xdg" / "systemd" / "user" / "mlxmoe-node.service"
     unit = service.render("node", str(home / "bundle dir"), 1).decode()
-    assert f'ExecStart={sys.executable} -m mlxmoe.cli node --bundle "{home}/bundle dir" --group 1\n' in unit
+    assert f'ExecStart={sys.executable} -m mlxmoe.cli node "{home}/bundle dir" --group 1\n' in unit
     assert "Restart=always" in unit and "WantedBy=default.target" in unit
 
 
@@ -108,6 +108,8 @@ def test_bad_input(home, monkeypatch):
     assert r.exit_code == 1 and "needs --bundle PATH" in r.output
     with pytest.raises(MlxMoeError, match="bundle directory not found: /nope"):
         service.install("router", bundle="/nope")
+    with pytest.raises(MlxMoeError, match="the node service needs --group G"):
+        service.install("node", bundle=str(home / "bundle dir"))
     with pytest.raises(MlxMoeError, match="unknown service role"):
         service.roles("both-ish")
 
@@ -115,6 +117,6 @@ def test_bad_input(home, monkeypatch):
 def test_start_failure_is_reported_not_raised(home, monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(service, "_run", lambda cmd: "Failed to connect to bus")
-    out = service.install("router")
+    out = service.install("router", bundle=str(home / "bundle dir"))
     assert out[-1] == "could not start router: `systemctl --user daemon-reload` failed: Failed to connect to bus"
     assert service.unit_path("router").exists()

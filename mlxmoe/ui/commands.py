@@ -102,12 +102,18 @@ DRY_RUN = click.option("--dry-run", is_flag=True, help="Print what would be writ
 
 @service_cmd.command("install")
 @ROLE_OPTION
-@click.option("--bundle", type=click.Path(file_okay=False), help="Bundle directory (needed for node).")
-@click.option("--group", type=int, help="Expert group this Mac serves (node role).")
+@click.option("--bundle", type=click.Path(file_okay=False), help="Bundle directory made by `mlxmoe split` (required).")
+@click.option("--group", type=int, help="Expert group this Mac serves (required for the node role).")
 @DRY_RUN
 @click.option("--no-start", is_flag=True, help="Write the files but do not start the service now.")
 def service_install(role, bundle, group, dry_run, no_start):
-    """Write the service file(s) and start them."""
+    """Write the service file(s) and start them.
+
+    \b
+    Examples:
+      mlxmoe service install --bundle ~/models/qwen3-bundle --group 1
+      mlxmoe service install --role both --bundle ~/models/qwen3-bundle --group 0 --dry-run
+    """
     from mlxmoe.ui import service
     from mlxmoe.errors import MlxMoeError
 

@@ -50,13 +50,12 @@ def log_dir() -> Path:
     return Path.home() / "Library" / "Logs" / "mlxmoe"
 
 
-def command(role: str, bundle: str | None = None, group: int | None = None) -> list[str]:
-    """The argv the service runs. The router gets the bundle too: it runs the
-    trunk to score placement."""
-    argv = [sys.executable, "-m", "mlxmoe.cli", "node" if role == "node" else "serve"]
-    if bundle:
-        argv += ["--bundle", str(Path(bundle).expanduser().resolve())]
-    if role == "node" and group is not None:
+def command(role: str, bundle: str, group: int | None = None) -> list[str]:
+    """The argv the service runs: `mlxmoe node BUNDLE --group G` or
+    `mlxmoe serve BUNDLE` (the router loads the bundle's trunk to place chats)."""
+    argv = [sys.executable, "-m", "mlxmoe.cli", "node" if role == "node" else "serve",
+            str(Path(bundle).expanduser().resolve())]
+    if role == "node":
         argv += ["--group", str(group)]
     return argv
 
@@ -101,7 +100,7 @@ def systemd_unit(role: str, argv: list[str]) -> str:
             f"[Install]\nWantedBy=default.target\n")
 
 
-def render(role: str, bundle: str | None = None, group: int | None = None, platform: str | None = None) -> bytes:
+def render(role: str, bundle: str, group: int | None = None, platform: str | None = None) -> bytes:
     argv = command(role, bundle, group)
     return launchd_plist(role, argv) if is_macos(platform) else systemd_unit(role, argv).encode()
 
@@ -146,10 +145,12 @@ def install(role: str, *, bundle: str | None = None, group: int | None = None, d
     """Write (and start) the service file(s); return lines to show the user."""
     out = []
     for r in roles(role):
-        if r == "node" and not bundle:
-            raise MlxMoeError("the node service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
-        if bundle and not Path(bundle).expanduser().is_dir():
+        if not bundle:
+            raise MlxMoeError(f"the {r} service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
+        if not Path(bundle).expanduser().is_dir():
             raise MlxMoeError(f"bundle directory not found: {bundle}")
+        if r == "node" and group is None:
+            raise MlxMoeError("the node service needs --group G (which expert group of the bundle this Mac serves)")
         path, content = unit_path(r), render(r, bundle, group)
         if dry_run:
             out += [f"# would write {path}", content.decode()]
