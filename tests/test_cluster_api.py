@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeEngine, LocalCluster, encode, encode_chat, expected_text
+from fakes import FakeEngine, LocalCluster, encode, encode_chat, expected_text
 
 pytestmark = pytest.mark.timeout(90)
 

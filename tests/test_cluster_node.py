@@ -19,7 +19,7 @@ from mlxmoe.cluster import wire
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.cluster.errors import RpcError
 from mlxmoe.cluster.node_server import start_node
-from tests.fakes import HASH, FakeEngine, LocalCluster, encode, expected_text
+from fakes import HASH, FakeEngine, LocalCluster, encode, expected_text
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"n" * 32

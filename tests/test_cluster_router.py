@@ -11,7 +11,7 @@ import time
 import openai
 import pytest
 
-from tests.fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
+from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 
 pytestmark = pytest.mark.timeout(60)
 
