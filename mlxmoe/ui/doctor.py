@@ -1,0 +1,187 @@
+"""`mlxmoe doctor`: check this Mac's setup and the cluster; say what to fix.
+
+Every check returns `Check(name, status, detail, fix)` with status "ok",
+"warn" or "fail"; `fix` is one line a newcomer can act on. Checks never
+raise: a broken optional piece is reported, not crashed on.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+import threading
+from dataclasses import asdict, dataclass
+
+from mlxmoe.ui import DEFAULT_URL, base_url, fetch_status, human_bytes
+
+MIN_FREE_BYTES = 8 * 2**30  # below this even the trunk of a small MoE will not fit
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok" | "warn" | "fail"
+    detail: str
+    fix: str = ""
+
+
+def check_mlx() -> Check:
+    try:
+        import mlx.core as mx
+    except Exception as e:  # ImportError, or a broken native library
+        return Check("mlx", "fail", f"cannot import mlx: {e}", "pip install mlx (on a Mac: native arm64 Python, not Rosetta)")
+    device = mx.default_device()
+    if getattr(mx, "metal", None) is not None and mx.metal.is_available():
+        backend = "Metal"
+    elif getattr(mx, "cuda", None) is not None and mx.cuda.is_available():
+        backend = "CUDA"
+    else:
+        backend = "CPU"
+    detail = f"mlx {getattr(mx, '__version__', '?')}, backend {backend}, default device {device}"
+    if backend == "CPU":
+        fix = ("MLX sees no GPU: use an arm64 Python (not x86 under Rosetta) and `pip install -U mlx`"
+               if sys.platform == "darwin" else "CPU only: fine for tests and the demo, far too slow for a real model")
+        return Check("mlx", "warn", detail, fix)
+    return Check("mlx", "ok", detail)
+
+
+def check_memory() -> Check:
+    try:
+        import psutil
+    except ImportError:
+        return Check("memory", "warn", "psutil not installed, cannot read memory", "pip install psutil")
+    vm = psutil.virtual_memory()
+    detail = f"{human_bytes(vm.total)} total, {human_bytes(vm.available)} available"
+    if vm.available < MIN_FREE_BYTES:
+        return Check("memory", "warn", detail, "close large apps; `mlxmoe plan` shows what each Mac needs")
+    return Check("memory", "ok", detail)
+
+
+def check_mdns(timeout: float = 3.0) -> Check:
+    fix = ("allow Local Network access for your terminal/Python (System Settings > Privacy & Security > "
+           "Local Network) and let UDP port 5353 through the firewall")
+    try:
+        from zeroconf import Zeroconf
+    except ImportError:
+        return Check("mdns", "fail", "zeroconf not installed", "pip install zeroconf")
+    result: list = []
+
+    def probe():  # in a thread: a stuck socket must not hang the doctor
+        try:
+            zc = Zeroconf()
+            zc.close()
+            result.append(None)
+        except Exception as e:
+            result.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        return Check("mdns", "warn", f"Bonjour did not start within {timeout:.0f} s", fix)
+    if result[0] is not None:
+        return Check("mdns", "warn", f"Bonjour (mDNS) does not work here: {result[0]}; peers will not be found", fix)
+    return Check("mdns", "ok", "Bonjour (mDNS) socket opens")
+
+
+def check_key() -> Check:
+    from mlxmoe.cluster import keys  # the same rules `mlxmoe node`/`serve` apply
+
+    path = keys.default_path()
+    if not path.exists():
+        return Check("cluster key", "fail", f"no cluster key at {path}",
+                     "on your first Mac run `mlxmoe init`; copy the same key file to the others")
+    if not keys.is_private(path):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        return Check("cluster key", "fail", f"{path} is readable by others (mode {mode:o})", f"chmod 600 {path}")
+    try:
+        keys.load_key(path)
+    except keys.ClusterKeyError as e:
+        return Check("cluster key", "fail", str(e), "recreate it with `mlxmoe init --force` and copy it to every Mac")
+    return Check("cluster key", "ok", f"{path} (mode 600)")
+
+
+def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
+    """Peers and manifest agreement from the router's /status. An unreachable
+    router is a warning at the default address (maybe none runs yet) and a
+    failure at an address the user named."""
+    target = base_url(url or DEFAULT_URL)
+    try:
+        status = fetch_status(target)
+    except (OSError, ValueError) as e:
+        sev = "fail" if url else "warn"
+        return [Check("router", sev, f"no mlxmoe router at {target} ({e})",
+                      "start one with `mlxmoe serve`, or pass --url http://<router-mac>:8000")], None
+    peers = status.get("peers") or []
+    up = [p for p in peers if p.get("state") == "up"]
+    checks = [Check("router", "ok", f"{target}: {status.get('model', '?')}, {len(up)}/{len(peers)} peers up")]
+    if not up:
+        checks.append(Check("peers", "fail", "no node is up", "start `mlxmoe node BUNDLE --group N` on each Mac"))
+    for p in peers:
+        if p.get("state") != "up":
+            checks.append(Check(f"peer {p.get('name', '?')}", "warn",
+                                f"{p.get('state', '?')}: {p.get('reason') or 'no reason given'}",
+                                "see that Mac's log (~/Library/Logs/mlxmoe/node.err.log) or run `mlxmoe doctor` there"))
+    want = status.get("manifest_hash")
+    odd = [p.get("name", "?") for p in peers if want and p.get("manifest_hash") not in (None, want)]
+    if odd:
+        checks.append(Check("manifests", "fail", f"{', '.join(odd)} serve another manifest than the router ({want})",
+                            "copy the same bundle (same distribution.json) to every Mac, then restart their nodes"))
+    elif peers:
+        checks.append(Check("manifests", "ok", f"all peers on manifest {str(want)[:12]}"))
+    return checks, status
+
+
+def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
+    """Validate distribution.json and that its files exist with the listed
+    sizes (sha256 is skipped: hashing hundreds of GB is the node's job)."""
+    try:
+        from mlxmoe.manifest import Manifest
+    except ImportError as e:
+        return [Check("bundle", "warn", f"this install cannot read manifests ({e})", "reinstall mlxmoe")]
+    from mlxmoe.errors import MlxMoeError
+
+    try:
+        m = Manifest.load(bundle)
+    except MlxMoeError as e:
+        return [Check("manifest", "fail", str(e), "point --bundle at a directory made by `mlxmoe split`")]
+    checks = [Check("manifest", "ok", f"{m.model_id}, {m.n_groups} groups, manifest {m.hash}")]
+    try:
+        m.verify_files(bundle, check_hash=False)
+        checks.append(Check("bundle files", "ok", f"{len(m.files)} files present with the sizes the manifest lists"))
+    except MlxMoeError as e:
+        checks.append(Check("bundle files", "fail", str(e),
+                            "copy the bundle again (a node needs the trunk, the overlay and its own group file)"))
+    if cluster_hash and m.hash != cluster_hash:
+        checks.append(Check("bundle vs cluster", "fail", f"this bundle is manifest {m.hash}, the router serves "
+                            f"{cluster_hash}", "use the same bundle (same distribution.json) as the router"))
+    return checks
+
+
+def run_checks(url: str | None = None, bundle: str | None = None) -> list[Check]:
+    checks = [check_mlx(), check_memory(), check_mdns(), check_key()]
+    cluster, status = check_cluster(url)
+    checks += cluster
+    if bundle:
+        checks += check_bundle(bundle, (status or {}).get("manifest_hash"))
+    return checks
+
+
+def report(checks: list[Check], as_json: bool = False) -> None:
+    if as_json:
+        print(json.dumps({"ok": not any(c.status == "fail" for c in checks), "checks": [asdict(c) for c in checks]},
+                         indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(highlight=False, soft_wrap=True)  # let the terminal wrap; keeps lines greppable
+    mark = {"ok": "[green]✓ ok  [/green]", "warn": "[yellow]! warn[/yellow]", "fail": "[red]✗ fail[/red]"}
+    for c in checks:
+        console.print(f"{mark[c.status]}  [bold]{escape(c.name)}[/bold]: {escape(c.detail)}")
+        if c.fix and c.status != "ok":
+            console.print(f"        [dim]fix:[/dim] {escape(c.fix)}")
+    fails = sum(c.status == "fail" for c in checks)
+    warns = sum(c.status == "warn" for c in checks)
+    console.print(f"\n{fails} failed, {warns} warnings" if fails or warns else "\nall good")
