@@ -23,7 +23,7 @@ DEFAULT_KV_START = 0  # quantize the KV cache from the first token
 
 
 class Node(Tokens):
-    def __init__(self, loaded: Loaded, tokenizer, *, kv_bits: int | None = 8, kv_group_size: int = 64,
+    def __init__(self, loaded: Loaded, tokenizer, *, kv_bits: int | None = 8, kv_group_size: int | None = None,
                  kv_start: int = DEFAULT_KV_START, kv_budget_bytes: int | None = None,
                  max_context: int | None = None, bundle_dir: str | None = None):
         self.loaded, self.tokenizer = loaded, tokenizer
@@ -50,21 +50,22 @@ class Node(Tokens):
 
     # ------------------------------------------------------------ KV
     def _kv_bytes_per_token(self) -> float:
-        """Measure KV bytes per token: one token through a fresh cache."""
-        from mlx_lm.models.cache import make_prompt_cache
-
-        cache = make_prompt_cache(self.model)
+        """KV bytes per token, measured: one token through a fresh cache."""
+        cache = self._new_cache()
         self.model(mx.array([[0]]), cache=cache)
-        elems = 0
+        elems, itemsize = 0, 2
         for c in cache:
             for t in (getattr(c, "keys", None), getattr(c, "values", None)):
-                if isinstance(t, mx.array):
-                    elems += t.shape[1] * t.shape[-1] if t.ndim == 4 else t.shape[-1]
-                    if self.kv_bits and t.shape[-1] % self.kv_group_size:
-                        raise MlxMoeError(f"--kv-bits {self.kv_bits}: head size {t.shape[-1]} is not a multiple of the KV "
-                                          f"quantization group size {self.kv_group_size}; use --kv-bits 16 for this model")
-        itemsize = self.model.parameters_dtype_size if hasattr(self.model, "parameters_dtype_size") else 2
-        if self.kv_bits:
+                if not isinstance(t, mx.array):
+                    continue
+                elems += t.shape[1] * t.shape[-1] if t.ndim == 4 else t.shape[-1]
+                itemsize = t.dtype.size
+                if self.kv_group_size is None:  # largest standard group that divides the head size
+                    self.kv_group_size = next((g for g in (64, 32) if t.shape[-1] % g == 0), 64)
+                if self.kv_bits and t.shape[-1] % self.kv_group_size:
+                    raise MlxMoeError(f"--kv-bits {self.kv_bits}: head size {t.shape[-1]} is not a multiple of the KV "
+                                      f"quantization group size {self.kv_group_size}; use --kv-bits 16 for this model")
+        if self.kv_bits:  # packed values + a scale and a bias per group
             return elems * (self.kv_bits / 8 + 2 * itemsize / self.kv_group_size)
         return elems * itemsize
 

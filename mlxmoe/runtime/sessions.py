@@ -30,6 +30,8 @@ class Session:
 
 
 class SessionStore:
+    step = 256  # mlx-lm's KV caches grow in blocks of this many tokens
+
     def __init__(self, budget_bytes: int, bytes_per_token: float):
         self.budget, self.per_token = int(budget_bytes), bytes_per_token
         self.sessions: OrderedDict[str, Session] = OrderedDict()
@@ -47,11 +49,13 @@ class SessionStore:
     def admit(self, session: Session, new_tokens: int):
         """Make room for `new_tokens` more KV in `session`, evicting idle
         sessions LRU-first; refuse if that cannot be done."""
-        need = int(new_tokens * self.per_token)
-        if need + session.kv_bytes > self.budget:
+        total = len(session.tokens) + new_tokens
+        want = -(-total // self.step) * self.step * self.per_token  # as allocated
+        need = max(0, int(want) - session.kv_bytes)
+        if want > self.budget:
             raise ContextOverflow(
-                f"session {session.id}: needs ~{(need + session.kv_bytes) / 2**20:.1f} MiB of KV cache for "
-                f"{len(session.tokens) + new_tokens} tokens, but this node's KV budget is {self.budget / 2**20:.1f} MiB "
+                f"session {session.id}: needs ~{want / 2**20:.1f} MiB of KV cache for "
+                f"{total} tokens, but this node's KV budget is {self.budget / 2**20:.1f} MiB "
                 "(raise --kv-budget, lower --kv-bits, or send a shorter prompt / max_tokens)")
         for other in list(self.sessions.values()):
             if self.used() + need <= self.budget:
