@@ -44,6 +44,18 @@ def test_this_mac_not_a_peer_and_no_service():
     assert enabled(st)["start"] is True
 
 
+def test_advertised_names_and_several_nodes_on_one_mac():
+    status = sample_status()
+    names = ["studio-g0-7420", "air-g1-7420", "studio-g2-7421"]
+    for p, name in zip(status["peers"], names):
+        p["name"] = name
+    status["peers"][0].update(state="down", reason="no answer")
+    st = MenubarState.from_status(status, url=URL, node_name="Studio.local", service_installed=True)
+    assert (st.node_state, st.node_groups, st.node_reason) == ("up", [0, 2], "no answer")
+    assert "This Mac: group 0, 2, up (no answer)" in [it.title for it in st.items()]
+    assert MenubarState.from_status(status, url=URL, node_name="stud").node_state is None
+
+
 def test_router_unreachable():
     st = MenubarState.from_status(None, url="localhost:8000/v1", node_name="x", error="Connection refused")
     assert st.title() == "MoE –"

@@ -9,12 +9,14 @@ import click
 
 from mlxmoe.ui import DEFAULT_URL
 
-URL_OPTION = click.option("--url", default=DEFAULT_URL, show_default=True, envvar="MLXMOE_URL",
-                          help="The router (or any OpenAI-compatible server). Env: MLXMOE_URL.")
+
+def url_option(what: str = "The mlxmoe router"):
+    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="MLXMOE_URL",
+                        help=f"{what}. Env: MLXMOE_URL.")
 
 
 @click.command("chat")
-@URL_OPTION
+@url_option("The router, or any OpenAI-compatible server")
 @click.option("--model", help="Model id to ask for (default: the first one the server lists).")
 @click.option("--system", "system", metavar="TEXT", help="System prompt for the conversation.")
 @click.option("--once", metavar="QUESTION", help="Ask one question, print the answer, exit (no prompt; for scripts).")
@@ -65,9 +67,9 @@ def doctor_cmd(url, bundle, as_json):
 
 
 @click.command("menubar")
-@URL_OPTION
+@url_option()
 @click.option("--print", "print_once", is_flag=True, help="Print the menu's state once and exit (any OS).")
-@click.option("--node-name", help="This Mac's peer name (default: its host name).")
+@click.option("--node-name", help="This Mac's host name as its nodes advertise it (default: this host's name).")
 def menubar_cmd(url, print_once, node_name):
     """Menu-bar app (macOS): cluster state, start/stop node, open chat.
 

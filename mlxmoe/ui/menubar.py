@@ -30,10 +30,12 @@ class MenuItem:
     action: str | None = None  # what the click does; None for info lines
 
 
-def _same_host(a: str, b: str) -> bool:
-    # Bonjour names carry ".local"; host names may differ in case.
+def _is_mine(peer_name: str, node_name: str) -> bool:
+    """Nodes advertise as `<host>-g<groups>-<port>` (mlxmoe.cluster.discovery);
+    accept that, the bare host name, and Bonjour's `.local` forms, any case."""
     norm = lambda s: s.lower().removesuffix(".").removesuffix(".local")
-    return norm(a) == norm(b)
+    peer, me = norm(peer_name), norm(node_name)
+    return peer == me or peer.startswith(me + "-g")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class MenubarState:
     model: str | None = None
     peers_up: int = 0
     peers_total: int = 0
-    node_state: str | None = None  # this Mac's peer state ("up", "ignored", "down"), None: not a peer
+    node_state: str | None = None  # best state of this Mac's node(s): "up", "ignored", "down"; None: none
     node_groups: list[int] = field(default_factory=list)
     node_reason: str | None = None
     active_sessions: int = 0
@@ -59,14 +61,17 @@ class MenubarState:
         if status is None:
             return st
         peers = status.get("peers") or []
-        me = next((p for p in peers if _same_host(str(p.get("name", "")), node_name)), None)
+        mine = [p for p in peers if _is_mine(str(p.get("name", "")), node_name)]
         st.reachable = True
         st.model = status.get("model")
         st.peers_total = len(peers)
         st.peers_up = sum(p.get("state") == "up" for p in peers)
         st.active_sessions = len(status.get("sessions") or [])
-        if me:
-            st.node_state, st.node_groups, st.node_reason = me.get("state"), list(me.get("groups") or []), me.get("reason")
+        if mine:  # one Mac may run several nodes (groups): show them together
+            states = [p.get("state") for p in mine]
+            st.node_state = next((x for x in ("up", "ignored", "down") if x in states), states[0])
+            st.node_groups = sorted({g for p in mine for g in p.get("groups") or []})
+            st.node_reason = next((p.get("reason") for p in mine if p.get("reason")), None)
         return st
 
     @property
