@@ -66,3 +66,21 @@ def test_bad_mode():
     with pytest.raises(ValueError, match="bar, quiet, json"):
         with progress(1, "x", "fancy"):
             pass
+
+
+def test_progress_option():
+    import click
+    from click.testing import CliRunner
+
+    from mlxmoe.ui.progress import progress_option
+
+    @click.command()
+    @progress_option()
+    def cmd(progress_mode):
+        with progress(2, "work", progress_mode) as p:
+            p.advance(2)
+
+    r = CliRunner().invoke(cmd, ["--progress", "json"])
+    assert r.exit_code == 0 and json.loads(r.output.splitlines()[-1])["done"] == 2
+    assert "--progress [bar|quiet|json]" in CliRunner().invoke(cmd, ["--help"]).output
+    assert CliRunner().invoke(cmd, ["--progress", "loud"]).exit_code == 2
