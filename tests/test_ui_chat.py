@@ -101,6 +101,8 @@ def test_status_summary_shows_peers_and_pin():
     assert any("mac-2: ignored (manifest hash differs) · group 2" in l for l in lines)
     assert "pinned to mac-1 (group 1), margin 0.43, scores g0=0.21, g1=0.64, g2=0.15" in lines[-1]
     assert "not placed yet" in status_summary(st, "other")[-1]
+    st["sessions"][0]["margin"] = None  # a single-group cluster has no runner-up
+    assert "margin ?," in status_summary(st, "s-1")[-1]
 
 
 # --- the command, end to end --------------------------------------------------

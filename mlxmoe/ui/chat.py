@@ -210,8 +210,10 @@ def status_summary(status: dict, session_id: str | None) -> list[str]:
     mine = next((s for s in status.get("sessions") or [] if s.get("id") == session_id), None)
     if mine:
         scores = ", ".join(f"g{g}={v:.2f}" for g, v in sorted((mine.get("scores") or {}).items(), key=lambda kv: int(kv[0])))
+        margin = mine.get("margin")
+        margin = f"{margin:.2f}" if isinstance(margin, (int, float)) else "?"
         lines.append(f"this session: pinned to {mine.get('node')} (group {mine.get('group')}), "
-                     f"margin {mine.get('margin', 0):.2f}, scores {scores}, {mine.get('turns')} turns")
+                     f"margin {margin}, scores {scores}, {mine.get('turns')} turns")
     else:
         lines.append("this session: not placed yet (it is placed on its first message)")
     return lines
