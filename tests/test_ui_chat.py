@@ -88,6 +88,14 @@ def test_server_error_is_a_clear_chat_error():
             ask(Conversation(srv.url, model="m"), "q")
 
 
+def test_connection_lost_mid_answer():
+    with FakeRouter(tokens=["a", "b", "c"], drop_after=2) as srv:
+        got = []
+        with pytest.raises(ChatError, match=f"lost the connection to {srv.url}"):
+            ask(Conversation(srv.url, model="m"), "q", got)
+    assert got == ["a", "b"]
+
+
 def test_unreachable_server():
     with pytest.raises(ChatError, match="cannot reach http://127.0.0.1:9"):
         ask(Conversation("http://127.0.0.1:9", model="m"), "q")

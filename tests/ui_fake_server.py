@@ -44,11 +44,12 @@ class FakeRouter:
     def __init__(self, tokens=("Hello", ",", " world", "!"), *, mlxmoe_headers: bool = True,
                  has_status: bool = True, status: dict | None = None, token_delay: float = 0.01,
                  fail_status: int | None = None, index_status: dict | None = None,
-                 completion_tokens: int | None = None, port: int = 0):
+                 completion_tokens: int | None = None, drop_after: int | None = None, port: int = 0):
         self.tokens = list(tokens)
         self.mlxmoe_headers, self.has_status = mlxmoe_headers, has_status
         self.status = status if status is not None else sample_status()
         self.completion_tokens = completion_tokens or len(self.tokens)  # what `usage` reports
+        self.drop_after = drop_after  # cut the connection after this many tokens
         self.index_status = index_status  # what `/` embeds, when it should differ from /status
         self.token_delay, self.fail_status, self.port = token_delay, fail_status, port
         self.requests: list[dict] = []
@@ -107,7 +108,10 @@ class FakeRouter:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         await send(chunk({"role": "assistant", "content": ""}))
-        for tok in self.tokens:
+        for i, tok in enumerate(self.tokens):
+            if i == self.drop_after:
+                request.transport.close()  # as if the router died mid-answer
+                return resp
             await asyncio.sleep(self.token_delay)
             await send(chunk({"content": tok}))
         await send(chunk({}, "stop"))

@@ -25,6 +25,14 @@ import aiohttp
 from mlxmoe.ui import base_url, fetch_status
 
 
+# No total limit (answers can be long); a server silent this long is stuck.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=600)
+
+
+def client_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=TIMEOUT)
+
+
 class ChatError(Exception):
     """The server refused or could not be reached; the message says which."""
 
@@ -145,7 +153,10 @@ async def stream_chat(http: aiohttp.ClientSession, url: str, messages: list[dict
                     if choice.get("finish_reason"):
                         stats.finish_reason = choice["finish_reason"]
     except aiohttp.ClientError as e:
-        raise ChatError(f"cannot reach {base_url(url)}: {e}") from None
+        where = "lost the connection to" if pieces else "cannot reach"
+        raise ChatError(f"{where} {base_url(url)}: {e}") from None
+    except asyncio.TimeoutError:
+        raise ChatError(f"{base_url(url)} sent nothing for {TIMEOUT.sock_read:.0f} s; giving up") from None
     stats.elapsed_s = time.monotonic() - start
     stats.tokens = stats.tokens or chunks
     return "".join(pieces), stats
@@ -231,7 +242,7 @@ def run_once(url: str, question: str, *, model: str | None, system: str | None, 
         sys.stdout.flush()
 
     async def go():
-        async with aiohttp.ClientSession() as http:
+        async with client_session() as http:
             return await conv.ask(http, question, on_token=(lambda t: None) if as_json else emit)
 
     try:
@@ -284,7 +295,7 @@ def run_interactive(url: str, *, model: str | None, system: str | None, api_key:
     prompt = PromptSession(history=FileHistory(str(path)), multiline=True, key_bindings=keys)
 
     async def loop():
-        async with aiohttp.ClientSession() as http:
+        async with client_session() as http:
             console.print(f"[dim]mlxmoe chat → {base_url(url)}  (/help for commands)[/dim]")
             while True:
                 try:
