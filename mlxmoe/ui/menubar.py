@@ -147,9 +147,13 @@ def run_menubar(url: str, node_name: str | None = None) -> None:
         script = 'tell application "Terminal" to do script "%s"' % cmd.replace("\\", "\\\\").replace('"', '\\"')
         subprocess.Popen(["osascript", "-e", script])
 
+    def control(fn):
+        if err := fn("node"):
+            rumps.alert("mlxmoe", err)
+
     actions = {
-        "start": lambda: service.start("node"),
-        "stop": lambda: service.stop("node"),
+        "start": lambda: control(service.start),
+        "stop": lambda: control(service.stop),
         "chat": open_chat,
         "status_page": lambda: webbrowser.open(base_url(url) + "/"),
     }
