@@ -263,12 +263,15 @@ class LocalCluster:
 
 
 def _main() -> None:
+    """`fakes.py node ...` serves a FakeEngine; `fakes.py router ...` runs a
+    router with a FakeFrontend (processes for the netns test)."""
     import argparse
     import asyncio
 
-    from mlxmoe.cluster.node_server import serve_node
+    from mlxmoe.cluster.keys import load_key
 
-    ap = argparse.ArgumentParser(description="serve a FakeEngine node (tests)")
+    ap = argparse.ArgumentParser(description="FakeEngine node / FakeFrontend router (tests)")
+    ap.add_argument("role", choices=["node", "router"])
     ap.add_argument("--group", type=int, default=0)
     ap.add_argument("--n-groups", type=int, default=3)
     ap.add_argument("--host", default="127.0.0.1")
@@ -279,10 +282,18 @@ def _main() -> None:
     ap.add_argument("--manifest-hash", default=HASH)
     ap.add_argument("--no-advertise", action="store_true")
     a = ap.parse_args()
-    from mlxmoe.cluster.keys import load_key
-    eng = FakeEngine(group=a.group, n_groups=a.n_groups, delay=a.delay, manifest_hash=a.manifest_hash)
-    asyncio.run(serve_node(eng, load_key(a.key), host=a.host, port=a.port,
-                           advertise=not a.no_advertise, interface=a.interface))
+    key = load_key(a.key)
+    if a.role == "node":
+        from mlxmoe.cluster.node_server import serve_node
+        eng = FakeEngine(group=a.group, n_groups=a.n_groups, delay=a.delay, manifest_hash=a.manifest_hash)
+        asyncio.run(serve_node(eng, key, host=a.host, port=a.port, advertise=not a.no_advertise,
+                               interface=a.interface))
+    else:
+        from mlxmoe.cluster.api import serve_router
+        from mlxmoe.cluster.router import Router
+        router = Router(FakeFrontend(n_groups=a.n_groups, manifest_hash=a.manifest_hash), key,
+                        interface=a.interface, probe_interval=1.0, token_timeout=10.0)
+        asyncio.run(serve_router(router, a.host, a.port))
 
 
 if __name__ == "__main__":

@@ -66,14 +66,17 @@ class Advertiser:
 
     async def start(self) -> None:
         from zeroconf import IPVersion
-        from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+        from zeroconf.asyncio import AsyncZeroconf
         self.azc = AsyncZeroconf(interfaces=_interfaces(self.interface), ip_version=IPVersion.V4Only)
-        self.info = AsyncServiceInfo(
-            SERVICE_TYPE, f"{self.name}.{SERVICE_TYPE}", port=self.port, properties=self.props,
-            addresses=[socket.inet_aton(ip) for ip in self.ips], server=f"{self.name}.local.")
+        self.info = self._service_info(f"{self.name}.{SERVICE_TYPE}")
         await self.azc.async_register_service(self.info, allow_name_change=True)
         self._last_update = time.monotonic()
         log.info("advertising %s on %s:%d", self.info.name, ",".join(self.ips), self.port)
+
+    def _service_info(self, full_name: str):
+        from zeroconf.asyncio import AsyncServiceInfo
+        return AsyncServiceInfo(SERVICE_TYPE, full_name, port=self.port, properties=self.props,
+                                addresses=[socket.inet_aton(ip) for ip in self.ips], server=f"{self.name}.local.")
 
     def update(self, props: dict) -> None:
         """New TXT values; sent now or after the rate limit expires."""
@@ -89,7 +92,7 @@ class Advertiser:
         self._pending = None
         if self.azc is None or self.info is None:
             return
-        self.info.properties = self.props  # setter re-encodes the TXT record
+        self.info = self._service_info(self.info.name)  # same name (maybe renamed on conflict), new TXT
         self._last_update = time.monotonic()
         asyncio.ensure_future(self.azc.async_update_service(self.info))
 

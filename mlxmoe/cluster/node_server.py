@@ -61,6 +61,8 @@ class NodeServer:
         self._transports: set = set()
         self.started = time.time()
         self.name = "node"
+        self._last_load: dict | None = None
+        self._refreshing = False
 
     # ---- lifecycle
     async def init_identity(self) -> dict:
@@ -76,14 +78,34 @@ class NodeServer:
         return app
 
     def stats(self) -> dict:
-        return {"sessions": len(self.sessions), "active": self.active, "free_memory": free_memory()}
+        return self._last_load or self._load({})
+
+    def _load(self, info: dict) -> dict:
+        """Sessions and free memory, preferring what the engine knows (its KV
+        budget left says more about admission than the OS's free memory)."""
+        free = info.get("free_memory", info.get("free_kv"))
+        sessions = info.get("sessions")
+        self._last_load = {
+            "sessions": int(sessions) if isinstance(sessions, int) else len(self.sessions),
+            "active": self.active,
+            "free_memory": int(free) if isinstance(free, (int, float)) else free_memory()}
+        return self._last_load
 
     def _changed(self) -> None:
-        if self.on_change:
-            try:
-                self.on_change()
-            except Exception:
-                log.exception("on_change failed")
+        """Sessions or memory changed: refresh the Bonjour TXT (soon, once)."""
+        if self.on_change is None or self._refreshing:
+            return
+        self._refreshing = True
+        asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self._refresh()))
+
+    async def _refresh(self) -> None:
+        try:
+            self._load(await self.worker.call(self.engine.info))
+            self.on_change()
+        except Exception:
+            log.exception("refreshing node load failed")
+        finally:
+            self._refreshing = False
 
     def abort_connections(self) -> None:
         """Drop every open connection at once (tests: a node that dies)."""
@@ -148,7 +170,10 @@ class NodeServer:
         if status == 500:
             log.exception("engine failed in %s", op)
             msg = f"engine failed in '{op}': {type(e).__name__}: {msg}"
-        return wire.WireError(status, code, msg)
+        err = wire.WireError(status, code, msg)
+        ra = getattr(e, "retry_after", None)
+        err.retry_after = int(ra) if isinstance(ra, (int, float)) and ra > 0 else None
+        return err
 
     def _reply(self, data: bytes, nonce: str | None, status: int = 200, headers: dict | None = None) -> web.Response:
         h = {"Content-Type": wire.CONTENT_TYPE, **(headers or {})}
@@ -158,7 +183,7 @@ class NodeServer:
         return web.Response(body=data, status=status, headers=h)
 
     def _error(self, e: wire.WireError, nonce: str | None) -> web.Response:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status in (503, 429) else None
+        headers = {"Retry-After": str(e.retry_after or RETRY_AFTER_S)} if e.status in (503, 429) else None
         return self._reply(wire.error_response(e), nonce, e.status, headers)
 
     # ---- ops
@@ -166,9 +191,7 @@ class NodeServer:
         info = await self.worker.call(self.engine.info)
         out = {k: v for k, v in info.items() if isinstance(k, str)}
         out.update(self.identity)
-        out.update(self.stats())
-        if info.get("free_memory") is not None:  # an engine may know its KV budget better
-            out["free_memory"] = int(info["free_memory"])
+        out.update(self._load(info))
         out["protocol"] = wire.PROTOCOL_VERSION
         out["node_name"] = self.name
         out["uptime_s"] = time.time() - self.started
@@ -178,8 +201,8 @@ class NodeServer:
         sid, prompt = body["session"], body["prompt"]
         if hasattr(self.engine, "prefill"):
             await self.worker.call(self.engine.prefill, sid, prompt)
-        else:  # generate with max_tokens=0 fills the cache and yields nothing
-            await self.worker.call(lambda: list(self.engine.generate(sid, prompt, GenParams(max_tokens=0))))
+        else:  # one greedy token fills the cache; the next turn's prompt trims that token off again
+            await self.worker.call(lambda: list(self.engine.generate(sid, prompt, GenParams(max_tokens=1))))
         self.sessions.add(sid)
         self._changed()
         return {"session": sid, "prompt_tokens": len(prompt)}

@@ -163,12 +163,16 @@ class Router:
         except RpcError as e:
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
-            elif p.state != "ignored" or p.source == "static":
-                self.peers.mark_down(p, f"info probe failed: {e.message}")
+            elif p.state == "up" or (p.state == "down" and p.reason == "not probed yet"):
+                self.peers.mark_down(p, f"info probe failed: {e.message}")  # keep an earlier, better reason
             return
         self.peers.from_info(p, info)
 
     async def probe_all(self) -> None:
+        now = time.time()
+        for name, p in list(self.peers.peers.items()):  # forget Bonjour peers gone for 10 minutes
+            if p.source == "mdns" and p.state != "up" and now - p.last_seen > 600:
+                del self.peers.peers[name]
         peers = [p for p in self.peers.peers.values()]
         if peers:
             await asyncio.gather(*(self.probe(p) for p in peers))
@@ -229,7 +233,7 @@ class Router:
     async def _score(self, tokens: list[int]) -> tuple[Any, float]:
         t0 = time.perf_counter()
         sc = await self.worker.call(self.frontend.score, tokens)
-        return sc, (time.perf_counter() - t0) * 1000
+        return sc, getattr(sc, "elapsed_ms", 0.0) or (time.perf_counter() - t0) * 1000
 
     async def encode_chat(self, messages: list[dict]) -> list[int]:
         return await self.worker.call(self.frontend.encode_chat, messages)

@@ -44,6 +44,7 @@ class WireError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.field = status, code, message, field
+        self.retry_after: int | None = None
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message, "field": self.field}
