@@ -126,18 +126,24 @@ def _stop_cmds(role: str) -> list[list[str]]:
     return [["systemctl", "--user", "disable", "--now", f"mlxmoe-{role}.service"]]
 
 
-def start(role: str) -> str | None:
-    for cmd in _start_cmds(role):
+def _shown(cmds: list[list[str]]) -> str:
+    return " ; ".join(" ".join(c) for c in cmds)
+
+
+def _run_all(cmds: list[list[str]]) -> str | None:
+    for cmd in cmds:
         if err := _run(cmd):
             return f"`{' '.join(cmd)}` failed: {err}"
     return None
+
+
+def start(role: str) -> str | None:
+    """Load and start the installed service; None on success, else why not."""
+    return _run_all(_start_cmds(role))
 
 
 def stop(role: str) -> str | None:
-    for cmd in _stop_cmds(role):
-        if err := _run(cmd):
-            return f"`{' '.join(cmd)}` failed: {err}"
-    return None
+    return _run_all(_stop_cmds(role))
 
 
 def install(role: str, *, bundle: str | None = None, group: int | None = None, dry_run: bool = False,
@@ -155,7 +161,7 @@ def install(role: str, *, bundle: str | None = None, group: int | None = None, d
         if dry_run:
             out += [f"# would write {path}", content.decode()]
             if start_now:
-                out += ["# then run: " + " ; ".join(" ".join(c) for c in _start_cmds(r))]
+                out += ["# then run: " + _shown(_start_cmds(r))]
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
         if is_macos():
@@ -178,7 +184,7 @@ def uninstall(role: str, *, dry_run: bool = False) -> list[str]:
             out.append(f"{r}: no service installed ({path} not found)")
             continue
         if dry_run:
-            out += ["# would run: " + " ; ".join(" ".join(c) for c in _stop_cmds(r)), f"# would remove {path}"]
+            out += ["# would run: " + _shown(_stop_cmds(r)), f"# would remove {path}"]
             continue
         stop(r)  # an unloaded service is fine: we remove it either way
         path.unlink()
