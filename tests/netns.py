@@ -183,13 +183,13 @@ def client_main(argv: list[str]) -> None:
     pids = {int(g): pid for g, pid in json.loads(a.pids).items()}
     out: dict = {}
 
-    st, t = _wait(lambda s: sum(p["state"] == "up" for p in s["peers"]) >= a.nodes, 30, "nodes up", a.url)
+    st, t = _wait(lambda s: sum(p["state"] == "up" for p in s["peers"]) >= a.nodes, 90, "nodes up", a.url)
     out["discovered_s"] = t
     out["peers_before"] = st["peers"]
 
     cl = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
     msgs = [{"role": "user", "content": a.prompt}]
-    text, chunks, finish, usage = "", 0, None, None
+    text, chunks, finish, usage = "", 0, None, None  # chunks: one per token (a token's text may be empty)
     with cl.chat.completions.with_streaming_response.create(
             model="m", messages=msgs, max_tokens=a.max_tokens, stream=True,
             stream_options={"include_usage": True}) as resp:
@@ -201,15 +201,15 @@ def client_main(argv: list[str]) -> None:
             if ch.usage:
                 usage = ch.usage.model_dump()
             for c in ch.choices:
-                if c.delta.content:
-                    text += c.delta.content
+                if c.delta.role is None and c.finish_reason is None:
+                    text += c.delta.content or ""
                     chunks += 1
                     if chunks == 3:
                         os.kill(pids[first_group], signal.SIGKILL)  # the serving Mac dies mid-stream
                 finish = c.finish_reason or finish
     out.update(text=text, chunks=chunks, finish=finish, usage=usage)
     st = _status(a.url)
-    out["sessions"], out["counters"] = st["sessions"], st["counters"]
+    out["sessions"], out["counters"], out["last_placement"] = st["sessions"], st["counters"], st["last_placement"]
     dead = out["first_node"]
     st, t = _wait(lambda s: any(p["name"] == dead and p["state"] == "down" for p in s["peers"]), 15,
                   "killed node marked down", a.url)

@@ -92,13 +92,24 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_budget, advertise,
     _setup_logging(verbose)
     key = _key(key_file)
     budget = parse_size(kv_budget)
-    try:
-        from mlxmoe.runtime.node import Node
-    except ImportError as e:
-        raise click.ClickException(f"the node runtime is not available in this install ({e})") from None
     from .node_server import serve_node
-    engine = Node.load(bundle, group, kv_bits=int(kv_bits) if kv_bits else None, kv_budget_bytes=budget)
-    asyncio.run(serve_node(engine, key, host=host, port=port, advertise=advertise, interface=interface))
+
+    def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
+        from mlxmoe.runtime.node import Node
+        return Node.load(bundle, group, kv_bits=int(kv_bits) if kv_bits else None, kv_budget_bytes=budget)
+
+    _run(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load))
+
+
+def _run(coro) -> None:
+    """asyncio.run, with the project's own errors shown as one clear line."""
+    from mlxmoe.errors import MlxMoeError
+    try:
+        asyncio.run(coro)
+    except MlxMoeError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. port in use
+        raise click.ClickException(f"cannot start: {e}") from None
 
 
 @click.command("serve")
@@ -130,12 +141,12 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, verbose
         static = load_static_peers(peers_file) if peers_file else []
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    try:
-        from mlxmoe.runtime.trunk import TrunkFrontend
-    except ImportError as e:
-        raise click.ClickException(f"the trunk front end is not available in this install ({e})") from None
     from .api import serve_router
     from .router import Router
-    frontend = TrunkFrontend.load(bundle)
-    router = Router(frontend, key, static_peers=static, mdns=mdns, interface=interface)
-    asyncio.run(serve_router(router, host, port))
+
+    def load():  # runs on the router's MLX thread
+        from mlxmoe.runtime.trunk import TrunkFrontend
+        return TrunkFrontend.load(bundle)
+
+    router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface)
+    _run(serve_router(router, host, port))

@@ -58,7 +58,7 @@ class Advertiser:
         ips = [host_ip] if host_ip and host_ip not in ("0.0.0.0", "") else ([interface] if interface else local_ipv4s())
         self.ips = ips
         host = socket.gethostname().split(".")[0] or "mac"
-        self.name = name or f"{host}-g{props.get('groups', '')}-{port}".replace(",", "_")
+        self.name = name or f"{host}-g{props.get('groups', '')}-{port}".replace(",", "_")  # = default_name()
         self.azc = None
         self.info = None
         self._last_update = 0.0

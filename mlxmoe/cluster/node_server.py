@@ -40,6 +40,12 @@ def engine_identity(engine: Any, info: dict) -> dict:
     }
 
 
+def default_name(groups: list[int], port: int) -> str:
+    import socket
+    host = socket.gethostname().split(".")[0] or "mac"
+    return f"{host}-g{'_'.join(str(g) for g in groups)}-{port}"
+
+
 def free_memory() -> int:
     try:
         import psutil
@@ -49,8 +55,11 @@ def free_memory() -> int:
 
 
 class NodeServer:
-    def __init__(self, engine: Any, key: bytes, identity: dict | None = None):
-        self.engine, self.key = engine, key
+    """`engine`, or `factory` (called on the engine thread: MLX streams belong
+    to the thread that made them, so the model must be loaded where it runs)."""
+
+    def __init__(self, engine: Any, key: bytes, identity: dict | None = None, factory: Callable | None = None):
+        self.engine, self.key, self.factory = engine, key, factory
         self.worker = EngineWorker()
         self.guard = wire.ReplayGuard()
         self.identity = identity  # filled by start() from engine.info() if None
@@ -66,6 +75,8 @@ class NodeServer:
 
     # ---- lifecycle
     async def init_identity(self) -> dict:
+        if self.engine is None:
+            self.engine = await self.worker.call(self.factory)
         if self.identity is None:
             info = await self.worker.call(self.engine.info)
             self.identity = engine_identity(self.engine, info)
@@ -308,10 +319,11 @@ class RunningNode:
 
 async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, identity: dict | None = None,
-                     name: str | None = None) -> RunningNode:
+                     name: str | None = None, factory: Callable | None = None) -> RunningNode:
+    """Start serving `engine` (or the engine `factory()` builds on the engine thread)."""
     from .discovery import Advertiser, txt_props
 
-    server = NodeServer(engine, key, identity)
+    server = NodeServer(engine, key, identity, factory)
     ident = await server.init_identity()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
@@ -323,16 +335,17 @@ async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
         adv = Advertiser(port, txt_props(ident, server.stats()), interface=interface, host_ip=host, name=name)
         await adv.start()
         server.on_change = lambda: adv.update(txt_props(ident, server.stats()))
-    server.name = adv.name if adv else (name or f"node-{port}")
+    server.name = adv.name if adv else (name or default_name(ident["groups"], port))
     return RunningNode(server, runner, host, port, adv)
 
 
 async def serve_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
-                     interface: str | None = None, ready: Callable[[RunningNode], None] | None = None) -> None:
+                     interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
+                     factory: Callable | None = None) -> None:
     """Run a node until SIGINT/SIGTERM."""
     import signal
 
-    node = await start_node(engine, key, host, port, advertise, interface)
+    node = await start_node(engine, key, host, port, advertise, interface, factory=factory)
     ident = node.server.identity
     print(f"mlxmoe node: {ident['model']} groups {ident['groups']} (manifest {ident['manifest_hash'][:12]}) "
           f"serving on {node.url}" + (f", advertised as {node.advertiser.name}" if node.advertiser else

@@ -90,14 +90,17 @@ def before_last_user(messages: list[dict]) -> list[dict] | None:
 
 
 class Router:
-    def __init__(self, frontend: Any, key: bytes, *, static_peers: list[str] = (), mdns: bool = True,
+    def __init__(self, frontend: Any, key: bytes, *, frontend_factory: Any = None,
+                 static_peers: list[str] = (), mdns: bool = True,
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
                  first_token_timeout: float = 300.0, tie_margin: float = 0.02, session_ttl: float = 1800.0,
                  max_failovers: int = 3):
-        self.frontend, self.key = frontend, key
-        man = frontend.manifest
-        self.model, self.manifest_hash, self.n_groups = man.model_id, man.hash, man.n_groups
+        # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
+        self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
+        self.model, self.manifest_hash, self.n_groups = "", "", 0
         self.peers = PeerTable(self.manifest_hash, self.n_groups, self.model)
+        if frontend is not None:
+            self._bind(frontend)
         for url in static_peers:
             self.peers.add_static(url)
         self.mdns, self.interface = mdns, interface
@@ -118,8 +121,16 @@ class Router:
         self._tasks: set[asyncio.Task] = set()
         self._probe_task: asyncio.Task | None = None
 
+    def _bind(self, frontend: Any) -> None:
+        self.frontend = frontend
+        man = frontend.manifest
+        self.model, self.manifest_hash, self.n_groups = man.model_id, man.hash, man.n_groups
+        self.peers.manifest_hash, self.peers.n_groups, self.peers.model = man.hash, man.n_groups, man.model_id
+
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        if self.frontend is None:
+            self._bind(await self.worker.call(self.frontend_factory))
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         if self.mdns:
             self.browser = Browser(self._on_mdns, self.interface)
