@@ -204,3 +204,27 @@ def test_ignored_peer_of_other_manifest():
         assert bad["state"] == "ignored" and "different" in bad["reason"]
         h, _ = chat(client(c), [{"role": "user", "content": "topic1"}], max_tokens=2)
         assert h["x-mlxmoe-node"] == c.peer_name(0)
+
+
+def test_client_disconnect_mid_stream_frees_the_node_session():
+    import http.client
+    import urllib.parse
+    with LocalCluster(three(delay=0.02)) as c:
+        u = urllib.parse.urlparse(c.api_url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "topic0"}], "max_tokens": 500,
+                           "stream": True})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json",
+                                                                          "X-Session-Id": "gone"})
+        r = conn.getresponse()
+        assert r.status == 200 and r.read(200)
+        conn.sock.close()  # the client goes away mid-stream
+        conn.close()
+        deadline = time.time() + 5
+        while time.time() < deadline and (c.engines[0].busy or c.router.sessions[
+                c.router.index["h:gone"]].lock.locked()):
+            time.sleep(0.05)
+        assert not c.engines[0].busy and c.engines[0].generated < 500  # the node stopped generating
+        h, _ = chat(client(c, default_headers={"X-Session-Id": "gone"}), [{"role": "user", "content": "topic0"}],
+                    max_tokens=3)
+        assert h["x-mlxmoe-node"] == c.peer_name(0)
