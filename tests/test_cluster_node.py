@@ -172,6 +172,7 @@ def test_http_status_codes(node_url):
     st_, h, body = _post(node_url, "/rpc/info", b"\x80")
     assert st_ == 401 and wire.AUTH_HEADER not in h
     assert msgpack.unpackb(body)["error"]["message"] == "unauthorized"
+    assert _post(node_url, "/rpc/info", b"\x80", {wire.AUTH_HEADER: "\xe9" * 64})[0] == 401
     st_, _, _ = _post(node_url, "/rpc/generate", b"\x00" * (wire.DEFAULT_MAX_BYTES + 1))
     assert st_ == 413
     data = b"\xc1"  # never valid msgpack

@@ -52,6 +52,7 @@ def test_hmac_required_and_checked():
     tampered[-1] ^= 1
     _raises(401, wire.decode_request, KEY, bytes(tampered), sig, "generate")
     _raises(401, wire.decode_request, KEY, data, "zz", "generate")
+    _raises(401, wire.decode_request, KEY, data, "é" * 64, "generate")
 
 
 def test_unsigned_garbage_gets_401_not_400():

@@ -59,7 +59,8 @@ def sign(key: bytes, data: bytes) -> str:
 def verify(key: bytes, data: bytes, signature: str | None) -> bool:
     if not signature or len(signature) != 64:
         return False
-    return hmac.compare_digest(sign(key, data), signature)
+    # bytes, not str: compare_digest raises on non-ASCII str (a header can carry anything)
+    return hmac.compare_digest(sign(key, data).encode(), signature.encode("utf-8", "replace"))
 
 
 def response_mac(key: bytes, nonce: str, data: bytes) -> str:
