@@ -71,6 +71,7 @@ class NodeServer:
         self.started = time.time()
         self.name = "node"
         self._last_load: dict | None = None
+        self.refresher: asyncio.Task | None = None
         self._refreshing = False
 
     # ---- lifecycle
@@ -290,6 +291,15 @@ async def _next_or_none(it) -> TokenEvent | None:
         return None
 
 
+TXT_REFRESH_S = 30.0  # free memory drifts even without session events
+
+
+async def _refresh_every(server: NodeServer, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        server._changed()
+
+
 class RunningNode:
     """A started node server (and its Bonjour registration, if any)."""
 
@@ -302,6 +312,8 @@ class RunningNode:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self.server.refresher is not None:
+            self.server.refresher.cancel()
         if self.advertiser is not None:
             await self.advertiser.stop()
         await self.runner.cleanup()
@@ -310,6 +322,8 @@ class RunningNode:
     async def kill(self) -> None:
         """Vanish like a crashed Mac: no goodbye, connections dropped."""
         self.server.abort_connections()
+        if self.server.refresher is not None:
+            self.server.refresher.cancel()
         if self.advertiser is not None and self.advertiser.azc is not None:
             await self.advertiser.azc.async_close()  # no unregister: peers see it only via probes
             self.advertiser.azc = None
@@ -335,6 +349,7 @@ async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
         adv = Advertiser(port, txt_props(ident, server.stats()), interface=interface, host_ip=host, name=name)
         await adv.start()
         server.on_change = lambda: adv.update(txt_props(ident, server.stats()))
+        server.refresher = asyncio.ensure_future(_refresh_every(server, TXT_REFRESH_S))
     server.name = adv.name if adv else (name or default_name(ident["groups"], port))
     return RunningNode(server, runner, host, port, adv)
 
