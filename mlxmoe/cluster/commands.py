@@ -71,8 +71,9 @@ def init_cmd(path, force):
               help="Port to listen on; 0 picks a free one (fine with Bonjour). Use a fixed port, e.g. 7420, "
                    "if the router lists this node in a --peers file.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help=KEY_HELP)
-@click.option("--kv-bits", type=click.Choice(["4", "8"]), default=None,
-              help="Quantize the KV cache to this many bits (less memory per session).")
+@click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default=None,
+              help="KV cache bits: 4 or 8 quantize it (less memory per session), 16 keeps it unquantized. "
+                   "Default: what the bundle's manifest says.")
 @click.option("--kv-budget", default=None, metavar="SIZE",
               help="Memory for KV caches of all sessions, e.g. 2GB. When full, idle sessions are evicted; "
                    "if none is idle, new sessions are refused (the router tries another Mac).")
@@ -96,7 +97,8 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_budget, advertise,
 
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
         from mlxmoe.runtime.node import Node
-        return Node.load(bundle, group, kv_bits=int(kv_bits) if kv_bits else None, kv_budget_bytes=budget)
+        kw = {} if kv_bits is None else {"kv_bits": None if kv_bits == "16" else int(kv_bits)}
+        return Node.load(bundle, group, kv_budget_bytes=budget, **kw)
 
     _run(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load))
 
