@@ -39,12 +39,7 @@ def bundles(tmp_path_factory):
     return get
 
 
-def mlx_lm_model(src):
-    from mlx_lm.utils import load_model
-
-    model, _ = load_model(src, model_config=normalize_config(tiny.config(src)))
-    model.set_dtype(mx.float32)
-    return model
+from mlxmoe.runtime.reference import mlx_lm_model  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
@@ -65,17 +60,12 @@ def test_full_bundle_equals_transformers(bundles, arch):
 
 def test_quantized_node_identical_to_mlx_lm_same_quantization(tmp_path, ckpt):
     src = ckpt("qwen3_moe")
-    split(str(src), tmp_path / "q", 1, bits=4, group_size=32, trunk_bits=8)
+    m = split(str(src), tmp_path / "q", 1, bits=4, group_size=32, trunk_bits=8)
     ours = load_bundle(tmp_path / "q", 0).model
-    ref = mlx_lm_model(src)
-    ref.set_dtype(mx.float32)
-
-    def pred(path, m):  # the split's rule: experts 4-bit, trunk 8-bit, router gates kept
-        if not hasattr(m, "to_quantized") or path.endswith("mlp.gate"):
-            return False
-        return {"bits": 4 if "switch_mlp" in path else 8, "group_size": 32}
-
-    nn.quantize(ref, class_predicate=pred)
+    ref = mlx_lm_model(src, m)  # mlx-lm's model, quantized by the split's rule
+    assert isinstance(ref.model.layers[0].mlp.switch_mlp.up_proj, nn.QuantizedSwitchLinear) if hasattr(nn, "QuantizedSwitchLinear") else True
+    assert isinstance(ref.model.layers[0].self_attn.q_proj, nn.QuantizedLinear) and ref.model.layers[0].self_attn.q_proj.bits == 8
+    assert isinstance(ref.model.layers[0].mlp.gate, nn.Linear) and not isinstance(ref.model.layers[0].mlp.gate, nn.QuantizedLinear)
     a, r = ours(mx.array(IDS)), ref(mx.array(IDS))
     assert mx.array_equal(a, r).item(), mx.abs(a - r).max().item()
 

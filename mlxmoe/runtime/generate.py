@@ -20,6 +20,21 @@ def _holdback(text: str, stops: list[str]) -> int:
     return best
 
 
+class NullDetokenizer:
+    """For token-id-only use (benchmarks on tokenizer-less synthetic models)."""
+
+    text = ""
+
+    def reset(self):
+        pass
+
+    def add_token(self, token):
+        pass
+
+    def finalize(self):
+        pass
+
+
 def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops: list[str],
                 max_tokens: int) -> Iterator[TokenEvent]:
     """steps: (token, logprob) pairs from the model. Yields one TokenEvent per

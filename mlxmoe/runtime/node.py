@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import ContextOverflow, MlxMoeError
 from .engine import GenParams, TokenEvent
-from .generate import text_events
+from .generate import NullDetokenizer, text_events
 from .load import Loaded, load_bundle, load_tokenizer
 from .sessions import Session, SessionStore
 from .tokens import Tokens
@@ -33,7 +33,7 @@ class Node(Tokens):
         cfg = self.manifest.model["config"]
         self.max_context = int(max_context or cfg.get("max_position_embeddings") or 4096)
         self.vocab_size = int(cfg["vocab_size"])
-        self.eos = set(tokenizer.eos_token_ids)
+        self.eos = set(tokenizer.eos_token_ids) if tokenizer else set()
         per_token = self._kv_bytes_per_token()
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
@@ -41,11 +41,12 @@ class Node(Tokens):
 
     @classmethod
     def load(cls, bundle_dir: str, group: int | None, kv_bits: int | None = "manifest",
-             kv_budget_bytes: int | None = None, verify: bool = True, **kw) -> "Node":
+             kv_budget_bytes: int | None = None, verify: bool = True, tokenizer: bool = True, **kw) -> "Node":
+        """tokenizer=False: token ids only (benchmarks of tokenizer-less models)."""
         loaded = load_bundle(bundle_dir, group, verify=verify)
         if kv_bits == "manifest":
             kv_bits = loaded.manifest.quantization.get("kv_bits")
-        return cls(loaded, load_tokenizer(bundle_dir), kv_bits=kv_bits,
+        return cls(loaded, load_tokenizer(bundle_dir) if tokenizer else None, kv_bits=kv_bits,
                    kv_budget_bytes=kv_budget_bytes, bundle_dir=str(bundle_dir), **kw)
 
     # ------------------------------------------------------------ KV
@@ -133,7 +134,8 @@ class Node(Tokens):
         out: list[int] = []
         try:
             pairs = ((int(t), float(lp[t].item())) for t, lp in steps)
-            for ev in text_events(pairs, self.tokenizer.detokenizer, self.eos, params.stop, max_tokens):
+            detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
+            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens):
                 out.append(ev.token)
                 yield ev
         finally:
