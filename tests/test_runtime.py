@@ -294,3 +294,15 @@ def test_cli_run(qnode_bundle):
     assert all(isinstance(t["logprob"], float) for t in out["tokens"])
     r = CliRunner().invoke(main, ["run", str(qnode_bundle), "--group", "x", "-p", "hi"])
     assert r.exit_code != 0 and "expected a group number" in r.output
+
+
+def test_node_placement_score_equals_trunk_front_end(qnode_bundle):
+    from mlxmoe.runtime.trunk import TrunkFrontend
+
+    node, front = Node.load(qnode_bundle, 1), TrunkFrontend.load(qnode_bundle)
+    toks = node.encode("the quick brown fox jumps")
+    a, b = node.score(toks), front.score(toks)
+    assert a.layers == b.layers == [node.manifest.moe_layers[0]]
+    for g in a.scores:
+        assert abs(a.scores[g] - b.scores[g]) < 1e-6
+    assert sum(b.scores.values()) > 0 and b.margin >= 0

@@ -130,45 +130,53 @@ def main():
     cfg = m.model["config"]
     prompt = [int(x) for x in mx.random.randint(1, cfg["vocab_size"] - 1, (a.prompt_tokens,), key=mx.random.key(0))]
     bw = a.bandwidth * 1e9 if a.bandwidth else measure_bandwidth()
-    rows = []
-
-    def record(name, gen_fn, expected_bytes, group):
-        log(f"timing: {name}")
-        mx.synchronize()
-        weights = mx.get_active_memory()
-        run_decode(gen_fn, prompt[:16], 8, 1)  # warm-up (CUDA JIT)
-        mx.reset_peak_memory()
-        ttft, ptps, dtps = run_decode(gen_fn, prompt, a.gen, a.runs)
-        peak = mx.get_peak_memory()
-        rows.append({"row": name, "group": group, "prompt_tok_s": round(ptps, 1), "decode_tok_s": round(dtps, 2),
-                     "ttft_s": round(ttft, 4), "weights_bytes": weights, "peak_bytes": peak,
-                     "expected_weights_bytes": expected_bytes["weights"],
-                     "weights_vs_expected": round(weights / expected_bytes["weights"], 4)})
-        return rows[-1]
-
     sizes = {n: f["size"] for n, f in m.files.items()}
     embed_bytes = _embed_bytes(bundle)
     ctx = a.prompt_tokens + a.gen // 2
 
-    # 1. mlx-lm, full model, its own generation loop
-    if source is not None:
-        ref = mlx_lm_model(source, m)
-        gen = lambda p, n: (t for t, _ in generate_step(mx.array(p), ref, max_tokens=n, kv_bits=kv_bits, kv_group_size=64, quantized_kv_start=0))
-        exp = sizes[TRUNK_FILE] + sum(sizes[group_file(g)] for g in range(m.n_groups))
-        record("mlx-lm (full model)", gen, {"weights": exp}, None)
-        del ref, gen
-        gc.collect(); mx.clear_cache()
+    # Load every row first (weights measured as the active-memory growth of
+    # each load), warm each up at the full prompt length, then time the rows
+    # interleaved, so drift of the machine hits every row alike.
+    rows, gens = [], []
 
+    def add(name, group, load, expected):
+        mx.synchronize()
+        before = mx.get_active_memory()
+        obj, gen = load()
+        mx.synchronize()
+        rows.append({"row": name, "group": group, "weights_bytes": mx.get_active_memory() - before,
+                     "expected_weights_bytes": expected})
+        rows[-1]["weights_vs_expected"] = round(rows[-1]["weights_bytes"] / expected, 4)
+        if isinstance(obj, Node):
+            rows[-1]["kv_bytes_per_token"] = obj.sessions.per_token
+        gens.append((obj, gen))
+
+    if source is not None:  # 1. mlx-lm, full model, its own generation loop
+        def load_ref():
+            ref = mlx_lm_model(source, m)
+            return ref, lambda p, n: (t for t, _ in generate_step(mx.array(p), ref, max_tokens=n, kv_bits=kv_bits,
+                                                                   kv_group_size=64, quantized_kv_start=0))
+        add("mlx-lm (full model)", None, load_ref, sizes[TRUNK_FILE] + sum(sizes[group_file(g)] for g in range(m.n_groups)))
     # 2. node with every expert, 3. node with one group (+ overlay)
     for name, g in (("mlxmoe node, all experts", None), (f"mlxmoe node, group {a.group} of {m.n_groups}", a.group)):
-        node = Node.load(str(bundle), g, kv_bits=kv_bits, verify=False, tokenizer=(bundle / "tokenizer.json").exists())
-        gen = lambda p, n, node=node: node.generate(None, p, GenParams(max_tokens=n))
+        def load_node(g=g):
+            node = Node.load(str(bundle), g, kv_bits=kv_bits, verify=False, tokenizer=(bundle / "tokenizer.json").exists())
+            return node, lambda p, n: node.generate(None, p, GenParams(max_tokens=n))
         files = [group_file(x) for x in range(m.n_groups)] if g is None else [group_file(g)] + ([OVERLAY_FILE] if OVERLAY_FILE in sizes else [])
-        exp = sizes[TRUNK_FILE] + sum(sizes[f] for f in files)
-        r = record(name, gen, {"weights": exp}, g)
-        r["kv_bytes_per_token"] = node.sessions.per_token
-        del node, gen
-        gc.collect(); mx.clear_cache()
+        add(name, g, load_node, sizes[TRUNK_FILE] + sum(sizes[f] for f in files))
+
+    for r, (_, gen) in zip(rows, gens):
+        log(f"warm-up: {r['row']}")
+        run_decode(gen, prompt, a.gen, 1)
+    samples = [[] for _ in rows]
+    for i in range(a.runs):
+        for j, (_, gen) in enumerate(gens):
+            samples[j].append(run_decode(gen, prompt, a.gen, 1))
+        log(f"timed round {i + 1}/{a.runs}")
+    for r, ss in zip(rows, samples):
+        ttft, ptps, dtps = (statistics.median(x[k] for x in ss) for k in range(3))
+        r.update(prompt_tok_s=round(ptps, 1), decode_tok_s=round(dtps, 2), ttft_s=round(ttft, 4),
+                 decode_tok_s_runs=[round(x[2], 2) for x in ss])
 
     per_token_kv = next((r["kv_bytes_per_token"] for r in rows if "kv_bytes_per_token" in r), 0)
     touched = touched_bytes(m, sizes[TRUNK_FILE], embed_bytes, per_token_kv, ctx)

@@ -43,7 +43,10 @@ class Loaded:
         return sorted(self.local_ids.get(layer, []))
 
     def set_eligible(self, per_layer: dict | None):
-        """Mask routing to per_layer[layer] (experts stay loaded); None = all."""
+        """Mask routing to per_layer[layer] (experts stay loaded); None = all.
+        Only on a full model (group=None): a node's routers hold local rows only."""
+        if self.group is not None:
+            raise ValueError("set_eligible needs the full model (load_bundle(..., group=None))")
         n = self.manifest.n_experts
         for l, b in self.blocks.items():
             masked.set_eligible(b, self.arch.gate, n, None if per_layer is None else per_layer[l])

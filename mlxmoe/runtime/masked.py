@@ -10,6 +10,13 @@ modules are given a subclass (same parameters, same paths):
 - the SwitchGLU holds only the local experts; global expert ids chosen by the
   router are mapped to local rows by a lookup table.
 
+For Linear routers on a node (a strict subset of experts), the same result
+costs nothing: softmax over logits with -inf for non-eligible experts equals
+softmax over the eligible logits alone, so the router keeps only the local
+rows (in local order) and the block's own top-k yields local indices directly.
+No mask add and no id remap run per token; the full router is kept aside for
+recording logits (placement scores).
+
 With every expert eligible no mask is installed: the model is mlx-lm's own.
 The gates can also record their raw logits (placement, calibration, eval).
 """
@@ -94,6 +101,15 @@ def sigmoid_group_select(logits, bias, mask, top_k, n_group, topk_group, scaling
     return inds, w * scaling
 
 
+class LocalLinearGate(_Recorder):
+    """Linear router holding only the local experts' rows (see module doc)."""
+
+    def __call__(self, x):
+        if getattr(self, "_rec", None) is not None:
+            self._record_logits(self._full(x))
+        return super().__call__(x)
+
+
 class LocalExperts:
     """SwitchGLU holding only local experts: global ids -> local rows."""
 
@@ -106,13 +122,25 @@ def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
             n_experts: int, local_ids: list[int] | None):
     """Make `block` route only to `local_ids` (global ids, in local row order).
     local_ids=None: every expert is local and eligible (no mask, no remap)."""
+    import copy
+
     gate = getattr(block, gate_attr)
+    experts = getattr(block, experts_attr)
+    local_ids = list(range(n_experts)) if local_ids is None else list(local_ids)
+    if scoring != "sigmoid_group" and local_ids != list(range(n_experts)):
+        full = copy.copy(gate)  # same arrays, original class: records full logits
+        rows = mx.array(local_ids)
+        for name in ("weight", "scales", "biases", "bias"):
+            if name in gate:
+                setattr(gate, name, gate[name][rows])
+        gate.__class__ = _subclass(type(gate), LocalLinearGate)
+        _set(gate, "_full", full)
+        _set(gate, "_layer", layer)
+        return
     mixin = MaskedSigmoidGate if scoring == "sigmoid_group" else MaskedLinearGate
     gate.__class__ = _subclass(type(gate), mixin)
     _set(gate, "_layer", layer)
-    experts = getattr(block, experts_attr)
     experts.__class__ = _subclass(type(experts), LocalExperts)
-    local_ids = list(range(n_experts)) if local_ids is None else list(local_ids)
     set_eligible(block, gate_attr, n_experts, None if len(set(local_ids)) == n_experts else local_ids)
     g2l = None
     if local_ids != list(range(n_experts)):
