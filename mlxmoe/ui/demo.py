@@ -1,0 +1,144 @@
+"""`mlxmoe demo`: the whole system on one machine, offline.
+
+Splits the bundled reference model into groups (once; cached), starts one
+node per group and a router on loopback with a demo cluster key, waits until
+every node is up, then opens `mlxmoe chat` against them (or, with --ask,
+asks one question and exits). Ctrl-C stops everything it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference-moe"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
+    """Split the reference model once; reuse the bundle while it validates."""
+    from ..errors import MlxMoeError
+    from ..manifest import Manifest
+    from ..split import split
+
+    out = root / f"reference-{n_groups}g"
+    try:
+        m = Manifest.load(out)
+        m.verify_files(out, check_hash=False)
+        if m.n_groups == n_groups:
+            return out
+    except MlxMoeError:
+        pass
+    if not quiet:
+        click.echo(f"splitting the bundled reference model into {n_groups} groups -> {out}", err=True)
+    split(str(REFERENCE), out, n_groups, bits=8, group_size=64, trunk_bits=8, kv_bits=8, force=True)
+    return out
+
+
+def ensure_key(root: Path) -> Path:
+    from ..cluster.keys import create_key
+
+    key = root / "demo-cluster.key"
+    if not key.exists():
+        create_key(key)
+    return key
+
+
+def wait_ready(url: str, n_nodes: int, procs: list, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    status = {}
+    while time.time() < deadline:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise click.ClickException(f"a demo process exited early (exit code {dead[0].returncode}): {' '.join(dead[0].args[3:6])}")
+        try:
+            with urllib.request.urlopen(url + "/status", timeout=2) as r:
+                status = json.load(r)
+            if sum(p["state"] == "up" for p in status.get("peers", [])) >= n_nodes:
+                return status
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise click.ClickException(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", *cmd], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(procs: list):
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@click.command("demo")
+@click.option("--groups", default=3, show_default=True, help="Expert groups, i.e. local nodes to start.")
+@click.option("--port", default=0, help="Router port (default: a free one).")
+@click.option("--dir", "root", default=str(Path.home() / ".cache" / "mlxmoe" / "demo"), show_default=True,
+              help="Where the demo keeps its bundle, key and logs.")
+@click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
+@click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
+def demo_cmd(groups, port, root, ask, as_json):
+    """Run mlxmoe end to end on this machine, offline.
+
+    Uses the small MoE model bundled with mlxmoe (trained for this project):
+    splits it into GROUPS expert groups, starts one node per group and a router
+    on 127.0.0.1, and opens the chat. Each chat is placed on the node whose
+    expert group fits it best; the status line shows where. Ctrl-C stops it all.
+
+        mlxmoe demo                       # interactive chat
+        mlxmoe demo --ask "def add(a, b):"  # one question, then exit
+    """
+    from .chat import run_interactive, run_once
+
+    root_p = Path(root).expanduser()
+    (root_p / "logs").mkdir(parents=True, exist_ok=True)
+    quiet = bool(ask and as_json)
+    bundle = ensure_bundle(root_p, groups, quiet)
+    key = ensure_key(root_p)
+    ports = [free_port() for _ in range(groups)]
+    peers = root_p / "peers.toml"
+    peers.write_text("".join(f'[[peers]]\nurl = "http://127.0.0.1:{p}"\n\n' for p in ports))
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = []
+    try:
+        for g, p in enumerate(ports):
+            procs.append(start(["node", str(bundle), "--group", str(g), "--host", "127.0.0.1", "--port", str(p),
+                                "--key", str(key), "--no-advertise"], root_p / "logs" / f"node-{g}.log"))
+        procs.append(start(["serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--key", str(key),
+                            "--peers", str(peers), "--no-mdns"], root_p / "logs" / "router.log"))
+        if not quiet:
+            click.echo(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", err=True)
+        wait_ready(url, groups, procs)
+        if not quiet:
+            click.echo(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", err=True)
+        if ask:
+            rc = run_once(url, ask, model=None, system=None, as_json=as_json)
+        else:
+            rc = run_interactive(url, model=None, system=None)
+    except KeyboardInterrupt:
+        rc = 130
+    finally:
+        stop(procs)
+    sys.exit(rc)
