@@ -13,6 +13,7 @@ import click
 COMMANDS = {
     "plan": ("mlxmoe.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
     "split": ("mlxmoe.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
+    "copy": ("mlxmoe.bundle_copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),
     "run": ("mlxmoe.runtime.commands", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
     "calibrate": ("mlxmoe.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
     "eval": ("mlxmoe.quality", "eval_cmd", "Measure how far masked routing is from the full model."),

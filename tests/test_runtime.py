@@ -306,3 +306,15 @@ def test_node_placement_score_equals_trunk_front_end(qnode_bundle):
     for g in a.scores:
         assert abs(a.scores[g] - b.scores[g]) < 1e-6
     assert sum(b.scores.values()) > 0 and b.margin >= 0
+
+
+def test_prefill_then_generate_equals_plain_generate(qnode_bundle):
+    node = Node.load(qnode_bundle, 0)
+    prompt = node.encode("def add(a, b): return a + b and more text here")
+    assert node.prefill("p", prompt) == len(prompt)
+    assert node.prefill("p", prompt) == 0  # cached already
+    counting = Counting(node.model)
+    node.model = counting
+    warm = greedy(node, "p", prompt)
+    assert counting.fed <= len(warm) + 1  # only the last prompt token was re-fed
+    assert warm == greedy(node, "cold", prompt)

@@ -217,3 +217,20 @@ def test_cli_split_help_and_run(ckpt, tmp_path):
     assert set(out["files"]) == {TRUNK_FILE, group_file(0), group_file(1), OVERLAY_FILE}
     r = CliRunner().invoke(main, ["split", str(ckpt("qwen2_moe")), str(tmp_path / "b"), "--groups", "2"])
     assert r.exit_code != 0 and "already exists" in r.output
+
+
+def test_copy_for_one_node_is_verified_and_loads(ckpt, tmp_path):
+    from mlxmoe.runtime.load import load_bundle
+    from mlxmoe.errors import BundleError
+
+    split(str(ckpt("qwen3_moe")), tmp_path / "b", 2, overlay={"all": [5]}, bits=None, trunk_bits=None)
+    r = CliRunner().invoke(main, ["copy", str(tmp_path / "b"), str(tmp_path / "n1"), "--group", "1", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    files = set(json.loads(r.output.strip().splitlines()[-1])["files"])
+    assert {TRUNK_FILE, group_file(1), OVERLAY_FILE, "distribution.json", "tokenizer.json"} <= files
+    assert group_file(0) not in files and not (tmp_path / "n1" / group_file(0)).exists()
+    load_bundle(tmp_path / "n1", 1)
+    with pytest.raises(BundleError, match="experts-group-00.safetensors: missing"):
+        load_bundle(tmp_path / "n1", 0)
+    r = CliRunner().invoke(main, ["copy", str(tmp_path / "b"), str(tmp_path / "n2"), "--group", "7"])
+    assert r.exit_code != 0 and "this bundle has groups 0..1" in r.output

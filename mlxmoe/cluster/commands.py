@@ -74,6 +74,10 @@ def init_cmd(path, force):
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default=None,
               help="KV cache bits: 4 or 8 quantize it (less memory per session), 16 keeps it unquantized. "
                    "Default: what the bundle's manifest says.")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="KV quantization group size (default: 64, or 32 for small attention heads).")
+@click.option("--kv-start", default=0, show_default=True,
+              help="Quantize a session's KV cache once it holds this many tokens (0: from the start).")
 @click.option("--kv-budget", default=None, metavar="SIZE",
               help="Memory for KV caches of all sessions, e.g. 2GB. When full, idle sessions are evicted; "
                    "if none is idle, new sessions are refused (the router tries another Mac).")
@@ -81,7 +85,7 @@ def init_cmd(path, force):
               help="Announce this node on the local network with Bonjour.")
 @click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_budget, advertise, interface, verbose):
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, advertise, interface, verbose):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -98,7 +102,8 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_budget, advertise,
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
         from mlxmoe.runtime.node import Node
         kw = {} if kv_bits is None else {"kv_bits": None if kv_bits == "16" else int(kv_bits)}
-        return Node.load(bundle, group, kv_budget_bytes=budget, **kw)
+        return Node.load(bundle, group, kv_budget_bytes=budget, kv_start=kv_start,
+                         kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
 
     _run(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load))
 

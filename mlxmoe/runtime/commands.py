@@ -24,8 +24,10 @@ from .engine import GenParams
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), help="KV-cache bits (default: the bundle's).")
+@click.option("--kv-group-size", type=click.Choice(["32", "64", "128"]), help="KV quantization group size (default: 64, or 32 for small heads).")
+@click.option("--kv-start", default=0, show_default=True, help="Quantize the KV cache once it holds this many tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens with log-probabilities and timings as JSON.")
-def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, stop, kv_bits, as_json):
+def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, stop, kv_bits, kv_group_size, kv_start, as_json):
     """Load one group of BUNDLE (trunk + group + overlay) and generate.
 
     Routing at every MoE layer is masked to the group's experts, exactly as a
@@ -51,7 +53,8 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
             except ValueError:
                 raise MlxMoeError(f"--group {group!r}: expected a group number, 'auto' or 'all'") from None
         kv = "manifest" if kv_bits is None else (None if kv_bits == "16" else int(kv_bits))
-        node = Node.load(bundle, g, kv_bits=kv)
+        node = Node.load(bundle, g, kv_bits=kv, kv_start=kv_start,
+                         kv_group_size=int(kv_group_size) if kv_group_size else None)
         tokens = _tokens(node, prompt, system, raw)
         params = GenParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, stop=list(stop), seed=seed)
         t0 = time.perf_counter()

@@ -129,6 +129,26 @@ class Node(Tokens):
                               quantized_kv_start=self.kv_start)
         return self._stream(s, list(prompt), steps, chosen, params, max_tokens)
 
+    def prefill(self, session_id: str, prompt: list[int], step: int = 512) -> int:
+        """Fill `session_id`'s cache with `prompt` without generating (reusing
+        any cached prefix); returns the number of tokens actually computed."""
+        from mlx_lm.generate import maybe_quantize_kv_cache
+
+        self.check_prompt(prompt, GenParams(max_tokens=1))
+        s = self.sessions.get(session_id)
+        if s.busy:
+            raise MlxMoeError(f"session {s.id}: already generating")
+        if s.cache is not None and s.tokens == list(prompt):
+            return 0
+        n = self._reuse(s, list(prompt))
+        self.sessions.admit(s, len(prompt) - n)
+        for i in range(n, len(prompt), step):
+            self.model(mx.array([prompt[i:i + step]]), cache=s.cache)
+            maybe_quantize_kv_cache(s.cache, self.kv_start, self.kv_group_size, self.kv_bits)
+            mx.eval([c.state for c in s.cache])
+        s.tokens, s.last_used = list(prompt), time.time()
+        return len(prompt) - n
+
     def _stream(self, s: Session, prompt, steps, chosen, params, max_tokens):
         s.busy = True
         out: list[int] = []
