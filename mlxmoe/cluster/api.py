@@ -425,19 +425,11 @@ async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000
 
 async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the router until SIGINT/SIGTERM."""
-    import asyncio
-    import signal
+    from .worker import until_signalled
 
     running = await start_router(router, host, port)
     live = len(router.peers.live())
     print(f"mlxmoe router: {router.model} (manifest {router.manifest_hash[:12]}) on {running.url}/v1 "
           f"- status page {running.url}/ - {live} node(s) up so far", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    await stop.wait()
+    await until_signalled()
     await running.stop()

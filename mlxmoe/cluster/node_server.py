@@ -358,7 +358,7 @@ async def serve_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
                      factory: Callable | None = None) -> None:
     """Run a node until SIGINT/SIGTERM."""
-    import signal
+    from .worker import until_signalled
 
     node = await start_node(engine, key, host, port, advertise, interface, factory=factory)
     ident = node.server.identity
@@ -367,12 +367,5 @@ async def serve_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
                                        ", not advertised (list it in the router's --peers file)"), flush=True)
     if ready:
         ready(node)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):
-            pass
-    await stop.wait()
+    await until_signalled()
     await node.stop()

@@ -142,3 +142,17 @@ def _settle(fut: asyncio.Future, result: Any, err: BaseException | None) -> None
         fut.set_exception(err)
     else:
         fut.set_result(result)
+
+
+async def until_signalled() -> None:
+    """Return on SIGINT or SIGTERM (how `mlxmoe node` and `mlxmoe serve` stop)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await stop.wait()
