@@ -318,3 +318,16 @@ def test_prefill_then_generate_equals_plain_generate(qnode_bundle):
     warm = greedy(node, "p", prompt)
     assert counting.fed <= len(warm) + 1  # only the last prompt token was re-fed
     assert warm == greedy(node, "cold", prompt)
+
+
+def test_full_model_of_a_shuffled_grouping_masks_like_a_node(tmp_path, ckpt):
+    """Non-contiguous groups: the full model still equals mlx-lm, and masking it
+    to a group's eligible set equals that group's node."""
+    groups = [[0, 3, 5, 6], [1, 2, 4, 7]]
+    src = ckpt("qwen3_moe")
+    m = split(str(src), tmp_path / "b", 2, grouping={"groups": groups}, overlay={"all": [1]}, bits=None, trunk_bits=None)
+    full = load_bundle(tmp_path / "b", None)
+    assert mx.abs(full.model(mx.array(IDS)) - mlx_lm_model(src)(mx.array(IDS))).max().item() <= 1e-4
+    full.set_eligible({l: m.eligible(0, l) for l in m.moe_layers})
+    node = load_bundle(tmp_path / "b", 0)
+    assert mx.abs(full.model(mx.array(IDS)) - node.model(mx.array(IDS))).max().item() <= 1e-5

@@ -82,12 +82,16 @@ def _expert_weights(d: Path, m: Manifest, arch: Arch, group) -> tuple[dict, dict
             parts.append((sel, [[m.overlay_experts(l)[i] for i in k] for l, k in zip(m.moe_layers, keep)]))
     weights, local_ids = {}, {}
     for i, l in enumerate(m.moe_layers):
-        local_ids[l] = [e for _, ids in parts for e in ids[i]]
+        ids = [e for _, ids in parts for e in ids[i]]
+        # the full model keeps experts in global order, so that masks (eval) index it directly
+        order = sorted(range(len(ids)), key=ids.__getitem__) if group is None else None
+        local_ids[l] = sorted(ids) if group is None else ids
         prefix = f"model.layers.{l}.{arch.block}.{arch.experts}."
         names = {n for w, _ in parts for n in w if n.startswith(prefix)}
         for n in names:
             pieces = [w[n] for w, _ in parts if n in w]
-            weights[n] = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+            t = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+            weights[n] = t if order is None or order == list(range(len(ids))) else t[mx.array(order)]
     return weights, local_ids
 
 
@@ -125,7 +129,6 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
         ew, local_ids = _expert_weights(d, m, arch, group)
         expert_bytes = sum(t.nbytes for t in ew.values())
         weights.update(ew)
-    trunk_bytes = sum(t.nbytes for n, t in weights.items()) - expert_bytes
     _resize_experts(model, m, arch, local_ids)
 
     def quantized(path, module):
@@ -140,8 +143,7 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
         raise BundleError(f"{d}: bundle does not fit the {config['model_type']} model of its manifest: {e}") from None
     for l in m.moe_layers:
         block = getattr(model.layers[l], arch.block)
-        masked.install(block, arch.gate, arch.experts, l, m.moe["scoring"], m.n_experts,
-                       local_ids.get(l) if group is not None else None if not experts else local_ids[l])
+        masked.install(block, arch.gate, arch.experts, l, m.moe["scoring"], m.n_experts, local_ids.get(l))
     dtype = dtype or _default_dtype(m)
     if dtype is not None:
         model.set_dtype(dtype)
