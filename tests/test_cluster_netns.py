@@ -32,17 +32,12 @@ REFERENCE = HERE.parent / "mlxmoe" / "assets" / "reference-moe"
 
 
 @pytest.fixture(scope="module")
-def bundle(netns_ok, ckpt, tmp_path_factory):
-    """3-group bundle of the committed reference model (`mlxmoe split`), or,
-    until that model is committed, of a tiny random qwen3_moe checkpoint."""
+def bundle(netns_ok, tmp_path_factory):
+    """3-group bundle of the committed reference model, made by `mlxmoe split`."""
     out = tmp_path_factory.mktemp("bundle") / "b"
-    if (REFERENCE / "config.json").exists():
-        r = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "split", str(REFERENCE), str(out), "--groups", "3"],
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-    else:
-        from mlxmoe.split import split
-        split(str(ckpt("qwen3_moe")), out, 3, bits=None, trunk_bits=None)
+    r = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "split", str(REFERENCE), str(out), "--groups", "3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
     return out
 
 
