@@ -244,7 +244,8 @@ def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration
         full = _all_experts(bundle, m)  # name -> (layer, [E, ...] lazily gathered in global order)
         files = {TRUNK_FILE: {"role": "trunk"}}
         shutil.copy2(bundle / TRUNK_FILE, tmp / TRUNK_FILE)
-        for g in range(m.n_groups if grouping is None else len(next(iter(grouping["layers"].values())))):
+        n_groups = len(next(iter(grouping["layers"].values())))
+        for g in range(n_groups):
             _save_rows(tmp / group_file(g), full, lambda l: grouping["layers"][str(l)][g])
             files[group_file(g)] = {"role": "group", "group": g}
         if any(overlay["layers"].values()):
@@ -256,7 +257,7 @@ def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration
                 files[name] = {"role": "meta"}
         for name, meta in files.items():
             meta.update(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
-        new = Manifest(model=m.model, moe=m.moe, n_groups=len(next(iter(grouping["layers"].values()))),
+        new = Manifest(model=m.model, moe=m.moe, n_groups=n_groups,
                        grouping=grouping, overlay=overlay, quantization=m.quantization, files=files,
                        calibration=calibration, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         new.validate(str(tmp))
@@ -300,7 +301,7 @@ def _swap_in(tmp: Path, out: Path):
 
 # ------------------------------------------------------------------ driver
 
-def expert_bytes(m: Manifest, bundle: Path | None = None) -> float:
+def expert_bytes(m: Manifest) -> float:
     """Bytes of one routed expert at one layer (from the group files' sizes)."""
     groups = [n for n, f in m.files.items() if f["role"] == "group"]
     total = sum(m.files[n]["size"] for n in groups)
@@ -383,7 +384,7 @@ def parse_size(s: str) -> int:
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
-@click.option("--overlay-per-layer", type=int, help="Overlay experts per MoE layer (replicated on every node).")
+@click.option("--overlay-per-layer", type=int, help="Overlay experts per MoE layer (replicated on every node). Default: only the super experts found.")
 @click.option("--overlay-bytes", help="Overlay budget per node, e.g. 2GB (sets experts per layer).")
 @click.option("--overlay-rule", type=click.Choice(gr.OVERLAY_RULES), default="mass", show_default=True,
               help="mass: experts with the most router probability; breadth: experts every domain uses.")

@@ -181,9 +181,9 @@ def overlay_for_bytes(budget: int, expert_bytes: int, n_layers: int) -> int:
 
 # --------------------------------------------------------- extra eligible sets
 
-def domain_sets(stats: Stats, clusters: list[list[str]], size: int) -> list[dict]:
+def domain_sets(stats: Stats, clusters: list[list[str]], size) -> list[dict]:
     """Overlapping per-node sets (not a partition): node c holds, per layer, the
-    `size` experts its domain cluster uses most; every expert lands somewhere
+    `size` (an int, or {layer: int}) experts its domain cluster uses most; every expert lands somewhere
     (an expert no node took replaces the node's least-used one). Eval-only:
     a manifest expresses a partition + one shared overlay, not this."""
     share = stats.share()
@@ -191,7 +191,8 @@ def domain_sets(stats: Stats, clusters: list[list[str]], size: int) -> list[dict
     sets = [dict() for _ in clusters]
     for li, l in enumerate(stats.layers):
         want = [share[[dom[d] for d in c], li, :].mean(axis=0) for c in clusters]
-        chosen = [list(np.argsort(-w, kind="stable")[:size]) for w in want]
+        n = size[l] if isinstance(size, dict) else size
+        chosen = [list(np.argsort(-w, kind="stable")[:n]) for w in want]
         for e in range(stats.n_experts):
             if not any(e in s for s in chosen):
                 c = int(np.argmax([w[e] for w in want]))

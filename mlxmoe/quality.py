@@ -138,7 +138,7 @@ def configs(m: Manifest, stats: gr.Stats | None, groups, strategies, overlays, r
     return out
 
 
-def size_configs(m: Manifest, cfgs: list[Config], bundle: Path):
+def size_configs(m: Manifest, cfgs: list[Config]):
     trunk = m.files[TRUNK_FILE]["size"]
     per = expert_bytes(m)
     for c in cfgs:
@@ -370,7 +370,7 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
     cfgs = configs(m, stats, groups, strategies, overlays, rules)
     if extra_configs:
         cfgs += extra_configs(m, stats)
-    size_configs(m, cfgs, bundle)
+    size_configs(m, cfgs)
     with progress(work_units(items, cfgs), "eval (tokens forwarded)", progress_mode, unit="items") as p:
         report = evaluate(loaded, items, cfgs, placements, race_tokens, p.advance)
     report.update({"bundle": str(bundle), "manifest_hash": m.hash, "model": m.model_id, "suites": names,

@@ -88,7 +88,7 @@ def test_eval_full_eligibility_is_the_reference_and_removing_experts_hurts(bundl
     everything = {l: list(range(m.n_experts)) for l in m.moe_layers}
     only_two = {l: [0, 1] for l in m.moe_layers}  # top_k=2: exactly two eligible experts
     cfgs = [q.Config("all", 1, "all", None, 0, [everything]), q.Config("two", 1, "two", None, 0, [only_two])]
-    q.size_configs(m, cfgs, b)
+    q.size_configs(m, cfgs)
     rep = q.evaluate(loaded, items, cfgs, ("first", "oracle"))
     full = [r for r in rep["results"] if r["config"] == "all"]
     for r in full:
