@@ -38,16 +38,17 @@ def test_placement_on_best_group_with_headers_and_status():
         assert scores["2"] == 0.8 and float(h["x-mlxmoe-margin"]) == pytest.approx(0.69, abs=1e-3)
         assert out.choices[0].message.content == expected_text(encode_chat(msgs), 10)
         st = c.router.status()
-        assert set(st) == {"model", "manifest_hash", "uptime_s", "peers", "sessions", "last_placement", "counters"}
+        assert set(st) == {"model", "manifest_hash", "uptime_s", "peers", "sessions", "last_placement", "counters",
+                           "mobility", "traffic"}
         assert {p["state"] for p in st["peers"]} == {"up"} and all(p["reason"] is None for p in st["peers"])
         assert set(st["peers"][0]) >= {"name", "url", "groups", "manifest_hash", "protocol", "free_memory",
                                        "active_sessions", "state", "reason", "backend"}
         (s,) = st["sessions"]
-        assert s["id"] == h["x-mlxmoe-session"] and s["group"] == 2 and s["mode"] == "pinned"
+        assert s["id"] == h["x-mlxmoe-session"] and s["group"] == 2 and s["mode"] == "pin"
         assert s["turns"] == 1 and s["tokens"] == out.usage.total_tokens and set(s["scores"]) == {"0", "1", "2"}
         lp = st["last_placement"]
         assert lp["session"] == s["id"] and lp["best"] == 2 and lp["layers"] == [1, 2] and lp["elapsed_ms"] >= 0
-        assert st["counters"] == {"requests": 1, "failovers": 0, "rejected": 0}
+        assert st["counters"] == {"requests": 1, "failovers": 0, "rejected": 0, "migrations": 0, "races": 0}
 
 
 def test_tie_goes_to_least_loaded_node():

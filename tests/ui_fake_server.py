@@ -32,7 +32,7 @@ def sample_status(n_peers: int = 3) -> dict:
     return {
         "model": MODEL, "manifest_hash": "abc123def4567890", "uptime_s": 3725.0, "peers": peers,
         "sessions": [{"id": "s-1", "node": "mac-1", "group": 1, "scores": {"0": 0.21, "1": 0.64, "2": 0.15},
-                      "margin": 0.43, "mode": "pinned", "turns": 2, "tokens": 310, "created": now - 120,
+                      "margin": 0.43, "mode": "pin", "turns": 2, "tokens": 310, "created": now - 120,
                       "last_used": now - 5}],
         "last_placement": {"session": "s-1", "scores": {"0": 0.21, "1": 0.64, "2": 0.15}, "margin": 0.43,
                            "best": 1, "layers": [3, 12], "elapsed_ms": 38.5},

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import RpcError
-from .router import Rejected, Router, Session, Turn
+from .router import MODES, Rejected, Router, Session, Turn
 
 log = logging.getLogger("mlxmoe.api")
 MAX_BODY = 8 << 20
@@ -134,6 +134,38 @@ def session_hint(request: web.Request, body: dict) -> str | None:
     return None
 
 
+EXTENSION_FIELDS = ("mode",)  # the "mlxmoe" object of a request body
+MODE_HEADER = "X-Mlxmoe-Mode"
+
+
+def requested_mode(request: web.Request, body: dict) -> str | None:
+    """The routing mode a request asks for ("mlxmoe": {"mode": ...} in the
+    body, or the X-Mlxmoe-Mode header), or None for the session's own."""
+    ext, mode = body.get("mlxmoe"), None
+    if ext is not None:
+        if not isinstance(ext, dict):
+            raise ApiError(400, "'mlxmoe' must be an object like {\"mode\": \"race\"}", "mlxmoe", "invalid_type")
+        for k in ext:
+            if k not in EXTENSION_FIELDS:
+                raise ApiError(400, f"'mlxmoe.{k}' is not a known option (known: {', '.join(EXTENSION_FIELDS)})"[:300],
+                               f"mlxmoe.{k}", "invalid_value")
+        mode = ext.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ApiError(400, f"'mlxmoe.mode' must be one of {', '.join(MODES)}, got {mode!r}"[:300], "mlxmoe.mode",
+                           "invalid_value")
+    h = request.headers.get(MODE_HEADER)
+    if h is not None:
+        h = h.strip().lower()
+        if h not in MODES:
+            raise ApiError(400, f"header '{MODE_HEADER}' must be one of {', '.join(MODES)}, got {h!r}"[:300],
+                           MODE_HEADER, "invalid_value")
+        if mode is not None and mode != h:
+            raise ApiError(400, f"header '{MODE_HEADER}' ({h}) contradicts 'mlxmoe.mode' ({mode})", MODE_HEADER,
+                           "invalid_value")
+        mode = h
+    return mode
+
+
 async def read_json(request: web.Request) -> dict:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {MAX_BODY}", None,
@@ -197,9 +229,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _range("top_logprobs", _opt(body, "top_logprobs", (int,), "an integer", 0), 0, 20)
     opts = _opt(body, "stream_options", (dict,), "an object", {})
     include_usage = bool(_opt(opts, "include_usage", (bool,), "true or false", False))
-    hint = session_hint(request, body)
+    hint, mode = session_hint(request, body), requested_mode(request, body)
     tokens = await router.encode_chat(messages)
-    s = await router.session_for(tokens, hint, messages)
+    s = await router.session_for(tokens, hint, messages, mode)
     turn = await _open(router, s, tokens, params)
     base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": router.model}
     if stream:
@@ -282,11 +314,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_value")
     opts = _opt(body, "stream_options", (dict,), "an object", {})
     include_usage = bool(_opt(opts, "include_usage", (bool,), "true or false", False))
-    hint = session_hint(request, body)
+    hint, mode = session_hint(request, body), requested_mode(request, body)
     tokens = prompt if isinstance(prompt, list) else await router.encode(prompt)
     if not tokens:
         raise ApiError(400, "'prompt' is empty", "prompt", "invalid_value")
-    s = await router.session_for(tokens, hint, None)
+    s = await router.session_for(tokens, hint, None, mode)
     turn = await _open(router, s, tokens, params)
     base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": router.model}
     if stream:
@@ -344,11 +376,15 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ROUTER_KEY].status())
+    router = request.app[ROUTER_KEY]
+    await router.refresh_remote()
+    return web.json_response(router.status())
 
 
 async def status_page(request: web.Request) -> web.Response:
-    st = request.app[ROUTER_KEY].status()
+    router = request.app[ROUTER_KEY]
+    await router.refresh_remote()
+    st = router.status()
     try:
         render = importlib.import_module("mlxmoe.ui.status_page").render
     except (ImportError, AttributeError):
@@ -362,12 +398,15 @@ def minimal_page(st: dict) -> str:
                    f"<td>{e(p['state'])}</td><td>{e(str(p['reason'] or ''))}</td><td>{p['active_sessions']}</td></tr>"
                    for p in st["peers"])
     sess = "".join(f"<tr><td>{e(s['id'])}</td><td>{e(str(s['node']))}</td><td>{s['group']}</td>"
-                   f"<td>{s['margin']:.3f}</td><td>{s['turns']}</td><td>{s['tokens']}</td></tr>" for s in st["sessions"])
+                   f"<td>{e(s['mode'])}</td><td>{s['expert_group']}</td><td>{len(s['migrations'])}</td>"
+                   f"<td>{s['remote_calls']}</td><td>{s['margin']:.3f}</td><td>{s['turns']}</td><td>{s['tokens']}</td></tr>"
+                   for s in st["sessions"])
     return (f"<!doctype html><title>mlxmoe</title><h1>{e(st['model'])}</h1>"
             f"<p>manifest {e(st['manifest_hash'])}, up {st['uptime_s']:.0f}s, {e(json.dumps(st['counters']))}</p>"
             f"<h2>Nodes</h2><table border=1><tr><th>name</th><th>url</th><th>groups</th><th>state</th>"
             f"<th>reason</th><th>sessions</th></tr>{rows}</table>"
-            f"<h2>Sessions</h2><table border=1><tr><th>id</th><th>node</th><th>group</th><th>margin</th>"
+            f"<h2>Sessions</h2><table border=1><tr><th>id</th><th>node</th><th>group</th><th>mode</th>"
+            f"<th>expert group</th><th>migrations</th><th>remote calls</th><th>margin</th>"
             f"<th>turns</th><th>tokens</th></tr>{sess}</table>")
 
 

@@ -130,8 +130,17 @@ def _run(coro) -> None:
                    "see configs/cluster.example.toml.")
 @click.option("--mdns/--no-mdns", default=True, show_default=True, help="Find nodes with Bonjour.")
 @click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)
+@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "race"]), default=None,
+              help="Default routing mode for chats that name none (a request may pick its own with "
+                   "\"mlxmoe\": {\"mode\": ...} or the X-Mlxmoe-Mode header). pin: decode locally on the placed Mac "
+                   "(default); soft/hard: re-score at turn boundaries and switch the expert group (soft: remote calls) "
+                   "or move the chat (hard); onehop: per layer the best group, local or one remote Mac; race: 2-3 "
+                   "Macs start the answer, the most confident one keeps it. Also settable as [router] mode in --peers.")
+@click.option("--race-tokens", type=click.IntRange(1, 256), default=None, help="Tokens each race candidate generates (default 8).")
+@click.option("--migrate-every", type=click.IntRange(0), default=None,
+              help="soft/hard: also re-score every N generated tokens (default 0: turn boundaries only).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, verbose):
+def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every, verbose):
     """Run the router: an OpenAI-compatible API for the whole cluster.
 
     Loads only the trunk and tokenizer of BUNDLE (to score which expert group
@@ -144,16 +153,20 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, verbose
     _setup_logging(verbose)
     key = _key(key_file)
     from .discovery import load_static_peers
+    from .router import Mobility, Router, load_router_config
     try:
         static = load_static_peers(peers_file) if peers_file else []
+        conf = load_router_config(peers_file) if peers_file else {}
+        flags = {"mode": mode, "race_tokens": race_tokens, "check_every": migrate_every}
+        mobility = Mobility.from_dict({**conf, **{k: v for k, v in flags.items() if v is not None}})
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     from .api import serve_router
-    from .router import Router
 
     def load():  # runs on the router's MLX thread
         from mlxmoe.runtime.trunk import TrunkFrontend
         return TrunkFrontend.load(bundle)
 
-    router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface)
+    router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
+                    mobility=mobility)
     _run(serve_router(router, host, port))

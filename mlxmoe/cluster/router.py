@@ -14,6 +14,24 @@ messages before the last user turn (registered after each completed turn).
 Failover: when the node fails mid-stream, the turn continues on the next
 candidate from the transcript (prompt + tokens already sent), with the
 remaining max_tokens, so the client sees every token exactly once.
+
+Modes (per session, chosen per request or by the router's default):
+  pin     decode on the placed node, strictly local (the default)
+  soft    pin; at turn boundaries (and every `check_every` tokens) S(g) is
+          re-scored on the transcript; a group that beats the current one by
+          `margin` for `checks` consecutive checks becomes the session's
+          expert group: the node keeps trunk and KV and calls that group's
+          node for every MoE layer (routing="group")
+  hard    the same rule, but the session's KV moves to a node of the winning
+          group (export -> import -> re-pin -> close the old copy) while the
+          session is young (<= `hard_max_tokens`); otherwise as soft. A move
+          that fails midway leaves the session where it was (or, if the old
+          node died, rebuilds it from the transcript on the new one)
+  onehop  pin; the node picks, per MoE layer and token, the group with the
+          most top-k mass (routing="onehop", peers = one live node per group)
+  race    2-3 nodes of the best-scoring groups each generate `race_tokens`
+          tokens of the first answer; the best mean log-prob is pinned, its
+          tokens streamed, the others' sessions closed
 """
 
 from __future__ import annotations
@@ -35,6 +53,67 @@ from .errors import RpcError
 from .worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.router")
+
+
+MODES = ("pin", "soft", "hard", "onehop", "race")
+
+
+@dataclass
+class Mobility:
+    """Router settings for the modes above (`[router]` in the --peers TOML)."""
+
+    mode: str = "pin"  # default for requests that name none
+    margin: float = 0.05  # S(challenger) - S(current) needed to count a check
+    checks: int = 2  # consecutive winning checks before a switch (debounce)
+    check_every: int = 0  # also re-score every N generated tokens (0: turn boundaries only)
+    hard_max_tokens: int = 2048  # move the KV only while the session holds at most this many tokens
+    race_tokens: int = 8
+    race_candidates: int = 3
+    migrate_timeout: float = 30.0  # seconds for one export or import
+
+    LIMITS = {"margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20),
+              "hard_max_tokens": (0, 1 << 24), "race_tokens": (1, 256), "race_candidates": (2, 3),
+              "migrate_timeout": (0.1, 3600.0)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "router") -> "Mobility":
+        """Validated settings; a bad value raises ValueError naming the field."""
+        out = cls()
+        for k, v in d.items():
+            if k not in cls.__dataclass_fields__:
+                raise ValueError(f"{where}.{k}: unknown setting (known: {', '.join(cls.__dataclass_fields__)})")
+            if k == "mode":
+                if v not in MODES:
+                    raise ValueError(f"{where}.mode: must be one of {', '.join(MODES)}, got {v!r}")
+            else:
+                kind = float if isinstance(getattr(out, k), float) else int
+                lo, hi = cls.LIMITS[k]
+                ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+                if not ok or not lo <= v <= hi:
+                    raise ValueError(f"{where}.{k}: must be {'a number' if kind is float else 'an integer'} "
+                                     f"in {lo}..{hi}, got {v!r}")
+                v = kind(v)
+            setattr(out, k, v)
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def load_router_config(path: str) -> dict:
+    """The `[router]` table of the --peers TOML file ({} if none)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"config file {path}: {e}") from None
+    table = data.get("router", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"config file {path}: [router] must be a table")
+    Mobility.from_dict(table, f"{path}: router")  # validate now, with the file's name
+    return table
 
 
 class Rejected(Exception):
@@ -60,11 +139,30 @@ class Session:
     ephemeral: bool = False
     keys: list[str] = field(default_factory=list)  # hints and prefix hashes that lead here
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    mode: str = "pin"
+    expert_group: int | None = None  # soft migration: the group computing every MoE layer's experts
+    context: list[int] = field(default_factory=list)  # last turn's prompt + reply
+    streak: tuple = (None, 0)  # (challenger group, consecutive checks it won)
+    last_check: dict | None = None
+    migrations: list[dict] = field(default_factory=list)
+    race: dict | None = None
+    remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes"}
+
+    @property
+    def routing(self) -> str:
+        if self.mode == "onehop":
+            return "onehop"
+        return "group" if self.expert_group is not None and self.expert_group != self.group else "local"
 
     def status(self) -> dict:
         return {"id": self.id, "node": self.peer, "group": self.group,
                 "scores": {str(g): s for g, s in self.scores.items()}, "margin": self.margin,
-                "mode": "pinned", "turns": self.turns, "tokens": self.tokens,
+                "mode": self.mode, "routing": self.routing,
+                "expert_group": self.group if self.expert_group is None else self.expert_group,
+                "migrations": list(self.migrations), "last_check": self.last_check, "race": self.race,
+                "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
+                "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
+                "turns": self.turns, "tokens": self.tokens,
                 "created": self.created, "last_used": self.last_used}
 
 
@@ -94,7 +192,7 @@ class Router:
                  static_peers: list[str] = (), mdns: bool = True,
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
                  first_token_timeout: float = 300.0, tie_margin: float = 0.02, session_ttl: float = 1800.0,
-                 max_failovers: int = 3):
+                 max_failovers: int = 3, mobility: Mobility | dict | None = None):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
@@ -107,10 +205,11 @@ class Router:
         self.probe_interval, self.token_timeout = probe_interval, token_timeout
         self.first_token_timeout, self.tie_margin = first_token_timeout, tie_margin
         self.session_ttl, self.max_failovers = session_ttl, max_failovers
+        self.mob = mobility if isinstance(mobility, Mobility) else Mobility.from_dict(mobility or {})
         self.sessions: dict[str, Session] = {}
         self.index: dict[str, str] = {}  # hint / prefix hash -> session id
         self.last_placement: dict | None = None
-        self.counters = {"requests": 0, "failovers": 0, "rejected": 0}
+        self.counters = {"requests": 0, "failovers": 0, "rejected": 0, "migrations": 0, "races": 0}
         self.tokens_streamed = 0
         self.started = time.time()
         self.worker = EngineWorker("mlxmoe-frontend")
@@ -178,6 +277,28 @@ class Router:
                 self.peers.mark_down(p, f"info probe failed: {e.message}")  # keep an earlier, better reason
             return
         self.peers.from_info(p, info)
+        self._harvest(p, info)
+
+    def _harvest(self, p: Peer, info: dict) -> None:
+        """Per-session remote-call counters from a node's info (mode != pin)."""
+        stats = info.get("session_stats", info.get("sessions"))
+        if not isinstance(stats, dict):
+            return
+        for sid, st in stats.items():
+            s = self.sessions.get(sid)
+            if s is not None and isinstance(st, dict):
+                s.remote[p.name] = {k: st.get(k) for k in ("routing", "remote_calls", "remote_bytes")}
+
+    async def refresh_remote(self, timeout: float = 2.0) -> None:
+        """Fresh remote-call counts for the status page: probe the nodes that
+        hold sessions routed beyond themselves."""
+        names = {s.peer for s in self.sessions.values() if s.routing != "local" or s.remote}
+        peers = [p for p in self.peers.live() if p.name in names]
+        if peers:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self.probe(p) for p in peers)), timeout)
+            except asyncio.TimeoutError:
+                pass
 
     async def probe_all(self) -> None:
         now = time.time()
@@ -253,8 +374,9 @@ class Router:
         return await self.worker.call(self.frontend.encode, text)
 
     async def session_for(self, tokens: list[int], hint: str | None = None,
-                          messages: list[dict] | None = None) -> Session:
-        """The existing session this request continues, or a new one placed now."""
+                          messages: list[dict] | None = None, mode: str | None = None) -> Session:
+        """The existing session this request continues, or a new one placed now.
+        `mode` (None: the session's own, or the router's default for a new one)."""
         sid = None
         if hint:
             sid = hint if hint in self.sessions else self.index.get("h:" + hint)
@@ -263,10 +385,16 @@ class Router:
             if head is not None:
                 sid = self.index.get(prefix_key(head))
         if sid is not None and sid in self.sessions:
-            return self.sessions[sid]
+            s = self.sessions[sid]
+            if mode is not None and mode != s.mode:
+                s.mode = mode
+                if mode not in ("soft", "hard"):
+                    s.expert_group, s.streak = None, (None, 0)  # decode local again
+            return s
         sc, ms = await self._score(tokens)
         s = Session(id="s-" + os.urandom(8).hex(), scores=dict(sc.scores), ranked=list(sc.ranked),
-                    margin=float(sc.margin), ephemeral=hint is None and messages is None)
+                    margin=float(sc.margin), ephemeral=hint is None and messages is None,
+                    mode=mode or self.mob.mode)
         if hint:
             s.keys.append("h:" + hint)
             self.index["h:" + hint] = s.id
@@ -289,14 +417,160 @@ class Router:
         await s.lock.acquire()
         turn = Turn(self, s, prompt, params)
         try:
-            await turn.connect(first=True)
+            if s.turns > 0 and s.mode in ("soft", "hard"):
+                await self.recheck(s, prompt, "turn")
+            if s.mode == "race" and s.turns == 0 and s.peer is None:
+                await turn.race()
+            if not turn.done:
+                await turn.connect(first=True)
         except BaseException:
             s.lock.release()
             raise
         return turn
 
+    # ---------------------------------------------------------------- mobility
+    def group_urls(self, skip: Peer | None = None) -> dict[str, str]:
+        """str(group) -> URL of the least loaded live node serving it (not `skip`)."""
+        out: dict[str, tuple] = {}
+        now = time.time()
+        for p in self.peers.live():
+            if skip is not None and p.name == skip.name:
+                continue
+            rank = (self._busy_until.get(p.name, 0) > now, p.load)
+            for g in p.groups:
+                if str(g) not in out or rank < out[str(g)][0]:
+                    out[str(g)] = (rank, p.url)
+        return {g: v[1] for g, v in sorted(out.items())}
+
+    def node_params(self, s: Session, p: Peer, params: dict) -> dict:
+        """Generate params for `s` on `p`: the mode's routing fields (none for
+        strictly local decode, so nodes without remote calls still serve pin)."""
+        if s.mode == "onehop":
+            return {**params, "routing": "onehop", "peers": self.group_urls(skip=p)}
+        eg = s.expert_group
+        if eg is not None and eg not in p.groups:
+            url = self.group_urls(skip=p).get(str(eg))
+            if url is not None:
+                return {**params, "routing": "group", "expert_group": eg, "peers": {str(eg): url}}
+            log.warning("session %s: no live node serves expert group %s; decoding locally", s.id, eg)
+        return params
+
+    async def recheck(self, s: Session, tokens: list[int], at: str) -> bool:
+        """Re-score, and migrate if due. True if the session moved."""
+        target = await self.decide(s, tokens, at)
+        return target is not None and await self.migrate(s, target, at)
+
+    async def decide(self, s: Session, tokens: list[int], at: str) -> int | None:
+        """Re-score S(g) on the transcript; the group to migrate to once a
+        challenger has won `checks` consecutive checks by `margin`, else None."""
+        try:
+            sc, ms = await self._score(tokens)
+        except Exception as e:  # scoring must never cost the turn
+            log.warning("session %s: re-scoring failed: %s", s.id, e)
+            return None
+        scores = dict(sc.scores)
+        s.scores, s.ranked, s.margin = scores, list(sc.ranked), float(sc.margin)
+        current = s.group if s.expert_group is None else s.expert_group
+        best = sc.ranked[0]
+        lead = scores[best] - scores.get(current, 0.0)
+        if best != current and lead >= self.mob.margin:
+            s.streak = (best, s.streak[1] + 1 if s.streak[0] == best else 1)
+        else:
+            s.streak = (None, 0)
+        s.last_check = {"at": at, "tokens": len(tokens), "current": current, "best": best,
+                        "lead": round(lead, 4), "streak": s.streak[1], "ms": round(ms, 1)}
+        if s.streak[1] < self.mob.checks:
+            return None
+        s.streak = (None, 0)
+        return best
+
+    async def migrate(self, s: Session, target: int, at: str = "manual") -> bool:
+        """Make `target` the group that computes the session's experts: hard
+        (move the KV) when the mode and size allow, else soft. True if done."""
+        rec = {"at": at, "turn": s.turns, "from": s.group if s.expert_group is None else s.expert_group,
+               "to": target, "node_from": s.peer, "time": time.time()}
+        t0 = time.perf_counter()
+        if s.mode == "hard" and len(s.context) <= self.mob.hard_max_tokens and target != s.group:
+            ok = await self._hard(s, target, rec)
+        elif s.mode == "hard" and target != s.group:
+            rec["note"] = f"{len(s.context)} tokens > hard_max_tokens {self.mob.hard_max_tokens}: soft instead"
+            ok = False
+        else:
+            ok = False
+        if not ok:
+            ok = self._soft(s, target, rec)
+        rec.update(ok=ok, ms=round((time.perf_counter() - t0) * 1e3, 1), node_to=s.peer)
+        s.migrations.append(rec)
+        if ok:
+            self.counters["migrations"] += 1
+            log.info("session %s: %s migration to group %d (%s)", s.id, rec["kind"], target, at)
+        return ok
+
+    def _soft(self, s: Session, target: int, rec: dict) -> bool:
+        rec["kind"] = "soft"
+        if target == s.group:
+            s.expert_group = None  # back home: local again
+            return True
+        p = self.peers.peers.get(s.peer) if s.peer else None
+        if target not in {int(g) for g in self.group_urls(skip=p)}:
+            rec["error"] = f"no live node serves group {target}"
+            return False
+        s.expert_group = target
+        return True
+
+    async def _hard(self, s: Session, target: int, rec: dict) -> bool:
+        """export (old node) -> import (new node) -> re-pin -> close the old
+        copy. Nothing is lost on failure: the session stays pinned where it
+        was, or, if the old node is gone, is rebuilt on the new one from the
+        transcript the next turn carries."""
+        rec["kind"] = "hard"
+        now = time.time()
+        src = self.peers.peers.get(s.peer) if s.peer else None
+        dests = sorted((p for p in self.peers.live() if target in p.groups and p.name != s.peer),
+                       key=lambda p: (self._busy_until.get(p.name, 0) > now, p.load))
+        if src is None or not dests:
+            rec["error"] = f"no live node serves group {target}" if not dests else "session not placed yet"
+            return False
+        dst, t = dests[0], self.mob.migrate_timeout
+        try:
+            state = await self.client(src).call("export_session", {"session": s.id}, timeout=t)
+        except RpcError as e:
+            if e.code not in ("unreachable", "disconnected", "timeout"):
+                rec["error"] = f"export from {src.name} failed: {e.message}"
+                return False
+            self.peers.mark_down(src, e.message)
+            state = None  # the old node is gone: rebuild from the transcript on the new one
+            rec["rebuilt"] = True
+        if state is not None:
+            try:
+                await self.client(dst).call("import_session", {"state": state}, timeout=t)
+            except RpcError as e:
+                rec["error"] = f"import into {dst.name} failed: {e.message}"
+                if e.code in ("unreachable", "disconnected", "timeout"):
+                    self.peers.mark_down(dst, e.message)
+                self._spawn(self._close_on_node(s.id, dst.name))  # a half-imported copy, if any
+                return False
+            rec["state_tokens"] = len(state.get("tokens") or [])
+        old = s.peer
+        s.peer, s.group, s.expert_group = dst.name, target, None
+        dst.active_sessions += 1
+        if state is not None:
+            self._spawn(self._close_on_node(s.id, old))
+        return True
+
+    def race_candidates(self, s: Session) -> list[Peer]:
+        """The best live node of each of the best-scoring groups (distinct groups)."""
+        out, seen = [], set()
+        for p in self.candidates(s):
+            g = self.group_for(s, p)
+            if g not in seen and len(out) < self.mob.race_candidates:
+                seen.add(g)
+                out.append(p)
+        return out
+
     def headers(self, s: Session) -> dict:
         return {"X-MLXMoE-Session": s.id, "X-MLXMoE-Node": s.peer or "", "X-MLXMoE-Group": str(s.group),
+                "X-MLXMoE-Mode": s.mode,
                 "X-MLXMoE-Margin": f"{s.margin:.4f}",
                 "X-MLXMoE-Scores": json.dumps({str(g): round(v, 4) for g, v in s.scores.items()})}
 
@@ -306,7 +580,8 @@ class Router:
                 "peers": self.peers.status(),
                 "sessions": [s.status() for s in sorted(self.sessions.values(), key=lambda s: s.created)
                              if not s.ephemeral],
-                "last_placement": self.last_placement, "counters": dict(self.counters)}
+                "last_placement": self.last_placement, "counters": dict(self.counters),
+                "mobility": self.mob.to_dict(), "traffic": self.traffic()}
 
     def traffic(self) -> dict:
         return {"bytes_out": sum(c.bytes_out for c in self.clients.values()),
@@ -325,9 +600,14 @@ class Turn:
         self.failovers = 0
         self._frames: AsyncIterator[dict] | None = None
         self._first: dict | None = None
+        self._queued: list[dict] = []  # race winner's frames, already in `generated`
         self._closed = False
 
-    async def connect(self, first: bool = False) -> None:
+    @property
+    def done(self) -> bool:
+        return len(self.generated) >= self.params["max_tokens"] or self.finish_reason == "stop"
+
+    async def connect(self, first: bool = False, migrated: bool = False) -> None:
         r, s = self.r, self.s
         remaining = self.params["max_tokens"] - len(self.generated)
         params = {**self.params, "max_tokens": remaining}
@@ -335,7 +615,7 @@ class Turn:
         retry_after, last_err = None, None
         for p in r.candidates(s, self.tried):
             self.tried.add(p.name)
-            frames = r.client(p).generate(s.id, prompt, params, token_timeout=r.token_timeout)
+            frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
             try:
                 first_frame = await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
             except StopAsyncIteration:
@@ -357,7 +637,7 @@ class Turn:
                     continue
                 raise  # the request itself is bad (e.g. context overflow): same on every node
             moved = s.peer is not None and s.peer != p.name
-            if moved or not first:
+            if (moved or not first) and not (migrated and not moved):
                 self.failovers += 1
                 r.counters["failovers"] += 1
                 log.warning("session %s moved from %s to %s (%s)", s.id, s.peer, p.name,
@@ -377,10 +657,71 @@ class Turn:
                        + (f" (last error: {last_err.message})" if last_err else
                           ": start `mlxmoe node` on your Macs (or list them in --peers)"), 5)
 
+    async def race(self) -> None:
+        """Race placement: the best node of each of the top groups generates
+        K tokens; the best mean log-prob is pinned, the others closed."""
+        r, s = self.r, self.s
+        cands = r.race_candidates(s)
+        if len(cands) < 2:
+            return  # nothing to race: plain placement
+        k = min(r.mob.race_tokens, self.params["max_tokens"])
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*(self._race_one(p, {**self.params, "max_tokens": k}) for p in cands))
+        means = [sum(f["logprob"] for f in toks) / len(toks) if toks else None for toks, _ in runs]
+        ok = [i for i, m in enumerate(means) if m is not None]
+        for i, p in enumerate(cands):
+            if not ok or i != max(ok, key=lambda j: means[j]):
+                r._spawn(r._close_on_node(s.id, p.name))  # losers (and failed runs) drop their caches
+        if not ok:
+            return  # every run failed: plain placement tries the next nodes
+        w = max(ok, key=lambda j: means[j])  # first (best-scored) wins a tie
+        win, (toks, end) = cands[w], runs[w]
+        s.peer, s.group = win.name, r.group_for(s, win)
+        win.active_sessions += 1
+        s.race = {"winner": s.group, "node": win.name, "tokens": k, "ms": round((time.perf_counter() - t0) * 1e3, 1),
+                  "mean_logprob": {str(r.group_for(s, p)): None if m is None else round(m, 4)
+                                   for p, m in zip(cands, means)}}
+        r.counters["races"] += 1
+        self._queued = toks
+        self.generated = [int(f["token"]) for f in toks]
+        self.finish_reason = end or toks[-1].get("finish_reason")
+        if self.finish_reason == "length" and len(self.generated) < self.params["max_tokens"]:
+            self.finish_reason = None  # only the race's K tokens ran out: the answer goes on
+
+    async def _race_one(self, p: Peer, params: dict) -> tuple[list[dict], str | None]:
+        """(token frames, finish reason) of K tokens from `p`; ([], None) if it failed."""
+        r, toks = self.r, []
+        frames = r.client(p).generate(self.s.id, self.prompt, r.node_params(self.s, p, params),
+                                      token_timeout=r.token_timeout)
+        try:
+            async with asyncio.timeout(r.first_token_timeout):
+                async for f in frames:
+                    if f["t"] == "end":
+                        return toks, f.get("finish_reason")
+                    toks.append(f)
+        except (RpcError, TimeoutError) as e:
+            log.warning("race: node %s failed: %s", p.name, e)
+            if isinstance(e, RpcError) and e.status in (429, 503):
+                r._busy_until[p.name] = time.time() + (e.retry_after or 2)
+            elif not isinstance(e, RpcError) or e.code in ("unreachable", "disconnected", "timeout"):
+                r.peers.mark_down(p, str(e) or "race timed out")
+        finally:
+            await frames.aclose()
+        return [], None
+
     async def events(self) -> AsyncIterator[dict]:
         """Token frames {"token","text","logprob","finish_reason"} across failovers."""
         try:
+            for f in self._queued:  # race winner: already counted in `generated`
+                self.r.tokens_streamed += 1
+                yield f
+            self._queued = []
             while True:
+                if self._frames is None and self._first is None:
+                    if self.done:
+                        self.finish_reason = self.finish_reason or "length"
+                        return
+                    await self.connect()
                 try:
                     async for f in self._iter():
                         if f["t"] == "end":
@@ -390,7 +731,10 @@ class Turn:
                         self.r.tokens_streamed += 1
                         self.finish_reason = f.get("finish_reason")
                         yield f
-                    return
+                        if await self._maybe_recheck():
+                            break  # reconnect with the new routing (the cache prefix is reused)
+                    else:
+                        return
                 except RpcError as e:
                     if not e.retryable or self.failovers >= self.r.max_failovers:
                         raise
@@ -409,6 +753,28 @@ class Turn:
                                        f"other node could continue: {rej.message}") from None
         finally:
             await self.close()
+
+    async def _maybe_recheck(self) -> bool:
+        """Every `check_every` tokens (soft/hard): re-score; if the session
+        migrated, close this stream so the caller reconnects."""
+        r, s, n = self.r, self.s, len(self.generated)
+        if not r.mob.check_every or s.mode not in ("soft", "hard") or n % r.mob.check_every or self.finish_reason:
+            return False
+        s.context = self.prompt + self.generated
+        target = await r.decide(s, s.context, f"token {n}")
+        if target is None:
+            return False
+        await self._close_frames()  # the node stops this stream before its session is exported
+        if s.mode == "hard":
+            await asyncio.sleep(0.2)  # let the node finish the cancelled stream (its cache and tokens agree)
+        await r.migrate(s, target, f"token {n}")  # if it fails, the session goes on as it was
+        self.tried.clear()
+        try:
+            await self.connect(migrated=True)
+        except Rejected as rej:
+            raise RpcError(503, "migration_failed", f"session moved to group {s.group} but no node could "
+                           f"continue it: {rej.message}") from None
+        return True
 
     async def _iter(self) -> AsyncIterator[dict]:
         if self._first is not None:
@@ -435,6 +801,7 @@ class Turn:
         s = self.s
         s.turns += 1
         s.tokens = len(self.prompt) + len(self.generated)
+        s.context = self.prompt + self.generated
         s.last_used = time.time()
         if s.lock.locked():
             s.lock.release()
