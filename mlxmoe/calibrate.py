@@ -23,7 +23,7 @@ import numpy as np
 
 from . import grouping as gr
 from .errors import MlxMoeError
-from .manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
+from .manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
 
 SUITES = Path(__file__).parent / "assets" / "suites"
 MAX_TOKENS = 1024  # per passage: longer ones are cut (teacher forcing, one forward each)
@@ -276,8 +276,7 @@ def _all_experts(bundle: Path, m: Manifest) -> dict:
         l = int(name.split(".")[2])
         ids = [e for _, g in parts for e in m.group_experts(l, g)]
         stacked = mx.concatenate([w[name] for w, _ in parts], axis=0)
-        order = np.argsort(ids)  # row of global expert e
-        out[name] = (l, stacked[mx.array(order)])
+        out[name] = (l, stacked[mx.array(first_rows(ids))])  # row e = global expert e
     return out
 
 
@@ -305,12 +304,14 @@ def expert_bytes(m: Manifest) -> float:
     """Bytes of one routed expert at one layer (from the group files' sizes)."""
     groups = [n for n, f in m.files.items() if f["role"] == "group"]
     total = sum(m.files[n]["size"] for n in groups)
-    return total / (m.n_experts * len(m.moe_layers))
+    rows = sum(len(m.group_experts(l, g)) for l in m.moe_layers for g in range(m.n_groups))  # overlap repeats rows
+    return total / rows
 
 
 def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay_bytes: int | None = None,
               rule: str = "mass", strategy: str | None = None, source: str | None = None, out=None,
-              n_groups: int | None = None, super_check: bool = True, progress_mode: str = "quiet") -> dict:
+              n_groups: int | None = None, super_check: bool = True, progress_mode: str = "quiet",
+              set_size: int | None = None) -> dict:
     from .runtime.load import load_bundle, load_tokenizer
     from .ui.progress import progress
 
@@ -318,8 +319,8 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
     out = Path(out) if out else bundle
     if rule not in gr.OVERLAY_RULES:
         raise MlxMoeError(f"--overlay-rule {rule!r}: choose from {', '.join(gr.OVERLAY_RULES)}")
-    if strategy is not None and strategy not in gr.STRATEGIES:
-        raise MlxMoeError(f"--grouping {strategy!r}: choose from {', '.join(gr.STRATEGIES)}")
+    if strategy is not None and strategy not in gr.STRATEGIES + gr.SET_STRATEGIES:
+        raise MlxMoeError(f"--grouping {strategy!r}: choose from {', '.join(gr.STRATEGIES + gr.SET_STRATEGIES)}")
     names, passages = load_suites(suites, "calibration")
     loaded = load_bundle(bundle)
     m = loaded.manifest
@@ -335,8 +336,12 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
         overlay_per_layer = max(len(v) for v in sup["experts"].values()) if sup["experts"] else 0
     ov = gr.overlay(stats, overlay_per_layer, rule)
     groups = n_groups or m.n_groups
-    gmap = gr.grouping(strategy, groups, m.moe_layers, m.n_experts, stats, ov) if strategy else \
-        _keep_grouping(m, groups, ov)
+    if strategy in gr.SET_STRATEGIES:
+        gmap = gr.set_grouping(stats, groups, set_size or gr.default_set_size(m.n_experts, groups))
+    elif strategy:
+        gmap = gr.grouping(strategy, groups, m.moe_layers, m.n_experts, stats, ov)
+    else:
+        gmap = _keep_grouping(m, groups, ov)
     share = stats.balanced("mass") / np.maximum(stats.balanced("topk_mass")[:, None], 1e-12)
     calib = {
         "suites": names, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -388,14 +393,17 @@ def parse_size(s: str) -> int:
 @click.option("--overlay-bytes", help="Overlay budget per node, e.g. 2GB (sets experts per layer).")
 @click.option("--overlay-rule", type=click.Choice(gr.OVERLAY_RULES), default="mass", show_default=True,
               help="mass: experts with the most router probability; breadth: experts every domain uses.")
-@click.option("--grouping", "strategy", type=click.Choice(gr.STRATEGIES), help="Also regroup the experts (default: keep the bundle's grouping).")
+@click.option("--grouping", "strategy", type=click.Choice(gr.STRATEGIES + gr.SET_STRATEGIES),
+              help="Also regroup the experts (default: keep the bundle's grouping). domain-sets: overlapping "
+                   "per-node sets by domain (the best measured on the reference model, docs/QUALITY.md).")
+@click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
 @click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
 @click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
 @click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, n_groups, source, out,
-                  no_super_check, as_json):
+def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, n_groups, source,
+                  out, no_super_check, as_json):
     """Measure gate statistics on a prompt suite and write an overlay (and,
     with --grouping, a grouping) into BUNDLE.
 
@@ -406,7 +414,7 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     size = parse_size(overlay_bytes) if overlay_bytes else None
     try:
         r = calibrate(bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
-                      not no_super_check, "json" if as_json else "bar")
+                      not no_super_check, "json" if as_json else "bar", set_size)
     except MlxMoeError as e:
         raise click.ClickException(str(e))
     if as_json:

@@ -11,6 +11,9 @@ Strategies (per layer, N balanced groups):
                 for the same token (domain-balanced co-selection counts)
 - domain:       maximise, within groups, the similarity of experts' per-domain
                 usage profiles (groups specialise by domain)
+- domain-sets:  overlapping per-node sets ("overlap": true in the manifest):
+                the suite's domains are clustered into N clusters by expert
+                usage; node c holds the experts its cluster uses most
 Overlays (per layer, n experts): by gate mass, or by cross-domain breadth
 (experts every domain uses), super experts always first.
 """
@@ -25,6 +28,7 @@ from .errors import MlxMoeError
 from .manifest import contiguous
 
 STRATEGIES = ("contiguous", "mod", "coactivation", "domain")
+SET_STRATEGIES = ("domain-sets",)  # overlapping groups
 OVERLAY_RULES = ("mass", "breadth")
 
 
@@ -184,8 +188,7 @@ def overlay_for_bytes(budget: int, expert_bytes: int, n_layers: int) -> int:
 def domain_sets(stats: Stats, clusters: list[list[str]], size) -> list[dict]:
     """Overlapping per-node sets (not a partition): node c holds, per layer, the
     `size` (an int, or {layer: int}) experts its domain cluster uses most; every expert lands somewhere
-    (an expert no node took replaces the node's least-used one). Eval-only:
-    a manifest expresses a partition + one shared overlay, not this."""
+    (an expert no node took replaces the node's least-used one)."""
     share = stats.share()
     dom = {d: i for i, d in enumerate(stats.domains)}
     sets = [dict() for _ in clusters]
@@ -203,6 +206,26 @@ def domain_sets(stats: Stats, clusters: list[list[str]], size) -> list[dict]:
         for c, s in enumerate(chosen):
             sets[c][l] = sorted(int(x) for x in s)
     return sets
+
+
+def set_grouping(stats: Stats, n_groups: int, size: int) -> dict:
+    """Manifest grouping of overlapping domain sets of `size` experts per layer."""
+    if len(stats.domains) < n_groups:
+        raise MlxMoeError(f"domain-sets: {n_groups} groups need at least {n_groups} domains in the suite, "
+                          f"got {len(stats.domains)} ({', '.join(stats.domains)})")
+    if not stats.top_k <= size <= stats.n_experts:
+        raise MlxMoeError(f"--set-size {size}: must be between top_k={stats.top_k} and {stats.n_experts}")
+    if size * n_groups < stats.n_experts:
+        raise MlxMoeError(f"--set-size {size}: {n_groups} sets of {size} cannot hold all {stats.n_experts} experts")
+    clusters = cluster_domains(stats, n_groups)
+    sets = domain_sets(stats, clusters, size)
+    return {"strategy": "domain-sets", "overlap": True, "domains": clusters,
+            "layers": {str(l): [s[l] for s in sets] for l in stats.layers}}
+
+
+def default_set_size(n_experts: int, n_groups: int) -> int:
+    """1.5x a plain 1/N share of the experts (the budget docs/QUALITY.md measures)."""
+    return min(n_experts, -(-3 * n_experts // (2 * n_groups)))
 
 
 def cluster_domains(stats: Stats, n: int) -> list[list[str]]:

@@ -31,7 +31,7 @@ class Manifest:
     model: dict  # id, revision, model_type, config (normalized config.json)
     moe: dict  # MoEFacts as a dict
     n_groups: int
-    grouping: dict  # {"strategy": str, "layers": {layer(str): [[ids of group 0], ...]}}
+    grouping: dict  # {"strategy": str, "layers": {layer(str): [[ids of group 0], ...]}, "overlap"?: bool}
     overlay: dict  # {"source": str|None, "layers": {layer(str): [ids]}}
     quantization: dict  # {"trunk": {bits, group_size}|None, "experts": {...}|None, "kv_bits": int|None}
     files: dict = field(default_factory=dict)  # name -> {sha256, size, role, group?}
@@ -58,6 +58,12 @@ class Manifest:
 
     def group_experts(self, layer: int, g: int) -> list[int]:
         return list(self.grouping["layers"][str(layer)][g])
+
+    @property
+    def overlapping(self) -> bool:
+        """Groups may share experts (per-node sets that cover every expert,
+        e.g. domain-calibrated sets) instead of partitioning them."""
+        return bool(self.grouping.get("overlap", False))
 
     def overlay_experts(self, layer: int) -> list[int]:
         return list(self.overlay.get("layers", {}).get(str(layer), []))
@@ -124,7 +130,7 @@ class Manifest:
             groups = layers.get(str(layer))
             if not isinstance(groups, list) or len(groups) != self.n_groups:
                 raise ManifestError(f"{where}: grouping.layers[{layer}] must list {self.n_groups} groups")
-            check_partition(groups, n, f"{where}: grouping.layers[{layer}]")
+            check_partition(groups, n, f"{where}: grouping.layers[{layer}]", self.overlapping)
             ov = self.overlay_experts(layer)
             bad = [e for e in ov if not (isinstance(e, int) and 0 <= e < n)]
             if bad or len(set(ov)) != len(ov):
@@ -154,20 +160,33 @@ class Manifest:
                 raise BundleError(f"{p}: sha256 does not match {FILENAME}; the file is corrupt or from another split")
 
 
-def check_partition(groups, n: int, where: str):
+def check_partition(groups, n: int, where: str, overlap: bool = False):
+    """Every expert in exactly one group; with overlap=True in at least one."""
     seen: dict[int, int] = {}
     for g, ids in enumerate(groups):
         if not isinstance(ids, list) or not ids:
             raise ManifestError(f"{where}: group {g} must be a non-empty list of expert ids")
+        if len(set(ids)) != len(ids):
+            raise ManifestError(f"{where}: group {g} lists an expert twice")
         for e in ids:
             if not isinstance(e, int) or not 0 <= e < n:
                 raise ManifestError(f"{where}: group {g}: expert {e!r} does not exist (0..{n - 1})")
-            if e in seen:
-                raise ManifestError(f"{where}: expert {e} is in group {seen[e]} and group {g}")
-            seen[e] = g
+            if e in seen and not overlap:
+                raise ManifestError(f"{where}: expert {e} is in group {seen[e]} and group {g} "
+                                    f"(set \"overlap\": true for groups that share experts)")
+            seen.setdefault(e, g)
     if len(seen) != n:
         missing = sorted(set(range(n)) - set(seen))
         raise ManifestError(f"{where}: experts {missing[:10]} are in no group")
+
+
+def first_rows(ids: list[int]) -> list[int]:
+    """For rows holding experts `ids` (overlapping groups may repeat one), the
+    row of each distinct expert, in global expert order."""
+    first: dict[int, int] = {}
+    for row, e in enumerate(ids):
+        first.setdefault(e, row)
+    return [first[e] for e in sorted(first)]
 
 
 def contiguous(n_experts: int, n_groups: int) -> list[list[int]]:

@@ -222,14 +222,18 @@ def make_grouping(facts, n_groups: int, spec: dict | None, where="--grouping") -
         layers = {str(l): spec["groups"] for l in facts.moe_layers}
     if not isinstance(layers, dict):
         raise ManifestError(f"{where}: expected {{\"groups\": [[...], ...]}} or {{\"layers\": {{\"<layer>\": [[...], ...]}}}}")
+    overlap = spec.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise ManifestError(f"{where}: field 'overlap' must be true or false")
     out = {}
     for l in facts.moe_layers:
         groups = layers.get(str(l))
         if groups is None or len(groups) != n_groups:
             raise ManifestError(f"{where}: layer {l} needs exactly {n_groups} groups")
-        check_partition(groups, n, f"{where}: layer {l}")
+        check_partition(groups, n, f"{where}: layer {l}", overlap)
         out[str(l)] = [sorted(g) for g in groups]
-    return {"strategy": spec.get("strategy", "explicit"), "layers": out}
+    made = {"strategy": spec.get("strategy", "explicit"), "layers": out}
+    return {**made, "overlap": True} if overlap else made
 
 
 def make_overlay(facts, spec: dict | None, where="--overlay") -> dict:
@@ -340,7 +344,7 @@ def _check_complete(experts: Experts, facts, src):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--groups", "n_groups", type=int, required=True, help="Number of expert groups (one per Mac).")
 @click.option("--overlay", type=click.Path(dir_okay=False), help='JSON: experts every node holds, {"all": [ids]} or {"layers": {"<layer>": [ids]}}.')
-@click.option("--grouping", type=click.Path(dir_okay=False), help='JSON: explicit grouping, {"groups": [[ids], ...]} or {"layers": {"<layer>": [[ids], ...]}}. Default: contiguous ranges.')
+@click.option("--grouping", type=click.Path(dir_okay=False), help='JSON: explicit grouping, {"groups": [[ids], ...]} or {"layers": {"<layer>": [[ids], ...]}}; add "overlap": true for groups that share experts (every expert in at least one). Default: contiguous ranges.')
 @click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "16"]), default="4", show_default=True, help="Expert weight bits (16 = keep unquantized).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Quantization group size.")
 @click.option("--trunk-bits", type=click.Choice(["4", "5", "6", "8", "16"]), default="8", show_default=True, help="Trunk weight bits (16 = unquantized).")

@@ -94,6 +94,30 @@ def test_calibrate_from_source_resplits(src, tmp_path):
     np.testing.assert_allclose(logits(b, ids), logits(out, ids), atol=1e-5)
 
 
+def test_calibrate_domain_sets_overlapping_groups(src, tmp_path):
+    _, b, suite = src
+    out = tmp_path / "sets"
+    cal.calibrate(b, [str(suite)], strategy="domain-sets", set_size=5, out=out, super_check=False)
+    m = Manifest.load(out)
+    m.verify_files(out)
+    assert m.overlapping and m.grouping["strategy"] == "domain-sets" and m.calibration["grouping"] == "domain-sets"
+    for l in m.moe_layers:
+        sets = [m.group_experts(l, g) for g in range(m.n_groups)]
+        assert all(len(s) == 5 for s in sets) and set().union(*sets) == set(range(m.n_experts))
+    ids = load_tokenizer(out).encode(TEXTS["code"][0])
+    assert np.array_equal(logits(b, ids), logits(out, ids))  # the full model, deduplicated, is unchanged
+    full = load_bundle(out)
+    for g in range(m.n_groups):  # each node = the full model masked to its own (shared) set
+        full.set_eligible({l: m.eligible(g, l) for l in m.moe_layers})
+        np.testing.assert_allclose(np.array(full.model(mx.array([ids]))), logits(out, ids, g), atol=1e-4)
+    with pytest.raises(MlxMoeError, match="cannot hold all 8 experts"):
+        cal.calibrate(b, [str(suite)], strategy="domain-sets", set_size=3, out=tmp_path / "x", super_check=False)
+    d = m.to_dict()
+    d["grouping"].pop("overlap")  # shared experts without the flag: refused, naming the expert
+    with pytest.raises(MlxMoeError, match=r"is in group 0 and group 1 \(set \"overlap\": true"):
+        Manifest.from_dict(d)
+
+
 def test_calibrate_cli_json_and_errors(src, tmp_path):
     _, b, suite = src
     out = tmp_path / "c"

@@ -16,6 +16,7 @@ from mlxmoe.checkpoint import SafetensorsFile, open_source
 from mlxmoe.cli import main
 from mlxmoe.errors import CheckpointError, ManifestError, MlxMoeError
 from mlxmoe.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
+from mlxmoe.runtime.load import load_bundle
 from mlxmoe.split import split
 
 
@@ -182,6 +183,10 @@ def test_bad_inputs_are_refused_with_clear_errors(ckpt, tmp_path):
         split(str(src), tmp_path / "o2", 2, overlay={"all": [8]})
     with pytest.raises(ManifestError, match="expert 3 is in group 0 and group 1"):
         split(str(src), tmp_path / "o2", 2, grouping={"groups": [[0, 1, 2, 3], [3, 4, 5, 6, 7]]})
+    with pytest.raises(ManifestError, match="experts \\[7\\] are in no group"):
+        split(str(src), tmp_path / "o2", 2, grouping={"groups": [[0, 1, 2, 3], [3, 4, 5, 6]], "overlap": True})
+    with pytest.raises(ManifestError, match="field 'overlap' must be true or false"):
+        split(str(src), tmp_path / "o2", 2, grouping={"groups": [[0, 1, 2, 3], [4, 5, 6, 7]], "overlap": "yes"})
     unk = tmp_path / "unk"
     shutil.copytree(src, unk)
     c = json.loads((unk / "config.json").read_text())
@@ -191,6 +196,23 @@ def test_bad_inputs_are_refused_with_clear_errors(ckpt, tmp_path):
         split(str(unk), tmp_path / "o3", 2)
     assert _no_partial(tmp_path)
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+
+
+def test_overlapping_groups_split_and_load(ckpt, tmp_path):
+    """Groups that share experts: each group file holds its whole set, the
+    full model holds each expert once, a node equals the masked full model."""
+    src = ckpt("qwen3_moe")
+    out = tmp_path / "o"
+    m = split(str(src), out, 2, grouping={"groups": [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]], "overlap": True},
+              bits=None, trunk_bits=None)
+    assert m.overlapping and Manifest.load(out).eligible(1, m.moe_layers[0]) == [3, 4, 5, 6, 7]
+    full = load_bundle(out)
+    assert all(full.eligible(l) == list(range(8)) for l in m.moe_layers)
+    ids = mx.array([[1, 5, 9, 2, 7]])
+    split(str(src), tmp_path / "plain", 2, bits=None, trunk_bits=None)
+    np.testing.assert_array_equal(np.array(full.model(ids)), np.array(load_bundle(tmp_path / "plain").model(ids)))
+    full.set_eligible({l: m.eligible(1, l) for l in m.moe_layers})
+    np.testing.assert_allclose(np.array(load_bundle(out, 1).model(ids)), np.array(full.model(ids)), atol=1e-4)
 
 
 def test_failure_midway_leaves_no_output(ckpt, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..arch import Arch, get_arch
 from ..errors import BundleError
-from ..manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
+from ..manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
 from . import masked
 
 
@@ -84,8 +84,8 @@ def _expert_weights(d: Path, m: Manifest, arch: Arch, group) -> tuple[dict, dict
     for i, l in enumerate(m.moe_layers):
         ids = [e for _, ids in parts for e in ids[i]]
         # the full model keeps experts in global order, so that masks (eval) index it directly
-        order = sorted(range(len(ids)), key=ids.__getitem__) if group is None else None
-        local_ids[l] = sorted(ids) if group is None else ids
+        order = first_rows(ids) if group is None else None
+        local_ids[l] = sorted(set(ids)) if group is None else ids
         prefix = f"model.layers.{l}.{arch.block}.{arch.experts}."
         names = {n for w, _ in parts for n in w if n.startswith(prefix)}
         for n in names:

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import click
 
-REFERENCE = Path(__file__).resolve().parent.parent / "assets" / "reference-moe"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+REFERENCE = ASSETS / "reference-moe"
+# The best measured 3-group layout (docs/QUALITY.md): overlapping domain sets.
+GROUPINGS = {3: ASSETS / "groupings" / "reference-moe-g3-domain-sets29.json"}
 
 
 def free_port() -> int:
@@ -35,16 +38,18 @@ def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
     from ..split import split
 
     out = root / f"reference-{n_groups}g"
+    grouping = json.loads(GROUPINGS[n_groups].read_text()) if n_groups in GROUPINGS else None
+    strategy = grouping["strategy"] if grouping else "contiguous"
     try:
         m = Manifest.load(out)
         m.verify_files(out, check_hash=False)
-        if m.n_groups == n_groups:
+        if m.n_groups == n_groups and m.grouping.get("strategy") == strategy:
             return out
     except MlxMoeError:
         pass
     if not quiet:
         click.echo(f"splitting the bundled reference model into {n_groups} groups -> {out}", err=True)
-    split(str(REFERENCE), out, n_groups, bits=8, group_size=64, trunk_bits=8, kv_bits=8, force=True)
+    split(str(REFERENCE), out, n_groups, grouping=grouping, bits=8, group_size=64, trunk_bits=8, kv_bits=8, force=True)
     return out
 
 
