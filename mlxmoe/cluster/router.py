@@ -261,6 +261,13 @@ class Router:
         c.name = p.name
         return c
 
+    def peer(self, name: str | None) -> Peer | None:
+        """A peer by its name (static peers are keyed by URL until their info names them)."""
+        if name is None:
+            return None
+        p = self.peers.peers.get(name)
+        return p if p is not None else next((q for q in self.peers.peers.values() if q.name == name), None)
+
     def _on_mdns(self, name: str, rec: dict | None) -> None:
         self.peers.from_mdns(name, rec)
         p = self.peers.peers.get(name)
@@ -325,7 +332,7 @@ class Router:
             self._spawn(self._close_on_node(s.id, s.peer))
 
     async def _close_on_node(self, sid: str, peer_name: str | None) -> None:
-        p = self.peers.peers.get(peer_name) if peer_name else None
+        p = self.peer(peer_name)
         if p is not None and p.state == "up":
             try:
                 await self.client(p).call("close", {"session": sid}, timeout=10)
@@ -446,7 +453,8 @@ class Router:
         """Generate params for `s` on `p`: the mode's routing fields (none for
         strictly local decode, so nodes without remote calls still serve pin)."""
         if s.mode == "onehop":
-            return {**params, "routing": "onehop", "peers": self.group_urls(skip=p)}
+            peers = {g: u for g, u in self.group_urls(skip=p).items() if int(g) not in p.groups}
+            return {**params, "routing": "onehop", "peers": peers}
         eg = s.expert_group
         if eg is not None and eg not in p.groups:
             url = self.group_urls(skip=p).get(str(eg))
@@ -498,6 +506,8 @@ class Router:
         else:
             ok = False
         if not ok:
+            if "error" in rec:
+                rec["hard_error"] = rec.pop("error")
             ok = self._soft(s, target, rec)
         rec.update(ok=ok, ms=round((time.perf_counter() - t0) * 1e3, 1), node_to=s.peer)
         s.migrations.append(rec)
@@ -511,7 +521,7 @@ class Router:
         if target == s.group:
             s.expert_group = None  # back home: local again
             return True
-        p = self.peers.peers.get(s.peer) if s.peer else None
+        p = self.peer(s.peer)
         if target not in {int(g) for g in self.group_urls(skip=p)}:
             rec["error"] = f"no live node serves group {target}"
             return False
@@ -525,7 +535,7 @@ class Router:
         transcript the next turn carries."""
         rec["kind"] = "hard"
         now = time.time()
-        src = self.peers.peers.get(s.peer) if s.peer else None
+        src = self.peer(s.peer)
         dests = sorted((p for p in self.peers.live() if target in p.groups and p.name != s.peer),
                        key=lambda p: (self._busy_until.get(p.name, 0) > now, p.load))
         if src is None or not dests:
@@ -557,6 +567,18 @@ class Router:
         if state is not None:
             self._spawn(self._close_on_node(s.id, old))
         return True
+
+    async def peer_failed(self, s: Session, e: RpcError) -> None:
+        """The pinned node's remote-expert peer failed: find out which nodes
+        are gone, and decode locally rather than through that peer again."""
+        try:
+            await asyncio.wait_for(self.probe_all(), 3.0)
+        except asyncio.TimeoutError:
+            pass
+        if s.expert_group is not None:
+            s.migrations.append({"at": "peer failed", "turn": s.turns, "kind": "fallback", "from": s.expert_group,
+                                 "to": s.group, "ok": True, "error": e.message, "time": time.time()})
+            s.expert_group = None
 
     def race_candidates(self, s: Session) -> list[Peer]:
         """The best live node of each of the best-scoring groups (distinct groups)."""
@@ -598,6 +620,7 @@ class Turn:
         self.finish_reason: str | None = None
         self.tried: set[str] = set()
         self.failovers = 0
+        self.peer_retries = 0
         self._frames: AsyncIterator[dict] | None = None
         self._first: dict | None = None
         self._queued: list[dict] = []  # race winner's frames, already in `generated`
@@ -615,17 +638,12 @@ class Turn:
         retry_after, last_err = None, None
         for p in r.candidates(s, self.tried):
             self.tried.add(p.name)
-            frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
             try:
-                first_frame = await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
-            except StopAsyncIteration:
-                first_frame = None
+                frames, first_frame = await self._start(p, prompt, params)
             except asyncio.TimeoutError:
-                await frames.aclose()
                 r.peers.mark_down(p, f"no first token within {r.first_token_timeout:.0f}s")
                 continue
             except RpcError as e:
-                await frames.aclose()
                 last_err = e
                 if e.status in (429, 503):
                     r._busy_until[p.name] = time.time() + (e.retry_after or 2)
@@ -656,6 +674,25 @@ class Turn:
         raise Rejected(503, "no node is up to serve this conversation"
                        + (f" (last error: {last_err.message})" if last_err else
                           ": start `mlxmoe node` on your Macs (or list them in --peers)"), 5)
+
+    async def _start(self, p: Peer, prompt: list[int], params: dict) -> tuple[AsyncIterator[dict], dict | None]:
+        """Start generating on `p`: (frames, first frame or None). A failed
+        remote-expert peer gets one retry on the same node, routed without it."""
+        r, s = self.r, self.s
+        for attempt in range(2):
+            frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
+            try:
+                return frames, await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
+            except StopAsyncIteration:
+                return frames, None
+            except RpcError as e:
+                await frames.aclose()
+                if e.code != "peer_failed" or attempt:
+                    raise
+                await r.peer_failed(s, e)
+            except asyncio.TimeoutError:
+                await frames.aclose()
+                raise
 
     async def race(self) -> None:
         """Race placement: the best node of each of the top groups generates
@@ -736,18 +773,23 @@ class Turn:
                     else:
                         return
                 except RpcError as e:
-                    if not e.retryable or self.failovers >= self.r.max_failovers:
+                    if e.code == "peer_failed" and self.peer_retries < 2:
+                        self.peer_retries += 1  # the node is fine, a peer it called is not: same node, new routing
+                        await self.r.peer_failed(self.s, e)
+                        self.tried.discard(self.s.peer)
+                    elif not e.retryable or self.failovers >= self.r.max_failovers:
                         raise
                     if e.code in ("unreachable", "disconnected", "timeout"):
-                        p = self.r.peers.peers.get(self.s.peer)
+                        p = self.r.peer(self.s.peer)
                         if p is not None:
                             self.r.peers.mark_down(p, e.message)
+                    migrated = e.code == "peer_failed"
                     if len(self.generated) >= self.params["max_tokens"] or self.finish_reason:
                         self.finish_reason = self.finish_reason or "length"
                         return  # the node died after its last token: nothing left to do
                     await self._close_frames()
                     try:
-                        await self.connect()
+                        await self.connect(migrated=migrated)
                     except Rejected as rej:
                         raise RpcError(503, "failover_failed", f"node failed mid-stream ({e.message}) and no "
                                        f"other node could continue: {rej.message}") from None
