@@ -16,7 +16,7 @@ import click
 from .arch import get_arch, moe_facts, normalize_config
 from .errors import MlxMoeError
 
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "models"
+PRESETS = Path(__file__).resolve().parent / "assets" / "models"  # a link to configs/models: ships in the wheel
 GB = 1e9
 
 
