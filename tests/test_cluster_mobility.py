@@ -475,3 +475,41 @@ def test_real_race_continues_on_the_winner_like_a_pinned_session(bundle):
         h2, pinned = chat(client(c), msgs, max_tokens=10, extra_body={"user": "pinned"})
         assert h2["x-mlxmoe-group"] == str(st["group"])
         assert out.choices[0].message.content == pinned.choices[0].message.content
+
+
+@needs_remote_params
+def test_real_soft_and_hard_migration_continue_identically_and_onehop_counts_calls(bundle):
+    """Turn 2 after a switch to group 1: the soft-migrated session (KV stays on
+    node 0, every MoE layer's experts computed by node 1) and the hard-migrated
+    one (KV moved to node 1, decoded there) give the same greedy tokens. A
+    onehop session's remote calls show up in /status."""
+    with RealCluster(bundle, [0, 1, 2], mobility={"checks": 1}, probe_interval=60.0) as c:
+        outs = {}
+        for mode in ("soft", "hard"):
+            c.force = {0: 0.9, 1: 0.05, 2: 0.05}
+            cl = client(c, default_headers={"X-Session-Id": mode, "X-Mlxmoe-Mode": mode})
+            m1 = [{"role": "user", "content": "def add(a, b):"}]
+            _, o1 = chat(cl, m1, max_tokens=6)
+            c.force = {0: 0.1, 1: 0.8, 2: 0.1}
+            m2 = m1 + [{"role": "assistant", "content": o1.choices[0].message.content},
+                       {"role": "user", "content": "import os"}]
+            h, o2 = chat(cl, m2, max_tokens=8)
+            outs[mode] = (h, o1.choices[0].message.content, o2.choices[0].message.content)
+        (hs, s1, s2), (hh, h1, h2) = outs["soft"], outs["hard"]
+        assert s1 == h1 and s2 == h2
+        assert hs["x-mlxmoe-node"] == c.peer_name(0) and hh["x-mlxmoe-node"] == c.peer_name(1)
+        st = {s["id"]: s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"]}
+        soft = st[hs["x-mlxmoe-session"]]
+        assert soft["routing"] == "group" and soft["remote_calls"] > 0 and soft["remote_bytes"] > 0
+        assert st[hh["x-mlxmoe-session"]]["remote_calls"] == 0
+        c.force = None
+        h, _ = chat(client(c, default_headers={"X-Mlxmoe-Mode": "onehop"}), [{"role": "user", "content": "Der"}],
+                    max_tokens=4, extra_body={"user": "oh"})
+        oh = next(s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"] if s["id"] == h["x-mlxmoe-session"])
+        assert oh["mode"] == "onehop" and oh["routing"] == "onehop" and oh["remote_calls"] >= 0
+
+
+def urlopen(url: str) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=20) as r:
+        return r.read()
