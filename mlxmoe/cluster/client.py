@@ -73,6 +73,11 @@ class NodeClient:
                 raise self._err(0, "bad_response", f"malformed answer from {self.url}", False)
             return msg.get("body")
 
+    async def experts(self, layer: int, x: dict, timeout: float | None = 30.0) -> dict:
+        """Routed-expert output of MoE `layer` for hidden states x ({dtype,
+        shape, data}: runtime.remote.encode_tensor), as this node routes them."""
+        return (await self.call("experts", {"layer": layer, "x": x}, timeout))["y"]
+
     async def generate(self, session: str, prompt: list[int], params: dict,
                        token_timeout: float = 60.0) -> AsyncIterator[dict]:
         """Yield the node's frames ({"t": "tok"|"end"}). Raises RpcError for an

@@ -35,6 +35,8 @@ class RpcError(Exception):
 def classify(exc: BaseException) -> tuple[int, str]:
     """(HTTP status, error code) for an exception raised by an engine."""
     names = {c.__name__ for c in type(exc).__mro__}
+    if "PeerError" in names:  # a peer this node called (remote experts) failed: another placement may work
+        return 502, "peer_failed"
     if "AdmissionError" in names:
         return 503, "admission"
     if "ContextOverflow" in names:

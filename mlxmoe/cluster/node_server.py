@@ -1,6 +1,9 @@
 """A node's RPC server: exposes one Engine over the authenticated msgpack RPC.
 
-POST /rpc/<op>  with op in wire.OPS. `generate` answers with a stream of
+POST /rpc/<op>  with op in wire.OPS. `experts` (another node's remote
+routed-expert call, runtime/remote.py) runs through the engine's inbox, so it
+is served even while this node's engine thread waits on a peer itself.
+`generate` answers with a stream of
 msgpack frames (one per token, then an end frame, or an error frame if the
 engine fails midway). Errors found before the first token get a real HTTP
 status instead (503 + Retry-After when the engine's KV budget is full), so the
@@ -73,11 +76,17 @@ class NodeServer:
         self._last_load: dict | None = None
         self.refresher: asyncio.Task | None = None
         self._refreshing = False
+        self._attached = False
+        self._experts_spec: dict | None = None
 
     # ---- lifecycle
     async def init_identity(self) -> dict:
         if self.engine is None:
             self.engine = await self.worker.call(self.factory)
+        attach = getattr(self.engine, "attach_cluster", None)
+        if attach is not None and not self._attached:
+            attach(self.key)  # the engine signs its own calls to peers (remote experts)
+            self._attached = True
         if self.identity is None:
             info = await self.worker.call(self.engine.info)
             self.identity = engine_identity(self.engine, info)
@@ -233,6 +242,26 @@ class NodeServer:
         self.sessions.add(sid)
         self._changed()
         return {"session": sid}
+
+    async def _op_experts(self, body: dict) -> dict:
+        if not hasattr(self.engine, "experts"):
+            raise wire.WireError(501, "unsupported", "this node does not serve remote experts")
+        layer, x = body["layer"], body["x"]
+        spec = self._experts_spec or (await self.worker.call(self.engine.info)).get("experts_op") or {}
+        self._experts_spec = spec
+        layers = spec.get("layers", [])
+        if layer not in layers:
+            raise wire.WireError(400, "schema", f"field 'body.layer': {layer} is not a MoE layer of this model "
+                                                f"(MoE layers: {layers[:8]}{'...' if len(layers) > 8 else ''})", "body.layer")
+        if x["shape"][-1] != spec.get("hidden"):
+            raise wire.WireError(400, "schema", f"field 'body.x.shape': hidden size {x['shape'][-1]} does not match "
+                                                f"this model's {spec.get('hidden')}", "body.x.shape")
+        inbox = getattr(self.engine, "inbox", None)
+        if inbox is None:
+            return {"y": await self.worker.call(self.engine.experts, layer, x)}
+        fut = inbox.submit(lambda: self.engine.experts(layer, x))
+        self._kick = asyncio.ensure_future(self.worker.call(inbox.drain))  # serves it now if the engine is idle
+        return {"y": await asyncio.wrap_future(fut)}
 
     async def _generate(self, request: web.Request, req: wire.Request) -> web.StreamResponse:
         sid, prompt = req.body["session"], req.body["prompt"]

@@ -31,7 +31,7 @@ AUTH_HEADER = "X-MLXMoE-Auth"
 CONTENT_TYPE = "application/msgpack"
 MiB = 1 << 20
 DEFAULT_MAX_BYTES = 8 * MiB
-OP_MAX_BYTES = {"import_session": 256 * MiB}
+OP_MAX_BYTES = {"import_session": 256 * MiB, "experts": 64 * MiB}
 REPLAY_WINDOW_S = 60.0
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_PROMPT_TOKENS = 1 << 20
@@ -110,7 +110,17 @@ PARAMS_SCHEMA = {
     "top_p": "num",
     "stop": "list[str]",
     "seed": "int?",
+    # routing modes (runtime/remote.py): where each MoE layer's routed experts run
+    "routing": "str",
+    "expert_group": "int?",
+    "peers": "dict[str,str]",  # str(group) -> node URL, from the router
 }
+ROUTING_MODES = ("local", "group", "onehop")
+MAX_PEERS = 256
+
+# An activation tensor: raw little-endian bytes of `shape` in `dtype`.
+TENSOR_SCHEMA = {"_required": ["dtype", "shape", "data"], "dtype": "str", "shape": "list[int]", "data": "bytes"}
+TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}  # wire name -> bytes per element
 
 ENVELOPE_SCHEMA = {
     "_required": ["v", "op", "ts", "nonce", "body"],
@@ -126,6 +136,8 @@ OP_SCHEMAS: dict[str, dict] = {
     "close": {"_required": ["session"], "session": "str"},
     "export_session": {"_required": ["session"], "session": "str"},
     "import_session": {"_required": ["state"], "state": "dict"},
+    # one MoE layer's routed-expert output for hidden states x, routed as this node's own block would
+    "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA},
 }
 OPS = tuple(OP_SCHEMAS)
 
@@ -145,6 +157,12 @@ def _type_ok(value: Any, spec: str) -> bool:
         return isinstance(value, dict)
     if spec == "list[str]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if spec == "list[int]":
+        return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if spec == "dict[str,str]":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if spec == "bytes":
+        return isinstance(value, bytes)
     if spec == "tokens":
         return (isinstance(value, list) and len(value) <= MAX_PROMPT_TOKENS and all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID for v in value))
@@ -152,7 +170,8 @@ def _type_ok(value: Any, spec: str) -> bool:
 
 
 _SPEC_WORDS = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true/false",
-               "dict": "a map", "list[str]": "a list of strings",
+               "dict": "a map", "list[str]": "a list of strings", "list[int]": "a list of integers",
+               "dict[str,str]": "a map of strings to strings", "bytes": "binary data",
                "tokens": f"a list of token ids (integers 0..{MAX_TOKEN_ID}, at most {MAX_PROMPT_TOKENS})"}
 
 
@@ -184,9 +203,52 @@ def _check_values(op: str, body: dict) -> None:
             raise WireError(400, "schema", "field 'body.params.temperature': must be 0..100", "body.params.temperature")
         if not 0.0 < p.get("top_p", 1.0) <= 1.0:
             raise WireError(400, "schema", "field 'body.params.top_p': must be in (0, 1]", "body.params.top_p")
+        _check_routing(p)
+    if "x" in body:
+        check_tensor(body["x"], "body.x")
     sess = body.get("session")
     if sess is not None and not 1 <= len(sess) <= 256:
         raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
+
+
+def _check_routing(p: dict) -> None:
+    where = "body.params"
+    if p.get("routing", "local") not in ROUTING_MODES:
+        raise WireError(400, "schema", f"field '{where}.routing': {p['routing']!r} is not one of {', '.join(ROUTING_MODES)}",
+                        f"{where}.routing")
+    eg = p.get("expert_group")
+    if eg is not None and not 0 <= eg < 1 << 16:
+        raise WireError(400, "schema", f"field '{where}.expert_group': must be 0..65535", f"{where}.expert_group")
+    peers = p.get("peers") or {}
+    if len(peers) > MAX_PEERS:
+        raise WireError(400, "schema", f"field '{where}.peers': at most {MAX_PEERS} entries", f"{where}.peers")
+    for g, url in peers.items():
+        if not g.isdigit() or len(g) > 5:
+            raise WireError(400, "schema", f"field '{where}.peers': key {g[:20]!r} is not a group id", f"{where}.peers")
+        if not url.startswith(("http://", "https://")) or len(url) > 512:
+            raise WireError(400, "schema", f"field '{where}.peers.{g}': must be an http(s) URL", f"{where}.peers.{g}")
+    if p.get("routing") == "group" and eg is None:
+        raise WireError(400, "schema", f"field '{where}.expert_group': required with routing 'group'", f"{where}.expert_group")
+
+
+def check_tensor(t: dict, where: str) -> tuple[int, ...]:
+    """Structural checks of an activation tensor (dtype, shape, byte count);
+    returns its shape. What fits the model (layer, hidden size) the node checks."""
+    if t["dtype"] not in TENSOR_DTYPES:
+        raise WireError(400, "schema", f"field '{where}.dtype': {t['dtype'][:20]!r} is not one of "
+                                       f"{', '.join(TENSOR_DTYPES)}", f"{where}.dtype")
+    shape = t["shape"]
+    if not 2 <= len(shape) <= 3 or any(d < 1 for d in shape) or (len(shape) == 3 and shape[0] != 1):
+        raise WireError(400, "schema", f"field '{where}.shape': {shape[:4]} is not [tokens, hidden] or "
+                                       "[1, tokens, hidden] with positive sizes", f"{where}.shape")
+    n = 1
+    for d in shape:
+        n *= d
+    want = n * TENSOR_DTYPES[t["dtype"]]
+    if len(t["data"]) != want:
+        raise WireError(400, "schema", f"field '{where}.data': {len(t['data'])} bytes, but shape {shape} in "
+                                       f"{t['dtype']} needs {want}", f"{where}.data")
+    return tuple(shape)
 
 
 # ---------------------------------------------------------------- encode / decode

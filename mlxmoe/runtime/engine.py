@@ -18,6 +18,10 @@ class GenParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # where MoE layers' routed experts run (runtime/remote.py): "local" | "group" | "onehop"
+    routing: str = "local"
+    expert_group: int | None = None  # routing="group": the group computing every MoE layer
+    peers: dict[str, str] = field(default_factory=dict)  # str(group) -> node URL
 
     def to_dict(self) -> dict:
         return asdict(self)

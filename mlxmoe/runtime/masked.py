@@ -45,7 +45,13 @@ def _subclass(base, mixin):
 
 
 class _Recorder:
-    """Shared by gate mixins: keep raw logits when recording is on."""
+    """Shared by gate mixins: keep raw logits when recording is on; the mask
+    is a fixed eligible set, or per token (`_dynamic(layer, logits)`, e.g. the
+    one-hop oracle in remote.py) on a full model."""
+
+    def _mask_for(self, logits):
+        dyn = getattr(self, "_dynamic", None)
+        return getattr(self, "_mask", None) if dyn is None else dyn(self._layer, logits)
 
     def _record_logits(self, logits):
         rec = getattr(self, "_rec", None)
@@ -61,7 +67,7 @@ class MaskedLinearGate(_Recorder):
     def __call__(self, x):
         logits = super().__call__(x)
         self._record_logits(logits)
-        mask = getattr(self, "_mask", None)
+        mask = self._mask_for(logits)
         return logits if mask is None else logits + mask
 
 
@@ -72,7 +78,7 @@ class MaskedSigmoidGate(_Recorder):
     def __call__(self, x):
         logits = x @ self.weight.T
         self._record_logits(logits)
-        return sigmoid_group_select(logits, self.e_score_correction_bias, getattr(self, "_mask", None),
+        return sigmoid_group_select(logits, self.e_score_correction_bias, self._mask_for(logits),
                                     self.top_k, self.n_group, self.topk_group,
                                     self.routed_scaling_factor, self.norm_topk_prob)
 

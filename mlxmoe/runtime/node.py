@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import nullcontext
 from typing import Iterator
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ from ..errors import ContextOverflow, MlxMoeError
 from .engine import GenParams, TokenEvent
 from .generate import NullDetokenizer, text_events
 from .load import Loaded, load_bundle, load_tokenizer
+from .remote import Remote, decode_tensor, encode_tensor, routed_local
 from .sessions import Session, SessionStore
 from .tokens import Tokens
 from .trunk import gate_logits
@@ -37,6 +39,8 @@ class Node(Tokens):
         per_token = self._kv_bytes_per_token()
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
+        self.remote = Remote(loaded)  # remote routed experts (routing modes), both directions
+        self.inbox = self.remote.inbox  # the node server runs peers' `experts` requests through it
         self.started = time.time()
 
     @classmethod
@@ -119,6 +123,7 @@ class Node(Tokens):
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:
             raise MlxMoeError(f"session {s.id}: already generating")
+        route = self.remote.route(s.id, params)
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n + max_tokens)
         if params.seed is not None:
@@ -127,6 +132,8 @@ class Node(Tokens):
         steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
                               prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
                               quantized_kv_start=self.kv_start)
+        if route is not None:
+            steps = route.wrap(steps)
         return self._stream(s, list(prompt), steps, chosen, params, max_tokens)
 
     def prefill(self, session_id: str, prompt: list[int], step: int = 512) -> int:
@@ -142,11 +149,16 @@ class Node(Tokens):
             return 0
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n)
-        for i in range(n, len(prompt), step):
-            self.model(mx.array([prompt[i:i + step]]), cache=s.cache)
-            maybe_quantize_kv_cache(s.cache, self.kv_start, self.kv_group_size, self.kv_bits)
-            mx.eval([c.state for c in s.cache])
-        s.tokens, s.last_used = list(prompt), time.time()
+        route = self.remote.last_route(s.id)  # the session's latest routing mode, if remote
+        try:
+            for i in range(n, len(prompt), step):
+                with route.active() if route else nullcontext():
+                    self.model(mx.array([prompt[i:i + step]]), cache=s.cache)
+                maybe_quantize_kv_cache(s.cache, self.kv_start, self.kv_group_size, self.kv_bits)
+                mx.eval([c.state for c in s.cache])
+        finally:
+            _settle(s, list(prompt))
+            s.last_used = time.time()
         return len(prompt) - n
 
     def _stream(self, s: Session, prompt, steps, chosen, params, max_tokens):
@@ -161,7 +173,7 @@ class Node(Tokens):
         finally:
             s.busy = False
             s.turns += 1
-            s.tokens = (prompt + out)[: s.cache[0].offset] if s.cache else []
+            _settle(s, prompt + out)
             s.last_used = time.time()
 
     def score(self, tokens: list[int], layers: list[int] | None = None):
@@ -177,7 +189,22 @@ class Node(Tokens):
 
     # ------------------------------------------------------------ sessions
     def close_session(self, session_id: str) -> bool:
+        self.remote.forget(session_id)
         return self.sessions.close(session_id)
+
+    # ------------------------------------------------------------ remote experts
+    def attach_cluster(self, key: bytes) -> None:
+        """The cluster key signs this node's calls to peers (set by the node server)."""
+        self.remote.key = key
+
+    def experts(self, layer: int, x: dict) -> dict:
+        """The `experts` RPC op: routed-expert output of MoE layer `layer` for
+        hidden states x ({dtype, shape, data}), routed as this node's own
+        masked block routes (shared experts excluded: the caller's trunk)."""
+        a = decode_tensor(x)
+        y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1]))
+        mx.eval(y)
+        return encode_tensor(y.reshape(a.shape))
 
     def export_session(self, session_id: str) -> dict:
         s = self.sessions.sessions.get(session_id)
@@ -205,8 +232,28 @@ class Node(Tokens):
             "sessions": len(self.sessions.sessions),
             "active_sessions": sum(s.busy for s in self.sessions.sessions.values()),
             "context_limit": self.max_context, "kv_bits": self.kv_bits,
+            "session_stats": {sid: dict(st) for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
+            "experts_op": {"layers": list(m.moe_layers), "hidden": int(m.model["config"]["hidden_size"])},
             "backend": backend_name(), "uptime_s": time.time() - self.started,
         }
+
+
+def _settle(s: Session, seq: list[int]):
+    """Make every layer's cache hold exactly the KV of s.tokens. A step that
+    failed midway (a peer lost at layer l) advanced only the layers before l:
+    keep the tokens all layers hold, trim the rest (or drop the cache if it
+    cannot be trimmed: the transcript re-prefills, nothing is lost)."""
+    if not s.cache:
+        s.tokens = []
+        return
+    s.tokens = seq[:min(c.offset for c in s.cache)]
+    n = len(s.tokens)  # a failed step may have left KV of a token never yielded
+    if any(c.offset != n for c in s.cache):
+        if all(c.is_trimmable() for c in s.cache):
+            for c in s.cache:
+                c.trim(c.offset - n)
+        else:
+            s.cache, s.tokens = None, []
 
 
 def _logprob_sampler(sample):

@@ -1,0 +1,458 @@
+"""Remote routed experts: a node runs a session's trunk and KV, and sends one
+MoE layer's hidden states to at most one other node (one destination per
+layer and token, never all-to-all).
+
+Modes (GenParams.routing, per request):
+- "local"  (default): every MoE layer uses this node's masked experts.
+- "group":  soft migration. Every MoE layer's routed experts run on the node
+            of `expert_group` (routed as that node's own masked block would);
+            shared experts, gates and attention stay here. expert_group equal
+            to this node's group is plain local decoding.
+- "onehop": per MoE layer and token, the group (this one, or one of `peers`)
+            whose eligible set holds the most top-k router mass (placement.py's
+            topk_mass of the full router) computes the routed experts; ties go
+            to this node. Candidates: this node's group + the groups in peers.
+
+Contract with the router (cluster/router.py):
+- generate params: {"routing": "local"|"group"|"onehop", "expert_group": int|None,
+  "peers": {str(group): node URL}}; a mode that needs a peer it was not given
+  fails before the first token (HTTP 400 naming the field).
+- node info: info()["session_stats"][session_id] = {"routing", "expert_group",
+  "remote_calls", "remote_bytes", "remote_s", "local_steps"}: cumulative per
+  session (bytes = request + response bodies; local_steps = onehop layer
+  steps that stayed local). "sessions" stays the session count.
+- a peer failing mid-generation raises PeerError (cluster: HTTP 502 /
+  error frame "peer_failed", retryable) naming the peer; the session's cache
+  is left holding exactly the tokens before the failed step.
+
+Node to node: the `experts` RPC op (cluster/wire.py) over one persistent
+keep-alive HTTP connection per peer, signed with the cluster key exactly as
+wire.encode_request does. Calls are made from the engine thread; while it
+waits, that thread serves experts requests from other nodes (the Inbox), so
+two nodes calling each other never deadlock.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import os
+import select
+import time
+import urllib.parse
+from concurrent.futures import Future
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxMoeError
+from ..placement import router_probs, topk_mass
+
+SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
+MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
+CALL_TIMEOUT_S = 60.0
+
+
+class PeerError(MlxMoeError):
+    """A remote experts call failed; names the peer."""
+
+    def __init__(self, message: str, peer: str | None = None):
+        super().__init__(message)
+        self.peer = peer
+
+
+# ------------------------------------------------------------------ tensors on the wire
+
+_WIRE = {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32"}
+_NP = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
+
+
+def encode_tensor(a: mx.array) -> dict:
+    """mx.array -> {dtype, shape, data}; bf16 travels as its raw 16 bits (exact)."""
+    if a.dtype not in _WIRE:
+        a = a.astype(mx.float32)
+    name = _WIRE[a.dtype]
+    data = np.array(a.view(mx.uint16) if name == "bf16" else a)
+    return {"dtype": name, "shape": list(a.shape), "data": data.tobytes()}
+
+
+def decode_tensor(t: dict) -> mx.array:
+    a = mx.array(np.frombuffer(t["data"], _NP[t["dtype"]]).reshape(t["shape"]))
+    return a.view(mx.bfloat16) if t["dtype"] == "bf16" else a
+
+
+# ------------------------------------------------------------------ one MoE block, split in parts
+
+class RemoteBlock:
+    """Mixin for a MoE block: `_hook(block, x)`, when set, replaces the block's
+    forward (only while a remote-mode session steps)."""
+
+    def __call__(self, x):
+        hook = getattr(self, "_hook", None)
+        return super().__call__(x) if hook is None else hook(self, x)
+
+
+def install_blocks(blocks) -> None:
+    from .masked import _subclass
+
+    for b in blocks:
+        if not isinstance(b, RemoteBlock):
+            b.__class__ = _subclass(type(b), RemoteBlock)
+
+
+def _base(block, x):
+    return super(RemoteBlock, block).__call__(x) if isinstance(block, RemoteBlock) else block(x)
+
+
+@contextmanager
+def _replaced(module, name: str, fn):
+    # an instance attribute shadows the nn.Module's child of that name (Module.__getattr__ runs only as fallback)
+    object.__setattr__(module, name, fn)
+    try:
+        yield
+    finally:
+        object.__delattr__(module, name)
+
+
+def _zeros_like_input(x):
+    return mx.zeros_like(x)
+
+
+def routed_local(block, x: mx.array) -> mx.array:
+    """The block's routed-expert output for x with this node's masked routing
+    (its own gate, selection rule and experts): the block's own code, with
+    its shared experts (trunk, computed by the caller) contributing zero."""
+    shared = [a for a in SHARED_ATTRS if a in block]
+    if not shared:
+        return _base(block, x)
+    with _replaced(block, shared[0], _zeros_like_input):
+        return _base(block, x)
+
+
+def shared_part(block, experts_attr: str, x: mx.array) -> mx.array | None:
+    """The block's shared-expert output (None if it has none): its own code
+    with the routed experts contributing zero."""
+    if not any(a in block for a in SHARED_ATTRS):
+        return None
+    step = block.__dict__.get("_step")  # fused.py's one-token path reads the experts' arrays: take mlx-lm's
+    object.__setattr__(block, "_step", None)
+    try:
+        with _replaced(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
+            return _base(block, x)
+    finally:
+        object.__setattr__(block, "_step", step)
+
+
+def full_logits(gate, x: mx.array) -> mx.array:
+    """Router logits over all experts (a node's Linear gate keeps its full twin in `_full`)."""
+    full = getattr(gate, "_full", None)
+    return full(x) if full is not None else x @ gate.weight.T
+
+
+# ------------------------------------------------------------------ one-hop choice
+
+def onehop_pick(logits: mx.array, scoring: str, sets: list, top_k: int) -> mx.array:
+    """Per token: index into `sets` (eligible ids, first = home) of the set
+    holding the most top-k router mass; the first wins ties."""
+    probs = router_probs(logits, scoring)
+    mass = mx.stack([topk_mass(probs, s, top_k) for s in sets], axis=-1)
+    return mx.argmax(mass, axis=-1)
+
+
+def group_order(home: int, groups) -> list[int]:
+    return [home] + sorted(g for g in set(groups) if g != home)
+
+
+@contextmanager
+def dynamic_onehop(loaded, home: int, groups=None, on_pick=None):
+    """On a full model (every expert loaded): mask each MoE gate, per token, to
+    the eligible set one-hop routing would pick (the oracle of "onehop").
+    `on_pick(layer, picks)` sees the chosen group ids."""
+    m = loaded.manifest
+    order = group_order(home, range(m.n_groups) if groups is None else groups)
+    masks, sets = {}, {}
+    for l in m.moe_layers:
+        sets[l] = [m.eligible(g, l) for g in order]
+        rows = np.full((len(order), m.n_experts), -np.inf, np.float32)
+        for i, ids in enumerate(sets[l]):
+            rows[i, ids] = 0.0
+        masks[l] = mx.array(rows)
+    ids = mx.array(order)
+
+    def mask(layer, logits):
+        pick = onehop_pick(logits, m.moe["scoring"], sets[layer], m.top_k)
+        if on_pick is not None:
+            on_pick(layer, ids[pick])
+        return masks[layer][pick]
+
+    gates = loaded.gates
+    for g in gates:
+        object.__setattr__(g, "_dynamic", mask)
+    try:
+        yield
+    finally:
+        for g in gates:
+            object.__setattr__(g, "_dynamic", None)
+
+
+# ------------------------------------------------------------------ peers
+
+class Inbox:
+    """Experts requests from other nodes, run on the engine thread: by the
+    worker when idle, or by a PeerLink while it waits for its own answer."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._jobs: collections.deque = collections.deque()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def submit(self, fn) -> Future:
+        fut: Future = Future()
+        self._jobs.append((fn, fut))
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:  # pipe full: a wake-up is pending anyway
+            pass
+        return fut
+
+    def drain(self) -> None:
+        try:
+            os.read(self._r, 1 << 12)
+        except BlockingIOError:
+            pass
+        while self._jobs:
+            fn, fut = self._jobs.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+
+class PeerLink:
+    """A persistent, signed connection to one node's RPC (used from one thread)."""
+
+    def __init__(self, url: str, key: bytes, manifest_hash: str | None, inbox: Inbox | None = None,
+                 timeout: float = CALL_TIMEOUT_S, name: str | None = None):
+        u = urllib.parse.urlsplit(url)
+        self.url, self.key, self.mh, self.inbox, self.timeout = url.rstrip("/"), key, manifest_hash, inbox, timeout
+        self.name = name or self.url
+        self._https, self._host, self._port = u.scheme == "https", u.hostname, u.port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def call(self, op: str, body: dict) -> tuple[dict, int]:
+        """(answer body, bytes sent + received). One retry on a fresh
+        connection if a kept-alive one turns out closed (ops are pure)."""
+        from ..cluster import wire
+
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            nonce = wire.new_nonce()
+            data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce)
+            try:
+                if self.conn is None:
+                    cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                    self.conn = cls(self._host, self._port, timeout=self.timeout)
+                self.conn.request("POST", f"/rpc/{op}", body=data, headers=headers)
+                self._wait()
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.HTTPException, OSError) as e:
+                self.close()
+                if not reused or attempt:
+                    raise PeerError(f"peer {self.name}: '{op}' failed: {type(e).__name__}: {e}", self.name) from None
+        if resp.getheader("Connection", "").lower() == "close":
+            self.close()
+        if resp.status != 200:
+            err = {}
+            try:
+                err = wire.unpack(raw).get("error") or {}
+            except Exception:
+                pass
+            raise PeerError(f"peer {self.name}: '{op}' refused (HTTP {resp.status} {err.get('code', '')}): "
+                            f"{err.get('message', '')}", self.name)
+        if not wire.verify(self.key, b"resp:" + nonce.encode() + raw, resp.getheader(wire.AUTH_HEADER)):
+            raise PeerError(f"peer {self.name}: answer is not signed with our cluster key", self.name)
+        msg = wire.unpack(raw)
+        if not isinstance(msg, dict) or msg.get("ok") is not True:
+            raise PeerError(f"peer {self.name}: malformed answer", self.name)
+        return msg.get("body"), len(data) + len(raw)
+
+    def _wait(self) -> None:
+        """Until the answer starts arriving; meanwhile serve our own inbox."""
+        if self.inbox is None:
+            return
+        sock, deadline = self.conn.sock, time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer in {self.timeout:.0f}s")
+            ready, _, _ = select.select([sock, self.inbox], [], [], left)
+            if sock in ready:
+                return
+            if ready:
+                self.inbox.drain()
+
+
+# ------------------------------------------------------------------ per-node state, per-generation routes
+
+def _stats(mode: str, expert_group) -> dict:
+    return {"routing": mode, "expert_group": expert_group, "remote_calls": 0, "remote_bytes": 0,
+            "remote_s": 0.0, "local_steps": 0}
+
+
+class Remote:
+    """A node's remote-experts state: cluster key, peer connections, inbox,
+    per-session counters."""
+
+    def __init__(self, loaded):
+        self.loaded, self.m = loaded, loaded.manifest
+        self.key: bytes | None = None
+        self.inbox = Inbox()
+        self.links: dict[str, PeerLink] = {}
+        self.stats: dict[str, dict] = {}
+        self.routes: dict[str, Route | None] = {}  # each session's latest route (the prefill op reuses it)
+        install_blocks(loaded.blocks.values())
+
+    def link(self, url: str, group: int) -> PeerLink:
+        if url not in self.links:
+            self.links[url] = PeerLink(url, self.key, self.m.hash, self.inbox, name=f"group {group} at {url}")
+        return self.links[url]
+
+    def forget(self, sid: str) -> None:
+        self.stats.pop(sid, None)
+        self.routes.pop(sid, None)
+
+    def last_route(self, sid: str) -> "Route | None":
+        return self.routes.get(sid)
+
+    def route(self, sid: str, params) -> "Route | None":
+        self.routes[sid] = r = self._route(sid, params)
+        return r
+
+    def _route(self, sid: str, params) -> "Route | None":
+        """The routing of one generation (None: all local). Raises
+        MlxMoeError for params that cannot be served, before any token."""
+        mode, home, eg = params.routing or "local", self.loaded.group, params.expert_group
+        if mode not in ("local", "group", "onehop"):
+            raise MlxMoeError(f"routing: {mode!r} is not one of local, group, onehop")
+        peers = {}
+        for g, url in (params.peers or {}).items():
+            if not str(g).isdigit() or not 0 <= int(g) < self.m.n_groups:
+                raise MlxMoeError(f"peers: {g!r} is not a group of this model (0..{self.m.n_groups - 1})")
+            peers[int(g)] = url
+        if mode == "group" and (eg is None or not 0 <= eg < self.m.n_groups):
+            raise MlxMoeError(f"expert_group: {eg!r} is not a group of this model (0..{self.m.n_groups - 1})")
+        st = self.stats.setdefault(sid, _stats(mode, eg))
+        st["routing"], st["expert_group"] = mode, eg if mode == "group" else None
+        if home is None or mode == "local" or (mode == "group" and eg == home):
+            return None  # a full-model node or the own group: nothing is remote
+        targets = [eg] if mode == "group" else [g for g in peers if g != home]
+        missing = [g for g in targets if g not in peers]
+        if missing:
+            raise MlxMoeError(f"peers: routing {mode!r} needs a node URL for group {missing[0]}")
+        if not targets:
+            return None  # onehop with no other group reachable
+        if self.key is None:
+            raise MlxMoeError("remote routing needs the cluster key (start the node with `mlxmoe node`)")
+        links = {g: self.link(peers[g], g) for g in targets}
+        return Route(self, mode, home, links, st)
+
+
+class Route:
+    def __init__(self, remote: Remote, mode: str, home: int, links: dict, stats: dict):
+        self.r, self.mode, self.home, self.links, self.stats = remote, mode, home, links, stats
+        loaded = remote.loaded
+        self.arch, self.m = loaded.arch, loaded.manifest
+        self.order = group_order(home, links)
+        self.sets = {l: [self.m.eligible(g, l) for g in self.order] for l in self.m.moe_layers}
+        self.hooks = {l: self._hook_for(l) for l in self.m.moe_layers}
+
+    @contextmanager
+    def active(self):
+        """Install this route's hooks on the MoE blocks for the span of one step."""
+        blocks = self.r.loaded.blocks
+        for l, b in blocks.items():
+            object.__setattr__(b, "_hook", self.hooks[l])
+        try:
+            yield
+        finally:
+            for b in blocks.values():
+                object.__setattr__(b, "_hook", None)
+
+    def wrap(self, steps):
+        """generate_step's iterator with the hooks active while it computes."""
+        while True:
+            with self.active():
+                try:
+                    item = next(steps)
+                except StopIteration:
+                    return
+            yield item
+
+    def _hook_for(self, layer: int):
+        if self.mode == "group":
+            (g,) = self.links
+
+            def hook(block, x):
+                return self._with_shared(block, x, self.call(g, layer, x))
+        else:
+            def hook(block, x):
+                return self._with_shared(block, x, self._onehop(block, layer, x))
+        return hook
+
+    def _with_shared(self, block, x, y):
+        s = shared_part(block, self.arch.experts, x)
+        return y if s is None else y + s
+
+    def _onehop(self, block, layer: int, x: mx.array) -> mx.array:
+        gate = getattr(block, self.arch.gate)
+        pick = np.array(onehop_pick(full_logits(gate, x), self.m.moe["scoring"], self.sets[layer], self.m.top_k))
+        pick = pick.reshape(-1)
+        used = sorted(set(pick.tolist()))
+        if used == [0]:
+            self.stats["local_steps"] += 1
+            return routed_local(block, x)
+        flat = x.reshape(-1, x.shape[-1])
+        parts, index = [], []
+        for i in used:
+            rows = np.nonzero(pick == i)[0]
+            xs = flat[mx.array(rows)][None]
+            if i == 0:
+                self.stats["local_steps"] += 1
+                parts.append(routed_local(block, xs)[0])
+            else:
+                parts.append(self.call(self.order[i], layer, xs)[0])
+            index.append(rows)
+        inverse = np.argsort(np.concatenate(index))
+        return mx.concatenate(parts, axis=0)[mx.array(inverse)].reshape(x.shape)
+
+    def call(self, group: int, layer: int, x: mx.array) -> mx.array:
+        """Routed-expert output of `layer` for x, computed by `group`'s node."""
+        step = max(1, MAX_CALL_BYTES // max(1, x.shape[-1] * x.dtype.size))
+        flat = x.reshape(-1, x.shape[-1])
+        outs = []
+        for i in range(0, flat.shape[0], step):
+            t0 = time.perf_counter()
+            body, n = self.links[group].call("experts", {"layer": layer, "x": encode_tensor(flat[i:i + step])})
+            self.stats["remote_calls"] += 1
+            self.stats["remote_bytes"] += n
+            self.stats["remote_s"] += time.perf_counter() - t0
+            y = body.get("y") if isinstance(body, dict) else None
+            if not isinstance(y, dict) or y.get("shape") != [min(step, flat.shape[0] - i), x.shape[-1]]:
+                raise PeerError(f"peer {self.links[group].name}: experts answer has the wrong shape", self.links[group].name)
+            outs.append(decode_tensor(y))
+        y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
+        return y.reshape(x.shape)  # in the dtype the block computes (as the local block would return it)
