@@ -17,6 +17,12 @@ Metrics per domain (continuation tokens only):
 - regret:     share of passages placed on a node that is not the oracle's
 - regret_nats: mean log-prob lost to the oracle, nats/token
 - node_bytes: trunk + the node's experts (group ∪ overlay), from file sizes
+
+One-hop routing (runtime/remote.py, routing="onehop") is evaluated on the same
+full model with a per-token dynamic mask: at every MoE layer and token, the
+eligible set of the group holding the most top-k router mass (ties: the
+placed group). `remote_share` is the share of (token, MoE layer) steps routed
+to a group other than the placed one: remote calls per token / MoE layers.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from .runtime.masked import GateRecorder
 
 PLACEMENTS = ("first", "layers", "race", "oracle")
 METRICS = ("capture", "kl", "agreement", "ppl_ratio", "regret", "regret_nats")
+ONEHOP_METRICS = ("kl", "agreement", "ppl_ratio", "remote_share")
 
 
 @dataclass
@@ -225,12 +232,78 @@ def ref_nll_of(items: list[Item]) -> np.ndarray:
     return np.array(out)
 
 
-def aggregate(domains: dict) -> tuple[dict, dict]:
+def aggregate(domains: dict, keys=METRICS) -> tuple[dict, dict]:
     """Domain-balanced mean and the worst domain of every metric."""
-    mean = {k: float(np.mean([d[k] for d in domains.values()])) for k in METRICS}
-    worse_high = {"kl", "ppl_ratio", "regret", "regret_nats"}
-    worst = {k: float((max if k in worse_high else min)(d[k] for d in domains.values())) for k in METRICS}
+    mean = {k: float(np.mean([d[k] for d in domains.values()])) for k in keys}
+    worse_high = {"kl", "ppl_ratio", "regret", "regret_nats", "remote_share"}
+    worst = {k: float((max if k in worse_high else min)(d[k] for d in domains.values())) for k in keys}
     return mean, worst
+
+
+# ------------------------------------------------------------- one-hop routing
+
+def placed_group(m: Manifest, it: Item) -> int:
+    """The bundle group the router places `it` on (first MoE layer, prompt tokens)."""
+    l = m.moe_layers[0]
+    return score_groups(m, {l: it.gates[l][: it.prompt]}).best
+
+
+def run_onehop(loaded, items: list[Item], advance=lambda n: None) -> tuple[Runs, np.ndarray]:
+    """Teacher-forced one-hop runs of the bundle's groups, each passage homed on
+    its placed group: sums over the continuation, and the remote share per passage."""
+    from .runtime.remote import dynamic_onehop
+
+    m = loaded.manifest
+    I = len(items)
+    r, share = Runs(np.zeros((I, 1)), np.zeros((I, 1)), np.zeros((I, 1)), np.zeros((I, 1))), np.zeros(I)
+    loaded.set_eligible(None)
+    for i, it in enumerate(items):
+        home, picks = placed_group(m, it), []
+        with dynamic_onehop(loaded, home, on_pick=lambda l, p: picks.append(p.reshape(-1))):
+            lp = logp_of(loaded, it.ids)[:-1]
+            kl, agree, nll = token_metrics(it.ref_logp[:-1], lp, mx.array(it.ids[1:]))
+            p = it.prompt - 1
+            sums = mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum()])
+            away = (mx.stack(picks)[:, p:-1] != home).astype(mx.float32).mean()
+            (r.kl[i, 0], r.agree[i, 0], r.nll[i, 0]), share[i] = np.array(sums).tolist(), away.item()
+        advance(len(it.ids))
+    return r, share
+
+
+def onehop_summary(items: list[Item], runs: Runs, share: np.ndarray, ref_nll: np.ndarray) -> dict:
+    n_tok = np.array([len(it.ids) - it.prompt for it in items], dtype=np.float64)
+    out = {}
+    for dom in sorted({it.domain for it in items}):
+        sel = np.array([it.domain == dom for it in items])
+        t = n_tok[sel].sum()
+        out[dom] = {"kl": float(runs.kl[sel, 0].sum() / t), "agreement": float(runs.agree[sel, 0].sum() / t),
+                    "ppl_ratio": float(math.exp((runs.nll[sel, 0].sum() - ref_nll[sel].sum()) / t)),
+                    "remote_share": float((share[sel] * n_tok[sel]).sum() / t),
+                    "tokens": int(t), "passages": int(sel.sum())}
+    return out
+
+
+def evaluate_onehop(bundle, suites=("builtin",), per_domain=None, prompt_tokens=32, loaded=None, items=None,
+                    progress_mode="quiet") -> dict:
+    """Quality of routing="onehop" against the full model: {"mean", "worst",
+    "domains"} with kl, agreement, ppl_ratio, remote_share (see module doc).
+    Pass `loaded` (full model) and `items` to reuse a loaded eval."""
+    from .runtime.load import load_bundle, load_tokenizer
+    from .ui.progress import progress
+
+    if items is None:
+        _, passages = load_suites(suites, "heldout")
+        items = make_items(load_tokenizer(bundle), passages, per_domain, prompt_tokens)
+    loaded = loaded or load_bundle(bundle)
+    with progress(sum(len(it.ids) for it in items) * 2, "one-hop eval (tokens forwarded)", progress_mode,
+                  unit="items") as p:
+        if not all(it.ref_logp is not None for it in items):
+            reference(loaded, items, p.advance)
+        runs, share = run_onehop(loaded, items, p.advance)
+    doms = onehop_summary(items, runs, share, ref_nll_of(items))
+    mean, worst = aggregate(doms, ONEHOP_METRICS)
+    return {"mode": "onehop", "n_groups": loaded.manifest.n_groups, "passages": len(items),
+            "mean": mean, "worst": worst, "domains": doms}
 
 
 def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENTS, race_tokens: int = 16,
@@ -277,6 +350,17 @@ def table(report: dict, title: str = "masked routing vs full model"):
                   f"{mean['capture']:.3f}", f"{mean['kl']:.3f}", f"{mean['agreement']:.3f}",
                   f"{mean['ppl_ratio']:.3f}", f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}",
                   f"{mean['regret']:.2f}")
+    return t
+
+
+def onehop_table(r: dict):
+    from rich.table import Table
+
+    t = Table(title=f"one-hop routing over the bundle's {r['n_groups']} groups vs full model")
+    for col in ("domain", "KL", "agree", "ppl x", "remote share"):
+        t.add_column(col, justify="left" if col == "domain" else "right")
+    for name, d in [*r["domains"].items(), ("mean", r["mean"]), ("worst", r["worst"])]:
+        t.add_row(name, f"{d['kl']:.3f}", f"{d['agreement']:.3f}", f"{d['ppl_ratio']:.3f}", f"{d['remote_share']:.2f}")
     return t
 
 
@@ -340,7 +424,7 @@ def parse_names(s: str, allowed, what: str) -> list[str]:
 
 def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), overlays=(0,), rules=("mass",),
              placements=PLACEMENTS, per_domain=None, prompt_tokens=32, race_tokens=16, calib_suites=("builtin",),
-             progress_mode="quiet", extra_configs=None) -> dict:
+             progress_mode="quiet", extra_configs=None, onehop=False) -> dict:
     from .runtime.load import load_bundle, load_tokenizer
     from .ui.progress import progress
 
@@ -373,6 +457,8 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
     size_configs(m, cfgs)
     with progress(work_units(items, cfgs), "eval (tokens forwarded)", progress_mode, unit="items") as p:
         report = evaluate(loaded, items, cfgs, placements, race_tokens, p.advance)
+    if onehop:
+        report["onehop"] = evaluate_onehop(bundle, loaded=loaded, items=items, progress_mode=progress_mode)
     report.update({"bundle": str(bundle), "manifest_hash": m.hash, "model": m.model_id, "suites": names,
                    "calibration_suites": calib_names, "prompt_tokens": prompt_tokens, "race_tokens": race_tokens,
                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - t0, 1),
@@ -399,11 +485,13 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
 @click.option("--race-tokens", type=int, default=16, show_default=True, help="Prompt tokens whose log-prob the race compares.")
 @click.option("--calib-suite", "calib_suites", multiple=True, default=["builtin"], show_default=True,
               help="Suite for the statistics that coactivation/domain groupings and overlays need.")
+@click.option("--onehop", is_flag=True, help="Also evaluate one-hop routing (per MoE layer and token, the group with "
+              "the most top-k mass: local or one remote node) on the bundle's groups.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of quality vs memory per node (needs matplotlib).")
 @click.option("--progress", "progress_mode", type=click.Choice(["bar", "quiet", "json"]), default="bar", show_default=True)
 def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placements, per_domain, prompt_tokens,
-             race_tokens, calib_suites, as_json, plot, progress_mode):
+             race_tokens, calib_suites, onehop, as_json, plot, progress_mode):
     """Measure how far masked routing is from the full model on held-out text.
 
     Example: mlxmoe eval bundles/ref --groups 2,3,4 --strategies contiguous,coactivation --overlay 0,4,8
@@ -422,7 +510,8 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
             raise click.ClickException("--plot needs matplotlib, which is not installed: pip install matplotlib")
     try:
         report = run_eval(bundle, suites, groups_, strategies_, overlays_, rules_, placements_, per_domain,
-                          prompt_tokens, race_tokens, calib_suites, "quiet" if as_json else progress_mode)
+                          prompt_tokens, race_tokens, calib_suites, "quiet" if as_json else progress_mode,
+                          onehop=onehop)
         if plot:
             write_plot(report, plot)
     except MlxMoeError as e:
@@ -434,6 +523,9 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
 
     from rich.console import Console
 
-    Console(width=None if sys.stdout.isatty() else 160).print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
-                                  f"{report['passages']} passages"))
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
+                                f"{report['passages']} passages"))
+    if onehop:
+        console.print(onehop_table(report["onehop"]))
 

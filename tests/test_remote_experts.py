@@ -250,3 +250,32 @@ def test_peer_lost_midway_leaves_the_cache_consistent_and_the_session_continues(
     n0.remote.link = lambda url, group: FlakyLink(n1)
     rest = [e.token for e in n0.generate("cut", PROMPT + got, GenParams(**{**params.to_dict(), "max_tokens": N_TOKENS - len(got)}))]
     assert got + rest == whole
+
+
+# ---------------------------------------------------------------- quality of one-hop (eval machinery)
+
+def test_onehop_quality_eval(ckpt, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from mlxmoe import quality as q
+    from mlxmoe.cli import main
+
+    texts = ["def add(a, b):\n    return a + b\n" * 4, "the quick brown fox jumps over the lazy dog " * 4,
+             "for i in range(10):\n    print(i, i * i)\n" * 3, "mixture of experts route tokens to experts " * 4]
+    suite = tmp_path / "s.jsonl"
+    suite.write_text("".join(json.dumps({"domain": "code" if "(" in t else "prose", "text": t}) + "\n" for t in texts))
+    src = ckpt("qwen3_moe")
+    one = split(str(src), tmp_path / "one", 1, bits=None, trunk_bits=None)  # every expert local: one-hop = full model
+    r1 = q.evaluate_onehop(tmp_path / "one", suites=[str(suite)], prompt_tokens=8)
+    assert r1["mean"]["kl"] < 1e-6 and abs(r1["mean"]["ppl_ratio"] - 1) < 1e-5 and r1["mean"]["remote_share"] == 0
+    split(str(src), tmp_path / "two", 2, bits=None, trunk_bits=None)
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "two"), "--suite", str(suite), "--prompt-tokens", "8",
+                                    "--placement", "first", "--onehop", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    hop, pinned = rep["onehop"], rep["results"][0]
+    assert set(hop["domains"]) == {"code", "prose"} and 0 < hop["mean"]["remote_share"] < 1
+    assert 0 < hop["mean"]["kl"] < pinned["mean"]["kl"]  # the per-token best group beats a static pin
+    assert one.n_groups == 1
