@@ -18,7 +18,8 @@ remaining max_tokens, so the client sees every token exactly once.
 Modes (per session, chosen per request or by the router's default):
   pin     decode on the placed node, strictly local (the default)
   soft    pin; at turn boundaries (and every `check_every` tokens) S(g) is
-          re-scored on the transcript; a group that beats the current one by
+          re-scored on the transcript's last `window` tokens (the newest
+          topic, not the whole history's mean); a group that beats the current one by
           `margin` for `checks` consecutive checks becomes the session's
           expert group: the node keeps trunk and KV and calls that group's
           node for every MoE layer (routing="group")
@@ -66,12 +67,13 @@ class Mobility:
     margin: float = 0.05  # S(challenger) - S(current) needed to count a check
     checks: int = 2  # consecutive winning checks before a switch (debounce)
     check_every: int = 0  # also re-score every N generated tokens (0: turn boundaries only)
+    window: int = 512  # re-score the transcript's last N tokens (0: all): follows a change of topic
     hard_max_tokens: int = 2048  # move the KV only while the session holds at most this many tokens
     race_tokens: int = 8
     race_candidates: int = 3
     migrate_timeout: float = 30.0  # seconds for one export or import
 
-    LIMITS = {"margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20),
+    LIMITS = {"margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20), "window": (0, 1 << 20),
               "hard_max_tokens": (0, 1 << 24), "race_tokens": (1, 256), "race_candidates": (2, 3),
               "migrate_timeout": (0.1, 3600.0)}
 
@@ -472,7 +474,7 @@ class Router:
         """Re-score S(g) on the transcript; the group to migrate to once a
         challenger has won `checks` consecutive checks by `margin`, else None."""
         try:
-            sc, ms = await self._score(tokens)
+            sc, ms = await self._score(tokens[-self.mob.window:] if self.mob.window else tokens)
         except Exception as e:  # scoring must never cost the turn
             log.warning("session %s: re-scoring failed: %s", s.id, e)
             return None
