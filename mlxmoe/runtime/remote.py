@@ -12,6 +12,8 @@ Modes (GenParams.routing, per request):
             whose eligible set holds the most top-k router mass (placement.py's
             topk_mass of the full router) computes the routed experts; ties go
             to this node. Candidates: this node's group + the groups in peers.
+A prompt chunk goes in one call per layer ("group"), or one call per layer
+and chosen group ("onehop": each token still reaches one remote node at most).
 
 Contract with the router (cluster/router.py):
 - generate params: {"routing": "local"|"group"|"onehop", "expert_group": int|None,
@@ -210,6 +212,13 @@ class Inbox:
 
     def fileno(self) -> int:
         return self._r
+
+    def __del__(self):
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def submit(self, fn) -> Future:
         fut: Future = Future()
