@@ -279,3 +279,28 @@ def test_onehop_quality_eval(ckpt, tmp_path):
     assert set(hop["domains"]) == {"code", "prose"} and 0 < hop["mean"]["remote_share"] < 1
     assert 0 < hop["mean"]["kl"] < pinned["mean"]["kl"]  # the per-token best group beats a static pin
     assert one.n_groups == 1
+
+
+# ---------------------------------------------------------------- every routing rule, shared experts
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3", "mixtral", "gpt_oss"])
+def test_remote_layers_are_exact_for_every_routing_rule(ckpt, tmp_path, arch):
+    """Shared experts (qwen2_moe, deepseek_v3) stay with the caller, sigmoid
+    group-limited routing (deepseek_v3) and softmax-after-top-k (mixtral,
+    gpt_oss) route on the remote node: group mode equals the other node's own
+    forward exactly (float32), one-hop equals its oracle (in-process links)."""
+    from mlxmoe.runtime.remote import Route, _stats
+
+    split(str(ckpt(arch)), tmp_path / "b", 2, overlay={"all": [1]}, bits=None, trunk_bits=None)
+    n0, n1, full = (Node(load_bundle(tmp_path / "b", g), None, kv_bits=None) for g in (0, 1, None))
+    ids = mx.array([[3, 17, 99, 250, 7, 42, 11, 300, 5, 64]])
+    for x in (ids, ids[:, :1]):  # a prompt chunk, and one token (fused.py's one-token path)
+        group = Route(n0.remote, "group", 0, {1: FlakyLink(n1)}, _stats("group", 1))
+        with group.active():
+            assert mx.array_equal(n0.model(x), n1.model(x)).item()
+    hop = Route(n0.remote, "onehop", 0, {1: FlakyLink(n1)}, _stats("onehop", None))
+    with hop.active():
+        got = n0.model(ids)
+    with dynamic_onehop(full.loaded, 0):
+        want = full.model(ids)
+    assert mx.abs(got - want).max().item() < 1e-5 and hop.stats["remote_calls"] > 0
