@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from ..arch import Arch, get_arch
 from ..errors import BundleError
 from ..manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
-from . import masked
+from . import fused, masked
 
 
 @dataclass
@@ -29,6 +29,8 @@ class Loaded:
     group: int | None  # None: every group (full model)
     local_ids: dict = field(default_factory=dict)  # layer -> global ids in local row order
     bytes: dict = field(default_factory=dict)  # trunk / experts bytes resident
+    moe_path: str = "mlx-lm"  # single-token MoE path (fused.py); why, if it fell back:
+    moe_path_reason: str | None = None
 
     @property
     def blocks(self) -> dict:
@@ -150,8 +152,11 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
     model.eval()
     mx.eval(model.parameters())
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return Loaded(model, m, arch, group if experts else None, local_ids,
-                  {"trunk": total - expert_bytes if experts else total, "experts": expert_bytes, "total": total})
+    loaded = Loaded(model, m, arch, group if experts else None, local_ids,
+                    {"trunk": total - expert_bytes if experts else total, "experts": expert_bytes, "total": total})
+    if experts:
+        fused.install(loaded)
+    return loaded
 
 
 def _default_dtype(m: Manifest):

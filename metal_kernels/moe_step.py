@@ -1,0 +1,356 @@
+"""The routed-MoE step of one decoded token in two kernels.
+
+mlx-lm runs a single token's MoE block as ~13 small ops (softmax, argpartition,
+take, normalise, three gather_qmm, swiglu, weighted sum, casts). At batch size
+1 each op costs far more in launch and dispatch than in bytes moved, so here
+the whole step after the router's matmul is two kernels:
+
+  gate_up: route (softmax over the router logits, top-k, optional
+           renormalisation), then h[j] = silu(Wg[e_j] x) * (Wu[e_j] x) for the
+           k selected experts; one simdgroup/warp per (expert, row).
+  down:    route again (cheaper than a third launch), then
+           y = sum_j w_j * Wd[e_j] h[j]; one simdgroup/warp per output row.
+
+Routing is done by the first warp of every threadgroup into shared memory, so
+no kernel depends on another kernel's routing output. Weights are MLX's affine
+quantization (uint32 words, a scale and a bias per group); accumulation is in
+float32, as MLX's own quantized matmuls do on the GPU.
+
+`reference` is the same computation in plain MLX ops: the definition the
+kernels are tested against, and the path used on CPU (where float32 compute is
+also several times faster than MLX's bfloat16 CPU kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+SIMD = 32  # threads per warp (CUDA) / simdgroup (Apple GPUs)
+THREADGROUP = 256  # 8 warps per threadgroup
+MAX_EXPERTS = 16 * SIMD  # routing keeps E/32 logits per lane in registers
+MAX_TOP_K = 16
+
+
+@dataclass(frozen=True)
+class QuantizedExperts:
+    """The three stacked projections of a SwitchGLU, MLX affine-quantized:
+    each a (weight uint32 [E, out, in*bits/32], scales [E, out, in/gs], biases)."""
+
+    gate: tuple
+    up: tuple
+    down: tuple
+    group_size: int
+    bits: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(n_experts, hidden, intermediate)."""
+        w, s, _ = self.gate
+        return w.shape[0], s.shape[-1] * self.group_size, w.shape[1]
+
+
+def unsupported(ex: QuantizedExperts, top_k: int) -> str | None:
+    """Why the kernels cannot run these experts (None: they can)."""
+    e, h, i = ex.shape
+    if ex.bits not in (4, 8) or ex.group_size not in (32, 64, 128):
+        return f"bits {ex.bits} / group size {ex.group_size} (kernels: bits 4, 8; group size 32, 64, 128)"
+    if e > MAX_EXPERTS or not 1 <= top_k <= min(MAX_TOP_K, e):
+        return f"{e} experts, top-{top_k} (kernels: at most {MAX_EXPERTS} experts, top-k at most {MAX_TOP_K})"
+    if h % ex.group_size or i % ex.group_size:
+        return f"hidden {h} / intermediate {i} not multiples of the group size {ex.group_size}"
+    return None
+
+
+# ---------------------------------------------------------------- reference
+
+def route(logits: mx.array, top_k: int, norm: bool) -> tuple[mx.array, mx.array]:
+    """Softmax over the (masked) router logits, top-k, optional renormalisation:
+    the rule of qwen3_moe / qwen2_moe / olmoe (and, with norm, mixtral's)."""
+    p = mx.softmax(logits.astype(mx.float32), axis=-1)
+    idx = mx.argpartition(-p, kth=top_k - 1, axis=-1)[..., :top_k]
+    w = mx.take_along_axis(p, idx, axis=-1)
+    if norm:
+        w = w / w.sum(axis=-1, keepdims=True)
+    return idx, w
+
+
+def reference(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool,
+              dtype=mx.float32) -> mx.array:
+    """One token: x [..., H], logits [..., E] -> y of x's shape and dtype. Only
+    the k selected experts' rows are read; no sort/scatter machinery (that is
+    for batches). Computes in `dtype` (float32: the kernels' precision)."""
+    idx, w = route(logits.reshape(-1), top_k, norm)
+
+    def proj(p, a):
+        wq, s, b = (t[idx] for t in p)
+        return mx.gather_qmm(a, wq, s.astype(dtype), b.astype(dtype), transpose=True,
+                             group_size=ex.group_size, bits=ex.bits)
+
+    a = mx.broadcast_to(x.reshape(1, 1, -1).astype(dtype), (top_k, 1, x.size))
+    g, u = proj(ex.gate, a), proj(ex.up, a)
+    y = proj(ex.down, mx.sigmoid(g) * g * u)  # [k, 1, H]
+    return (y[:, 0, :] * w[:, None].astype(dtype)).sum(axis=0).astype(x.dtype).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- kernel sources
+# Both backends share one structure; only the dialect differs. Template
+# constants: H (hidden), I (intermediate), E (experts), K (top-k), BITS, GS
+# (group size), NORM; T is the output dtype.
+
+CUDA_HEADER = """
+#define MOE_NEG_INF (-__int_as_float(0x7f800000))
+
+template <int E, int K, bool NORM, typename L>
+__device__ void moe_route(const L* logits, int lane, int* sel, float* wsel) {
+  constexpr int EPL = (E + 31) / 32;
+  float v[EPL];
+  float m = MOE_NEG_INF;
+  #pragma unroll
+  for (int j = 0; j < EPL; j++) {
+    int e = lane + 32 * j;
+    v[j] = e < E ? static_cast<float>(logits[e]) : MOE_NEG_INF;
+    m = fmaxf(m, v[j]);
+  }
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+  float s = 0.f;
+  #pragma unroll
+  for (int j = 0; j < EPL; j++) { v[j] = expf(v[j] - m); s += v[j]; }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+  #pragma unroll
+  for (int j = 0; j < EPL; j++) v[j] = (lane + 32 * j) < E ? v[j] / s : -1.f;
+  float tot = 0.f;
+  for (int k = 0; k < K; k++) {
+    float best = -1.f; int bi = E;
+    #pragma unroll
+    for (int j = 0; j < EPL; j++) if (v[j] > best) { best = v[j]; bi = lane + 32 * j; }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ob = __shfl_xor_sync(0xffffffff, best, o);
+      int oi = __shfl_xor_sync(0xffffffff, bi, o);
+      if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+    }
+    #pragma unroll
+    for (int j = 0; j < EPL; j++) if (lane + 32 * j == bi) v[j] = -2.f;
+    sel[k] = bi; wsel[k] = best; tot += best;
+  }
+  if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
+}
+
+template <int BITS, int GS, typename S, typename X>
+__device__ float qdot_lane(const uint32_t* w, const S* sc, const S* bi, const X* x, int words, int lane) {
+  // this lane's share of dot(dequant(row), x); words never straddle groups (GS >= 32 >= 32/BITS)
+  constexpr int PER = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  float acc = 0.f;
+  for (int wd = lane; wd < words; wd += 32) {
+    int col = wd * PER;
+    uint32_t q = w[wd];
+    float d = 0.f, xs = 0.f;
+    #pragma unroll
+    for (int t = 0; t < PER; t++) {
+      float xv = static_cast<float>(x[col + t]);
+      d += static_cast<float>((q >> (BITS * t)) & MASK) * xv;
+      xs += xv;
+    }
+    acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
+  }
+  return acc;
+}
+
+__device__ inline float warp_sum(float a) {
+  for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
+  return a;
+}
+"""
+
+CUDA_ROUTE_SHARED = """
+  __shared__ int s_sel[K];
+  __shared__ float s_w[K];
+  int lane = threadIdx.x % 32;
+  if (threadIdx.x < 32) {
+    int sel[K]; float wsel[K];
+    moe_route<E, K, NORM>(logits, lane, sel, wsel);
+    if (lane == 0) for (int k = 0; k < K; k++) { s_sel[k] = sel[k]; s_w[k] = wsel[k]; }
+  }
+  __syncthreads();
+  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+"""
+
+CUDA_GATE_UP = CUDA_ROUTE_SHARED + """
+  constexpr int WORDS = H * BITS / 32;
+  if (warp < K * I) {
+    int j = warp / I, row = warp % I;
+    size_t r = (size_t)s_sel[j] * I + row;
+    float g = qdot_lane<BITS, GS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, WORDS, lane);
+    float u = qdot_lane<BITS, GS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, WORDS, lane);
+    g = warp_sum(g); u = warp_sum(u);
+    if (lane == 0) hid[warp] = g / (1.f + expf(-g)) * u;
+  }
+"""
+
+CUDA_DOWN = CUDA_ROUTE_SHARED + """
+  constexpr int WORDS = I * BITS / 32;
+  if (warp < H) {
+    float acc = 0.f;
+    #pragma unroll
+    for (int j = 0; j < K; j++) {
+      size_t r = (size_t)s_sel[j] * H + warp;
+      acc += s_w[j] * qdot_lane<BITS, GS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, WORDS, lane);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[warp] = static_cast<T>(acc);
+  }
+"""
+
+METAL_HEADER = """
+template <int E, int K, bool NORM, typename L>
+void moe_route(const device L* logits, uint lane, thread int* sel, thread float* wsel) {
+  constexpr int EPL = (E + 31) / 32;
+  float v[EPL];
+  float m = -INFINITY;
+  for (int j = 0; j < EPL; j++) {
+    int e = lane + 32 * j;
+    v[j] = e < E ? static_cast<float>(logits[e]) : -INFINITY;
+    m = max(m, v[j]);
+  }
+  m = simd_max(m);
+  float s = 0.f;
+  for (int j = 0; j < EPL; j++) { v[j] = metal::exp(v[j] - m); s += v[j]; }
+  s = simd_sum(s);
+  for (int j = 0; j < EPL; j++) v[j] = (int(lane) + 32 * j) < E ? v[j] / s : -1.f;
+  float tot = 0.f;
+  for (int k = 0; k < K; k++) {
+    float best = -1.f; int bi = E;
+    for (int j = 0; j < EPL; j++) if (v[j] > best) { best = v[j]; bi = lane + 32 * j; }
+    for (ushort o = 16; o > 0; o >>= 1) {
+      float ob = simd_shuffle_xor(best, o);
+      int oi = simd_shuffle_xor(bi, o);
+      if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
+    }
+    for (int j = 0; j < EPL; j++) if (int(lane) + 32 * j == bi) v[j] = -2.f;
+    sel[k] = bi; wsel[k] = best; tot += best;
+  }
+  if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
+}
+
+template <int BITS, int GS, typename S, typename X>
+float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, const device X* x, int words, uint lane) {
+  constexpr int PER = 32 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1u;
+  float acc = 0.f;
+  for (int wd = lane; wd < words; wd += 32) {
+    int col = wd * PER;
+    uint32_t q = w[wd];
+    float d = 0.f, xs = 0.f;
+    for (int t = 0; t < PER; t++) {
+      float xv = static_cast<float>(x[col + t]);
+      d += static_cast<float>((q >> (BITS * t)) & MASK) * xv;
+      xs += xv;
+    }
+    acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
+  }
+  return acc;
+}
+"""
+
+METAL_ROUTE_SHARED = """
+  threadgroup int s_sel[K];
+  threadgroup float s_w[K];
+  uint lane = thread_index_in_simdgroup;
+  if (simdgroup_index_in_threadgroup == 0) {
+    int sel[K]; float wsel[K];
+    moe_route<E, K, NORM>(logits, lane, sel, wsel);
+    if (lane == 0) for (int k = 0; k < K; k++) { s_sel[k] = sel[k]; s_w[k] = wsel[k]; }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  int warp = thread_position_in_grid.x / 32;
+"""
+
+METAL_GATE_UP = METAL_ROUTE_SHARED + """
+  constexpr int WORDS = H * BITS / 32;
+  if (warp < K * I) {
+    int j = warp / I, row = warp % I;
+    size_t r = size_t(s_sel[j]) * I + row;
+    float g = qdot_lane<BITS, GS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, WORDS, lane);
+    float u = qdot_lane<BITS, GS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, WORDS, lane);
+    g = simd_sum(g); u = simd_sum(u);
+    if (lane == 0) hid[warp] = g / (1.f + metal::exp(-g)) * u;
+  }
+"""
+
+METAL_DOWN = METAL_ROUTE_SHARED + """
+  constexpr int WORDS = I * BITS / 32;
+  if (warp < H) {
+    float acc = 0.f;
+    for (int j = 0; j < K; j++) {
+      size_t r = size_t(s_sel[j]) * H + warp;
+      acc += s_w[j] * qdot_lane<BITS, GS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, WORDS, lane);
+    }
+    acc = simd_sum(acc);
+    if (lane == 0) y[warp] = static_cast<T>(acc);
+  }
+"""
+
+GATE_UP_INPUTS = ["x", "logits", "wg", "sg", "bg", "wu", "su", "bu"]
+DOWN_INPUTS = ["hid", "logits", "wd", "sd", "bd"]
+
+
+def geometry(ex: QuantizedExperts, top_k: int) -> dict:
+    """Grid (threads) and threadgroup of both kernels: one warp per output row."""
+    _, h, i = ex.shape
+    tg = (THREADGROUP, 1, 1)
+
+    def grid(rows):
+        return (-(-rows * SIMD // THREADGROUP) * THREADGROUP, 1, 1)  # whole threadgroups
+
+    return {"gate_up": {"grid": grid(top_k * i), "threadgroup": tg, "output_shape": (top_k, i)},
+            "down": {"grid": grid(h), "threadgroup": tg, "output_shape": (h,)}}
+
+
+def template(ex: QuantizedExperts, top_k: int, norm: bool, dtype) -> list:
+    e, h, i = ex.shape
+    return [("T", dtype), ("H", h), ("I", i), ("E", e), ("K", top_k), ("BITS", ex.bits),
+            ("GS", ex.group_size), ("NORM", bool(norm))]
+
+
+class FusedMoE:
+    """The two kernels of one backend ('cuda' or 'metal'), compiled on first use."""
+
+    def __init__(self, backend: str):
+        if backend not in ("cuda", "metal"):
+            raise ValueError(f"backend {backend!r}: expected 'cuda' or 'metal'")
+        self.backend = backend
+        self._kernels = None
+        self._launch: dict = {}  # (shape, bits, gs, k, norm, dtype) -> launch arguments
+
+    def sources(self) -> dict:
+        if self.backend == "cuda":
+            return {"header": CUDA_HEADER, "gate_up": CUDA_GATE_UP, "down": CUDA_DOWN}
+        return {"header": METAL_HEADER, "gate_up": METAL_GATE_UP, "down": METAL_DOWN}
+
+    def kernels(self):
+        if self._kernels is None:
+            src = self.sources()
+            make = mx.fast.cuda_kernel if self.backend == "cuda" else mx.fast.metal_kernel
+            self._kernels = (
+                make(name="mlxmoe_moe_gate_up", input_names=GATE_UP_INPUTS, output_names=["hid"],
+                     source=src["gate_up"], header=src["header"]),
+                make(name="mlxmoe_moe_down", input_names=DOWN_INPUTS, output_names=["y"],
+                     source=src["down"], header=src["header"]),
+            )
+        return self._kernels
+
+    def __call__(self, x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool) -> mx.array:
+        """x [..., H] and logits [..., E] of one token (masked, any float dtype)
+        -> y of x's shape and dtype. Kernels index flat: no reshape ops."""
+        gate_up, down = self.kernels()
+        key = (ex.shape, ex.bits, ex.group_size, top_k, norm, x.dtype)
+        if key not in self._launch:  # per-token Python work is per-token latency
+            geo, tmpl = geometry(ex, top_k), template(ex, top_k, norm, x.dtype)
+            self._launch[key] = [dict(template=tmpl, grid=geo[k]["grid"], threadgroup=geo[k]["threadgroup"])
+                                 for k in ("gate_up", "down")]
+        a_up, a_down = self._launch[key]
+        hid = gate_up(inputs=[x, logits, *ex.gate, *ex.up], output_shapes=[(top_k, ex.shape[2])],
+                      output_dtypes=[mx.float32], **a_up)[0]
+        return down(inputs=[hid, logits, *ex.down], output_shapes=[x.shape], output_dtypes=[x.dtype], **a_down)[0]

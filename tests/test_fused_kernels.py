@@ -1,0 +1,197 @@
+"""The single-token MoE paths (mlxmoe/runtime/fused.py, metal_kernels/moe_step.py).
+
+CPU: the pure-MLX reference equals an independent float64 computation and
+mlx-lm's own MoE block across bits 4/8, group sizes 32/64/128, top-k 2-8; a
+node picks and reports its path; greedy tokens over 256 steps on the committed
+reference model are identical on the fused path and on mlx-lm's block code.
+Metal sources cannot run here: their assembly and launch geometry are checked.
+GPU (-m gpu, on the GPU machine): the kernels equal the reference."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from metal_kernels import moe_step
+from metal_kernels.moe_step import FusedMoE, QuantizedExperts, geometry, reference, template, unsupported
+
+REFERENCE = Path(__file__).parent.parent / "mlxmoe" / "assets" / "reference-moe"
+GRID = [(bits, gs, k) for bits in (4, 8) for gs in (32, 64, 128) for k in (2, 3, 6, 8)]
+# each GPU case is its own JIT compile (~6 s per kernel on CUDA): a smaller grid there
+GPU_GRID = [(bits, gs, k) for bits in (4, 8) for gs in (32, 64, 128) for k in (2, 8)] + [(4, 64, 3), (8, 128, 6)]
+
+
+def make_experts(e, h, i, bits, gs, dtype=mx.float32, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    projs = []
+    for key, shape in zip(keys, [(e, i, h), (e, i, h), (e, h, i)]):
+        w = mx.random.normal(shape, key=key) / np.sqrt(shape[-1])
+        wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
+        projs.append((wq, s.astype(dtype), b.astype(dtype)))
+    return QuantizedExperts(*projs, group_size=gs, bits=bits)
+
+
+def ground_truth(x, logits, ex, k, norm):
+    """float64 numpy: softmax, top-k, renormalise, SwiGLU over the chosen experts."""
+    deq = [np.array(mx.dequantize(*p, group_size=ex.group_size, bits=ex.bits).astype(mx.float32), np.float64)
+           for p in (ex.gate, ex.up, ex.down)]
+    z = np.array(logits.astype(mx.float32), np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    idx = np.argsort(-p)[:k]
+    w = p[idx] / (p[idx].sum() if norm else 1.0)
+    xv = np.array(x.astype(mx.float32), np.float64)
+    y = 0
+    for e, we in zip(idx, w):
+        g, u = deq[0][e] @ xv, deq[1][e] @ xv
+        y = y + we * (deq[2][e] @ (g / (1 + np.exp(-g)) * u))
+    return y
+
+
+def inputs(e, h, seed=1):
+    kx, kl = mx.random.split(mx.random.key(seed))
+    return mx.random.normal((h,), key=kx), 2 * mx.random.normal((e,), key=kl)
+
+
+@pytest.mark.parametrize("bits,gs,k", GRID)
+def test_reference_equals_float64_ground_truth(bits, gs, k):
+    ex = make_experts(16, 256, 128, bits, gs)
+    x, logits = inputs(16, 256)
+    for norm in (True, False):
+        got = np.array(reference(x, logits, ex, k, norm))
+        want = ground_truth(x, logits, ex, k, norm)
+        assert np.abs(got - want).max() <= 1e-4 * (np.abs(want).max() + 1)
+
+
+@pytest.mark.parametrize("bits,gs,k", [(4, 64, 8), (8, 32, 2), (4, 128, 6), (8, 128, 4)])
+def test_reference_equals_mlx_lm_block(bits, gs, k):
+    """The fused step of a real mlx-lm Qwen3 MoE block = the block's own code (float32)."""
+    import mlx.nn as nn
+    from mlx_lm.models.qwen3_moe import ModelArgs, Qwen3MoeSparseMoeBlock
+
+    args = ModelArgs(model_type="qwen3_moe", hidden_size=256, num_hidden_layers=1, intermediate_size=512,
+                     num_attention_heads=4, num_experts=16, num_experts_per_tok=k, decoder_sparse_step=1,
+                     mlp_only_layers=[], moe_intermediate_size=128, rms_norm_eps=1e-6, vocab_size=64,
+                     num_key_value_heads=2, head_dim=64, rope_theta=1e6, tie_word_embeddings=False,
+                     max_position_embeddings=128, norm_topk_prob=True)
+    block = Qwen3MoeSparseMoeBlock(args)
+    nn.quantize(block, group_size=gs, bits=bits, class_predicate=lambda p, m: p.startswith("switch_mlp") and hasattr(m, "to_quantized"))
+    sw = block.switch_mlp
+    ex = QuantizedExperts(*[(p.weight, p.scales, p.biases) for p in (sw.gate_proj, sw.up_proj, sw.down_proj)],
+                          group_size=gs, bits=bits)
+    x = mx.random.normal((1, 1, 256), key=mx.random.key(5))
+    got = reference(x.reshape(-1), block.gate(x), ex, k, True)
+    assert mx.abs(got - block(x).reshape(-1)).max().item() <= 1e-4
+
+
+def test_masked_experts_are_never_chosen():
+    ex = make_experts(16, 256, 128, 4, 64)
+    x, logits = inputs(16, 256, seed=3)
+    mask = mx.array([0.0 if e % 4 == 0 else -mx.inf for e in range(16)])
+    idx, w = moe_step.route(logits + mask, 3, True)
+    assert all(int(e) % 4 == 0 for e in idx.tolist()) and abs(w.sum().item() - 1) < 1e-6
+    got = np.array(reference(x, logits + mask, ex, 3, True))
+    assert np.abs(got - ground_truth(x, logits + mask, ex, 3, True)).max() < 1e-3
+
+
+def test_unsupported_shapes_are_named():
+    assert unsupported(make_experts(8, 256, 128, 4, 64), 4) is None
+    assert "bits" in unsupported(make_experts(8, 256, 128, 2, 64), 4)
+    assert "top-k" in unsupported(make_experts(8, 256, 128, 4, 64), 9)
+
+
+@pytest.mark.parametrize("backend", ["metal", "cuda"])
+def test_kernel_sources_and_launch_geometry(backend):
+    """What can be checked without the GPU: sources assembled, every input and
+    template constant used, one warp per output row, whole threadgroups."""
+    src = FusedMoE(backend).sources()
+    assert "moe_route" in src["header"] and "qdot_lane" in src["header"]
+    for body, names, out in ((src["gate_up"], moe_step.GATE_UP_INPUTS, "hid"), (src["down"], moe_step.DOWN_INPUTS, "y")):
+        for n in names + [out, "H", "I", "E", "K", "BITS", "GS", "NORM"]:
+            assert f"{n}" in body or n in src["header"], (backend, n)
+        assert body.count("{") == body.count("}")
+    assert src["header"].count("{") == src["header"].count("}")
+    ex = make_experts(128, 2048, 768, 4, 64)
+    geo = geometry(ex, 8)
+    assert geo["gate_up"]["output_shape"] == (8, 768) and geo["down"]["output_shape"] == (2048,)
+    for g in geo.values():
+        rows = int(np.prod(g["output_shape"]))
+        assert g["grid"][0] % g["threadgroup"][0] == 0 and rows * 32 <= g["grid"][0] < rows * 32 + g["threadgroup"][0]
+    names = [n for n, _ in template(ex, 8, True, mx.bfloat16)]
+    assert names == ["T", "H", "I", "E", "K", "BITS", "GS", "NORM"]
+
+
+# ---- the node --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ref_bundle(tmp_path_factory):
+    from mlxmoe.split import split
+
+    out = tmp_path_factory.mktemp("fused") / "b"
+    split(str(REFERENCE), out, 3, bits=4, group_size=64, kv_bits=8)
+    return out
+
+
+def test_node_picks_a_path_and_reports_it(ref_bundle, monkeypatch):
+    from mlxmoe.runtime import fused
+    from mlxmoe.runtime.node import Node
+
+    node = Node.load(str(ref_bundle), 0, verify=False)
+    assert node.info()["moe_path"] == fused.default_path() == "reference"
+    assert fused.install(node.loaded, "mlx-lm") == "mlx-lm" and node.info()["moe_path"] == "mlx-lm"
+    monkeypatch.setenv(fused.ENV, "fused-cuda")  # no CUDA here: falls back, says why
+    assert fused.install(node.loaded) == "reference" and node.loaded.moe_path_reason
+
+
+def test_greedy_256_tokens_identical_fused_and_unfused(ref_bundle):
+    """Float32 model, so that both paths compute at the same precision (MLX's
+    bfloat16 CPU matmuls are the less precise side; see README)."""
+    from mlxmoe.runtime import fused
+    from mlxmoe.runtime.engine import GenParams
+    from mlxmoe.runtime.node import Node
+
+    node = Node.load(str(ref_bundle), None, verify=False, kv_bits=None)
+    node.model.set_dtype(mx.float32)
+    prompt = node.encode("def add(a, b):\n    return")
+    out = {}
+    for path in ("reference", "mlx-lm"):
+        fused.install(node.loaded, path)
+        out[path] = [e.token for e in node.generate(None, prompt, GenParams(max_tokens=256, temperature=0.0))]
+    assert len(out["reference"]) == 256 and out["reference"] == out["mlx-lm"]
+
+
+# ---- GPU (run on the GPU machine: pytest -m gpu) ----------------------------------------------
+
+def _gpu_backend():
+    if mx.default_device() == mx.cpu:
+        return None
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def _check_kernel(kernel, e, h, i, bits, gs, k, norm, dtype):
+    ex = make_experts(e, h, i, bits, gs, dtype)
+    x, logits = (t.astype(dtype) for t in inputs(e, h))
+    got = kernel(x, logits, ex, k, norm).astype(mx.float32)
+    want = reference(x, logits, ex, k, norm).astype(mx.float32)
+    tol = 1e-4 if dtype == mx.float32 else 2e-2
+    assert mx.abs(got - want).max().item() <= tol * (mx.abs(want).max().item() + 1e-3), (e, h, i, bits, gs, k, norm, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,gs,k", GPU_GRID)
+def test_kernel_equals_reference_on_gpu(bits, gs, k):
+    """One launch configuration per case (each is a separate JIT compile)."""
+    backend = _gpu_backend()
+    if backend is None:
+        pytest.skip("no GPU")
+    _check_kernel(FusedMoE(backend), 48, 256, 128, bits, gs, k, k % 2 == 0, mx.bfloat16 if bits == 4 else mx.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kernel_equals_reference_on_gpu_qwen3_30b_shapes(bits):
+    backend = _gpu_backend()
+    if backend is None:
+        pytest.skip("no GPU")
+    _check_kernel(FusedMoE(backend), 128, 2048, 768, bits, 64, 8, True, mx.bfloat16)
