@@ -67,11 +67,13 @@ def measure_bandwidth() -> float:
     return 2 * a.nbytes * 5 / (time.perf_counter() - t0)
 
 
-def touched_bytes(m: Manifest, trunk_bytes: int, embed_bytes: int, kv_bytes_per_token: float, context: int) -> float:
+def touched_bytes(m: Manifest, trunk_bytes: int, embed_bytes: int, kv_bytes_per_token: float, context: int) -> dict:
     """Bytes read per decoded token: trunk (less the embedding table, of which one
-    row is read) + top-k experts at every MoE layer + the KV cache."""
+    row is read) + top-k experts at every MoE layer + the KV cache at `context`."""
     per_expert = sum(m.files[group_file(g)]["size"] for g in range(m.n_groups)) / (m.n_experts * len(m.moe_layers))
-    return trunk_bytes - embed_bytes + m.top_k * len(m.moe_layers) * per_expert + kv_bytes_per_token * context
+    parts = {"trunk": trunk_bytes - embed_bytes, "experts": m.top_k * len(m.moe_layers) * per_expert,
+             "kv": kv_bytes_per_token * context}
+    return {**{k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
 
 def run_decode(gen_fn, prompt, n_gen, runs):
@@ -105,13 +107,17 @@ def main(argv=None):
     ap.add_argument("--kv-bits", type=int, default=8, help="KV bits for both mlx-lm and the node (0 = unquantized).")
     ap.add_argument("--bandwidth", type=float, help="Device memory bandwidth in GB/s (default: measured copy).")
     ap.add_argument("--workdir", default="/tmp/mlxmoe-bench-decode")
+    ap.add_argument("--unfused-row", action="store_true",
+                    help="Also time a node (all experts) on mlx-lm's own MoE block code (MoE path 'mlx-lm').")
+    ap.add_argument("--profile", action="store_true",
+                    help="Per-op profile of one decode step (ops by primitive, module time shares) per model.")
     a = ap.parse_args(argv)
     kv_bits = a.kv_bits or None
 
     from mlx_lm.generate import generate_step
 
     from .runtime.engine import GenParams
-    from .runtime.load import load_bundle
+    from .runtime import fused
     from .runtime.node import Node, backend_name
     from .runtime.reference import mlx_lm_model
     from .split import split
@@ -150,6 +156,11 @@ def main(argv=None):
         rows[-1]["weights_vs_expected"] = round(rows[-1]["weights_bytes"] / expected, 4)
         if isinstance(obj, Node):
             rows[-1]["kv_bytes_per_token"] = obj.sessions.per_token
+            rows[-1]["moe_path"] = obj.loaded.moe_path
+            if obj.loaded.moe_path_reason:
+                rows[-1]["moe_path_reason"] = obj.loaded.moe_path_reason
+        else:
+            rows[-1]["moe_path"] = "mlx-lm"
         gens.append((obj, gen))
 
     if source is not None:  # 1. mlx-lm, full model, its own generation loop
@@ -158,10 +169,16 @@ def main(argv=None):
             return ref, lambda p, n: (t for t, _ in generate_step(mx.array(p), ref, max_tokens=n, kv_bits=kv_bits,
                                                                    kv_group_size=64, quantized_kv_start=0))
         add("mlx-lm (full model)", None, load_ref, sizes[TRUNK_FILE] + sum(sizes[group_file(g)] for g in range(m.n_groups)))
-    # 2. node with every expert, 3. node with one group (+ overlay)
-    for name, g in (("mlxmoe node, all experts", None), (f"mlxmoe node, group {a.group} of {m.n_groups}", a.group)):
-        def load_node(g=g):
+    # 2. node with every expert, 3. node with one group (+ overlay), on the MoE
+    # path picked at load; optionally 4. all experts on mlx-lm's own MoE code
+    node_rows = [("mlxmoe node, all experts", None, None), (f"mlxmoe node, group {a.group} of {m.n_groups}", a.group, None)]
+    if a.unfused_row:
+        node_rows.append(("mlxmoe node, all experts, unfused", None, "mlx-lm"))
+    for name, g, path in node_rows:
+        def load_node(g=g, path=path):
             node = Node.load(str(bundle), g, kv_bits=kv_bits, verify=False, tokenizer=(bundle / "tokenizer.json").exists())
+            if path:
+                fused.install(node.loaded, path)
             return node, lambda p, n: node.generate(None, p, GenParams(max_tokens=n))
         files = [group_file(x) for x in range(m.n_groups)] if g is None else [group_file(g)] + ([OVERLAY_FILE] if OVERLAY_FILE in sizes else [])
         add(name, g, load_node, sizes[TRUNK_FILE] + sum(sizes[f] for f in files))
@@ -180,7 +197,8 @@ def main(argv=None):
                  decode_tok_s_runs=[round(x[2], 2) for x in ss])
 
     per_token_kv = next((r["kv_bytes_per_token"] for r in rows if "kv_bytes_per_token" in r), 0)
-    touched = touched_bytes(m, sizes[TRUNK_FILE], embed_bytes, per_token_kv, ctx)
+    touched_parts = touched_bytes(m, sizes[TRUNK_FILE], embed_bytes, per_token_kv, ctx)
+    touched = touched_parts["total"]
     for r in rows:
         r["roofline_share"] = round(touched * r["decode_tok_s"] / bw, 4)
     base = rows[0]["decode_tok_s"] if source is not None else None
@@ -188,13 +206,21 @@ def main(argv=None):
             "model": a.synthetic or str(source), "layers": cfg["num_hidden_layers"], "experts": m.n_experts,
             "top_k": m.top_k, "bits": (m.quantization.get("experts") or {}).get("bits"), "kv_bits": kv_bits,
             "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen, "bandwidth_gb_s": round(bw / 1e9, 1),
-            "bytes_touched_per_token": int(touched)}
+            "bytes_touched_per_token": int(touched), "bytes_touched_parts": touched_parts, "context": ctx}
     print(f"# decode benchmark {json.dumps(meta)}")
-    print(f"{'row':34s} {'prompt tok/s':>12s} {'decode tok/s':>12s} {'ratio':>6s} {'ttft s':>7s} {'weights GB':>10s} {'vs arith':>8s} {'roofline':>8s}")
+    print(f"{'row':34s} {'moe path':>11s} {'prompt tok/s':>12s} {'decode tok/s':>12s} {'ratio':>6s} {'ttft s':>7s} "
+          f"{'weights GB':>10s} {'vs arith':>8s} {'roofline':>8s}")
     for r in rows:
         ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
-        print(f"{r['row']:34s} {r['prompt_tok_s']:12.1f} {r['decode_tok_s']:12.2f} {ratio:>6s} {r['ttft_s']:7.3f} "
-              f"{r['weights_bytes'] / 1e9:10.3f} {r['weights_vs_expected']:8.3f} {r['roofline_share']:8.2%}")
+        print(f"{r['row']:34s} {r['moe_path']:>11s} {r['prompt_tok_s']:12.1f} {r['decode_tok_s']:12.2f} {ratio:>6s} "
+              f"{r['ttft_s']:7.3f} {r['weights_bytes'] / 1e9:10.3f} {r['weights_vs_expected']:8.3f} {r['roofline_share']:8.2%}")
+    if a.profile:
+        from .profile import print_profile, profile_step
+
+        for r, (obj, _) in zip(rows, gens):
+            model = obj.model if isinstance(obj, Node) else obj
+            r["profile"] = profile_step(model, prompt, kv_bits=kv_bits, moe_layers=m.moe_layers)
+            print_profile(r["row"], r["profile"])
     for r in rows:
         print(json.dumps({**meta, **r, "ratio_vs_mlx_lm": round(r["decode_tok_s"] / base, 3) if base else None}))
 

@@ -23,7 +23,8 @@ def rec(mh="h1", proto=str(wire.PROTOCOL_VERSION), groups="1", url="http://10.0.
 
 def info(groups=(1,), mh="h1"):
     return {"groups": list(groups), "manifest_hash": mh, "protocol": wire.PROTOCOL_VERSION, "model": "m",
-            "free_memory": 5, "sessions": 3, "backend": "metal"}
+            "free_memory": 5, "sessions": 3, "backend": "metal",
+            "moe_path": "fused-metal"}
 
 
 def test_mdns_peer_waits_for_authenticated_info_then_up():
@@ -68,8 +69,9 @@ def test_static_peer_named_by_node_and_status_fields():
     t.from_info(p, {**info(), "node_name": "studio-g1-7420"})
     st = t.status()[0]
     assert st["name"] == "studio-g1-7420" and st["state"] == "up" and st["source"] == "static"
+    assert st["moe_path"] == "fused-metal"
     assert set(st) == {"name", "url", "source", "groups", "manifest_hash", "protocol", "free_memory",
-                       "active_sessions", "state", "reason", "backend"}
+                       "active_sessions", "state", "reason", "backend", "moe_path"}
 
 
 def test_txt_has_no_secrets_and_round_trips():

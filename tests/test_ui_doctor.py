@@ -182,3 +182,8 @@ def test_doctor_command_exit_codes(home, monkeypatch, tmp_path):
     assert r.exit_code == 1
     assert "✗ fail  cluster key: no key" in r.output and "fix: run `mlxmoe init`" in r.output
     assert "2 failed" in r.output
+
+
+def test_moe_path_check_names_the_path_a_node_takes():
+    c = doctor.check_moe_path()  # CPU here: the float32 reference path
+    assert c.status == "ok" and c.detail.startswith("reference")

@@ -177,6 +177,7 @@ class Peer:
     state: str = "down"  # "up" | "ignored" | "down"
     reason: str | None = "not probed yet"
     backend: str | None = None
+    moe_path: str | None = None  # the node's single-token MoE path (runtime/fused.py)
     last_seen: float = 0.0
     verified: bool = False  # answered an authenticated info RPC
     inflight: int = 0  # streams this router has open on it
@@ -254,7 +255,7 @@ class PeerTable:
         p.protocol, p.model = info.get("protocol"), info.get("model")
         p.free_memory = int(info.get("free_memory") or 0)
         p.active_sessions = int(info.get("sessions") or 0)
-        p.backend = info.get("backend")
+        p.backend, p.moe_path = info.get("backend"), info.get("moe_path")
         p.last_seen, p.verified = time.time(), True
         if p.source == "static" and p.name == p.url and info.get("node_name"):
             p.name = str(info["node_name"])

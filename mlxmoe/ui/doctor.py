@@ -46,6 +46,27 @@ def check_mlx() -> Check:
     return Check("mlx", "ok", detail)
 
 
+def check_moe_path() -> Check:
+    """Which single-token MoE path a node on this machine will take."""
+    try:
+        from mlxmoe.runtime import fused
+    except Exception as e:  # mlx missing or broken: check_mlx says so
+        return Check("moe path", "warn", f"cannot tell ({e})", "fix the mlx check above first")
+    path = fused.default_path()
+    what = {"fused-metal": "fused Metal kernels", "fused-cuda": "fused CUDA kernels",
+            "reference": "plain MLX on the selected experts, float32", "mlx-lm": "mlx-lm's own MoE code"}[path]
+    detail = f"{path} ({what}); a node checks it on load and reports the one it uses in `/status`"
+    if path in ("reference", "mlx-lm") and mx_has_gpu():
+        return Check("moe path", "warn", detail, "this MLX offers no custom kernels: `pip install -U mlx`")
+    return Check("moe path", "ok", detail)
+
+
+def mx_has_gpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() != mx.cpu
+
+
 def check_memory() -> Check:
     try:
         import psutil
@@ -160,7 +181,7 @@ def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
 
 
 def run_checks(url: str | None = None, bundle: str | None = None) -> list[Check]:
-    checks = [check_mlx(), check_memory(), check_mdns(), check_key()]
+    checks = [check_mlx(), check_moe_path(), check_memory(), check_mdns(), check_key()]
     cluster, status = check_cluster(url)
     checks += cluster
     if bundle:
