@@ -304,3 +304,18 @@ def test_remote_layers_are_exact_for_every_routing_rule(ckpt, tmp_path, arch):
     with dynamic_onehop(full.loaded, 0):
         want = full.model(ids)
     assert mx.abs(got - want).max().item() < 1e-5 and hop.stats["remote_calls"] > 0
+
+
+def test_a_large_prompt_chunk_is_split_into_calls(ckpt, tmp_path, monkeypatch):
+    from mlxmoe.runtime import remote
+    from mlxmoe.runtime.remote import Route, _stats
+
+    split(str(ckpt("qwen3_moe")), tmp_path / "b", 2, bits=None, trunk_bits=None)
+    n0, n1 = (Node(load_bundle(tmp_path / "b", g), None, kv_bits=None) for g in (0, 1))
+    ids = mx.array([[3, 17, 99, 250, 7, 42, 11, 300, 5, 64]])
+    hidden = n0.manifest.model["config"]["hidden_size"]
+    monkeypatch.setattr(remote, "MAX_CALL_BYTES", 3 * hidden * 4)  # 3 float32 tokens per call
+    group = Route(n0.remote, "group", 0, {1: FlakyLink(n1)}, _stats("group", 1))
+    with group.active():
+        assert mx.array_equal(n0.model(ids), n1.model(ids)).item()
+    assert group.stats["remote_calls"] == 4 * len(n0.manifest.moe_layers)  # 10 tokens: 3 + 3 + 3 + 1
