@@ -21,8 +21,8 @@ Contract with the router (cluster/router.py):
   fails before the first token (HTTP 400 naming the field).
 - node info: info()["session_stats"][session_id] = {"routing", "expert_group",
   "remote_calls", "remote_bytes", "remote_s", "local_steps"}: cumulative per
-  session (bytes = request + response bodies; local_steps = onehop layer
-  steps that stayed local). "sessions" stays the session count.
+  session (bytes = HTTP requests + responses, headers included; local_steps =
+  onehop layer steps that stayed local). "sessions" stays the session count.
 - a peer failing mid-generation raises PeerError (cluster: HTTP 502 /
   error frame "peer_failed", retryable) naming the peer; the session's cache
   is left holding exactly the tokens before the failed step.
@@ -261,7 +261,7 @@ class PeerLink:
             self.conn = None
 
     def call(self, op: str, body: dict) -> tuple[dict, int]:
-        """(answer body, bytes sent + received). One retry on a fresh
+        """(answer body, HTTP bytes sent + received). One retry on a fresh
         connection if a kept-alive one turns out closed (ops are pure)."""
         from ..cluster import wire
 
@@ -297,7 +297,8 @@ class PeerLink:
         msg = wire.unpack(raw)
         if not isinstance(msg, dict) or msg.get("ok") is not True:
             raise PeerError(f"peer {self.name}: malformed answer", self.name)
-        return msg.get("body"), len(data) + len(raw)
+        host = self._host if self._port is None else f"{self._host}:{self._port}"
+        return msg.get("body"), _http_bytes(op, data, headers, host, resp, raw)
 
     def _wait(self) -> None:
         """Until the answer starts arriving; meanwhile serve our own inbox."""
@@ -313,6 +314,15 @@ class PeerLink:
                 return
             if ready:
                 self.inbox.drain()
+
+
+def _http_bytes(op, data, headers, host, resp, raw) -> int:
+    """Bytes of one HTTP/1.1 exchange as sent (request line and headers as
+    http.client writes them; the response's status line and headers)."""
+    sent = {"Host": host, "Accept-Encoding": "identity", "Content-Length": str(len(data)), **headers}
+    req = len(f"POST /rpc/{op} HTTP/1.1\r\n") + sum(len(k) + len(v) + 4 for k, v in sent.items()) + 2
+    ans = len(f"HTTP/1.1 {resp.status} {resp.reason}\r\n") + sum(len(k) + len(v) + 4 for k, v in resp.getheaders()) + 2
+    return req + len(data) + ans + len(raw)
 
 
 # ------------------------------------------------------------------ per-node state, per-generation routes
