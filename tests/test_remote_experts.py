@@ -319,3 +319,19 @@ def test_a_large_prompt_chunk_is_split_into_calls(ckpt, tmp_path, monkeypatch):
     with group.active():
         assert mx.array_equal(n0.model(ids), n1.model(ids)).item()
     assert group.stats["remote_calls"] == 4 * len(n0.manifest.moe_layers)  # 10 tokens: 3 + 3 + 3 + 1
+
+
+def test_an_engine_without_remote_experts_says_so():
+    from fakes import HASH, FakeEngine
+
+    async def go():
+        node = await start_node(FakeEngine(group=0), KEY, "127.0.0.1", 0, advertise=False)
+        try:
+            async with aiohttp.ClientSession() as http:
+                with pytest.raises(RpcError) as ei:
+                    await NodeClient(http, node.url, KEY, HASH).experts(0, encode_tensor(mx.zeros((1, 8), mx.bfloat16)))
+                return ei.value
+        finally:
+            await node.stop()
+    e = asyncio.run(go())
+    assert e.status == 501 and e.code == "unsupported" and not e.retryable
