@@ -53,7 +53,7 @@ from ..placement import router_probs, topk_mass
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
-CALL_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 30.0  # below the router's 60 s token timeout: the peer is named, not this node
 
 
 class PeerError(MlxMoeError):
@@ -280,7 +280,7 @@ class PeerLink:
                 break
             except (http.client.HTTPException, OSError) as e:
                 self.close()
-                if not reused or attempt:
+                if not reused or attempt or isinstance(e, TimeoutError):  # a silent peer gets no second wait
                     raise PeerError(f"peer {self.name}: '{op}' failed: {type(e).__name__}: {e}", self.name) from None
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
