@@ -513,3 +513,34 @@ def urlopen(url: str) -> bytes:
     import urllib.request
     with urllib.request.urlopen(url, timeout=20) as r:
         return r.read()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(300)
+def test_netns_modes_across_hosts(tmp_path):
+    """Three `mlxmoe node` hosts and `mlxmoe serve` in network namespaces, found
+    over mDNS (tools/bench_mobility.py's cluster): onehop calls other hosts,
+    a hard migration moves a conversation that turns from prose to code to
+    another host, race pins the best of three."""
+    import netns
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(f"netns test skipped: {why}")
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+    import argparse
+
+    import bench_mobility as bm
+    from mlxmoe.ui.demo import ensure_bundle
+
+    bundle = ensure_bundle(tmp_path, 3, quiet=True)
+    a = argparse.Namespace(delays=[], modes="onehop,hard,race", conversations=1, turns=3, tokens=4)
+    rows = {r["mode"]: r for r in bm.run_cluster(a, str(bundle), tmp_path) if "mode" in r}
+    assert all(r["via"] in ("direct", "netem") and 3 <= r["tokens"] <= 12 for r in rows.values())
+    oh = rows["onehop"]
+    assert oh["remote_calls_per_token"] > 0 and oh["node_node_bytes_per_token"] > 0
+    (m,) = rows["hard"]["migrations"]
+    assert m["kind"] == "hard" and m["ok"] and m["from"] != m["to"] and rows["hard"]["groups"] == [m["to"]]
+    (race,) = rows["race"]["race"]
+    lps = race["mean_logprob"]
+    assert len(lps) == 3 and race["winner"] == int(max(lps, key=lps.get))
+    assert rows["hard"]["remote_calls_per_token"] == 0 and rows["race"]["remote_calls_per_token"] == 0

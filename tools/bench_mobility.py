@@ -207,7 +207,8 @@ async def run_mode(url: str, mode: str, scripts: list[list[str]], max_tokens: in
             "turns": len(moved), "tokens": n_moved, "tok_s": med([t["tok_s"] for t in moved if t["tok_s"]]),
             "ttft_ms": 1e3 * med([t["ttft"] for t in moved]) if moved else None,
             "remote_calls_per_token": sum(s["remote_calls"] for s in remote) / max(n_moved, 1),
-            "node_node_bytes_per_token": sum(s["remote_bytes"] for s in remote) / max(n_moved, 1)},
+            "node_node_bytes_per_token": sum(s["remote_bytes"] for s in remote) / max(n_moved, 1),
+            "remote_ms_per_token": 1e3 * sum(s.get("remote_s", 0) for s in remote) / max(n_moved, 1)},
         "migrations": [{k: m.get(k) for k in ("kind", "from", "to", "ok", "turn", "ms")} for s in ss
                        for m in s["migrations"]],
         "race": [s["race"] for s in ss if s.get("race")],

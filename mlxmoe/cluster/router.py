@@ -148,7 +148,7 @@ class Session:
     last_check: dict | None = None
     migrations: list[dict] = field(default_factory=list)
     race: dict | None = None
-    remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes"}
+    remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
 
     @property
     def routing(self) -> str:
@@ -164,6 +164,7 @@ class Session:
                 "migrations": list(self.migrations), "last_check": self.last_check, "race": self.race,
                 "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
                 "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
+                "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),
                 "turns": self.turns, "tokens": self.tokens,
                 "created": self.created, "last_used": self.last_used}
 
@@ -296,7 +297,7 @@ class Router:
         for sid, st in stats.items():
             s = self.sessions.get(sid)
             if s is not None and isinstance(st, dict):
-                s.remote[p.name] = {k: st.get(k) for k in ("routing", "remote_calls", "remote_bytes")}
+                s.remote[p.name] = {k: st.get(k) for k in ("routing", "remote_calls", "remote_bytes", "remote_s")}
 
     async def refresh_remote(self, timeout: float = 2.0) -> None:
         """Fresh remote-call counts for the status page: probe the nodes that
