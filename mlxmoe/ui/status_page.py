@@ -136,9 +136,19 @@ JS = r"""
     return span;
   }
 
+  function modeText(x) {  // e.g. "soft · experts of group 2 · 1 migration · 120 remote calls"
+    var t = [x.mode || ""];
+    if (x.routing === "group") t.push("experts of group " + x.expert_group);
+    if (x.routing === "onehop") t.push("one hop");
+    if (x.migrations && x.migrations.length) t.push(x.migrations.length + " migration" + (x.migrations.length > 1 ? "s" : ""));
+    if (x.race) t.push("race won by group " + x.race.winner);
+    if (x.remote_calls) t.push(x.remote_calls + " remote calls");
+    return t.join(" \u00b7 ");
+  }
+
   function sessions(s) {
     var rows = (s.sessions || []).map(function (x) {
-      return [el("span", {"class": "mono session-id"}, x.id), x.node, "group " + x.group, x.mode || "",
+      return [el("span", {"class": "mono session-id"}, x.id), x.node, "group " + x.group, modeText(x),
               num(x.margin, 3), miniScores(x.scores), String(x.turns), String(x.tokens), ago(x.last_used)];
     });
     return el("div", {"class": "card", id: "sessions"}, el("h2", {}, "Sessions (" + rows.length + ")"),
