@@ -94,6 +94,22 @@ def reference(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, n
     return (y[:, 0, :] * w[:, None].astype(dtype)).sum(axis=0).astype(x.dtype).reshape(x.shape)
 
 
+def dense(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool) -> mx.array:
+    """`reference` through mx.dequantize and dense float32 matmuls: independent
+    of MLX's quantized-matmul kernels, so it can judge them and the fused ones
+    alike (the kernels' self-check at load uses it)."""
+    idx, w = route(logits.reshape(-1), top_k, norm)
+
+    def deq(p):
+        wq, s, b = (t[idx] for t in p)
+        return mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=ex.group_size, bits=ex.bits)
+
+    xv = x.reshape(-1, 1).astype(mx.float32)
+    g, u = (deq(ex.gate) @ xv), (deq(ex.up) @ xv)  # [k, I, 1]
+    y = (deq(ex.down) @ (mx.sigmoid(g) * g * u))[..., 0]  # [k, H]
+    return (y * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape)
+
+
 # ---------------------------------------------------------------- kernel sources
 # Both backends share one structure; only the dialect differs. Template
 # constants: H (hidden), I (intermediate), E (experts), K (top-k), BITS, GS
@@ -137,23 +153,31 @@ __device__ void moe_route(const L* logits, int lane, int* sel, float* wsel) {
   if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
 }
 
-template <int BITS, int GS, typename S, typename X>
-__device__ float qdot_lane(const uint32_t* w, const S* sc, const S* bi, const X* x, int words, int lane) {
-  // this lane's share of dot(dequant(row), x); words never straddle groups (GS >= 32 >= 32/BITS)
+template <int BITS, int GS, int WORDS, typename S, typename X>
+__device__ float qdot_lane(const uint32_t* w, const S* sc, const S* bi, const X* x, int lane) {
+  // this lane's share of dot(dequant(row), x); words never straddle groups (GS >= 32 >= 32/BITS).
+  // All of the lane's words are loaded before any is used: one memory latency, not ITERS.
   constexpr int PER = 32 / BITS;
+  constexpr int ITERS = (WORDS + 31) / 32;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
+  uint32_t q[ITERS];
+  #pragma unroll
+  for (int it = 0; it < ITERS; it++) q[it] = (lane + 32 * it) < WORDS ? w[lane + 32 * it] : 0u;
   float acc = 0.f;
-  for (int wd = lane; wd < words; wd += 32) {
-    int col = wd * PER;
-    uint32_t q = w[wd];
-    float d = 0.f, xs = 0.f;
-    #pragma unroll
-    for (int t = 0; t < PER; t++) {
-      float xv = static_cast<float>(x[col + t]);
-      d += static_cast<float>((q >> (BITS * t)) & MASK) * xv;
-      xs += xv;
+  #pragma unroll
+  for (int it = 0; it < ITERS; it++) {
+    int wd = lane + 32 * it;
+    if (wd < WORDS) {
+      int col = wd * PER;
+      float d = 0.f, xs = 0.f;
+      #pragma unroll
+      for (int t = 0; t < PER; t++) {
+        float xv = static_cast<float>(x[col + t]);
+        d += static_cast<float>((q[it] >> (BITS * t)) & MASK) * xv;
+        xs += xv;
+      }
+      acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
     }
-    acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
   }
   return acc;
 }
@@ -182,8 +206,8 @@ CUDA_GATE_UP = CUDA_ROUTE_SHARED + """
   if (warp < K * I) {
     int j = warp / I, row = warp % I;
     size_t r = (size_t)s_sel[j] * I + row;
-    float g = qdot_lane<BITS, GS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, WORDS, lane);
-    float u = qdot_lane<BITS, GS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, WORDS, lane);
+    float g = qdot_lane<BITS, GS, WORDS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, lane);
+    float u = qdot_lane<BITS, GS, WORDS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, lane);
     g = warp_sum(g); u = warp_sum(u);
     if (lane == 0) hid[warp] = g / (1.f + expf(-g)) * u;
   }
@@ -196,7 +220,7 @@ CUDA_DOWN = CUDA_ROUTE_SHARED + """
     #pragma unroll
     for (int j = 0; j < K; j++) {
       size_t r = (size_t)s_sel[j] * H + warp;
-      acc += s_w[j] * qdot_lane<BITS, GS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, WORDS, lane);
+      acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
     }
     acc = warp_sum(acc);
     if (lane == 0) y[warp] = static_cast<T>(acc);
@@ -234,21 +258,26 @@ void moe_route(const device L* logits, uint lane, thread int* sel, thread float*
   if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
 }
 
-template <int BITS, int GS, typename S, typename X>
-float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, const device X* x, int words, uint lane) {
+template <int BITS, int GS, int WORDS, typename S, typename X>
+float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, const device X* x, uint lane) {
   constexpr int PER = 32 / BITS;
+  constexpr int ITERS = (WORDS + 31) / 32;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
+  uint32_t q[ITERS];
+  for (int it = 0; it < ITERS; it++) q[it] = (int(lane) + 32 * it) < WORDS ? w[lane + 32 * it] : 0u;
   float acc = 0.f;
-  for (int wd = lane; wd < words; wd += 32) {
-    int col = wd * PER;
-    uint32_t q = w[wd];
-    float d = 0.f, xs = 0.f;
-    for (int t = 0; t < PER; t++) {
-      float xv = static_cast<float>(x[col + t]);
-      d += static_cast<float>((q >> (BITS * t)) & MASK) * xv;
-      xs += xv;
+  for (int it = 0; it < ITERS; it++) {
+    int wd = lane + 32 * it;
+    if (wd < WORDS) {
+      int col = wd * PER;
+      float d = 0.f, xs = 0.f;
+      for (int t = 0; t < PER; t++) {
+        float xv = static_cast<float>(x[col + t]);
+        d += static_cast<float>((q[it] >> (BITS * t)) & MASK) * xv;
+        xs += xv;
+      }
+      acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
     }
-    acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
   }
   return acc;
 }
@@ -272,8 +301,8 @@ METAL_GATE_UP = METAL_ROUTE_SHARED + """
   if (warp < K * I) {
     int j = warp / I, row = warp % I;
     size_t r = size_t(s_sel[j]) * I + row;
-    float g = qdot_lane<BITS, GS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, WORDS, lane);
-    float u = qdot_lane<BITS, GS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, WORDS, lane);
+    float g = qdot_lane<BITS, GS, WORDS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, lane);
+    float u = qdot_lane<BITS, GS, WORDS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, lane);
     g = simd_sum(g); u = simd_sum(u);
     if (lane == 0) hid[warp] = g / (1.f + metal::exp(-g)) * u;
   }
@@ -285,7 +314,7 @@ METAL_DOWN = METAL_ROUTE_SHARED + """
     float acc = 0.f;
     for (int j = 0; j < K; j++) {
       size_t r = size_t(s_sel[j]) * H + warp;
-      acc += s_w[j] * qdot_lane<BITS, GS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, WORDS, lane);
+      acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
     }
     acc = simd_sum(acc);
     if (lane == 0) y[warp] = static_cast<T>(acc);

@@ -24,11 +24,12 @@ def main():
     ap.add_argument("--group", type=int, default=None)
     ap.add_argument("--kv-bits", type=int, default=0)
     ap.add_argument("--prompt", default="def add(a, b):\n    return")
+    ap.add_argument("--paths", default="reference,mlx-lm,dense", help="Paths to compare with the picked one.")
     a = ap.parse_args()
     node = Node.load(a.bundle, a.group, verify=False, kv_bits=a.kv_bits or None)
     picked, why = node.loaded.moe_path, node.loaded.moe_path_reason
     prompt = node.encode(a.prompt)
-    paths = [p for p in dict.fromkeys([picked, "reference", "mlx-lm"])]
+    paths = list(dict.fromkeys([picked, *a.paths.split(",")]))  # dense: the dequantized float32 judge
     out = {}
     for path in paths:
         fused.install(node.loaded, path)

@@ -13,7 +13,7 @@ or local rows, recording intact) and replaces everything after it:
 
 Prompts (more than one token) always run the block's own code. The path is
 chosen once at load; a kernel path is checked against the reference on the
-first MoE block and, if it fails or disagrees, the node falls back (CPU:
+first MoE block (against dequantized dense matmuls) and, if it fails or disagrees, the node falls back (CPU:
 `reference`; GPU: `mlx-lm`, as the reference's extra ops are slower there).
 `MLXMOE_MOE_PATH` forces a path (benchmarks, tests).
 """
@@ -24,7 +24,7 @@ import os
 
 import mlx.core as mx
 
-from metal_kernels.moe_step import FusedMoE, QuantizedExperts, reference, unsupported
+from metal_kernels.moe_step import FusedMoE, QuantizedExperts, dense, reference, unsupported
 
 PATHS = ("fused-metal", "fused-cuda", "reference", "mlx-lm")
 ENV = "MLXMOE_MOE_PATH"
@@ -86,8 +86,8 @@ def _rule(block, model_type):
 
 
 def make_step(path: str, arch, model_type: str):
-    """The per-block __call__ for one token on `path`."""
-    run = FusedMoE(path.split("-")[1]) if path.startswith("fused-") else reference
+    """The per-block __call__ for one token on `path` (or "dense": the judge)."""
+    run = FusedMoE(path.split("-")[1]) if path.startswith("fused-") else dense if path == "dense" else reference
 
     def step(block, x):
         ex, top_k, norm, shared = getattr(block, "_fused_args", None) or block_args(block, arch, model_type)
@@ -117,19 +117,19 @@ def _why_not(loaded, path) -> str | None:
 
 
 def _self_check(loaded, path) -> str | None:
-    """Run the kernel once on the first MoE block against the reference."""
+    """Run the kernel once on the first MoE block against the dense judge."""
     block = next(iter(loaded.blocks.values()))
     model_type = loaded.manifest.model["config"]["model_type"]
     ex = experts_of(block, loaded.arch)
     x = (0.5 * mx.random.normal((1, 1, ex.shape[1]), key=mx.random.key(7))).astype(ex.gate[1].dtype)
     try:
         got = make_step(path, loaded.arch, model_type)(block, x).astype(mx.float32)
-        want = make_step("reference", loaded.arch, model_type)(block, x).astype(mx.float32)
+        want = make_step("dense", loaded.arch, model_type)(block, x).astype(mx.float32)
         err, scale = mx.abs(got - want).max().item(), mx.abs(want).max().item() + 1e-6
     except Exception as e:  # a compiler or launch error: fall back
         return f"{path} failed its self-check: {type(e).__name__}: {str(e)[:200]}"
     if not err <= 0.02 * scale:
-        return f"{path} disagreed with the reference on its self-check (max error {err:.3g}, scale {scale:.3g})"
+        return f"{path} disagreed with the dense judge on its self-check (max error {err:.3g}, scale {scale:.3g})"
     return None
 
 
@@ -138,7 +138,7 @@ def install(loaded, path: str | None = None) -> str:
     env override, else the fastest this machine has); returns the path used and
     records it (and why, on a fallback) on `loaded`."""
     want = path or os.environ.get(ENV) or default_path()
-    if want not in PATHS:
+    if want not in PATHS + ("dense",):  # dense: the slow judge, for checks only
         raise ValueError(f"MoE path {want!r}: expected one of {', '.join(PATHS)}")
     reason = None if want == "mlx-lm" else _why_not(loaded, want)
     if reason is None and want.startswith("fused-"):
