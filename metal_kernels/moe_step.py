@@ -11,8 +11,9 @@ the whole step after the router's matmul is two kernels:
   down:    route again (cheaper than a third launch), then
            y = sum_j w_j * Wd[e_j] h[j]; one simdgroup/warp per output row.
 
-Routing is done by the first warp of every threadgroup into shared memory, so
-no kernel depends on another kernel's routing output. Weights are MLX's affine
+Routing is done by every threadgroup in shared memory (each expert's logit
+ranked against all others, in parallel), so no kernel waits on another
+kernel's routing output; only `down` needs the softmax weights. Weights are MLX's affine
 quantization (uint32 words, a scale and a bias per group); accumulation is in
 float32, as MLX's own quantized matmuls do on the GPU.
 
@@ -118,41 +119,6 @@ def dense(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm:
 CUDA_HEADER = """
 #define MOE_NEG_INF (-__int_as_float(0x7f800000))
 
-template <int E, int K, bool NORM, typename L>
-__device__ void moe_route(const L* logits, int lane, int* sel, float* wsel) {
-  constexpr int EPL = (E + 31) / 32;
-  float v[EPL];
-  float m = MOE_NEG_INF;
-  #pragma unroll
-  for (int j = 0; j < EPL; j++) {
-    int e = lane + 32 * j;
-    v[j] = e < E ? static_cast<float>(logits[e]) : MOE_NEG_INF;
-    m = fmaxf(m, v[j]);
-  }
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-  float s = 0.f;
-  #pragma unroll
-  for (int j = 0; j < EPL; j++) { v[j] = expf(v[j] - m); s += v[j]; }
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-  #pragma unroll
-  for (int j = 0; j < EPL; j++) v[j] = (lane + 32 * j) < E ? v[j] / s : -1.f;
-  float tot = 0.f;
-  for (int k = 0; k < K; k++) {
-    float best = -1.f; int bi = E;
-    #pragma unroll
-    for (int j = 0; j < EPL; j++) if (v[j] > best) { best = v[j]; bi = lane + 32 * j; }
-    for (int o = 16; o > 0; o >>= 1) {
-      float ob = __shfl_xor_sync(0xffffffff, best, o);
-      int oi = __shfl_xor_sync(0xffffffff, bi, o);
-      if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-    }
-    #pragma unroll
-    for (int j = 0; j < EPL; j++) if (lane + 32 * j == bi) v[j] = -2.f;
-    sel[k] = bi; wsel[k] = best; tot += best;
-  }
-  if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
-}
-
 template <int BITS, int GS, int WORDS, typename S, typename X>
 __device__ float qdot_lane(const uint32_t* w, const S* sc, const S* bi, const X* x, int lane) {
   // this lane's share of dot(dequant(row), x); words never straddle groups (GS >= 32 >= 32/BITS).
@@ -188,20 +154,42 @@ __device__ inline float warp_sum(float a) {
 }
 """
 
-CUDA_ROUTE_SHARED = """
+# Routing in shared memory: every thread < E ranks one expert's logit against
+# all others (ties: lower index first), so the top-k need no sequential argmax
+# rounds; the softmax is only needed for the weights (the down kernel).
+CUDA_SELECT = """
+  __shared__ float s_l[E];
   __shared__ int s_sel[K];
-  __shared__ float s_w[K];
   int lane = threadIdx.x % 32;
-  if (threadIdx.x < 32) {
-    int sel[K]; float wsel[K];
-    moe_route<E, K, NORM>(logits, lane, sel, wsel);
-    if (lane == 0) for (int k = 0; k < K; k++) { s_sel[k] = sel[k]; s_w[k] = wsel[k]; }
+  for (int e = threadIdx.x; e < E; e += blockDim.x) s_l[e] = static_cast<float>(logits[e]);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    float v = s_l[e];
+    int rank = 0;
+    for (int o = 0; o < E; o++) rank += (s_l[o] > v) || (s_l[o] == v && o < e);
+    if (rank < K) s_sel[rank] = e;
   }
   __syncthreads();
   int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
 """
 
-CUDA_GATE_UP = CUDA_ROUTE_SHARED + """
+CUDA_WEIGHTS = """
+  __shared__ float s_w[K];
+  if (threadIdx.x < 32) {  // softmax over all E (precise: float32, max subtracted), then the top-k's share
+    float m = MOE_NEG_INF;
+    for (int e = lane; e < E; e += 32) m = fmaxf(m, s_l[e]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    float z = 0.f;
+    for (int e = lane; e < E; e += 32) z += expf(s_l[e] - m);
+    z = warp_sum(z);
+    float p = lane < K ? expf(s_l[s_sel[lane < K ? lane : 0]] - m) / z : 0.f;
+    float tot = warp_sum(p);
+    if (lane < K) s_w[lane] = NORM ? p / tot : p;
+  }
+  __syncthreads();
+"""
+
+CUDA_GATE_UP = CUDA_SELECT + """
   constexpr int WORDS = H * BITS / 32;
   if (warp < K * I) {
     int j = warp / I, row = warp % I;
@@ -213,7 +201,7 @@ CUDA_GATE_UP = CUDA_ROUTE_SHARED + """
   }
 """
 
-CUDA_DOWN = CUDA_ROUTE_SHARED + """
+CUDA_DOWN = CUDA_SELECT + CUDA_WEIGHTS + """
   constexpr int WORDS = I * BITS / 32;
   if (warp < H) {
     float acc = 0.f;
@@ -228,36 +216,6 @@ CUDA_DOWN = CUDA_ROUTE_SHARED + """
 """
 
 METAL_HEADER = """
-template <int E, int K, bool NORM, typename L>
-void moe_route(const device L* logits, uint lane, thread int* sel, thread float* wsel) {
-  constexpr int EPL = (E + 31) / 32;
-  float v[EPL];
-  float m = -INFINITY;
-  for (int j = 0; j < EPL; j++) {
-    int e = lane + 32 * j;
-    v[j] = e < E ? static_cast<float>(logits[e]) : -INFINITY;
-    m = max(m, v[j]);
-  }
-  m = simd_max(m);
-  float s = 0.f;
-  for (int j = 0; j < EPL; j++) { v[j] = metal::exp(v[j] - m); s += v[j]; }
-  s = simd_sum(s);
-  for (int j = 0; j < EPL; j++) v[j] = (int(lane) + 32 * j) < E ? v[j] / s : -1.f;
-  float tot = 0.f;
-  for (int k = 0; k < K; k++) {
-    float best = -1.f; int bi = E;
-    for (int j = 0; j < EPL; j++) if (v[j] > best) { best = v[j]; bi = lane + 32 * j; }
-    for (ushort o = 16; o > 0; o >>= 1) {
-      float ob = simd_shuffle_xor(best, o);
-      int oi = simd_shuffle_xor(bi, o);
-      if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; }
-    }
-    for (int j = 0; j < EPL; j++) if (int(lane) + 32 * j == bi) v[j] = -2.f;
-    sel[k] = bi; wsel[k] = best; tot += best;
-  }
-  if (NORM) for (int k = 0; k < K; k++) wsel[k] /= tot;
-}
-
 template <int BITS, int GS, int WORDS, typename S, typename X>
 float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, const device X* x, uint lane) {
   constexpr int PER = 32 / BITS;
@@ -283,20 +241,41 @@ float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi
 }
 """
 
-METAL_ROUTE_SHARED = """
+METAL_SELECT = """
+  threadgroup float s_l[E];
   threadgroup int s_sel[K];
-  threadgroup float s_w[K];
   uint lane = thread_index_in_simdgroup;
-  if (simdgroup_index_in_threadgroup == 0) {
-    int sel[K]; float wsel[K];
-    moe_route<E, K, NORM>(logits, lane, sel, wsel);
-    if (lane == 0) for (int k = 0; k < K; k++) { s_sel[k] = sel[k]; s_w[k] = wsel[k]; }
+  uint tid = thread_index_in_threadgroup;
+  uint ntg = threads_per_threadgroup.x;
+  for (uint e = tid; e < uint(E); e += ntg) s_l[e] = static_cast<float>(logits[e]);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint e = tid; e < uint(E); e += ntg) {
+    float v = s_l[e];
+    int rank = 0;
+    for (int o = 0; o < E; o++) rank += (s_l[o] > v) || (s_l[o] == v && o < int(e));
+    if (rank < K) s_sel[rank] = e;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   int warp = thread_position_in_grid.x / 32;
 """
 
-METAL_GATE_UP = METAL_ROUTE_SHARED + """
+METAL_WEIGHTS = """
+  threadgroup float s_w[K];
+  if (simdgroup_index_in_threadgroup == 0) {
+    float m = -INFINITY;
+    for (int e = lane; e < E; e += 32) m = max(m, s_l[e]);
+    m = simd_max(m);
+    float z = 0.f;
+    for (int e = lane; e < E; e += 32) z += metal::exp(s_l[e] - m);
+    z = simd_sum(z);
+    float p = int(lane) < K ? metal::exp(s_l[s_sel[int(lane) < K ? lane : 0]] - m) / z : 0.f;
+    float tot = simd_sum(p);
+    if (int(lane) < K) s_w[lane] = NORM ? p / tot : p;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+"""
+
+METAL_GATE_UP = METAL_SELECT + """
   constexpr int WORDS = H * BITS / 32;
   if (warp < K * I) {
     int j = warp / I, row = warp % I;
@@ -308,7 +287,7 @@ METAL_GATE_UP = METAL_ROUTE_SHARED + """
   }
 """
 
-METAL_DOWN = METAL_ROUTE_SHARED + """
+METAL_DOWN = METAL_SELECT + METAL_WEIGHTS + """
   constexpr int WORDS = I * BITS / 32;
   if (warp < H) {
     float acc = 0.f;

@@ -35,43 +35,12 @@ def per_call_us(fn, reps, runs=9):
     return round(statistics.median(ts), 2)
 
 
-def cuda_variants(ex, hs, logits, reps) -> dict:
-    """gate_up with x staged in shared memory, with routing skipped, and with
-    1024-thread blocks: which change moves its time?"""
-    from metal_kernels import moe_step as ms
-
-    stage = ms.CUDA_ROUTE_SHARED.replace("  __syncthreads();", (
-        "  __shared__ float xsh[H];\n"
-        "  for (int t = threadIdx.x; t < H; t += blockDim.x) xsh[t] = static_cast<float>(x[t]);\n"
-        "  __syncthreads();"))
-    body = ms.CUDA_GATE_UP[len(ms.CUDA_ROUTE_SHARED):]
-    fixed = ms.CUDA_ROUTE_SHARED.replace("moe_route<E, K, NORM>(logits, lane, sel, wsel);",
-                                         "for (int k = 0; k < K; k++) { sel[k] = k; wsel[k] = 1.f / K; }")
-    sources = {"gate_up, x in shared memory": stage + body.replace(", x, lane)", ", xsh, lane)"),
-               "gate_up, routing skipped": fixed + body, "gate_up, as is": ms.CUDA_GATE_UP}
-    tmpl = ms.template(ex, 8, True, mx.bfloat16)
-    out = {}
-    for n, (name, src) in enumerate(sources.items()):
-        k = mx.fast.cuda_kernel(name=f"mlxmoe_variant{n}", input_names=ms.GATE_UP_INPUTS, output_names=["hid"],
-                                source=src, header=ms.CUDA_HEADER)
-        for tg in (128, 256, 1024):
-            grid = (-(-8 * 768 * 32 // tg) * tg, 1, 1)
-            try:
-                out[f"{name}, {tg}-thread blocks"] = per_call_us(
-                    lambda i: k(inputs=[hs[i], logits[i], *ex.gate, *ex.up], template=tmpl, grid=grid,
-                                threadgroup=(tg, 1, 1), output_shapes=[(8, 768)], output_dtypes=[mx.float32])[0], reps)
-            except RuntimeError as e:  # e.g. too many registers for the block size
-                out[f"{name}, {tg}-thread blocks"] = f"failed: {str(e)[-60:]}"
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=64)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--reference", action="store_true", help="Also time the pure-MLX reference step.")
-    ap.add_argument("--variants", action="store_true", help="CUDA: time gate_up variants (where does its time go?).")
     a = ap.parse_args()
     from mlx_lm.models.qwen3_moe import ModelArgs, Qwen3MoeSparseMoeBlock
 
@@ -120,8 +89,6 @@ def main():
             lambda i: empty(inputs=[hs[i]], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
                             output_dtypes=[mx.bfloat16])[0], a.reps)
         out["elementwise add (launch floor, built-in op)"] = per_call_us(lambda i: hs[i] + 1, a.reps)
-        if backend == "fused-cuda" and a.variants:
-            out.update(cuda_variants(ex, hs, logits, a.reps))
     print(json.dumps(out))
 
 
