@@ -103,13 +103,17 @@ def stop(procs: list):
               help="Where the demo keeps its bundle, key and logs.")
 @click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
 @click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
-def demo_cmd(groups, port, root, ask, as_json):
+@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "race"]), default="onehop", show_default=True,
+              help="Routing mode (README: Routing modes). onehop measured closest to the full model; pin is the fastest.")
+def demo_cmd(groups, port, root, ask, as_json, mode):
     """Run mlxmoe end to end on this machine, offline.
 
     Uses the small MoE model bundled with mlxmoe (trained for this project):
     splits it into GROUPS expert groups, starts one node per group and a router
     on 127.0.0.1, and opens the chat. Each chat is placed on the node whose
-    expert group fits it best; the status line shows where. Ctrl-C stops it all.
+    expert group fits it best; the status line shows where. With --mode onehop
+    (the default) each MoE layer may borrow one other node's experts per token.
+    Ctrl-C stops it all.
 
         mlxmoe demo                       # interactive chat
         mlxmoe demo --ask "def add(a, b):"  # one question, then exit
@@ -132,7 +136,7 @@ def demo_cmd(groups, port, root, ask, as_json):
             procs.append(start(["node", str(bundle), "--group", str(g), "--host", "127.0.0.1", "--port", str(p),
                                 "--key", str(key), "--no-advertise"], root_p / "logs" / f"node-{g}.log"))
         procs.append(start(["serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--key", str(key),
-                            "--peers", str(peers), "--no-mdns"], root_p / "logs" / "router.log"))
+                            "--peers", str(peers), "--no-mdns", "--mode", mode], root_p / "logs" / "router.log"))
         if not quiet:
             click.echo(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", err=True)
         wait_ready(url, groups, procs)
