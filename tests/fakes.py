@@ -188,10 +188,36 @@ class FakeFrontend:
         return PlacementScores(scores=scores, layers=[1, 2], n_tokens=len(tokens))
 
 
-class LocalCluster:
-    """Node servers (FakeEngines) + a router with its API, on loopback, in an
-    asyncio loop on a background thread, so sync code (the openai client)
-    can talk to it. Static peers only (no mDNS).
+class LoopThread:
+    """An asyncio loop on a background thread, so sync test code (the openai
+    client, an MLX oracle) can talk to servers in it. Subclasses define
+    async _start/_stop; `with` runs them."""
+
+    def __init__(self):
+        import asyncio
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def run(self, coro, timeout: float = 30.0):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self):
+        self.thread.start()
+        self.run(self._start())
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.run(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+class LocalCluster(LoopThread):
+    """Node servers (FakeEngines) + a router with its API, on loopback.
+    Static peers only (no mDNS).
 
         with LocalCluster([FakeEngine(group=0), FakeEngine(group=1)]) as c:
             c.api_url ...
@@ -199,18 +225,12 @@ class LocalCluster:
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
                  **router_kw):
-        import asyncio
+        super().__init__()
         self.engines, self.key = engines, key
         self.frontend = frontend or FakeFrontend(n_groups=max(e.manifest.n_groups for e in engines))
         self.router_kw = {"probe_interval": 0.5, "token_timeout": 5.0, "first_token_timeout": 10.0, **router_kw}
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.nodes: list = []
         self.running = None
-
-    def run(self, coro, timeout: float = 30.0):
-        import asyncio
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self):
         from mlxmoe.cluster.api import start_router
@@ -230,18 +250,6 @@ class LocalCluster:
                 await n.stop()
             except Exception:
                 pass
-
-    def __enter__(self):
-        self.thread.start()
-        self.run(self._start())
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.run(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
 
     @property
     def router(self):

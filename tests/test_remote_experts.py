@@ -16,7 +16,6 @@ tokens; in float32 the two agree to 1e-5, so test c loads the nodes in float32
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import aiohttp
@@ -24,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from fakes import LoopThread
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.cluster.errors import RpcError
 from mlxmoe.cluster.node_server import start_node
@@ -55,18 +55,17 @@ def node_factory(bundle, group, f32=False):
     return make
 
 
-class Servers:
-    """Node servers in an asyncio loop on a background thread (their engines
-    on their own threads), so the test thread can run its own MLX oracle."""
+class Servers(LoopThread):
+    """Node servers on loopback (their engines on their own threads), so the
+    test thread can run its own MLX oracle."""
 
     def __init__(self, bundle, groups, f32=False):
+        super().__init__()
         self.bundle, self.groups, self.f32 = bundle, groups, f32
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.nodes = []
 
     def run(self, coro, timeout=60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return super().run(coro, timeout)
 
     async def _start(self):
         for g in self.groups:
@@ -80,18 +79,6 @@ class Servers:
         await self.http.close()
         for n in self.nodes:
             await n.stop()
-
-    def __enter__(self):
-        self.thread.start()
-        self.run(self._start())
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.run(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
 
     def url(self, g):
         return self.nodes[self.groups.index(g)].url
