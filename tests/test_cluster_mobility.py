@@ -19,7 +19,7 @@ import pytest
 
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster import wire
-from mlxmoe.cluster.router import Mobility, load_router_config
+from mlxmoe.cluster.mobility import Mobility, load_router_config
 
 pytestmark = pytest.mark.timeout(90)
 REFERENCE = Path(__file__).parent.parent / "mlxmoe" / "assets" / "reference-moe"

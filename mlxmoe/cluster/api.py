@@ -19,7 +19,8 @@ from typing import Any
 from aiohttp import web
 
 from .errors import RpcError
-from .router import MODES, Rejected, Router, Session, Turn
+from .mobility import MODES
+from .router import Rejected, Router, Session, Turn
 
 log = logging.getLogger("mlxmoe.api")
 MAX_BODY = 8 << 20

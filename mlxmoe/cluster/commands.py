@@ -153,7 +153,8 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
     _setup_logging(verbose)
     key = _key(key_file)
     from .discovery import load_static_peers
-    from .router import Mobility, Router, load_router_config
+    from .mobility import Mobility, load_router_config
+    from .router import Router
     try:
         static = load_static_peers(peers_file) if peers_file else []
         conf = load_router_config(peers_file) if peers_file else {}
