@@ -26,3 +26,7 @@ class AdmissionError(MlxMoeError):
     """No memory (KV budget) for another session right now; retry later."""
 
     retry_after: float = 2.0
+
+
+class SessionBusy(MlxMoeError):
+    """The session is generating a turn right now; retry when it has ended."""

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Iterator
 
 from mlxmoe.cluster.errors import AdmissionError, ContextOverflow
+from mlxmoe.errors import SessionBusy
 from mlxmoe.runtime.engine import GenParams, PlacementScores, TokenEvent
 
 MODEL = "fake-moe"
@@ -146,6 +147,8 @@ class FakeEngine:
         return self.sessions.pop(session_id, None) is not None
 
     def export_session(self, session_id: str) -> dict:
+        if session_id in self.busy:  # as the real node: not while a stream is still open
+            raise SessionBusy(f"session {session_id}: still generating")
         toks = self.sessions[session_id]
         return {"session": session_id, "tokens": list(toks), "kv": bytes(toks)}
 

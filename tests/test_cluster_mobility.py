@@ -266,6 +266,20 @@ def test_hard_migration_moves_kv_and_continues_exactly():
         assert engines[1].params[-1].get("routing") in (None, "local")
 
 
+def test_hard_migration_waits_while_the_source_still_streams():
+    engines = [Engine(group=g) for g in range(3)]
+    with cluster(engines, mode="hard", checks=1) as c:
+        conv = Conversation(c, "busy")
+        conv.turn("hello")
+        sid = conv.headers["x-mlxmoe-session"]
+        engines[0].busy.add(sid)  # a stream the node has not finished yet: export answers 409 session_busy
+        threading.Thread(target=lambda: (time.sleep(0.4), engines[0].busy.discard(sid))).start()
+        c.frontend.fixed = {0: 0.2, 1: 0.7, 2: 0.1}
+        h = conv.turn("now something for group one")
+        (m,) = session(c, sid)["migrations"]
+        assert m["kind"] == "hard" and m["ok"] and m["ms"] >= 300 and h["x-mlxmoe-node"] == c.peer_name(1)
+
+
 def test_hard_migration_of_a_long_session_falls_back_to_soft_or_stays():
     engines = [Engine(group=g) for g in range(3)]
     with cluster(engines, mode="hard", checks=1, hard_max_tokens=10) as c:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import tiny
 from mlxmoe.arch import normalize_config
-from mlxmoe.errors import BundleError, ContextOverflow, ManifestError, MlxMoeError
+from mlxmoe.errors import BundleError, ContextOverflow, ManifestError, MlxMoeError, SessionBusy
 from mlxmoe.manifest import group_file
 from mlxmoe.runtime.engine import GenParams
 from mlxmoe.runtime.load import load_bundle
@@ -281,6 +281,12 @@ def test_session_export_import_continues_identically(qnode_bundle):
     b.import_session(state)
     nxt = state["tokens"] + a.encode(" and")
     assert greedy(a, "s", nxt) == greedy(b, "s", nxt)
+    it = a.generate("s", nxt + a.encode(" then"), GenParams(max_tokens=4))
+    next(it)
+    with pytest.raises(SessionBusy, match="session s: still generating"):  # cache ahead of its tokens
+        a.export_session("s")
+    it.close()
+    assert a.export_session("s")["tokens"][:len(nxt)] == nxt
 
 
 def test_cli_run(qnode_bundle):

@@ -39,6 +39,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return 502, "peer_failed"
     if "AdmissionError" in names:
         return 503, "admission"
+    if "SessionBusy" in names:
+        return 409, "session_busy"
     if "ContextOverflow" in names:
         return 400, "context_length_exceeded"
     if "MlxMoeError" in names:

@@ -485,7 +485,7 @@ class Router:
             return False
         dst, t = dests[0], self.mob.migrate_timeout
         try:
-            state = await self.client(src).call("export_session", {"session": s.id}, timeout=t)
+            state = await self._export(src, s.id, t)
         except RpcError as e:
             if e.code not in ("unreachable", "disconnected", "timeout"):
                 rec["error"] = f"export from {src.name} failed: {e.message}"
@@ -509,6 +509,18 @@ class Router:
         if state is not None:
             self._spawn(self._close_on_node(s.id, old))
         return True
+
+    async def _export(self, src: Peer, sid: str, timeout: float) -> dict:
+        """export_session, waiting while the node still finishes a cancelled
+        stream (it refuses with session_busy until cache and tokens agree)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await self.client(src).call("export_session", {"session": sid}, timeout=timeout)
+            except RpcError as e:
+                if e.code != "session_busy" or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def peer_failed(self, s: Session, e: RpcError) -> None:
         """The pinned node's remote-expert peer failed: find out which nodes
@@ -749,8 +761,6 @@ class Turn:
         if target is None:
             return False
         await self._close_frames()  # the node stops this stream before its session is exported
-        if s.mode == "hard":
-            await asyncio.sleep(0.2)  # let the node finish the cancelled stream (its cache and tokens agree)
         await r.migrate(s, target, f"token {n}")  # if it fails, the session goes on as it was
         self.tried.clear()
         try:

@@ -12,7 +12,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..errors import ContextOverflow, MlxMoeError
+from ..errors import ContextOverflow, MlxMoeError, SessionBusy
 from .engine import GenParams, TokenEvent
 from .generate import NullDetokenizer, text_events
 from .load import Loaded, load_bundle, load_tokenizer
@@ -122,7 +122,7 @@ class Node(Tokens):
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:
-            raise MlxMoeError(f"session {s.id}: already generating")
+            raise SessionBusy(f"session {s.id}: already generating")
         route = self.remote.route(s.id, params)
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n + max_tokens)
@@ -144,7 +144,7 @@ class Node(Tokens):
         self.check_prompt(prompt, GenParams(max_tokens=1))
         s = self.sessions.get(session_id)
         if s.busy:
-            raise MlxMoeError(f"session {s.id}: already generating")
+            raise SessionBusy(f"session {s.id}: already generating")
         if s.cache is not None and s.tokens == list(prompt):
             return 0
         n = self._reuse(s, list(prompt))
@@ -210,6 +210,8 @@ class Node(Tokens):
         s = self.sessions.sessions.get(session_id)
         if s is None:
             raise MlxMoeError(f"session {session_id}: unknown on this node")
+        if s.busy:  # its cache is ahead of its tokens until the stream ends
+            raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         caches = [] if s.cache is None else [_cache_state(c) for c in s.cache]
         return {"id": s.id, "tokens": list(s.tokens), "caches": caches, "manifest": self.manifest.hash}
 
