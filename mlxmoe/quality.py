@@ -23,6 +23,9 @@ full model with a per-token dynamic mask: at every MoE layer and token, the
 eligible set of the group holding the most top-k router mass (ties: the
 placed group). `remote_share` is the share of (token, MoE layer) steps routed
 to a group other than the placed one: remote calls per token / MoE layers.
+Split routing (routing="split") is evaluated the same way with the placed
+group's set united with the picked one; its remote_share counts the steps
+whose top-k holds an expert the placed node lacks.
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ def placed_group(m: Manifest, it: Item) -> int:
     return score_groups(m, {l: it.gates[l][: it.prompt]}).best
 
 
-def run_onehop(loaded, items: list[Item], advance=lambda n: None) -> tuple[Runs, np.ndarray]:
+def run_onehop(loaded, items: list[Item], advance=lambda n: None, split: bool = False) -> tuple[Runs, np.ndarray]:
     """Teacher-forced one-hop runs of the bundle's groups, each passage homed on
     its placed group: sums over the continuation, and the remote share per passage."""
     from .runtime.remote import dynamic_onehop
@@ -259,7 +262,7 @@ def run_onehop(loaded, items: list[Item], advance=lambda n: None) -> tuple[Runs,
     loaded.set_eligible(None)
     for i, it in enumerate(items):
         home, picks = placed_group(m, it), []
-        with dynamic_onehop(loaded, home, on_pick=lambda l, p: picks.append(p.reshape(-1))):
+        with dynamic_onehop(loaded, home, on_pick=lambda l, p: picks.append(p.reshape(-1)), split=split):
             lp = logp_of(loaded, it.ids)[:-1]
             kl, agree, nll = token_metrics(it.ref_logp[:-1], lp, mx.array(it.ids[1:]))
             p = it.prompt - 1
@@ -284,7 +287,7 @@ def onehop_summary(items: list[Item], runs: Runs, share: np.ndarray, ref_nll: np
 
 
 def evaluate_onehop(bundle, suites=("builtin",), per_domain=None, prompt_tokens=32, loaded=None, items=None,
-                    progress_mode="quiet") -> dict:
+                    progress_mode="quiet", split: bool = False) -> dict:
     """Quality of routing="onehop" against the full model: {"mean", "worst",
     "domains"} with kl, agreement, ppl_ratio, remote_share (see module doc).
     Pass `loaded` (full model) and `items` to reuse a loaded eval."""
@@ -299,10 +302,10 @@ def evaluate_onehop(bundle, suites=("builtin",), per_domain=None, prompt_tokens=
                   unit="items") as p:
         if not all(it.ref_logp is not None for it in items):
             reference(loaded, items, p.advance)
-        runs, share = run_onehop(loaded, items, p.advance)
+        runs, share = run_onehop(loaded, items, p.advance, split)
     doms = onehop_summary(items, runs, share, ref_nll_of(items))
     mean, worst = aggregate(doms, ONEHOP_METRICS)
-    return {"mode": "onehop", "n_groups": loaded.manifest.n_groups, "passages": len(items),
+    return {"mode": "split" if split else "onehop", "n_groups": loaded.manifest.n_groups, "passages": len(items),
             "mean": mean, "worst": worst, "domains": doms}
 
 
@@ -356,7 +359,7 @@ def table(report: dict, title: str = "masked routing vs full model"):
 def onehop_table(r: dict):
     from rich.table import Table
 
-    t = Table(title=f"one-hop routing over the bundle's {r['n_groups']} groups vs full model")
+    t = Table(title=f"{r['mode']} routing over the bundle's {r['n_groups']} groups vs full model")
     for col in ("domain", "KL", "agree", "ppl x", "remote share"):
         t.add_column(col, justify="left" if col == "domain" else "right")
     for name, d in [*r["domains"].items(), ("mean", r["mean"]), ("worst", r["worst"])]:
@@ -424,7 +427,7 @@ def parse_names(s: str, allowed, what: str) -> list[str]:
 
 def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), overlays=(0,), rules=("mass",),
              placements=PLACEMENTS, per_domain=None, prompt_tokens=32, race_tokens=16, calib_suites=("builtin",),
-             progress_mode="quiet", extra_configs=None, onehop=False) -> dict:
+             progress_mode="quiet", extra_configs=None, onehop=False, split=False) -> dict:
     from .runtime.load import load_bundle, load_tokenizer
     from .ui.progress import progress
 
@@ -459,6 +462,8 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
         report = evaluate(loaded, items, cfgs, placements, race_tokens, p.advance)
     if onehop:
         report["onehop"] = evaluate_onehop(bundle, loaded=loaded, items=items, progress_mode=progress_mode)
+    if split:
+        report["split"] = evaluate_onehop(bundle, loaded=loaded, items=items, progress_mode=progress_mode, split=True)
     report.update({"bundle": str(bundle), "manifest_hash": m.hash, "model": m.model_id, "suites": names,
                    "calibration_suites": calib_names, "prompt_tokens": prompt_tokens, "race_tokens": race_tokens,
                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - t0, 1),
@@ -487,11 +492,13 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
               help="Suite for the statistics that coactivation/domain groupings and overlays need.")
 @click.option("--onehop", is_flag=True, help="Also evaluate one-hop routing (per MoE layer and token, the group with "
               "the most top-k mass: local or one remote node) on the bundle's groups.")
+@click.option("--split", is_flag=True, help="Also evaluate split routing (top-k over the node's experts and ONE other "
+              "group's; the chosen experts run where they are held).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of quality vs memory per node (needs matplotlib).")
 @click.option("--progress", "progress_mode", type=click.Choice(["bar", "quiet", "json"]), default="bar", show_default=True)
 def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placements, per_domain, prompt_tokens,
-             race_tokens, calib_suites, onehop, as_json, plot, progress_mode):
+             race_tokens, calib_suites, onehop, split, as_json, plot, progress_mode):
     """Measure how far masked routing is from the full model on held-out text.
 
     Example: mlxmoe eval bundles/ref --groups 2,3,4 --strategies contiguous,coactivation --overlay 0,4,8
@@ -511,7 +518,7 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
     try:
         report = run_eval(bundle, suites, groups_, strategies_, overlays_, rules_, placements_, per_domain,
                           prompt_tokens, race_tokens, calib_suites, "quiet" if as_json else progress_mode,
-                          onehop=onehop)
+                          onehop=onehop, split=split)
         if plot:
             write_plot(report, plot)
     except MlxMoeError as e:
@@ -526,6 +533,7 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
                                 f"{report['passages']} passages"))
-    if onehop:
-        console.print(onehop_table(report["onehop"]))
+    for mode in ("onehop", "split"):
+        if mode in report:
+            console.print(onehop_table(report[mode]))
 

@@ -192,14 +192,15 @@ def test_soft_migration_switches_after_hysteresis_only():
 
 
 @needs_remote_params
-def test_onehop_passes_one_live_node_per_other_group():
+@pytest.mark.parametrize("mode", ["onehop", "split"])
+def test_onehop_and_split_pass_one_live_node_per_other_group(mode):
     engines = [Engine(group=g) for g in range(3)]
     with cluster(engines) as c:
-        conv = Conversation(c, "oh", mode="onehop")
+        conv = Conversation(c, "oh", mode=mode)
         conv.turn("hello")
         p = engines[0].params[-1]
-        assert p["routing"] == "onehop" and p["peers"] == {"1": c.node_url(1), "2": c.node_url(2)}
-        assert session(c, conv.headers["x-mlxmoe-session"])["routing"] == "onehop"
+        assert p["routing"] == mode and p["peers"] == {"1": c.node_url(1), "2": c.node_url(2)}
+        assert session(c, conv.headers["x-mlxmoe-session"])["routing"] == mode
 
 
 class PeerError(Exception):

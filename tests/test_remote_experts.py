@@ -27,6 +27,7 @@ from fakes import LoopThread
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.cluster.errors import RpcError
 from mlxmoe.cluster.node_server import start_node
+from mlxmoe.errors import MlxMoeError
 from mlxmoe.runtime.engine import GenParams
 from mlxmoe.runtime.load import load_bundle
 from mlxmoe.runtime.node import Node
@@ -167,6 +168,25 @@ def test_onehop_equals_full_model_with_the_dynamic_mask(bundle):
     assert st["remote_bytes"] > st["remote_calls"] * 2 * 256 * 4  # f32 hidden states, both ways
 
 
+def test_split_equals_full_model_with_the_union_mask(bundle):
+    """split: top-k over home ∪ one other group's set, the chosen experts run
+    where they are held: equals the full model masked per token to that union."""
+    full = Node(load_bundle(bundle, None, dtype=mx.float32), None, kv_bits=8)
+    with dynamic_onehop(full.loaded, home=0, split=True):
+        want = [e.token for e in full.generate("oracle", PROMPT, GenParams(max_tokens=N_TOKENS))]
+    with Servers(bundle, [0, 1, 2], f32=True) as s:
+        got = s.generate(0, "split", routing="split", peers={"1": s.url(1), "2": s.url(2)})
+        st = s.call(0, "info")["session_stats"]["split"]
+        x = encode_tensor(mx.zeros((2, 256), mx.float32))
+        held = set(Node.load(str(bundle), 1).loaded.local_ids[0])
+        away = next(e for e in range(48) if e not in held)
+        with pytest.raises(RpcError) as ei:
+            s.call(1, "experts", {"layer": 0, "x": x, "ids": [away, away]})
+        assert ei.value.status == 400 and f"[{away}] of layer 0 are not on this node" in ei.value.message
+    assert got == want
+    assert st["routing"] == "split" and st["remote_calls"] > 0 and st["local_steps"] > 0
+
+
 # ---------------------------------------------------------------- (d) malformed `experts` requests
 
 def _bad(bf16, body):
@@ -188,6 +208,8 @@ def test_malformed_experts_requests_name_the_field(bf16):
     assert "'body.x.data'" in _bad(bf16, {"layer": 0, "x": {**x, "data": "text"}})
     assert "'body.x'" in _bad(bf16, {"layer": 0})
     assert "'body.x.extra'" in _bad(bf16, {"layer": 0, "x": {**x, "extra": 1}})
+    assert "'body.ids'" in _bad(bf16, {"layer": 0, "x": x, "ids": [1]})  # one id for two rows
+    assert "'body.ids'" in _bad(bf16, {"layer": 0, "x": x, "ids": ["a", "b"]})
 
 
 def test_malformed_routing_params_name_the_field(bf16):
@@ -215,7 +237,7 @@ class FlakyLink:
         self.calls += 1
         if self.ok is not None and self.calls > self.ok:
             raise PeerError(f"peer {self.name}: gone", self.name)
-        return {"y": self.node.experts(body["layer"], body["x"])}, 0
+        return {"y": self.node.experts(body["layer"], body["x"], body.get("ids"))}, 0
 
 
 def test_peer_lost_midway_leaves_the_cache_consistent_and_the_session_continues(bundle):
@@ -265,6 +287,9 @@ def test_onehop_quality_eval(ckpt, tmp_path):
     hop, pinned = rep["onehop"], rep["results"][0]
     assert set(hop["domains"]) == {"code", "prose"} and 0 < hop["mean"]["remote_share"] < 1
     assert 0 < hop["mean"]["kl"] < pinned["mean"]["kl"]  # the per-token best group beats a static pin
+    sp = q.evaluate_onehop(tmp_path / "two", suites=[str(suite)], prompt_tokens=8, split=True)
+    assert sp["mode"] == "split" and sp["mean"]["kl"] < 1e-6  # 2 groups: home ∪ the other = every expert
+    assert 0 < sp["mean"]["remote_share"] < 1
     assert one.n_groups == 1
 
 
@@ -291,6 +316,18 @@ def test_remote_layers_are_exact_for_every_routing_rule(ckpt, tmp_path, arch):
     with dynamic_onehop(full.loaded, 0):
         want = full.model(ids)
     assert mx.abs(got - want).max().item() < 1e-5 and hop.stats["remote_calls"] > 0
+    if arch == "deepseek_v3":  # split needs a Linear router
+        with pytest.raises(MlxMoeError, match="'split' needs a Linear router"):
+            n0.remote.route("s", GenParams(routing="split", peers={"1": "http://x"}))
+        return
+    sp = Route(n0.remote, "split", 0, {1: FlakyLink(n1)}, _stats("split", None))
+    for x in (ids, ids[:, :1]):
+        with sp.active():
+            got = n0.model(x)
+        with dynamic_onehop(full.loaded, 0, split=True):
+            want = full.model(x)
+        assert mx.abs(got - want).max().item() < 1e-5
+    assert sp.stats["remote_calls"] > 0
 
 
 def test_a_large_prompt_chunk_is_split_into_calls(ckpt, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ with added latency between hosts, plus quality against the full model.
 Three `mlxmoe node` processes (groups 0..2) and `mlxmoe serve` run in network
 namespaces on one bridge (tests/netns.py), finding each other over real mDNS.
 For each added one-way delay X (default 0, 0.5, 2 ms; round trip +2X) and each
-mode (pin, soft, hard, onehop, race), a client in the router's namespace runs
+mode (pin, soft, hard, onehop, split, race), a client in the router's namespace runs
 the same multi-turn conversations (turn 1 English prose, then code: a topic
 change that soft/hard may follow) and reports
   tok_s            decode tokens/s (per turn, after the first token; median)
@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-MODES = ("pin", "soft", "hard", "onehop", "race")
+MODES = ("pin", "soft", "hard", "onehop", "split", "race")
 PORT_NODE, PORT_PROXY, PORT_ROUTER = 7420, 7421, 8000
 # the reference model's S(g) spread is small (groups within ~0.05): a small margin, the default debounce,
 # and a short re-scoring window so a change of topic shows
@@ -187,7 +187,7 @@ async def run_mode(url: str, mode: str, scripts: list[list[str]], max_tokens: in
     tokens = sum(t["tokens"] for t in turns)
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     # turns that ran after the session's first switch (onehop: all): the mode's steady state
-    first = {s["id"]: 0 if mode == "onehop" else min((m["turn"] for m in s["migrations"] if m["ok"]), default=None)
+    first = {s["id"]: 0 if mode in ("onehop", "split") else min((m["turn"] for m in s["migrations"] if m["ok"]), default=None)
              for s in ss}
     moved = [t for t in turns if first.get(t["session"]) is not None and t["turn"] >= first[t["session"]]]
     n_moved = sum(t["tokens"] for t in moved)
@@ -239,12 +239,13 @@ def client_main(a) -> None:
 def quality(bundle: str, per_domain: int) -> dict:
     from mlxmoe import quality as q
 
-    rep = q.run_eval(bundle, placements=("first", "layers", "race", "oracle"), per_domain=per_domain, onehop=True)
+    rep = q.run_eval(bundle, placements=("first", "layers", "race", "oracle"), per_domain=per_domain, onehop=True,
+                     split=True)
     by = {r["placement"]: r for r in rep["results"]}
     pick = lambda r: {"kl": r["mean"]["kl"], "ppl_ratio": r["mean"]["ppl_ratio"],  # noqa: E731
                       "agreement": r["mean"]["agreement"], "worst_ppl_ratio": r["worst"]["ppl_ratio"]}
     return {"pin": pick(by["first"]), "race": pick(by["race"]), "soft": pick(by["layers"]),
-            "hard": pick(by["layers"]), "oracle": pick(by["oracle"]), "onehop": pick(rep["onehop"]),
+            "hard": pick(by["layers"]), "oracle": pick(by["oracle"]), "onehop": pick(rep["onehop"]), "split": pick(rep["split"]),
             "passages": rep["passages"]}
 
 

@@ -130,11 +130,12 @@ def _run(coro) -> None:
                    "see configs/cluster.example.toml.")
 @click.option("--mdns/--no-mdns", default=True, show_default=True, help="Find nodes with Bonjour.")
 @click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)
-@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "race"]), default=None,
+@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "split", "race"]), default=None,
               help="Default routing mode for chats that name none (a request may pick its own with "
                    "\"mlxmoe\": {\"mode\": ...} or the X-Mlxmoe-Mode header). pin: decode locally on the placed Mac "
                    "(default); soft/hard: re-score at turn boundaries and switch the expert group (soft: remote calls) "
-                   "or move the chat (hard); onehop: per layer the best group, local or one remote Mac; race: 2-3 "
+                   "or move the chat (hard); onehop: per layer the best group, local or one remote Mac; split: per layer "
+                   "the top experts of this Mac and one other (closest to the full model); race: 2-3 "
                    "Macs start the answer, the most confident one keeps it. Also settable as [router] mode in --peers.")
 @click.option("--race-tokens", type=click.IntRange(1, 256), default=None, help="Tokens each race candidate generates (default 8).")
 @click.option("--migrate-every", type=click.IntRange(0), default=None,

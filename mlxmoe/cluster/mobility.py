@@ -1,4 +1,4 @@
-"""Settings of the router's session modes (pin, soft, hard, onehop, race;
+"""Settings of the router's session modes (pin, soft, hard, onehop, split, race;
 router.py's docstring says what each does) and their validation, from
 `mlxmoe serve --mode ...` and the `[router]` table of the --peers TOML."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("pin", "soft", "hard", "onehop", "race")
+MODES = ("pin", "soft", "hard", "onehop", "split", "race")
 
 
 @dataclass

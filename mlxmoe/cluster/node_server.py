@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -256,10 +257,16 @@ class NodeServer:
         if x["shape"][-1] != spec.get("hidden"):
             raise wire.WireError(400, "schema", f"field 'body.x.shape': hidden size {x['shape'][-1]} does not match "
                                                 f"this model's {spec.get('hidden')}", "body.x.shape")
+        ids = body.get("ids")
+        rows = math.prod(x["shape"][:-1])
+        if ids is not None and len(ids) != rows:
+            raise wire.WireError(400, "schema", f"field 'body.ids': {len(ids)} expert ids for {rows} rows of x",
+                                 "body.ids")
+        args = (layer, x) if ids is None else (layer, x, ids)
         inbox = getattr(self.engine, "inbox", None)
         if inbox is None:
-            return {"y": await self.worker.call(self.engine.experts, layer, x)}
-        fut = inbox.submit(lambda: self.engine.experts(layer, x))
+            return {"y": await self.worker.call(self.engine.experts, *args)}
+        fut = inbox.submit(lambda: self.engine.experts(*args))
         self._kick = asyncio.ensure_future(self.worker.call(inbox.drain))  # serves it now if the engine is idle
         return {"y": await asyncio.wrap_future(fut)}
 

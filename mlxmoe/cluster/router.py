@@ -30,6 +30,9 @@ Modes (per session, chosen per request or by the router's default):
           node died, rebuilds it from the transcript on the new one)
   onehop  pin; the node picks, per MoE layer and token, the group with the
           most top-k mass (routing="onehop", peers = one live node per group)
+  split   as onehop, but top-k over the node's own experts united with the
+          picked group's; only the chosen experts it lacks run remotely
+          (routing="split")
   race    2-3 nodes of the best-scoring groups each generate `race_tokens`
           tokens of the first answer; the best mean log-prob is pinned, its
           tokens streamed, the others' sessions closed
@@ -91,8 +94,8 @@ class Session:
 
     @property
     def routing(self) -> str:
-        if self.mode == "onehop":
-            return "onehop"
+        if self.mode in ("onehop", "split"):
+            return self.mode
         return "group" if self.expert_group is not None and self.expert_group != self.group else "local"
 
     def status(self) -> dict:
@@ -394,9 +397,9 @@ class Router:
     def node_params(self, s: Session, p: Peer, params: dict) -> dict:
         """Generate params for `s` on `p`: the mode's routing fields (none for
         strictly local decode, so nodes without remote calls still serve pin)."""
-        if s.mode == "onehop":
+        if s.mode in ("onehop", "split"):
             peers = {g: u for g, u in self.group_urls(skip=p).items() if int(g) not in p.groups}
-            return {**params, "routing": "onehop", "peers": peers}
+            return {**params, "routing": s.mode, "peers": peers}
         eg = s.expert_group
         if eg is not None and eg not in p.groups:
             url = self.group_urls(skip=p).get(str(eg))

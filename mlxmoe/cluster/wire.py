@@ -115,7 +115,7 @@ PARAMS_SCHEMA = {
     "expert_group": "int?",
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router
 }
-ROUTING_MODES = ("local", "group", "onehop")
+ROUTING_MODES = ("local", "group", "onehop", "split")
 MAX_PEERS = 256
 
 # An activation tensor: raw little-endian bytes of `shape` in `dtype`.
@@ -137,7 +137,7 @@ OP_SCHEMAS: dict[str, dict] = {
     "export_session": {"_required": ["session"], "session": "str"},
     "import_session": {"_required": ["state"], "state": "dict"},
     # one MoE layer's routed-expert output for hidden states x, routed as this node's own block would
-    "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA},
+    "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA, "ids": "list[int]"},
 }
 OPS = tuple(OP_SCHEMAS)
 

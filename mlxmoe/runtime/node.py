@@ -197,14 +197,29 @@ class Node(Tokens):
         """The cluster key signs this node's calls to peers (set by the node server)."""
         self.remote.key = key
 
-    def experts(self, layer: int, x: dict) -> dict:
+    def experts(self, layer: int, x: dict, ids: list[int] | None = None) -> dict:
         """The `experts` RPC op: routed-expert output of MoE layer `layer` for
         hidden states x ({dtype, shape, data}), routed as this node's own
-        masked block routes (shared experts excluded: the caller's trunk)."""
+        masked block routes (shared experts excluded: the caller's trunk).
+        With `ids` (routing "split"): expert ids[i] applied to row i, unweighted."""
         a = decode_tensor(x)
-        y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1]))
+        if ids is None:
+            y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1]))
+        else:
+            y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids)
         mx.eval(y)
         return encode_tensor(y.reshape(a.shape))
+
+    def _chosen_experts(self, layer: int, x: mx.array, ids: list[int]) -> mx.array:
+        held = {e: r for r, e in enumerate(self.loaded.local_ids[layer])}
+        if len(ids) != x.shape[0]:
+            raise MlxMoeError(f"ids: {len(ids)} expert ids for {x.shape[0]} rows of x")
+        missing = sorted({e for e in ids if e not in held})
+        if missing:
+            raise MlxMoeError(f"ids: expert(s) {missing[:8]} of layer {layer} are not on this node (group {self.group})")
+        sw = getattr(self.loaded.blocks[layer], self.loaded.arch.experts)
+        rows = ids if getattr(sw, "_g2l", None) is not None else [held[e] for e in ids]  # _g2l maps global ids itself
+        return sw(x, mx.array(rows, dtype=mx.int32)[:, None])[:, 0]
 
     def export_session(self, session_id: str) -> dict:
         s = self.sessions.sessions.get(session_id)

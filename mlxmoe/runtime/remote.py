@@ -12,8 +12,14 @@ Modes (GenParams.routing, per request):
             whose eligible set holds the most top-k router mass (placement.py's
             topk_mass of the full router) computes the routed experts; ties go
             to this node. Candidates: this node's group + the groups in peers.
+- "split":  per MoE layer and token, top-k over this node's eligible set
+            united with ONE other group's (the union holding the most top-k
+            mass); the chosen experts this node holds run here, the others on
+            that group's node (the `experts` op with `ids`). Closest to the
+            full model (docs/QUALITY.md); Linear routers only.
 A prompt chunk goes in one call per layer ("group"), or one call per layer
-and chosen group ("onehop": each token still reaches one remote node at most).
+and chosen group ("onehop", "split": each token still reaches one remote node
+at most).
 
 Contract with the router (cluster/router.py):
 - generate params: {"routing": "local"|"group"|"onehop", "expert_group": int|None,
@@ -166,26 +172,40 @@ def group_order(home: int, groups) -> list[int]:
     return [home] + sorted(g for g in set(groups) if g != home)
 
 
+def candidate_sets(m, home: int, order: list[int], layer: int, split: bool) -> list[list[int]]:
+    """Per candidate group (order[0] = home): the experts a layer step may use,
+    its eligible set ("onehop") or that united with home's ("split")."""
+    own = set(m.eligible(home, layer))
+    return [sorted(own | set(m.eligible(g, layer))) if split else m.eligible(g, layer) for g in order]
+
+
+def set_masks(sets: list[list[int]], n_experts: int) -> mx.array:
+    rows = np.full((len(sets), n_experts), -np.inf, np.float32)
+    for i, ids in enumerate(sets):
+        rows[i, ids] = 0.0
+    return mx.array(rows)
+
+
 @contextmanager
-def dynamic_onehop(loaded, home: int, groups=None, on_pick=None):
+def dynamic_onehop(loaded, home: int, groups=None, on_pick=None, split: bool = False):
     """On a full model (every expert loaded): mask each MoE gate, per token, to
-    the eligible set one-hop routing would pick (the oracle of "onehop").
-    `on_pick(layer, picks)` sees the chosen group ids."""
+    the set one-hop routing would pick (the oracle of "onehop", or of "split"
+    with split=True). `on_pick(layer, picks)` sees the chosen group ids."""
     m = loaded.manifest
     order = group_order(home, range(m.n_groups) if groups is None else groups)
-    masks, sets = {}, {}
-    for l in m.moe_layers:
-        sets[l] = [m.eligible(g, l) for g in order]
-        rows = np.full((len(order), m.n_experts), -np.inf, np.float32)
-        for i, ids in enumerate(sets[l]):
-            rows[i, ids] = 0.0
-        masks[l] = mx.array(rows)
+    sets = {l: candidate_sets(m, home, order, l, split) for l in m.moe_layers}
+    masks = {l: set_masks(sets[l], m.n_experts) for l in m.moe_layers}
     ids = mx.array(order)
+    away = {l: mx.array(~np.isin(np.arange(m.n_experts), m.eligible(home, l))) for l in m.moe_layers}
 
     def mask(layer, logits):
         pick = onehop_pick(logits, m.moe["scoring"], sets[layer], m.top_k)
+        chosen = ids[pick]
+        if split and on_pick is not None:  # a split step calls the picked node only for experts not held at home
+            top = mx.argpartition(-(logits.astype(mx.float32) + masks[layer][pick]), kth=m.top_k - 1, axis=-1)
+            chosen = mx.where(away[layer][top[..., :m.top_k]].any(axis=-1), chosen, home)
         if on_pick is not None:
-            on_pick(layer, ids[pick])
+            on_pick(layer, chosen)
         return masks[layer][pick]
 
     gates = loaded.gates
@@ -365,8 +385,10 @@ class Remote:
         """The routing of one generation (None: all local). Raises
         MlxMoeError for params that cannot be served, before any token."""
         mode, home, eg = params.routing or "local", self.loaded.group, params.expert_group
-        if mode not in ("local", "group", "onehop"):
-            raise MlxMoeError(f"routing: {mode!r} is not one of local, group, onehop")
+        if mode not in ("local", "group", "onehop", "split"):
+            raise MlxMoeError(f"routing: {mode!r} is not one of local, group, onehop, split")
+        if mode == "split" and self.m.moe["scoring"] == "sigmoid_group":
+            raise MlxMoeError("routing: 'split' needs a Linear router (this model routes by sigmoid groups)")
         peers = {}
         for g, url in (params.peers or {}).items():
             if not str(g).isdigit() or not 0 <= int(g) < self.m.n_groups:
@@ -396,7 +418,11 @@ class Route:
         loaded = remote.loaded
         self.arch, self.m = loaded.arch, loaded.manifest
         self.order = group_order(home, links)
-        self.sets = {l: [self.m.eligible(g, l) for g in self.order] for l in self.m.moe_layers}
+        split = mode == "split"
+        self.sets = {l: candidate_sets(self.m, home, self.order, l, split) for l in self.m.moe_layers}
+        if split:
+            self.masks = {l: set_masks(self.sets[l], self.m.n_experts) for l in self.m.moe_layers}
+            self.rows = {l: _row_table(loaded.local_ids[l], self.m.n_experts) for l in self.m.moe_layers}
         self.hooks = {l: self._hook_for(l) for l in self.m.moe_layers}
 
     @contextmanager
@@ -427,6 +453,9 @@ class Route:
 
             def hook(block, x):
                 return self._with_shared(block, x, self.call(g, layer, x))
+        elif self.mode == "split":
+            def hook(block, x):
+                return self._split(block, layer, x)
         else:
             def hook(block, x):
                 return self._with_shared(block, x, self._onehop(block, layer, x))
@@ -458,14 +487,36 @@ class Route:
         inverse = np.argsort(np.concatenate(index))
         return mx.concatenate(parts, axis=0)[mx.array(inverse)].reshape(x.shape)
 
-    def call(self, group: int, layer: int, x: mx.array) -> mx.array:
-        """Routed-expert output of `layer` for x, computed by `group`'s node."""
+    def _split(self, block, layer: int, x: mx.array) -> mx.array:
+        """The block's own code (shared experts included) with its router over
+        every expert, masked per token to home ∪ the picked group, and its
+        experts module split: held rows here, the rest on the picked node."""
+        gate, experts = getattr(block, self.arch.gate), getattr(block, self.arch.experts)
+        logits = full_logits(gate, x)
+        pick = onehop_pick(logits, self.m.moe["scoring"], self.sets[layer], self.m.top_k)
+        mask = self.masks[layer][pick]
+        split = _SplitExperts(self, layer, experts, np.array(pick).reshape(-1))
+        step = block.__dict__.get("_step")  # fused.py's one-token path would bypass the split experts
+        object.__setattr__(block, "_step", None)
+        try:
+            with _replaced(block, self.arch.gate, lambda h: logits + mask), \
+                    _replaced(block, self.arch.experts, split):
+                return _base(block, x)
+        finally:
+            object.__setattr__(block, "_step", step)
+
+    def call(self, group: int, layer: int, x: mx.array, ids: list[int] | None = None) -> mx.array:
+        """Routed-expert output of `layer` for x, computed by `group`'s node
+        (with `ids`: expert ids[i] applied to row i, unweighted)."""
         step = max(1, MAX_CALL_BYTES // max(1, x.shape[-1] * x.dtype.size))
         flat = x.reshape(-1, x.shape[-1])
         outs = []
         for i in range(0, flat.shape[0], step):
             t0 = time.perf_counter()
-            body, n = self.links[group].call("experts", {"layer": layer, "x": encode_tensor(flat[i:i + step])})
+            body = {"layer": layer, "x": encode_tensor(flat[i:i + step])}
+            if ids is not None:
+                body["ids"] = ids[i:i + step]
+            body, n = self.links[group].call("experts", body)
             self.stats["remote_calls"] += 1
             self.stats["remote_bytes"] += n
             self.stats["remote_s"] += time.perf_counter() - t0
@@ -475,3 +526,38 @@ class Route:
             outs.append(decode_tensor(y))
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return y.reshape(x.shape)  # in the dtype the block computes (as the local block would return it)
+
+
+def _row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
+    """global expert id -> row in this node's experts (-1: not held here)."""
+    t = np.full(n_experts, -1, np.int64)
+    t[np.array(local_ids, dtype=np.int64)] = np.arange(len(local_ids))
+    return t
+
+
+class _SplitExperts:
+    """Stands in for a block's experts module during a "split" step: slots
+    whose expert is held here run on the local experts, the others go to the
+    token's picked node in one call (expert id per row)."""
+
+    def __init__(self, route: Route, layer: int, experts, pick: np.ndarray):
+        self.route, self.layer, self.experts, self.pick = route, layer, experts, pick
+
+    def __call__(self, h, inds):
+        rows = self.route.rows[self.layer]
+        ids = np.array(inds).reshape(len(self.pick), -1)  # [tokens, k] global ids
+        local = rows[ids]
+        y = self.experts(h, mx.array(np.maximum(local, 0).reshape(inds.shape).astype(np.int32)))
+        away = np.nonzero(local.reshape(-1) < 0)[0]
+        if away.size == 0:
+            self.route.stats["local_steps"] += 1
+            return y
+        k, hid = ids.shape[1], y.shape[-1]
+        flat_x = h.reshape(-1, hid)
+        flat_y = y.reshape(-1, hid)
+        for i in sorted(set(self.pick[away // k].tolist())):
+            slots = away[self.pick[away // k] == i]
+            out = self.route.call(self.route.order[i], self.layer, flat_x[mx.array(slots // k)],
+                                  ids.reshape(-1)[slots].tolist())
+            flat_y[mx.array(slots)] = out.astype(flat_y.dtype)
+        return flat_y.reshape(y.shape)

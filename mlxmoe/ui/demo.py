@@ -103,8 +103,8 @@ def stop(procs: list):
               help="Where the demo keeps its bundle, key and logs.")
 @click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
 @click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
-@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "race"]), default="onehop", show_default=True,
-              help="Routing mode (README: Routing modes). onehop measured closest to the full model; pin is the fastest.")
+@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "split", "race"]), default="onehop", show_default=True,
+              help="Routing mode (README: Routing modes). split measured closest to the full model, onehop next; pin is the fastest.")
 def demo_cmd(groups, port, root, ask, as_json, mode):
     """Run mlxmoe end to end on this machine, offline.
 

@@ -140,6 +140,7 @@ JS = r"""
     var t = [x.mode || ""];
     if (x.routing === "group") t.push("experts of group " + x.expert_group);
     if (x.routing === "onehop") t.push("one hop");
+    if (x.routing === "split") t.push("split top-k");
     if (x.migrations && x.migrations.length) t.push(x.migrations.length + " migration" + (x.migrations.length > 1 ? "s" : ""));
     if (x.race) t.push("race won by group " + x.race.winner);
     if (x.remote_calls) t.push(x.remote_calls + " remote calls");
