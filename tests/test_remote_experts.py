@@ -210,6 +210,9 @@ def test_malformed_experts_requests_name_the_field(bf16):
     assert "'body.x.extra'" in _bad(bf16, {"layer": 0, "x": {**x, "extra": 1}})
     assert "'body.ids'" in _bad(bf16, {"layer": 0, "x": x, "ids": [1]})  # one id for two rows
     assert "'body.ids'" in _bad(bf16, {"layer": 0, "x": x, "ids": ["a", "b"]})
+    assert "'body.rows'" in _bad(bf16, {"layer": 0, "x": x, "ids": [1, 2, 3], "rows": [0, 2, 1]})  # row 2 of 2
+    assert "'body.rows'" in _bad(bf16, {"layer": 0, "x": x, "ids": [1, 2], "rows": [0]})
+    assert "'body.rows'" in _bad(bf16, {"layer": 0, "x": x, "rows": [0, 1]})
 
 
 def test_malformed_routing_params_name_the_field(bf16):
@@ -237,7 +240,7 @@ class FlakyLink:
         self.calls += 1
         if self.ok is not None and self.calls > self.ok:
             raise PeerError(f"peer {self.name}: gone", self.name)
-        return {"y": self.node.experts(body["layer"], body["x"], body.get("ids"))}, 0
+        return {"y": self.node.experts(body["layer"], body["x"], body.get("ids"), body.get("rows"))}, 0
 
 
 def test_peer_lost_midway_leaves_the_cache_consistent_and_the_session_continues(bundle):
@@ -343,6 +346,14 @@ def test_a_large_prompt_chunk_is_split_into_calls(ckpt, tmp_path, monkeypatch):
     with group.active():
         assert mx.array_equal(n0.model(ids), n1.model(ids)).item()
     assert group.stats["remote_calls"] == 4 * len(n0.manifest.moe_layers)  # 10 tokens: 3 + 3 + 3 + 1
+    full = Node(load_bundle(tmp_path / "b", None), None, kv_bits=None)
+    with dynamic_onehop(full.loaded, 0, split=True):
+        want = full.model(ids)  # 2 groups: home ∪ the other = every expert
+    sp = Route(n0.remote, "split", 0, {1: FlakyLink(n1)}, _stats("split", None))
+    with sp.active():
+        got = n0.model(ids)
+    assert mx.abs(got - want).max().item() < 1e-5
+    assert sp.stats["remote_calls"] > len(n0.manifest.moe_layers)  # some layers needed more than one call
 
 
 def test_an_engine_without_remote_experts_says_so():

@@ -137,7 +137,8 @@ OP_SCHEMAS: dict[str, dict] = {
     "export_session": {"_required": ["session"], "session": "str"},
     "import_session": {"_required": ["state"], "state": "dict"},
     # one MoE layer's routed-expert output for hidden states x, routed as this node's own block would
-    "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA, "ids": "list[int]"},
+    "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA, "ids": "list[int]",
+                "rows": "list[int]"},
 }
 OPS = tuple(OP_SCHEMAS)
 

@@ -197,23 +197,28 @@ class Node(Tokens):
         """The cluster key signs this node's calls to peers (set by the node server)."""
         self.remote.key = key
 
-    def experts(self, layer: int, x: dict, ids: list[int] | None = None) -> dict:
+    def experts(self, layer: int, x: dict, ids: list[int] | None = None, rows: list[int] | None = None) -> dict:
         """The `experts` RPC op: routed-expert output of MoE layer `layer` for
         hidden states x ({dtype, shape, data}), routed as this node's own
         masked block routes (shared experts excluded: the caller's trunk).
-        With `ids` (routing "split"): expert ids[i] applied to row i, unweighted."""
+        With `ids` (routing "split"): expert ids[i] applied to row rows[i]
+        (default: row i), unweighted; one output row per id."""
         a = decode_tensor(x)
         if ids is None:
-            y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1]))
+            y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1])).reshape(a.shape)
         else:
-            y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids)
+            y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids, rows)
         mx.eval(y)
-        return encode_tensor(y.reshape(a.shape))
+        return encode_tensor(y)
 
-    def _chosen_experts(self, layer: int, x: mx.array, ids: list[int]) -> mx.array:
+    def _chosen_experts(self, layer: int, x: mx.array, ids: list[int], rows: list[int] | None) -> mx.array:
         held = {e: r for r, e in enumerate(self.loaded.local_ids[layer])}
-        if len(ids) != x.shape[0]:
+        if rows is None and len(ids) != x.shape[0]:
             raise MlxMoeError(f"ids: {len(ids)} expert ids for {x.shape[0]} rows of x")
+        if rows is not None:
+            if len(rows) != len(ids) or not all(0 <= r < x.shape[0] for r in rows):
+                raise MlxMoeError(f"rows: need one row of x (0..{x.shape[0] - 1}) per expert id")
+            x = x[mx.array(rows)]
         missing = sorted({e for e in ids if e not in held})
         if missing:
             raise MlxMoeError(f"ids: expert(s) {missing[:8]} of layer {layer} are not on this node (group {self.group})")

@@ -505,27 +505,31 @@ class Route:
         finally:
             object.__setattr__(block, "_step", step)
 
-    def call(self, group: int, layer: int, x: mx.array, ids: list[int] | None = None) -> mx.array:
+    def call(self, group: int, layer: int, x: mx.array, ids: list[int] | None = None,
+             rows: list[int] | None = None) -> mx.array:
         """Routed-expert output of `layer` for x, computed by `group`'s node
-        (with `ids`: expert ids[i] applied to row i, unweighted)."""
+        (with `ids`: expert ids[i] applied to row rows[i] of x, unweighted,
+        one output row per id; the caller keeps such a call under the limit)."""
+        if ids is not None:
+            return self._call_once(group, layer, x, {"ids": ids, "rows": rows}, len(ids))
         step = max(1, MAX_CALL_BYTES // max(1, x.shape[-1] * x.dtype.size))
         flat = x.reshape(-1, x.shape[-1])
-        outs = []
-        for i in range(0, flat.shape[0], step):
-            t0 = time.perf_counter()
-            body = {"layer": layer, "x": encode_tensor(flat[i:i + step])}
-            if ids is not None:
-                body["ids"] = ids[i:i + step]
-            body, n = self.links[group].call("experts", body)
-            self.stats["remote_calls"] += 1
-            self.stats["remote_bytes"] += n
-            self.stats["remote_s"] += time.perf_counter() - t0
-            y = body.get("y") if isinstance(body, dict) else None
-            if not isinstance(y, dict) or y.get("shape") != [min(step, flat.shape[0] - i), x.shape[-1]]:
-                raise PeerError(f"peer {self.links[group].name}: experts answer has the wrong shape", self.links[group].name)
-            outs.append(decode_tensor(y))
+        outs = [self._call_once(group, layer, flat[i:i + step], {}, min(step, flat.shape[0] - i))
+                for i in range(0, flat.shape[0], step)]
         y = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=0)
         return y.reshape(x.shape)  # in the dtype the block computes (as the local block would return it)
+
+    def _call_once(self, group: int, layer: int, x: mx.array, extra: dict, n_out: int) -> mx.array:
+        t0 = time.perf_counter()
+        body = {"layer": layer, "x": encode_tensor(x), **{k: v for k, v in extra.items() if v is not None}}
+        body, n = self.links[group].call("experts", body)
+        self.stats["remote_calls"] += 1
+        self.stats["remote_bytes"] += n
+        self.stats["remote_s"] += time.perf_counter() - t0
+        y = body.get("y") if isinstance(body, dict) else None
+        if not isinstance(y, dict) or y.get("shape") != [n_out, x.shape[-1]]:
+            raise PeerError(f"peer {self.links[group].name}: experts answer has the wrong shape", self.links[group].name)
+        return decode_tensor(y)
 
 
 def _row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
@@ -538,7 +542,8 @@ def _row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
 class _SplitExperts:
     """Stands in for a block's experts module during a "split" step: slots
     whose expert is held here run on the local experts, the others go to the
-    token's picked node in one call (expert id per row)."""
+    token's picked node in one call (each token's hidden state once, with
+    the expert ids and the row each applies to)."""
 
     def __init__(self, route: Route, layer: int, experts, pick: np.ndarray):
         self.route, self.layer, self.experts, self.pick = route, layer, experts, pick
@@ -553,11 +558,16 @@ class _SplitExperts:
             self.route.stats["local_steps"] += 1
             return y
         k, hid = ids.shape[1], y.shape[-1]
-        flat_x = h.reshape(-1, hid)
-        flat_y = y.reshape(-1, hid)
+        flat_x, flat_y, flat_ids = h.reshape(-1, hid), y.reshape(-1, hid), ids.reshape(-1)
+        per_call = max(1, MAX_CALL_BYTES // (hid * h.dtype.size))  # tokens per call
         for i in sorted(set(self.pick[away // k].tolist())):
             slots = away[self.pick[away // k] == i]
-            out = self.route.call(self.route.order[i], self.layer, flat_x[mx.array(slots // k)],
-                                  ids.reshape(-1)[slots].tolist())
-            flat_y[mx.array(slots)] = out.astype(flat_y.dtype)
+            for t0 in range(0, len(self.pick), per_call):
+                part = slots[(slots // k >= t0) & (slots // k < t0 + per_call)]
+                if part.size == 0:
+                    continue
+                tokens, rows = np.unique(part // k, return_inverse=True)
+                out = self.route.call(self.route.order[i], self.layer, flat_x[mx.array(tokens)],
+                                      flat_ids[part].tolist(), rows.tolist())
+                flat_y[mx.array(part)] = out.astype(flat_y.dtype)
         return flat_y.reshape(y.shape)
