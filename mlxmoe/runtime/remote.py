@@ -552,13 +552,16 @@ class _SplitExperts:
         rows = self.route.rows[self.layer]
         ids = np.array(inds).reshape(len(self.pick), -1)  # [tokens, k] global ids
         local = rows[ids]
-        y = self.experts(h, mx.array(np.maximum(local, 0).reshape(inds.shape).astype(np.int32)))
-        away = np.nonzero(local.reshape(-1) < 0)[0]
-        if away.size == 0:
+        if (local >= 0).all():
             self.route.stats["local_steps"] += 1
-            return y
-        k, hid = ids.shape[1], y.shape[-1]
-        flat_x, flat_y, flat_ids = h.reshape(-1, hid), y.reshape(-1, hid), ids.reshape(-1)
+            return self.experts(h, mx.array(local.reshape(inds.shape).astype(np.int32)))
+        k, hid = ids.shape[1], h.shape[-1]
+        flat_x, flat_ids = h.reshape(-1, hid), ids.reshape(-1)
+        here, away = np.nonzero(local.reshape(-1) >= 0)[0], np.nonzero(local.reshape(-1) < 0)[0]
+        flat_y = mx.zeros((ids.size, hid), h.dtype)
+        if here.size:  # only the slots held here run here
+            idx = mx.array(local.reshape(-1)[here].astype(np.int32))[:, None]
+            flat_y[mx.array(here)] = self.experts(flat_x[mx.array(here // k)], idx)[:, 0]
         per_call = max(1, MAX_CALL_BYTES // (hid * h.dtype.size))  # tokens per call
         for i in sorted(set(self.pick[away // k].tolist())):
             slots = away[self.pick[away // k] == i]
@@ -570,4 +573,4 @@ class _SplitExperts:
                 out = self.route.call(self.route.order[i], self.layer, flat_x[mx.array(tokens)],
                                       flat_ids[part].tolist(), rows.tolist())
                 flat_y[mx.array(part)] = out.astype(flat_y.dtype)
-        return flat_y.reshape(y.shape)
+        return flat_y.reshape(*inds.shape, hid)
