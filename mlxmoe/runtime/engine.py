@@ -18,7 +18,7 @@ class GenParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    # where MoE layers' routed experts run (runtime/remote.py): "local" | "group" | "onehop"
+    # where MoE layers' routed experts run (runtime/remote.py): "local" | "group" | "onehop" | "split"
     routing: str = "local"
     expert_group: int | None = None  # routing="group": the group computing every MoE layer
     peers: dict[str, str] = field(default_factory=dict)  # str(group) -> node URL

@@ -212,18 +212,18 @@ class Node(Tokens):
         return encode_tensor(y)
 
     def _chosen_experts(self, layer: int, x: mx.array, ids: list[int], rows: list[int] | None) -> mx.array:
-        held = {e: r for r, e in enumerate(self.loaded.local_ids[layer])}
         if rows is None and len(ids) != x.shape[0]:
             raise MlxMoeError(f"ids: {len(ids)} expert ids for {x.shape[0]} rows of x")
         if rows is not None:
             if len(rows) != len(ids) or not all(0 <= r < x.shape[0] for r in rows):
                 raise MlxMoeError(f"rows: need one row of x (0..{x.shape[0] - 1}) per expert id")
             x = x[mx.array(rows)]
-        missing = sorted({e for e in ids if e not in held})
+        table = self.remote.rows[layer]  # global id -> local row, -1: not held
+        missing = sorted({e for e in ids if not 0 <= e < len(table) or table[e] < 0})
         if missing:
             raise MlxMoeError(f"ids: expert(s) {missing[:8]} of layer {layer} are not on this node (group {self.group})")
         sw = getattr(self.loaded.blocks[layer], self.loaded.arch.experts)
-        rows = ids if getattr(sw, "_g2l", None) is not None else [held[e] for e in ids]  # _g2l maps global ids itself
+        rows = ids if getattr(sw, "_g2l", None) is not None else table[ids].tolist()  # _g2l maps global ids itself
         return sw(x, mx.array(rows, dtype=mx.int32)[:, None])[:, 0]
 
     def export_session(self, session_id: str) -> dict:

@@ -22,7 +22,7 @@ and chosen group ("onehop", "split": each token still reaches one remote node
 at most).
 
 Contract with the router (cluster/router.py):
-- generate params: {"routing": "local"|"group"|"onehop", "expert_group": int|None,
+- generate params: {"routing": "local"|"group"|"onehop"|"split", "expert_group": int|None,
   "peers": {str(group): node URL}}; a mode that needs a peer it was not given
   fails before the first token (HTTP 400 naming the field).
 - node info: info()["session_stats"][session_id] = {"routing", "expert_group",
@@ -196,7 +196,7 @@ def dynamic_onehop(loaded, home: int, groups=None, on_pick=None, split: bool = F
     sets = {l: candidate_sets(m, home, order, l, split) for l in m.moe_layers}
     masks = {l: set_masks(sets[l], m.n_experts) for l in m.moe_layers}
     ids = mx.array(order)
-    away = {l: mx.array(~np.isin(np.arange(m.n_experts), m.eligible(home, l))) for l in m.moe_layers}
+    away = {l: mx.array(~np.isin(np.arange(m.n_experts), m.eligible(home, l))) for l in m.moe_layers} if split else {}
 
     def mask(layer, logits):
         pick = onehop_pick(logits, m.moe["scoring"], sets[layer], m.top_k)
@@ -363,6 +363,8 @@ class Remote:
         self.links: dict[str, PeerLink] = {}
         self.stats: dict[str, dict] = {}
         self.routes: dict[str, Route | None] = {}  # each session's latest route (the prefill op reuses it)
+        # per MoE layer: global expert id -> row in this node's experts (-1: not held)
+        self.rows = {l: _row_table(ids, self.m.n_experts) for l, ids in loaded.local_ids.items()}
         install_blocks(loaded.blocks.values())
 
     def link(self, url: str, group: int) -> PeerLink:
@@ -422,7 +424,6 @@ class Route:
         self.sets = {l: candidate_sets(self.m, home, self.order, l, split) for l in self.m.moe_layers}
         if split:
             self.masks = {l: set_masks(self.sets[l], self.m.n_experts) for l in self.m.moe_layers}
-            self.rows = {l: _row_table(loaded.local_ids[l], self.m.n_experts) for l in self.m.moe_layers}
         self.hooks = {l: self._hook_for(l) for l in self.m.moe_layers}
 
     @contextmanager
@@ -549,7 +550,7 @@ class _SplitExperts:
         self.route, self.layer, self.experts, self.pick = route, layer, experts, pick
 
     def __call__(self, h, inds):
-        rows = self.route.rows[self.layer]
+        rows = self.route.r.rows[self.layer]
         ids = np.array(inds).reshape(len(self.pick), -1)  # [tokens, k] global ids
         local = rows[ids]
         if (local >= 0).all():
