@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any, Callable
 
@@ -257,14 +256,8 @@ class NodeServer:
         if x["shape"][-1] != spec.get("hidden"):
             raise wire.WireError(400, "schema", f"field 'body.x.shape': hidden size {x['shape'][-1]} does not match "
                                                 f"this model's {spec.get('hidden')}", "body.x.shape")
-        ids, rows, n = body.get("ids"), body.get("rows"), math.prod(x["shape"][:-1])
-        if ids is None and rows is not None:
-            raise wire.WireError(400, "schema", "field 'body.rows': only with 'ids'", "body.rows")
-        if ids is not None and rows is None and len(ids) != n:
-            raise wire.WireError(400, "schema", f"field 'body.ids': {len(ids)} expert ids for {n} rows of x", "body.ids")
-        if rows is not None and (len(rows) != len(ids) or not all(0 <= r < n for r in rows)):
-            raise wire.WireError(400, "schema", f"field 'body.rows': one row of x (0..{n - 1}) per expert id", "body.rows")
-        args = (layer, x) if ids is None else (layer, x, ids, rows)
+        ids = body.get("ids")  # (ids, rows) checked against x's shape by wire.check_expert_ids
+        args = (layer, x) if ids is None else (layer, x, ids, body.get("rows"))
         inbox = getattr(self.engine, "inbox", None)
         if inbox is None:
             return {"y": await self.worker.call(self.engine.experts, *args)}

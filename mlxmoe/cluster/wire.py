@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import threading
 import time
@@ -206,7 +207,8 @@ def _check_values(op: str, body: dict) -> None:
             raise WireError(400, "schema", "field 'body.params.top_p': must be in (0, 1]", "body.params.top_p")
         _check_routing(p)
     if "x" in body:
-        check_tensor(body["x"], "body.x")
+        shape = check_tensor(body["x"], "body.x")
+        check_expert_ids(body.get("ids"), body.get("rows"), math.prod(shape[:-1]))
     sess = body.get("session")
     if sess is not None and not 1 <= len(sess) <= 256:
         raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
@@ -242,14 +244,22 @@ def check_tensor(t: dict, where: str) -> tuple[int, ...]:
     if not 2 <= len(shape) <= 3 or any(d < 1 for d in shape) or (len(shape) == 3 and shape[0] != 1):
         raise WireError(400, "schema", f"field '{where}.shape': {shape[:4]} is not [tokens, hidden] or "
                                        "[1, tokens, hidden] with positive sizes", f"{where}.shape")
-    n = 1
-    for d in shape:
-        n *= d
-    want = n * TENSOR_DTYPES[t["dtype"]]
+    want = math.prod(shape) * TENSOR_DTYPES[t["dtype"]]
     if len(t["data"]) != want:
         raise WireError(400, "schema", f"field '{where}.data': {len(t['data'])} bytes, but shape {shape} in "
                                        f"{t['dtype']} needs {want}", f"{where}.data")
     return tuple(shape)
+
+
+def check_expert_ids(ids: list | None, rows: list | None, n: int) -> None:
+    """experts op with `ids`: one expert id per row of x (n rows), or, with
+    `rows`, one row of x per id."""
+    if ids is None and rows is not None:
+        raise WireError(400, "schema", "field 'body.rows': only with 'ids'", "body.rows")
+    if ids is not None and rows is None and len(ids) != n:
+        raise WireError(400, "schema", f"field 'body.ids': {len(ids)} expert ids for {n} rows of x", "body.ids")
+    if rows is not None and (len(rows) != len(ids) or not all(0 <= r < n for r in rows)):
+        raise WireError(400, "schema", f"field 'body.rows': one row of x (0..{n - 1}) per expert id", "body.rows")
 
 
 # ---------------------------------------------------------------- encode / decode
