@@ -58,6 +58,7 @@ from .mobility import MODES, Mobility
 from .worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.router")
+GONE = ("unreachable", "disconnected", "timeout")  # RPC error codes that mean the node itself is gone
 
 
 class Rejected(Exception):
@@ -233,7 +234,7 @@ class Router:
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""
-        stats = info.get("session_stats", info.get("sessions"))
+        stats = info.get("session_stats")
         if not isinstance(stats, dict):
             return
         for sid, st in stats.items():
@@ -490,7 +491,7 @@ class Router:
         try:
             state = await self._export(src, s.id, t)
         except RpcError as e:
-            if e.code not in ("unreachable", "disconnected", "timeout"):
+            if e.code not in GONE:
                 rec["error"] = f"export from {src.name} failed: {e.message}"
                 return False
             self.peers.mark_down(src, e.message)
@@ -501,7 +502,7 @@ class Router:
                 await self.client(dst).call("import_session", {"state": state}, timeout=t)
             except RpcError as e:
                 rec["error"] = f"import into {dst.name} failed: {e.message}"
-                if e.code in ("unreachable", "disconnected", "timeout"):
+                if e.code in GONE:
                     self.peers.mark_down(dst, e.message)
                 self._spawn(self._close_on_node(s.id, dst.name))  # a half-imported copy, if any
                 return False
@@ -607,7 +608,7 @@ class Turn:
                     retry_after = min(retry_after or 1e9, e.retry_after or 2)
                     continue
                 if e.retryable:
-                    if e.code in ("unreachable", "disconnected", "timeout"):
+                    if e.code in GONE:
                         r.peers.mark_down(p, e.message)
                     continue
                 raise  # the request itself is bad (e.g. context overflow): same on every node
@@ -697,7 +698,7 @@ class Turn:
             log.warning("race: node %s failed: %s", p.name, e)
             if isinstance(e, RpcError) and e.status in (429, 503):
                 r._busy_until[p.name] = time.time() + (e.retry_after or 2)
-            elif not isinstance(e, RpcError) or e.code in ("unreachable", "disconnected", "timeout"):
+            elif not isinstance(e, RpcError) or e.code in GONE:
                 r.peers.mark_down(p, str(e) or "race timed out")
         finally:
             await frames.aclose()
@@ -736,7 +737,7 @@ class Turn:
                         self.tried.discard(self.s.peer)
                     elif not e.retryable or self.failovers >= self.r.max_failovers:
                         raise
-                    if e.code in ("unreachable", "disconnected", "timeout"):
+                    if e.code in GONE:
                         p = self.r.peer(self.s.peer)
                         if p is not None:
                             self.r.peers.mark_down(p, e.message)
