@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def collect(loaded, items: list[tuple[str, list[int]]], advance=lambda n: None, 
                   np.zeros((D, L, n, n)), np.zeros((D, L)))
     loaded.set_eligible(None)
     eye = np.eye(n, dtype=np.float32)
-    with ExpertOutputs(loaded) if outputs else _null() as outs:
+    with ExpertOutputs(loaded) if outputs else nullcontext() as outs:
         for dom, ids in items:
             d = domains.index(dom)
             with GateRecorder(loaded.gates) as rec:
@@ -164,17 +165,15 @@ def collect(loaded, items: list[tuple[str, list[int]]], advance=lambda n: None, 
     return st
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def logp_of(loaded, ids) -> mx.array:
+    """[T, V] next-token log-probabilities of `loaded` on `ids`, float32."""
+    out = loaded.model(mx.array([ids]))[0].astype(mx.float32)
+    return out - mx.logsumexp(out, axis=-1, keepdims=True)
 
 
-def next_token_kl(ref_logp: mx.array, logp: mx.array) -> float:
-    """Mean KL(ref || other) over positions, nats/token."""
-    return float(mx.mean(mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)).item())
+def kl_per_token(ref_logp: mx.array, logp: mx.array) -> mx.array:
+    """KL(ref || other) at every position, nats."""
+    return mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
 
 
 def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candidates: int = 2,
@@ -194,12 +193,13 @@ def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candi
         ids = items[len(sample)][1]
         sample.append(ids)
         n += len(ids)
-    ref = [_logp(loaded, ids) for ids in sample]
+    ref = [logp_of(loaded, ids) for ids in sample]
+    mx.eval(ref)
 
     def removal_kl(i, e):
         l = stats.layers[i]
         loaded.set_eligible({x: [y for y in range(stats.n_experts) if not (x == l and y == e)] for x in stats.layers})
-        kl = float(np.mean([next_token_kl(r, _logp(loaded, ids)) for r, ids in zip(ref, sample)]))
+        kl = float(np.mean([kl_per_token(r, logp_of(loaded, ids)).mean().item() for r, ids in zip(ref, sample)]))
         loaded.set_eligible(None)
         return kl
 
@@ -219,13 +219,6 @@ def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candi
             if kl >= kl_factor * max(base, 1e-6):
                 found.setdefault(l, []).append(e)
     return {"experts": found, "checked": checked}
-
-
-def _logp(loaded, ids) -> mx.array:
-    out = loaded.model(mx.array([ids]))[0].astype(mx.float32)
-    out = out - mx.logsumexp(out, axis=-1, keepdims=True)
-    mx.eval(out)
-    return out
 
 
 # --------------------------------------------------------- rewriting bundles

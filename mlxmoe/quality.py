@@ -42,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import grouping as gr
-from .calibrate import collect, expert_bytes, load_suites, tokenize
+from .calibrate import collect, expert_bytes, kl_per_token, load_suites, logp_of, tokenize
 from .errors import MlxMoeError
 from .manifest import TRUNK_FILE, Manifest
 from .placement import score_groups
@@ -102,11 +102,6 @@ def make_items(tokenizer, passages, per_domain: int | None = None, prompt_tokens
     return items
 
 
-def logp_of(loaded, ids) -> mx.array:
-    out = loaded.model(mx.array([ids]))[0].astype(mx.float32)
-    return out - mx.logsumexp(out, axis=-1, keepdims=True)
-
-
 def reference(loaded, items: list[Item], advance=lambda n: None):
     loaded.set_eligible(None)
     for it in items:
@@ -161,7 +156,7 @@ def size_configs(m: Manifest, cfgs: list[Config]):
 def token_metrics(ref_logp: mx.array, logp: mx.array, targets: mx.array) -> tuple:
     """Per position: KL(ref || other), argmax agreement (0/1), and the other
     model's negative log-likelihood of the target. Inputs [T, V], [T, V], [T]."""
-    kl = mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
+    kl = kl_per_token(ref_logp, logp)
     agree = (mx.argmax(ref_logp, axis=-1) == mx.argmax(logp, axis=-1)).astype(mx.float32)
     nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
     return kl, agree, nll
