@@ -28,6 +28,7 @@ import click
 import mlx.core as mx
 
 from .arch import normalize_config
+from .calibrate import expert_bytes
 from .manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
 
 
@@ -70,8 +71,7 @@ def measure_bandwidth() -> float:
 def touched_bytes(m: Manifest, trunk_bytes: int, embed_bytes: int, kv_bytes_per_token: float, context: int) -> dict:
     """Bytes read per decoded token: trunk (less the embedding table, of which one
     row is read) + top-k experts at every MoE layer + the KV cache at `context`."""
-    per_expert = sum(m.files[group_file(g)]["size"] for g in range(m.n_groups)) / (m.n_experts * len(m.moe_layers))
-    parts = {"trunk": trunk_bytes - embed_bytes, "experts": m.top_k * len(m.moe_layers) * per_expert,
+    parts = {"trunk": trunk_bytes - embed_bytes, "experts": m.top_k * len(m.moe_layers) * expert_bytes(m),
              "kv": kv_bytes_per_token * context}
     return {**{k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
 
