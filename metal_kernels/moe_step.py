@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .jit import KernelSet
+
 SIMD = 32  # threads per warp (CUDA) / simdgroup (Apple GPUs)
 THREADGROUP = 256  # 8 warps per threadgroup
 MAX_EXPERTS = 16 * SIMD  # routing keeps E/32 logits per lane in registers
@@ -78,10 +80,11 @@ def route(logits: mx.array, top_k: int, norm: bool) -> tuple[mx.array, mx.array]
 
 
 def reference(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool,
-              dtype=mx.float32) -> mx.array:
+              res: mx.array | None = None, dtype=mx.float32) -> mx.array:
     """One token: x [..., H], logits [..., E] -> y of x's shape and dtype. Only
     the k selected experts' rows are read; no sort/scatter machinery (that is
-    for batches). Computes in `dtype` (float32: the kernels' precision)."""
+    for batches). Computes in `dtype` (float32: the kernels' precision).
+    res: the residual stream, added to y in x's dtype (the decoder layer's add)."""
     idx, w = route(logits.reshape(-1), top_k, norm)
 
     def proj(p, a):
@@ -92,10 +95,11 @@ def reference(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, n
     a = mx.broadcast_to(x.reshape(1, 1, -1).astype(dtype), (top_k, 1, x.size))
     g, u = proj(ex.gate, a), proj(ex.up, a)
     y = proj(ex.down, mx.sigmoid(g) * g * u)  # [k, 1, H]
-    return (y[:, 0, :] * w[:, None].astype(dtype)).sum(axis=0).astype(x.dtype).reshape(x.shape)
+    return _plus(res, (y[:, 0, :] * w[:, None].astype(dtype)).sum(axis=0).astype(x.dtype).reshape(x.shape))
 
 
-def dense(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool) -> mx.array:
+def dense(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool,
+          res: mx.array | None = None) -> mx.array:
     """`reference` through mx.dequantize and dense float32 matmuls: independent
     of MLX's quantized-matmul kernels, so it can judge them and the fused ones
     alike (the kernels' self-check at load uses it)."""
@@ -108,7 +112,11 @@ def dense(x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm:
     xv = x.reshape(-1, 1).astype(mx.float32)
     g, u = (deq(ex.gate) @ xv), (deq(ex.up) @ xv)  # [k, I, 1]
     y = (deq(ex.down) @ (mx.sigmoid(g) * g * u))[..., 0]  # [k, H]
-    return (y * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape)
+    return _plus(res, (y * w[:, None]).sum(axis=0).astype(x.dtype).reshape(x.shape))
+
+
+def _plus(res, y):
+    return y if res is None else res.reshape(y.shape) + y
 
 
 # ---------------------------------------------------------------- kernel sources
@@ -211,13 +219,14 @@ CUDA_DOWN = CUDA_SELECT + CUDA_WEIGHTS + """
       acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[warp] = static_cast<T>(acc);
+    if (lane == 0) y[warp] = STORE;
   }
 """
 
 METAL_HEADER = """
-template <int BITS, int GS, int WORDS, typename S, typename X>
-float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, const device X* x, uint lane) {
+// XP: a device or threadgroup pointer (the address space is part of the type)
+template <int BITS, int GS, int WORDS, typename S, typename XP>
+float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, XP x, uint lane) {
   constexpr int PER = 32 / BITS;
   constexpr int ITERS = (WORDS + 31) / 32;
   constexpr uint32_t MASK = (1u << BITS) - 1u;
@@ -296,12 +305,16 @@ METAL_DOWN = METAL_SELECT + METAL_WEIGHTS + """
       acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
     }
     acc = simd_sum(acc);
-    if (lane == 0) y[warp] = static_cast<T>(acc);
+    if (lane == 0) y[warp] = STORE;
   }
 """
 
 GATE_UP_INPUTS = ["x", "logits", "wg", "sg", "bg", "wu", "su", "bu"]
 DOWN_INPUTS = ["hid", "logits", "wd", "sd", "bd"]
+# down's store: y alone, or y added to the residual stream `res` the way the
+# decoder layer adds them (both rounded to T first)
+STORE = "static_cast<T>(acc)"
+STORE_RES = "static_cast<T>(static_cast<float>(res[warp]) + static_cast<float>(static_cast<T>(acc)))"
 
 
 def geometry(ex: QuantizedExperts, top_k: int) -> dict:
@@ -322,43 +335,36 @@ def template(ex: QuantizedExperts, top_k: int, norm: bool, dtype) -> list:
             ("GS", ex.group_size), ("NORM", bool(norm))]
 
 
-class FusedMoE:
-    """The two kernels of one backend ('cuda' or 'metal'), compiled on first use."""
+class FusedMoE(KernelSet):
+    """gate_up and down (down_res: plus the residual) of one backend ('cuda' or 'metal')."""
 
-    def __init__(self, backend: str):
-        if backend not in ("cuda", "metal"):
-            raise ValueError(f"backend {backend!r}: expected 'cuda' or 'metal'")
-        self.backend = backend
-        self._kernels = None
-        self._launch: dict = {}  # (shape, bits, gs, k, norm, dtype) -> launch arguments
+    SOURCES = {"cuda": {"header": CUDA_HEADER, "gate_up": CUDA_GATE_UP, "down": CUDA_DOWN.replace("STORE", STORE),
+                        "down_res": CUDA_DOWN.replace("STORE", STORE_RES)},
+               "metal": {"header": METAL_HEADER, "gate_up": METAL_GATE_UP, "down": METAL_DOWN.replace("STORE", STORE),
+                         "down_res": METAL_DOWN.replace("STORE", STORE_RES)}}
+    INPUTS = {"gate_up": GATE_UP_INPUTS, "down": DOWN_INPUTS, "down_res": DOWN_INPUTS + ["res"]}
+    OUTPUTS = {"gate_up": ["hid"], "down": ["y"], "down_res": ["y"]}
 
-    def sources(self) -> dict:
-        if self.backend == "cuda":
-            return {"header": CUDA_HEADER, "gate_up": CUDA_GATE_UP, "down": CUDA_DOWN}
-        return {"header": METAL_HEADER, "gate_up": METAL_GATE_UP, "down": METAL_DOWN}
-
-    def kernels(self):
-        if self._kernels is None:
-            src = self.sources()
-            make = mx.fast.cuda_kernel if self.backend == "cuda" else mx.fast.metal_kernel
-            self._kernels = (
-                make(name="mlxmoe_moe_gate_up", input_names=GATE_UP_INPUTS, output_names=["hid"],
-                     source=src["gate_up"], header=src["header"]),
-                make(name="mlxmoe_moe_down", input_names=DOWN_INPUTS, output_names=["y"],
-                     source=src["down"], header=src["header"]),
-            )
-        return self._kernels
-
-    def __call__(self, x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool) -> mx.array:
-        """x [..., H] and logits [..., E] of one token (masked, any float dtype)
-        -> y of x's shape and dtype. Kernels index flat: no reshape ops."""
-        gate_up, down = self.kernels()
-        key = (ex.shape, ex.bits, ex.group_size, top_k, norm, x.dtype)
+    def _launches(self, ex: QuantizedExperts, top_k: int, norm: bool, dtype) -> dict:
+        key = (ex.shape, ex.bits, ex.group_size, top_k, norm, dtype)
         if key not in self._launch:  # per-token Python work is per-token latency
-            geo, tmpl = geometry(ex, top_k), template(ex, top_k, norm, x.dtype)
-            self._launch[key] = [dict(template=tmpl, grid=geo[k]["grid"], threadgroup=geo[k]["threadgroup"])
-                                 for k in ("gate_up", "down")]
-        a_up, a_down = self._launch[key]
+            geo, consts = geometry(ex, top_k), tuple(template(ex, top_k, norm, dtype))
+            self._launch[key] = {
+                name: (self.kernel(name, consts), dict(grid=geo[g]["grid"], threadgroup=geo[g]["threadgroup"]))
+                for name, g in (("gate_up", "gate_up"), ("down", "down"), ("down_res", "down"))}
+        return self._launch[key]
+
+    def __call__(self, x: mx.array, logits: mx.array, ex: QuantizedExperts, top_k: int, norm: bool,
+                 res: mx.array | None = None) -> mx.array:
+        """x [..., H] and logits [..., E] of one token (masked, any float dtype)
+        -> y of x's shape and dtype (plus `res`, the residual stream, if given).
+        Kernels index flat: no reshape ops."""
+        launch = self._launches(ex, top_k, norm, x.dtype)
+        gate_up, a_up = launch["gate_up"]
         hid = gate_up(inputs=[x, logits, *ex.gate, *ex.up], output_shapes=[(top_k, ex.shape[2])],
                       output_dtypes=[mx.float32], **a_up)[0]
-        return down(inputs=[hid, logits, *ex.down], output_shapes=[x.shape], output_dtypes=[x.dtype], **a_down)[0]
+        if res is None:
+            down, a_down = launch["down"]
+            return down(inputs=[hid, logits, *ex.down], output_shapes=[x.shape], output_dtypes=[x.dtype], **a_down)[0]
+        down, a_down = launch["down_res"]
+        return down(inputs=[hid, logits, *ex.down, res], output_shapes=[x.shape], output_dtypes=[x.dtype], **a_down)[0]

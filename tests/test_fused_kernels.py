@@ -130,6 +130,61 @@ def test_kernel_sources_and_launch_geometry(backend):
     assert names == ["T", "H", "I", "E", "K", "BITS", "GS", "NORM"]
 
 
+@pytest.mark.parametrize("backend", ["metal", "cuda"])
+def test_layer_tail_sources(backend):
+    from metal_kernels import layer_tail
+
+    src = layer_tail.FusedTail(backend).sources()
+    for name, ins in layer_tail.FusedTail.INPUTS.items():
+        body = src[name]
+        for n in ins + layer_tail.FusedTail.OUTPUTS[name]:
+            assert n in body, (backend, name, n)
+        assert body.count("{") == body.count("}")
+    from metal_kernels import attn_front
+
+    src = attn_front.FusedFront(backend).sources()
+    for name, ins in attn_front.FusedFront.INPUTS.items():
+        for n in ins + attn_front.FusedFront.OUTPUTS[name]:
+            assert n in src[name], (backend, name, n)
+        assert src[name].count("{") == src[name].count("}") and "xn[i]" not in src[name]
+    moe = FusedMoE(backend).sources()
+    assert "res[warp]" in moe["down_res"] and "res[" not in moe["down"] and "STORE" not in moe["down"] + moe["down_res"]
+    assert layer_tail.grid(2048) == (2048 * 32, 1, 1) and layer_tail.grid(43)[0] % 256 == 0
+
+
+def test_kernel_sets_launch_glue_with_a_fake_backend(monkeypatch):
+    """The Python side of every kernel call (specialisation, input lists,
+    output shapes), with MLX's kernel factory replaced by a fake that checks
+    the call and returns zeros: what CPU-only CI can check of the GPU path."""
+    from metal_kernels.attn_front import FusedFront
+    from metal_kernels.layer_tail import FusedTail
+
+    made = []
+
+    def fake_kernel(name, input_names, output_names, source, header=""):
+        made.append((name, source))
+        assert source.startswith("  using T = ") and "constexpr int" in source and "template" not in source.split("\n")[0]
+
+        def call(inputs, output_shapes, output_dtypes, grid, threadgroup, **kw):
+            assert "template" not in kw and len(inputs) == len(input_names) and len(output_shapes) == len(output_names)
+            assert grid[0] % threadgroup[0] == 0
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+        return call
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    ex = make_experts(16, 256, 128, 4, 64, mx.bfloat16)
+    x, logits = (t.astype(mx.bfloat16) for t in inputs(16, 256))
+    assert FusedMoE("cuda")(x, logits, ex, 4, True, res=x).shape == x.shape
+    a, res, t = _tail_case(8, 64, "quantized", mx.bfloat16, e=16)
+    assert [o.shape for o in FusedTail("cuda")(a, res, t)] == [(256,), (256,), (16,)]
+    xf, f = _front_case(8, 64, 64, mx.bfloat16)
+    assert [o.shape for o in FusedFront("cuda")(xf, f, 5)] == [(1, 4, 1, 64), (1, 2, 1, 64), (1, 2, 1, 64)]
+    names = [n.rsplit("_", 1)[0] for n, _ in made]  # one kernel per specialisation
+    assert names == ["mlxmoe_gate_up", "mlxmoe_down", "mlxmoe_down_res", "mlxmoe_attn_out", "mlxmoe_router_q",
+                     "mlxmoe_qkv", "mlxmoe_heads"]
+
+
 # ---- the node --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -167,6 +222,50 @@ def test_greedy_256_tokens_identical_fused_and_unfused(ref_bundle):
         fused.install(node.loaded, path)
         out[path] = [e.token for e in node.generate(None, prompt, GenParams(max_tokens=256, temperature=0.0))]
     assert len(out["reference"]) == 256 and out["reference"] == out["mlx-lm"]
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, arch):
+    """The layer path (attention without o_proj, then o_proj + residual, norm +
+    router, MoE + residual; shared experts on qwen2_moe) on the reference ops:
+    same greedy tokens as mlx-lm's layers, on a node with every expert and a
+    one-group node (local router rows)."""
+    from mlxmoe.runtime import fused
+    from mlxmoe.runtime.engine import GenParams
+    from mlxmoe.runtime.node import Node
+    from mlxmoe.split import split
+
+    split(str(ckpt(arch)), tmp_path / "b", 2, bits=4, group_size=32, kv_bits=None)
+    for group in (None, 0):
+        node = Node.load(str(tmp_path / "b"), group, verify=False, kv_bits=None)
+        node.model.set_dtype(mx.float32)
+        out = {}
+        for path in ("reference", "mlx-lm"):
+            fused.install(node.loaded, path)
+            out[path] = [e.token for e in node.generate(None, [1, 2, 3, 4], GenParams(max_tokens=24, temperature=0.0))]
+            assert node.info()["fused_layers"] == (3 if path == "reference" else 0)
+            if path == "reference":  # the attention front: Qwen3's layout only
+                fronts = [node.model.layers[l]._tail_args[1] is not None for l in node.loaded.manifest.moe_layers]
+                assert fronts == [arch == "qwen3_moe"] * 3
+        assert out["reference"] == out["mlx-lm"], (arch, group)
+
+
+def test_layer_tail_reference_equals_mlx_lm_ops():
+    """layer_tail.reference = o_proj, residual add, RMSNorm and router as mlx-lm's modules run them."""
+    import mlx.nn as nn
+
+    from metal_kernels.layer_tail import QLinear, Tail, reference as tail_reference
+
+    o, norm = nn.QuantizedLinear(128, 64, bias=False, group_size=32, bits=8), nn.RMSNorm(64, eps=1e-5)
+    norm.weight = 1 + 0.1 * mx.random.normal((64,), key=mx.random.key(2))
+    gates = {"dense": nn.Linear(64, 16, bias=False), "quantized": nn.QuantizedLinear(64, 16, bias=False, group_size=32, bits=8)}
+    a, res = mx.random.normal((1, 1, 128), key=mx.random.key(3)), mx.random.normal((1, 1, 64), key=mx.random.key(4))
+    for kind, gate in gates.items():
+        router = QLinear(gate.weight, gate.scales, gate.biases, 8, 32) if kind == "quantized" else gate.weight
+        h, xn, logits = tail_reference(a, res, Tail(QLinear(o.weight, o.scales, o.biases, 8, 32), norm.weight, 1e-5, router))
+        want_h = res + o(a)
+        for got, want in ((h, want_h), (xn, norm(want_h)), (logits, gate(norm(want_h)))):
+            assert mx.abs(got.reshape(-1) - want.reshape(-1)).max().item() <= 1e-5, kind
 
 
 # ---- GPU (run on the GPU machine: pytest -m gpu) ----------------------------------------------
@@ -214,3 +313,86 @@ def test_mlx_quantized_reference_on_gpu(bits, gs, i):
     if _gpu_backend() is None:
         pytest.skip("no GPU")
     _check_kernel(reference, 48, 256, i, bits, gs, 6, True, mx.float32)
+
+
+def _tail_case(obits, ogs, router, dtype, h=256, a=512, e=48):
+    import mlx.nn as nn
+
+    from metal_kernels.layer_tail import QLinear, Tail
+
+    w = mx.random.normal((h, a), key=mx.random.key(11)) / np.sqrt(a)
+    o = QLinear(*mx.quantize(w, group_size=ogs, bits=obits), obits, ogs)
+    o = QLinear(o.weight, o.scales.astype(dtype), o.biases.astype(dtype), obits, ogs)
+    wr = (mx.random.normal((e, h), key=mx.random.key(12)) / np.sqrt(h)).astype(dtype)
+    if router == "quantized":
+        q = mx.quantize(wr.astype(mx.float32), group_size=64, bits=8)
+        wr = QLinear(q[0], q[1].astype(dtype), q[2].astype(dtype), 8, 64)
+    norm = (1 + 0.1 * mx.random.normal((h,), key=mx.random.key(13))).astype(dtype)
+    x = mx.random.normal((1, 1, a), key=mx.random.key(14)).astype(dtype)
+    res = mx.random.normal((1, 1, h), key=mx.random.key(15)).astype(dtype)
+    return x, res, Tail(o, norm, 1e-6, wr)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("obits,ogs,router,dtype", [(8, 64, "dense", "bfloat16"), (4, 32, "quantized", "bfloat16"),
+                                                    (8, 128, "quantized", "float32"), (4, 64, "dense", "float32")])
+def test_layer_tail_kernels_equal_mlx_ops_on_gpu(obits, ogs, router, dtype):
+    """attn_out and norm_router against MLX's own kernels: equal up to one
+    rounding of the model dtype (bfloat16) or float32 summation order."""
+    from metal_kernels.layer_tail import FusedTail, reference as tail_reference
+
+    backend = _gpu_backend()
+    if backend is None:
+        pytest.skip("no GPU")
+    a, res, t = _tail_case(obits, ogs, router, getattr(mx, dtype))
+    tol = 1e-4 if dtype == "float32" else 1.6e-2
+    for got, want in zip(FusedTail(backend)(a, res, t), tail_reference(a, res, t)):
+        got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+        assert np.abs(got - want).max() <= tol * (np.abs(want).max() + 1e-3), (obits, ogs, router, dtype)
+
+
+@pytest.mark.gpu
+def test_down_with_residual_on_gpu():
+    backend = _gpu_backend()
+    if backend is None:
+        pytest.skip("no GPU")
+    ex = make_experts(48, 256, 128, 4, 64, mx.bfloat16)
+    x, logits = (t.astype(mx.bfloat16) for t in inputs(48, 256))
+    res = mx.random.normal((256,), key=mx.random.key(9)).astype(mx.bfloat16)
+    got = FusedMoE(backend)(x, logits, ex, 6, True, res=res).astype(mx.float32)
+    want = (res.astype(mx.float32) + mx.array(ground_truth(x, logits, ex, 6, True), mx.float32))
+    assert mx.abs(got - want).max().item() <= 1e-2 * (mx.abs(want).max().item() + 1e-3)
+
+
+def _front_case(bits, gs, d, dtype, h=256, nq=4, nk=2):
+    from metal_kernels.attn_front import Front
+    from metal_kernels.layer_tail import QLinear
+
+    def q(rows, seed):
+        w = mx.random.normal((rows, h), key=mx.random.key(seed)) / np.sqrt(h)
+        wq, sc, bi = mx.quantize(w, group_size=gs, bits=bits)
+        return QLinear(wq, sc.astype(dtype), bi.astype(dtype), bits, gs)
+
+    norm = lambda n, seed: (1 + 0.1 * mx.random.normal((n,), key=mx.random.key(seed))).astype(dtype)
+    f = Front(norm(h, 20), 1e-6, q(nq * d, 21), q(nk * d, 22), q(nk * d, 23), norm(d, 24), norm(d, 25), (1e-6, 1e-6),
+              1e6, nq, nk)
+    return mx.random.normal((1, 1, h), key=mx.random.key(26)).astype(dtype), f
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,gs,d,dtype", [(8, 64, 128, "bfloat16"), (4, 32, 64, "bfloat16"), (8, 128, 128, "float32")])
+def test_attention_front_kernels_equal_mlx_ops_on_gpu(bits, gs, d, dtype):
+    """qkv + heads (RMSNorm, q/k/v, q/k RMSNorm, RoPE at offsets 0, 7 and 5000)
+    against MLX's own ops: equal up to one rounding of the model dtype."""
+    from metal_kernels.attn_front import FusedFront, reference as front_reference
+
+    backend = _gpu_backend()
+    if backend is None:
+        pytest.skip("no GPU")
+    x, f = _front_case(bits, gs, d, getattr(mx, dtype))
+    tol = 1e-4 if dtype == "float32" else 1.6e-2
+    for offset in (0, 7, 5000):
+        for got, want in zip(FusedFront(backend)(x, f, offset), front_reference(x, f, offset)):
+            assert got.shape == want.shape
+            got, want = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+            assert np.abs(got - want).max() <= tol * (np.abs(want).max() + 1e-3), (bits, gs, d, dtype, offset)

@@ -11,6 +11,10 @@ or local rows, recording intact) and replaces everything after it:
                CPU path (MLX's bfloat16 CPU kernels are several times slower)
   mlx-lm       the block's own code (also: any shape the kernels do not take)
 
+On a kernel path (and `reference`) the whole decoder layer of one token is
+taken over where its shape allows (fused_layer.py): ~31 ops per layer become
+6 kernels, the KV cache update and MLX's attention.
+
 Prompts (more than one token) always run the block's own code. The path is
 chosen once at load; a kernel path is checked against the reference on the
 first MoE block (against dequantized dense matmuls) and, if it fails or disagrees, the node falls back (CPU:
@@ -24,7 +28,13 @@ import os
 
 import mlx.core as mx
 
+from metal_kernels import attn_front, layer_tail
+from metal_kernels.attn_front import FusedFront
+from metal_kernels.layer_tail import FusedTail
 from metal_kernels.moe_step import FusedMoE, QuantizedExperts, dense, reference, unsupported
+
+from .fused_layer import layer_args, set_layer_steps
+from .masked import with_mixin
 
 PATHS = ("fused-metal", "fused-cuda", "reference", "mlx-lm")
 ENV = "MLXMOE_MOE_PATH"
@@ -117,19 +127,29 @@ def _why_not(loaded, path) -> str | None:
 
 
 def _self_check(loaded, path) -> str | None:
-    """Run the kernel once on the first MoE block against the dense judge."""
+    """Run the kernels once on the first MoE layer: the MoE step against the
+    dense judge, the layer's attention front and tail against MLX's own ops."""
     block = next(iter(loaded.blocks.values()))
     model_type = loaded.manifest.model["config"]["model_type"]
     ex = experts_of(block, loaded.arch)
     x = (0.5 * mx.random.normal((1, 1, ex.shape[1]), key=mx.random.key(7))).astype(ex.gate[1].dtype)
+    pairs = []
     try:
-        got = make_step(path, loaded.arch, model_type)(block, x).astype(mx.float32)
-        want = make_step("dense", loaded.arch, model_type)(block, x).astype(mx.float32)
-        err, scale = mx.abs(got - want).max().item(), mx.abs(want).max().item() + 1e-6
+        pairs.append((make_step(path, loaded.arch, model_type)(block, x), make_step("dense", loaded.arch, model_type)(block, x)))
+        t, f = layer_args(loaded, next(iter(loaded.blocks)), path)
+        backend = path.split("-")[1]
+        if t is not None:
+            a = (0.5 * mx.random.normal((1, 1, t.o.shape[1]), key=mx.random.key(8))).astype(x.dtype)
+            pairs += zip(FusedTail(backend)(a, x, t), layer_tail.reference(a, x, t))
+        if f is not None:
+            pairs += zip(FusedFront(backend)(x, f, 1000), attn_front.reference(x, f, 1000))
+        for got, want in pairs:
+            got, want = got.astype(mx.float32), want.astype(mx.float32)
+            err, scale = mx.abs(got - want).max().item(), mx.abs(want).max().item() + 1e-6
+            if not err <= 0.02 * scale:
+                return f"{path} disagreed with MLX's ops on its self-check (max error {err:.3g}, scale {scale:.3g})"
     except Exception as e:  # a compiler or launch error: fall back
         return f"{path} failed its self-check: {type(e).__name__}: {str(e)[:200]}"
-    if not err <= 0.02 * scale:
-        return f"{path} disagreed with the dense judge on its self-check (max error {err:.3g}, scale {scale:.3g})"
     return None
 
 
@@ -147,6 +167,7 @@ def install(loaded, path: str | None = None) -> str:
         want = _fallback() if _why_not(loaded, _fallback()) is None else "mlx-lm"
     model_type = loaded.manifest.model["config"]["model_type"]
     _set_steps(loaded, None if want == "mlx-lm" else make_step(want, loaded.arch, model_type), model_type)
+    loaded.fused_layers = set_layer_steps(loaded, want)
     loaded.moe_path, loaded.moe_path_reason = want, reason
     return want
 
@@ -157,16 +178,9 @@ def _fallback() -> str:
     return "reference" if mx.default_device() == mx.cpu else "mlx-lm"
 
 
-_CLASSES: dict = {}
-
-
 def _set_steps(loaded, step, model_type):
     for block in loaded.blocks.values():
-        if not isinstance(block, FusedStep):
-            base = type(block)
-            if base not in _CLASSES:
-                _CLASSES[base] = type(f"Fused{base.__name__}", (FusedStep, base), {})
-            block.__class__ = _CLASSES[base]
+        with_mixin(block, FusedStep)
         # plain attributes, never parameters; the weights are final once loaded
         object.__setattr__(block, "_step", step)
         object.__setattr__(block, "_fused_args", None if step is None else block_args(block, loaded.arch, model_type))

@@ -31,6 +31,7 @@ class Loaded:
     bytes: dict = field(default_factory=dict)  # trunk / experts bytes resident
     moe_path: str = "mlx-lm"  # single-token MoE path (fused.py); why, if it fell back:
     moe_path_reason: str | None = None
+    fused_layers: int = 0  # MoE layers whose single-token tail (o_proj .. residual) is fused too
 
     @property
     def blocks(self) -> dict:

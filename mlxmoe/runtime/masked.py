@@ -37,11 +37,15 @@ class StopForward(Exception):
     """Raised by a recording gate to end a forward pass early (trunk-only scoring)."""
 
 
-def _subclass(base, mixin):
-    key = (base, mixin)
+def with_mixin(module, mixin) -> None:
+    """Give `module` the class (mixin, its class): same parameters and paths,
+    the mixin's __call__ first (one class per pair, cached)."""
+    if isinstance(module, mixin):
+        return
+    key = (type(module), mixin)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"Masked{base.__name__}", (mixin, base), {})
-    return _CLASS_CACHE[key]
+        _CLASS_CACHE[key] = type(f"{mixin.__name__}{key[0].__name__}", (mixin, key[0]), {})
+    module.__class__ = _CLASS_CACHE[key]
 
 
 class _Recorder:
@@ -139,14 +143,14 @@ def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
         for name in ("weight", "scales", "biases", "bias"):
             if name in gate:
                 setattr(gate, name, gate[name][rows])
-        gate.__class__ = _subclass(type(gate), LocalLinearGate)
+        with_mixin(gate, LocalLinearGate)
         _set(gate, "_full", full)
         _set(gate, "_layer", layer)
         return
     mixin = MaskedSigmoidGate if scoring == "sigmoid_group" else MaskedLinearGate
-    gate.__class__ = _subclass(type(gate), mixin)
+    with_mixin(gate, mixin)
     _set(gate, "_layer", layer)
-    experts.__class__ = _subclass(type(experts), LocalExperts)
+    with_mixin(experts, LocalExperts)
     set_eligible(block, gate_attr, n_experts, None if len(set(local_ids)) == n_experts else local_ids)
     g2l = None
     if local_ids != list(range(n_experts)):

@@ -56,6 +56,7 @@ import numpy as np
 
 from ..errors import MlxMoeError
 from ..placement import router_probs, topk_mass
+from .masked import with_mixin
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
@@ -102,11 +103,8 @@ class RemoteBlock:
 
 
 def install_blocks(blocks) -> None:
-    from .masked import _subclass
-
     for b in blocks:
-        if not isinstance(b, RemoteBlock):
-            b.__class__ = _subclass(type(b), RemoteBlock)
+        with_mixin(b, RemoteBlock)
 
 
 def _base(block, x):

@@ -55,7 +55,8 @@ def check_moe_path() -> Check:
     path = fused.default_path()
     what = {"fused-metal": "fused Metal kernels", "fused-cuda": "fused CUDA kernels",
             "reference": "plain MLX on the selected experts, float32", "mlx-lm": "mlx-lm's own MoE code"}[path]
-    detail = f"{path} ({what}); a node checks it on load and reports the one it uses in `/status`"
+    detail = (f"{path} ({what}); a node checks it on load and reports the one it uses in `/status` "
+              "(moe_path, and fused_layers: decoder layers run whole by the kernels)")
     if path in ("reference", "mlx-lm") and mx_has_gpu():
         return Check("moe path", "warn", detail, "this MLX offers no custom kernels: `pip install -U mlx`")
     return Check("moe path", "ok", detail)
