@@ -4,6 +4,8 @@ MLX has no per-kernel timer, so two measurements stand in for one:
 - ops: the primitives of one decode step's graph (mx.export_to_dot), by name.
   Each primitive is one kernel launch or more; a `Compiled` primitive is one
   fused elementwise kernel.
+- host or device: one step alone split into graph building (Python),
+  encoding (MLX's async_eval) and waiting for the device.
 - time shares: the step itself, and each kind of module (attention, MoE block,
   lm_head) timed alone at one token, chained `reps` times per evaluation so
   that, as in a real step, launches are queued back to back. Attention runs
@@ -55,6 +57,23 @@ def _chain(module, h):
     return run
 
 
+def _cpu_split(model, cache, steps: int = 16) -> dict:
+    """Where one decode step's wall time goes: building its graph in Python
+    (build), MLX encoding and launching it (encode: async_eval's return), and
+    waiting for the device (wait). wait near 0: the step is bound by the host."""
+    parts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(mx.array([[1]]), cache=cache)
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        parts.append((t1 - t0, time.perf_counter() - t2, t2 - t1))
+    build, wait, encode = (statistics.median(p[i] for p in parts) for i in range(3))
+    return {"build_ms": round(build * 1e3, 3), "encode_ms": round(encode * 1e3, 3), "wait_ms": round(wait * 1e3, 3)}
+
+
 def profile_step(model, prompt: list[int], kv_bits=None, moe_layers=(), reps: int = 16) -> dict:
     """Ops by primitive and time shares of one decode step at the prompt's context."""
     from mlx_lm.generate import maybe_quantize_kv_cache
@@ -71,6 +90,7 @@ def profile_step(model, prompt: list[int], kv_bits=None, moe_layers=(), reps: in
         return outs[-1]
 
     t_step = _time(step, 4, runs=5)
+    cpu = _cpu_split(model, cache)
     layers = model.layers
     dim = model.args.hidden_size if hasattr(model, "args") else layers[0].input_layernorm.weight.shape[0]
     dtype = layers[0].input_layernorm.weight.dtype
@@ -83,7 +103,7 @@ def profile_step(model, prompt: list[int], kv_bits=None, moe_layers=(), reps: in
     t_head = _time(lambda reps: [head(h) for _ in range(reps)][-1], reps) if head is not None else 0.0
     parts = {"moe_blocks": t_moe, "attention_no_kv": t_attn, "lm_head": t_head}
     parts["rest"] = max(t_step - sum(parts.values()), 0.0)
-    return {"step_ms": round(t_step * 1e3, 3), "ops": sum(ops.values()), "ops_by_primitive": dict(ops.most_common()),
+    return {"step_ms": round(t_step * 1e3, 3), **cpu, "ops": sum(ops.values()), "ops_by_primitive": dict(ops.most_common()),
             "ms": {k: round(v * 1e3, 3) for k, v in parts.items()},
             "share": {k: round(v / t_step, 3) for k, v in parts.items()},
             "us_per_op": round(t_step / max(sum(ops.values()), 1) * 1e6, 2)}
@@ -92,5 +112,6 @@ def profile_step(model, prompt: list[int], kv_bits=None, moe_layers=(), reps: in
 def print_profile(name: str, p: dict) -> None:
     top = ", ".join(f"{k} {v}" for k, v in list(p["ops_by_primitive"].items())[:12])
     shares = ", ".join(f"{k} {p['ms'][k]:.3f} ms ({p['share'][k]:.0%})" for k in p["ms"])
-    print(f"# profile {name}: step {p['step_ms']:.3f} ms, {p['ops']} ops ({p['us_per_op']} us/op); {shares}")
+    print(f"# profile {name}: step {p['step_ms']:.3f} ms (alone: build {p['build_ms']:.3f} + encode {p['encode_ms']:.3f}"
+          f" + wait {p['wait_ms']:.3f} ms), {p['ops']} ops ({p['us_per_op']} us/op); {shares}")
     print(f"#   ops: {top}")
