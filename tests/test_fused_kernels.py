@@ -236,8 +236,8 @@ def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, a
     from mlxmoe.split import split
 
     split(str(ckpt(arch)), tmp_path / "b", 2, bits=4, group_size=32, kv_bits=None)
-    for group in (None, 0):
-        node = Node.load(str(tmp_path / "b"), group, verify=False, kv_bits=None)
+    for group, kv_bits in ((None, None), (0, None), (0, 8)):  # 8: the quantized KV cache's update and attention
+        node = Node.load(str(tmp_path / "b"), group, verify=False, kv_bits=kv_bits)
         node.model.set_dtype(mx.float32)
         out = {}
         for path in ("reference", "mlx-lm"):
@@ -247,7 +247,7 @@ def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, a
             if path == "reference":  # the attention front: Qwen3's layout only
                 fronts = [node.model.layers[l]._tail_args[1] is not None for l in node.loaded.manifest.moe_layers]
                 assert fronts == [arch == "qwen3_moe"] * 3
-        assert out["reference"] == out["mlx-lm"], (arch, group)
+        assert out["reference"] == out["mlx-lm"], (arch, group, kv_bits)
 
 
 def test_layer_tail_reference_equals_mlx_lm_ops():
