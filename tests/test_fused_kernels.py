@@ -305,8 +305,13 @@ def test_kernel_equals_reference_on_gpu_qwen3_30b_shapes(bits):
     _check_kernel(FusedMoE(backend), 128, 2048, 768, bits, 64, 8, True, mx.bfloat16)
 
 
+MLX_BUG = pytest.mark.xfail(reason="MLX 0.32.4 CUDA gather_qmm, float32 activations, input width == group size "
+                                   "(benchmarks/2026-11-23-h100-fused-kernel-tests.txt)", strict=False)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,gs,i", [(4, 64, 64), (4, 128, 128), (4, 64, 128)])
+@pytest.mark.parametrize("bits,gs,i", [pytest.param(4, 64, 64, marks=MLX_BUG), pytest.param(4, 128, 128, marks=MLX_BUG),
+                                       (4, 64, 128)])
 def test_mlx_quantized_reference_on_gpu(bits, gs, i):
     """MLX's own gather_qmm on this GPU (the reference path) vs the ground truth:
     tells a kernel bug from an MLX one when the two disagree."""

@@ -337,3 +337,28 @@ def test_full_model_of_a_shuffled_grouping_masks_like_a_node(tmp_path, ckpt):
     full.set_eligible({l: m.eligible(0, l) for l in m.moe_layers})
     node = load_bundle(tmp_path / "b", 0)
     assert mx.abs(full.model(mx.array(IDS)) - node.model(mx.array(IDS))).max().item() <= 1e-5
+
+
+def test_node_keeps_kv_unquantized_where_the_backend_cannot_run_quantized_attention(ckpt, tmp_path, monkeypatch):
+    """MLX's CUDA backend lacks quantized matmuls for some head sizes: a GPU node
+    checks one quantized decode step at load and, if it fails, says so and
+    decodes with an unquantized cache instead of failing at the first token."""
+    import mlx.core as mx
+    from mlx_lm.models import base
+
+    from mlxmoe.runtime.engine import GenParams
+    from mlxmoe.runtime.node import Node
+    from mlxmoe.split import split
+
+    split(str(ckpt("qwen3_moe")), tmp_path / "b", 2, bits=4, group_size=32, kv_bits=8)
+
+    def unsupported(*a, **kw):
+        raise RuntimeError("[quantized_matmul] No implementation for problem shape")
+
+    monkeypatch.setattr(base, "quantized_scaled_dot_product_attention", unsupported)
+    cpu = mx.default_device()
+    monkeypatch.setattr(mx, "default_device", lambda: mx.gpu if cpu == mx.cpu else cpu)  # the check runs on GPUs only
+    node = Node.load(str(tmp_path / "b"), 0, verify=False)
+    monkeypatch.undo()
+    assert node.kv_bits is None and "kv-bits 8" in node.info()["kv_note"]
+    assert len([e for e in node.generate(None, [1, 2, 3], GenParams(max_tokens=5, temperature=0.0))]) == 5

@@ -39,7 +39,7 @@ def main():
         toks = run(a.tokens)
         out[path] = {"tok_s": round(len(toks) / (time.perf_counter() - t0), 1), "tokens": toks}
     first = out[picked]["tokens"]
-    report = {"picked": picked, "reason": why, "tokens": a.tokens,
+    report = {"picked": picked, "reason": why, "tokens": a.tokens, "kv_bits": node.kv_bits, "kv_note": node.kv_note,
               **{p: {"tok_s": r["tok_s"], "identical_to_picked": r["tokens"] == first,
                      "first_difference": next((i for i, (x, y) in enumerate(zip(first, r["tokens"])) if x != y), None)}
                  for p, r in out.items()}}

@@ -37,6 +37,10 @@ class Node(Tokens):
         self.vocab_size = int(cfg["vocab_size"])
         self.eos = set(tokenizer.eos_token_ids) if tokenizer else set()
         per_token = self._kv_bytes_per_token()
+        self.kv_note = self._check_quantized_kv()
+        if self.kv_note:
+            self.kv_bits = None
+            per_token = self._kv_bytes_per_token()
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
         self.remote = Remote(loaded)  # remote routed experts (routing modes), both directions
@@ -73,6 +77,24 @@ class Node(Tokens):
         if self.kv_bits:  # packed values + a scale and a bias per group
             return elems * (self.kv_bits / 8 + 2 * itemsize / self.kv_group_size)
         return elems * itemsize
+
+    def _check_quantized_kv(self) -> str | None:
+        """One decode step on a quantized KV cache: MLX's CUDA backend has no
+        quantized matmul for some head sizes (e.g. 64 at 8 bits in MLX 0.32.4),
+        and a node must not fail at its first token. Returns why the cache
+        stays unquantized, or None."""
+        if not self.kv_bits or mx.default_device() == mx.cpu:
+            return None
+        from mlx_lm.generate import maybe_quantize_kv_cache
+
+        cache = self._new_cache()
+        self.model(mx.array([[0] * 9]), cache=cache)
+        maybe_quantize_kv_cache(cache, 0, self.kv_group_size, self.kv_bits)
+        try:
+            mx.eval(self.model(mx.array([[0]]), cache=cache))
+        except (RuntimeError, ValueError) as e:
+            return f"--kv-bits {self.kv_bits} fails on this backend ({str(e)[:160]}); the KV cache is unquantized"
+        return None
 
     def _new_cache(self):
         from mlx_lm.models.cache import make_prompt_cache
@@ -253,7 +275,7 @@ class Node(Tokens):
             "free_kv": self.sessions.budget - self.sessions.used(),
             "sessions": len(self.sessions.sessions),
             "active_sessions": sum(s.busy for s in self.sessions.sessions.values()),
-            "context_limit": self.max_context, "kv_bits": self.kv_bits,
+            "context_limit": self.max_context, "kv_bits": self.kv_bits, "kv_note": self.kv_note,
             "session_stats": {sid: dict(st) for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
             "experts_op": {"layers": list(m.moe_layers), "hidden": int(m.model["config"]["hidden_size"])},
             "backend": backend_name(), "moe_path": self.loaded.moe_path, "fused_layers": self.loaded.fused_layers, "uptime_s": time.time() - self.started,
