@@ -245,7 +245,7 @@ def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, a
             out[path] = [e.token for e in node.generate(None, [1, 2, 3, 4], GenParams(max_tokens=24, temperature=0.0))]
             assert node.info()["fused_layers"] == (3 if path == "reference" else 0)
             if path == "reference":  # the attention front: Qwen3's layout only
-                fronts = [node.model.layers[l]._tail_args[1] is not None for l in node.loaded.manifest.moe_layers]
+                fronts = [node.model.layers[l]._layer_args[1] is not None for l in node.loaded.manifest.moe_layers]
                 assert fronts == [arch == "qwen3_moe"] * 3
         assert out["reference"] == out["mlx-lm"], (arch, group, kv_bits)
 

@@ -102,7 +102,7 @@ def make_layer_step(path: str, arch):
         block = getattr(layer, arch.block)
         if not _plain(block, getattr(block, arch.gate)):
             return super(FusedLayer, layer).__call__(x, mask, cache)
-        (t, f), (ex, top_k, norm, shared) = layer._tail_args, block._fused_args
+        (t, f), (ex, top_k, norm, shared) = layer._layer_args, block._fused_args
         attn = layer.self_attn
         if f is not None and cache is not None:  # the KV cache's update and attention stay mlx-lm's
             q, k, v = front(x, f, cache.offset)
@@ -146,6 +146,6 @@ def set_layer_steps(loaded, path: str) -> int:
             with_mixin(layer, FusedLayer)
         if isinstance(layer, FusedLayer):
             object.__setattr__(layer, "_layer_step", None if t is None else step)
-            object.__setattr__(layer, "_tail_args", (t, f))
+            object.__setattr__(layer, "_layer_args", (t, f))
         n += t is not None
     return n
