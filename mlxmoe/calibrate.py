@@ -25,6 +25,7 @@ import numpy as np
 from . import grouping as gr
 from .errors import MlxMoeError
 from .manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
+from .units import parse_size
 
 SUITES = Path(__file__).parent / "assets" / "suites"
 MAX_TOKENS = 1024  # per passage: longer ones are cut (teacher forcing, one forward each)
@@ -368,17 +369,6 @@ def _keep_grouping(m: Manifest, n_groups: int, ov: dict) -> dict:
     return gr.grouping("contiguous", n_groups, m.moe_layers, m.n_experts, None, ov)
 
 
-def parse_size(s: str) -> int:
-    units = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    t = s.strip().lower()
-    num = t.rstrip("kmgib")
-    try:
-        return int(float(num) * units[t[len(num):]])
-    except (ValueError, KeyError):
-        raise click.BadParameter(f"{s!r}: give a size such as 500MB, 2GiB or 123456") from None
-
-
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
@@ -404,7 +394,7 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     """
     if overlay_per_layer is not None and overlay_bytes is not None:
         raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
-    size = parse_size(overlay_bytes) if overlay_bytes else None
+    size = parse_size(overlay_bytes, "--overlay-bytes")
     try:
         r = calibrate(bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
                       not no_super_check, "json" if as_json else "bar", set_size)

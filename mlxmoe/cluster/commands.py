@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 
 import click
 
+from ..units import parse_size
 from . import keys
 
 
@@ -22,17 +22,6 @@ def _key(path: str | None) -> bytes:
         return keys.load_key(path)
     except keys.ClusterKeyError as e:
         raise click.ClickException(str(e)) from None
-
-
-def parse_size(text: str | None) -> int | None:
-    """'2GB', '512MiB', '1.5G', '123456' -> bytes (GB/GiB both mean 2^30: memory)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 2GB, 512MB or 1073741824", param_hint="--kv-budget")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(float(m.group(1)) * mult)
 
 
 KEY_HELP = "Cluster key file (default: $MLXMOE_CLUSTER_KEY_FILE or ~/.config/mlxmoe/cluster.key)."
@@ -79,7 +68,7 @@ def init_cmd(path, force):
 @click.option("--kv-start", default=0, show_default=True,
               help="Quantize a session's KV cache once it holds this many tokens (0: from the start).")
 @click.option("--kv-budget", default=None, metavar="SIZE",
-              help="Memory for KV caches of all sessions, e.g. 2GB. When full, idle sessions are evicted; "
+              help="Memory for KV caches of all sessions, e.g. 2GB (10^9 bytes) or 2GiB. When full, idle sessions are evicted; "
                    "if none is idle, new sessions are refused (the router tries another Mac).")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Announce this node on the local network with Bonjour.")
@@ -96,7 +85,7 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     """
     _setup_logging(verbose)
     key = _key(key_file)
-    budget = parse_size(kv_budget)
+    budget = parse_size(kv_budget, "--kv-budget")
     from .node_server import serve_node
 
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
