@@ -145,6 +145,8 @@ def main(argv=None):
     # each load), warm each up at the full prompt length, then time the rows
     # interleaved, so drift of the machine hits every row alike.
     rows, gens = [], []
+    # every expert once (overlapping groups repeat some in their files)
+    full_bytes = sizes[TRUNK_FILE] + expert_bytes(m) * m.n_experts * len(m.moe_layers)
 
     def add(name, group, load, expected):
         mx.synchronize()
@@ -168,7 +170,7 @@ def main(argv=None):
             ref = mlx_lm_model(source, m)
             return ref, lambda p, n: (t for t, _ in generate_step(mx.array(p), ref, max_tokens=n, kv_bits=kv_bits,
                                                                    kv_group_size=64, quantized_kv_start=0))
-        add("mlx-lm (full model)", None, load_ref, sizes[TRUNK_FILE] + sum(sizes[group_file(g)] for g in range(m.n_groups)))
+        add("mlx-lm (full model)", None, load_ref, full_bytes)
     # 2. node with every expert, 3. node with one group (+ overlay), on the MoE
     # path picked at load; optionally 4. all experts on mlx-lm's own MoE code
     node_rows = [("mlxmoe node, all experts", None, None), (f"mlxmoe node, group {a.group} of {m.n_groups}", a.group, None)]
@@ -180,8 +182,8 @@ def main(argv=None):
             if path:
                 fused.install(node.loaded, path)
             return node, lambda p, n: node.generate(None, p, GenParams(max_tokens=n))
-        files = [group_file(x) for x in range(m.n_groups)] if g is None else [group_file(g)] + ([OVERLAY_FILE] if OVERLAY_FILE in sizes else [])
-        add(name, g, load_node, sizes[TRUNK_FILE] + sum(sizes[f] for f in files))
+        expected = full_bytes if g is None else sizes[TRUNK_FILE] + sizes[group_file(g)] + sizes.get(OVERLAY_FILE, 0)
+        add(name, g, load_node, expected)
 
     for r, (_, gen) in zip(rows, gens):
         log(f"warm-up: {r['row']}")
