@@ -9,7 +9,8 @@ the whole step after the router's matmul is two kernels:
            renormalisation), then h[j] = silu(Wg[e_j] x) * (Wu[e_j] x) for the
            k selected experts; one simdgroup/warp per (expert, row).
   down:    route again (cheaper than a third launch), then
-           y = sum_j w_j * Wd[e_j] h[j]; one simdgroup/warp per output row.
+           y = sum_j w_j * Wd[e_j] h[j]; one simdgroup/warp per output row
+           (down_res: plus the residual stream, the decoder layer's add).
 
 Routing is done by every threadgroup in shared memory (each expert's logit
 ranked against all others, in parallel), so no kernel waits on another
