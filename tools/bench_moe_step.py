@@ -1,4 +1,4 @@
-"""Where a single token's MoE block spends its time, piece by piece.
+"""Where a single token's MoE block (and its decoder layer) spends its time, piece by piece.
 
 One Qwen3-30B-A3B MoE layer (hidden 2048, 128 experts of 768, top-8, 4-bit
 experts, bfloat16 router) with random weights; each piece is called `--reps`
@@ -70,16 +70,16 @@ def main():
         k = FusedMoE(backend.split("-")[1])
         step = fused.make_step(backend, arch, "qwen3_moe")
         out["fused step (router + 2 kernels)"] = per_call_us(lambda i: step(block, hs[i]), a.reps)
-        gate_up, down = k.kernels()
-        geo, tmpl = geometry(ex, 8), template(ex, 8, True, mx.bfloat16)
-        up = lambda i: gate_up(inputs=[hs[i], logits[i], *ex.gate, *ex.up], template=tmpl, grid=geo["gate_up"]["grid"],
+        consts = tuple(template(ex, 8, True, mx.bfloat16))
+        gate_up, down, geo = k.kernel("gate_up", consts), k.kernel("down", consts), geometry(ex, 8)
+        up = lambda i: gate_up(inputs=[hs[i], logits[i], *ex.gate, *ex.up], grid=geo["gate_up"]["grid"],
                                threadgroup=geo["gate_up"]["threadgroup"], output_shapes=[(8, 768)],
                                output_dtypes=[mx.float32])[0]
         hid = [up(i) for i in range(a.reps)]
         mx.eval(hid)
         out["gate_up kernel alone"] = per_call_us(up, a.reps)
         out["down kernel alone"] = per_call_us(
-            lambda i: down(inputs=[hid[i], logits[i], *ex.down], template=tmpl, grid=geo["down"]["grid"],
+            lambda i: down(inputs=[hid[i], logits[i], *ex.down], grid=geo["down"]["grid"],
                            threadgroup=geo["down"]["threadgroup"], output_shapes=[(1, 1, 2048)],
                            output_dtypes=[mx.bfloat16])[0], a.reps)
         make = mx.fast.cuda_kernel if backend == "fused-cuda" else mx.fast.metal_kernel
@@ -89,7 +89,42 @@ def main():
             lambda i: empty(inputs=[hs[i]], grid=(32, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(1,)],
                             output_dtypes=[mx.bfloat16])[0], a.reps)
         out["elementwise add (launch floor, built-in op)"] = per_call_us(lambda i: hs[i] + 1, a.reps)
+        out.update(layer_pieces(args, arch, backend, hs, a))
     print(json.dumps(out))
+
+
+def layer_pieces(args, arch, backend, hs, a) -> dict:
+    """One whole decoder layer on a KV cache of 1024+ tokens (8-bit attention,
+    dense router): mlx-lm's layer, the fused layer step, and the attention
+    front and tail kernels alone."""
+    from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.qwen3_moe import Qwen3MoeDecoderLayer
+
+    from metal_kernels.attn_front import FusedFront
+    from metal_kernels.layer_tail import FusedTail
+    from mlxmoe.runtime import fused_layer
+    from mlxmoe.runtime.masked import with_mixin
+
+    layer = Qwen3MoeDecoderLayer(args, 0)
+    layer.set_dtype(mx.bfloat16)
+    nn.quantize(layer, group_size=a.group_size, bits=a.bits,
+                class_predicate=lambda p, m: p.startswith("mlp.switch_mlp") and hasattr(m, "to_quantized"))
+    nn.quantize(layer, group_size=64, bits=8, class_predicate=lambda p, m: p.startswith("self_attn.") and isinstance(m, nn.Linear))
+    mx.eval(layer.parameters())
+    cache = KVCache()
+    mx.eval(layer(0.5 * mx.random.normal((1, 1024, 2048), key=mx.random.key(99)).astype(mx.bfloat16), "causal", cache))
+    out = {"mlx-lm decoder layer": per_call_us(lambda i: layer(hs[i], None, cache), a.reps)}
+    t, f = fused_layer.tail_of(layer, arch), fused_layer.front_of(layer)
+    object.__setattr__(layer.mlp, "_fused_args", fused.block_args(layer.mlp, arch, "qwen3_moe"))
+    with_mixin(layer, fused_layer.FusedLayer)
+    object.__setattr__(layer, "_layer_args", (t, f))
+    object.__setattr__(layer, "_layer_step", fused_layer.make_layer_step(backend, arch))
+    out["fused decoder layer (6 kernels, cache update, attention)"] = per_call_us(lambda i: layer(hs[i], None, cache), a.reps)
+    front, tail = FusedFront(backend.split("-")[1]), FusedTail(backend.split("-")[1])
+    out["attention front kernels alone (qkv, heads)"] = per_call_us(lambda i: front(hs[i], f, 1024)[0], a.reps)
+    attn = mx.zeros((1, 32, 1, 128), mx.bfloat16)
+    out["tail kernels alone (attn_out, norm_router)"] = per_call_us(lambda i: tail(attn, hs[i], t)[2], a.reps)
+    return out
 
 
 if __name__ == "__main__":
