@@ -182,7 +182,8 @@ class FusedFront(KernelSet):
     OUTPUTS = {"qkv": ["qkv"], "heads": ["q", "k", "v"]}
 
     def _launches(self, f: Front, dtype):
-        key = (f.norm.size, f.q.shape, f.k.shape, f.q.bits, f.q.group_size, f.n_heads, f.n_kv_heads, dtype)
+        key = (f.norm.size, f.q.shape, f.k.shape, f.q.bits, f.q.group_size, f.n_heads, f.n_kv_heads, dtype,
+               f.eps, f.qk_eps, f.base)  # the small constant inputs below are per key
         if key not in self._launch:
             h, d, tg = f.norm.size, f.head_dim, (THREADGROUP, 1, 1)
             rq, rk = f.n_heads * d, f.n_kv_heads * d

@@ -204,7 +204,7 @@ class FusedTail(KernelSet):
 
     def _launches(self, a, t: Tail, dtype):
         quantized = isinstance(t.gate, QLinear)
-        key = (a.size, t.o.shape, t.o.bits, t.o.group_size, t.n_router, dtype,
+        key = (a.size, t.o.shape, t.o.bits, t.o.group_size, t.n_router, dtype, t.eps,
                (t.gate.bits, t.gate.group_size) if quantized else None)
         if key not in self._launch:
             h, tg = t.o.shape[0], (THREADGROUP, 1, 1)
