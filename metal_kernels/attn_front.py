@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .jit import KernelSet
-from .layer_tail import CUDA_NORM, METAL_NORM, QLinear, grid
-from .moe_step import CUDA_HEADER, METAL_HEADER, THREADGROUP
+from .layer_tail import NORM, QLinear, grid
+from .moe_step import THREADGROUP
 
 
 @dataclass(frozen=True)
@@ -79,54 +79,9 @@ def reference(x: mx.array, f: Front, offset: int) -> tuple[mx.array, mx.array, m
 
 # ---------------------------------------------------------------- kernel sources
 
-CUDA_QKV = CUDA_NORM.replace("if (blockIdx.x == 0) xn[i] = v;", "") + """
-  constexpr int WORDS = H * BITS / 32;
-  if (warp < RQ + 2 * RK) {
-    const bool is_q = warp < RQ, is_k = !is_q && warp < RQ + RK;
-    const uint32_t* w = is_q ? wq : is_k ? wk : wv;
-    const auto* sc = is_q ? sq : is_k ? sk : sv;
-    const auto* bi = is_q ? bq : is_k ? bk : bv;
-    size_t r = is_q ? warp : is_k ? warp - RQ : warp - RQ - RK;
-    float acc = warp_sum(qdot_lane<BITS, GS, WORDS>(w + r * WORDS, sc + r * (H / GS), bi + r * (H / GS), s_x, lane));
-    if (lane == 0) qkv[warp] = static_cast<T>(acc);
-  }
-"""
+# One body per kernel, in the names of dialect.py (CUDA and Metal alike).
 
-CUDA_HEADS = """
-  constexpr int HALF = D / 2;
-  constexpr int PAIRS = HALF / 32;
-  int lane = threadIdx.x % 32;
-  int head = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  if (head >= NQ + NK && head < NQ + 2 * NK) {
-    for (int e = lane; e < D; e += 32) v[(head - NQ - NK) * D + e] = qkv[head * D + e];
-  } else if (head < NQ + NK) {
-    const bool is_q = head < NQ;
-    const T* w = is_q ? qw : kw;
-    T* dst = is_q ? q + head * D : k + (head - NQ) * D;
-    float x1[PAIRS], x2[PAIRS], ss = 0.f;
-    #pragma unroll
-    for (int p = 0; p < PAIRS; p++) {
-      x1[p] = static_cast<float>(qkv[head * D + lane + 32 * p]);
-      x2[p] = static_cast<float>(qkv[head * D + lane + 32 * p + HALF]);
-      ss += x1[p] * x1[p] + x2[p] * x2[p];
-    }
-    ss = warp_sum(ss);
-    float inv = rsqrtf(ss / D + eps[is_q ? 0 : 1]);
-    float pos = static_cast<float>(offset[0]);
-    #pragma unroll
-    for (int p = 0; p < PAIRS; p++) {
-      int j = lane + 32 * p;
-      float y1 = static_cast<float>(static_cast<T>(static_cast<float>(w[j]) * static_cast<float>(static_cast<T>(x1[p] * inv))));
-      float y2 = static_cast<float>(static_cast<T>(static_cast<float>(w[j + HALF]) * static_cast<float>(static_cast<T>(x2[p] * inv))));
-      float theta = pos * exp2f(-(static_cast<float>(j) / static_cast<float>(HALF)) * log2_base[0]);
-      float c = cosf(theta), s = sinf(theta);
-      dst[j] = static_cast<T>(y1 * c - y2 * s);
-      dst[j + HALF] = static_cast<T>(y1 * s + y2 * c);
-    }
-  }
-"""
-
-METAL_QKV = METAL_NORM.replace("if (threadgroup_position_in_grid.x == 0) xn[i] = v;", "") + """
+QKV = NORM.replace("XN_STORE", "") + """
   constexpr int WORDS = H * BITS / 32;
   if (warp < RQ + 2 * RK) {
     const bool is_q = warp < RQ, is_k = !is_q && warp < RQ + RK;
@@ -135,48 +90,50 @@ METAL_QKV = METAL_NORM.replace("if (threadgroup_position_in_grid.x == 0) xn[i] =
     if (is_q) acc = qdot_lane<BITS, GS, WORDS>(wq + r * WORDS, sq + r * (H / GS), bq + r * (H / GS), s_x, lane);
     else if (is_k) acc = qdot_lane<BITS, GS, WORDS>(wk + r * WORDS, sk + r * (H / GS), bk + r * (H / GS), s_x, lane);
     else acc = qdot_lane<BITS, GS, WORDS>(wv + r * WORDS, sv + r * (H / GS), bv + r * (H / GS), s_x, lane);
-    acc = simd_sum(acc);
+    acc = warp_sum(acc);
     if (lane == 0) qkv[warp] = static_cast<T>(acc);
   }
 """
 
-METAL_HEADS = """
+# one warp per head: q heads, then k heads, then v heads (as they lie in qkv)
+HEADS = """
   constexpr int HALF = D / 2;
   constexpr int PAIRS = HALF / 32;
-  uint lane = thread_index_in_simdgroup;
-  int head = thread_position_in_grid.x / 32;
+  const int head = warp;
   if (head >= NQ + NK && head < NQ + 2 * NK) {
     for (int e = lane; e < D; e += 32) v[(head - NQ - NK) * D + e] = qkv[head * D + e];
   } else if (head < NQ + NK) {
     const bool is_q = head < NQ;
     float x1[PAIRS], x2[PAIRS], ss = 0.f;
+    #pragma unroll
     for (int p = 0; p < PAIRS; p++) {
       x1[p] = static_cast<float>(qkv[head * D + lane + 32 * p]);
       x2[p] = static_cast<float>(qkv[head * D + lane + 32 * p + HALF]);
       ss += x1[p] * x1[p] + x2[p] * x2[p];
     }
-    ss = simd_sum(ss);
-    float inv = metal::precise::rsqrt(ss / D + eps[is_q ? 0 : 1]);
+    ss = warp_sum(ss);
+    float inv = f_rsqrt(ss / D + eps[is_q ? 0 : 1]);
     float pos = static_cast<float>(offset[0]);
+    #pragma unroll
     for (int p = 0; p < PAIRS; p++) {
       int j = lane + 32 * p;
       float w1 = static_cast<float>(is_q ? qw[j] : kw[j]), w2 = static_cast<float>(is_q ? qw[j + HALF] : kw[j + HALF]);
       float y1 = static_cast<float>(static_cast<T>(w1 * static_cast<float>(static_cast<T>(x1[p] * inv))));
       float y2 = static_cast<float>(static_cast<T>(w2 * static_cast<float>(static_cast<T>(x2[p] * inv))));
-      float theta = pos * metal::precise::exp2(-(static_cast<float>(j) / static_cast<float>(HALF)) * log2_base[0]);
-      float c = metal::precise::cos(theta), s = metal::precise::sin(theta);
+      float theta = pos * f_exp2(-(static_cast<float>(j) / static_cast<float>(HALF)) * log2_base[0]);
+      float c = f_cos(theta), s = f_sin(theta);
+      T o1 = static_cast<T>(y1 * c - y2 * s), o2 = static_cast<T>(y1 * s + y2 * c);
       int o = (is_q ? head : head - NQ) * D + j;
-      if (is_q) { q[o] = static_cast<T>(y1 * c - y2 * s); q[o + HALF] = static_cast<T>(y1 * s + y2 * c); }
-      else { k[o] = static_cast<T>(y1 * c - y2 * s); k[o + HALF] = static_cast<T>(y1 * s + y2 * c); }
+      if (is_q) { q[o] = o1; q[o + HALF] = o2; } else { k[o] = o1; k[o + HALF] = o2; }
     }
   }
 """
 
+
 class FusedFront(KernelSet):
     """qkv and heads of one backend ('cuda' or 'metal')."""
 
-    SOURCES = {"cuda": {"header": CUDA_HEADER, "qkv": CUDA_QKV, "heads": CUDA_HEADS},
-               "metal": {"header": METAL_HEADER, "qkv": METAL_QKV, "heads": METAL_HEADS}}
+    BODIES = {"qkv": QKV, "heads": HEADS}
     INPUTS = {"qkv": ["h", "nw", "eps", "wq", "sq", "bq", "wk", "sk", "bk", "wv", "sv", "bv"],
               "heads": ["qkv", "qw", "kw", "eps", "offset", "log2_base"]}
     OUTPUTS = {"qkv": ["qkv"], "heads": ["q", "k", "v"]}

@@ -13,6 +13,8 @@ import hashlib
 
 import mlx.core as mx
 
+from .dialect import HEADERS, THREADS
+
 TYPE_NAMES = {
     "cuda": {mx.float32: "float", mx.bfloat16: "__nv_bfloat16", mx.float16: "__half"},
     "metal": {mx.float32: "float", mx.bfloat16: "bfloat16_t", mx.float16: "half"},
@@ -20,7 +22,8 @@ TYPE_NAMES = {
 
 
 def prelude(backend: str, consts: tuple) -> str:
-    """The source lines that define `consts` ((name, int | bool | dtype) pairs)."""
+    """The source lines that define `consts` ((name, int | bool | dtype) pairs)
+    and the thread indices (dialect.THREADS)."""
     lines = []
     for name, v in consts:
         if isinstance(v, mx.Dtype):
@@ -29,15 +32,15 @@ def prelude(backend: str, consts: tuple) -> str:
             lines.append(f"  constexpr bool {name} = {'true' if v else 'false'};")
         else:
             lines.append(f"  constexpr int {name} = {int(v)};")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + THREADS[backend]
 
 
 class KernelSet:
-    """The kernels of one backend ('cuda' or 'metal'). Subclasses give SOURCES
-    (backend -> {"header": ..., name: source}), INPUTS and OUTPUTS (name ->
+    """The kernels of one backend ('cuda' or 'metal'). Subclasses give BODIES
+    (name -> source, in the names of dialect.py), INPUTS and OUTPUTS (name ->
     names); `kernel(name, consts)` compiles a specialisation on first use."""
 
-    SOURCES: dict = {}
+    BODIES: dict = {}
     INPUTS: dict = {}
     OUTPUTS: dict = {}
 
@@ -49,7 +52,7 @@ class KernelSet:
         self._launch: dict = {}  # the subclass's per-shape launch arguments
 
     def sources(self) -> dict:
-        return self.SOURCES[self.backend]
+        return {"header": HEADERS[self.backend], **self.BODIES}
 
     def kernel(self, name: str, consts: tuple):
         key = (name, consts)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .jit import KernelSet
-from .moe_step import CUDA_HEADER, METAL_HEADER, SIMD, THREADGROUP
+from .moe_step import SIMD, THREADGROUP
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,10 @@ def reference(a: mx.array, res: mx.array, t: Tail) -> tuple[mx.array, mx.array, 
 
 # ---------------------------------------------------------------- kernel sources
 
-CUDA_ATTN_OUT = """
+# One body per kernel, in the names of dialect.py (CUDA and Metal alike).
+
+ATTN_OUT = """
   constexpr int WORDS = A * OBITS / 32;
-  int lane = threadIdx.x % 32;
-  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (warp < H) {
     size_t r = warp;
     float acc = warp_sum(qdot_lane<OBITS, OGS, WORDS>(wo + r * WORDS, so + r * (A / OGS), bo + r * (A / OGS), a, lane));
@@ -93,38 +93,38 @@ CUDA_ATTN_OUT = """
   }
 """
 
-# RMSNorm of h in every threadgroup (MLX's formula: w * T(x * rsqrt(mean(x^2) + eps)))
-CUDA_NORM = """
-  __shared__ float s_x[H];
-  __shared__ float s_red[32];
-  int lane = threadIdx.x % 32;
+# RMSNorm of h in every threadgroup (MLX's formula: w * T(x * rsqrt(mean(x^2) + eps)));
+# XN_STORE writes the normalised x (threadgroup 0), or nothing (attn_front's qkv)
+NORM = """
+  SHARED float s_x[H];
+  SHARED float s_red[32];
   float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) { float v = static_cast<float>(h[i]); ss += v * v; }
+  for (int i = tid; i < H; i += ntg) { float v = static_cast<float>(h[i]); ss += v * v; }
   ss = warp_sum(ss);
-  if (lane == 0) s_red[threadIdx.x / 32] = ss;
-  __syncthreads();
+  if (lane == 0) s_red[wig] = ss;
+  SYNC();
   float tot = 0.f;
-  for (int i = 0; i < (int)blockDim.x / 32; i++) tot += s_red[i];
-  float inv = rsqrtf(tot / H + eps[0]);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+  for (int i = 0; i < ntg / 32; i++) tot += s_red[i];
+  float inv = f_rsqrt(tot / H + eps[0]);
+  for (int i = tid; i < H; i += ntg) {
     T v = static_cast<T>(static_cast<float>(nw[i]) * static_cast<float>(static_cast<T>(static_cast<float>(h[i]) * inv)));
     s_x[i] = static_cast<float>(v);
-    if (blockIdx.x == 0) xn[i] = v;
+    XN_STORE
   }
-  __syncthreads();
-  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  SYNC();
 """
+NORM_XN = NORM.replace("XN_STORE", "if (gid == 0) xn[i] = v;")
 
-CUDA_ROUTER_DENSE = CUDA_NORM + """
+ROUTER_DENSE = NORM_XN + """
   if (warp < E) {
     float acc = 0.f;
-    for (int i = lane; i < H; i += 32) acc += static_cast<float>(wr[(size_t)warp * H + i]) * s_x[i];
+    for (int i = lane; i < H; i += 32) acc += static_cast<float>(wr[size_t(warp) * H + i]) * s_x[i];
     acc = warp_sum(acc);
     if (lane == 0) logits[warp] = static_cast<T>(acc);
   }
 """
 
-CUDA_ROUTER_Q = CUDA_NORM + """
+ROUTER_Q = NORM_XN + """
   constexpr int WORDS = H * RBITS / 32;
   if (warp < E) {
     size_t r = warp;
@@ -133,57 +133,6 @@ CUDA_ROUTER_Q = CUDA_NORM + """
   }
 """
 
-METAL_ATTN_OUT = """
-  constexpr int WORDS = A * OBITS / 32;
-  uint lane = thread_index_in_simdgroup;
-  int warp = thread_position_in_grid.x / 32;
-  if (warp < H) {
-    size_t r = warp;
-    float acc = simd_sum(qdot_lane<OBITS, OGS, WORDS>(wo + r * WORDS, so + r * (A / OGS), bo + r * (A / OGS), a, lane));
-    if (lane == 0) h[warp] = static_cast<T>(static_cast<float>(res[warp]) + static_cast<float>(static_cast<T>(acc)));
-  }
-"""
-
-METAL_NORM = """
-  threadgroup float s_x[H];
-  threadgroup float s_red[32];
-  uint lane = thread_index_in_simdgroup;
-  uint tid = thread_index_in_threadgroup;
-  uint ntg = threads_per_threadgroup.x;
-  float ss = 0.f;
-  for (uint i = tid; i < uint(H); i += ntg) { float v = static_cast<float>(h[i]); ss += v * v; }
-  ss = simd_sum(ss);
-  if (lane == 0) s_red[simdgroup_index_in_threadgroup] = ss;
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float tot = 0.f;
-  for (uint i = 0; i < ntg / 32; i++) tot += s_red[i];
-  float inv = metal::precise::rsqrt(tot / H + eps[0]);
-  for (uint i = tid; i < uint(H); i += ntg) {
-    T v = static_cast<T>(static_cast<float>(nw[i]) * static_cast<float>(static_cast<T>(static_cast<float>(h[i]) * inv)));
-    s_x[i] = static_cast<float>(v);
-    if (threadgroup_position_in_grid.x == 0) xn[i] = v;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  int warp = thread_position_in_grid.x / 32;
-"""
-
-METAL_ROUTER_DENSE = METAL_NORM + """
-  if (warp < E) {
-    float acc = 0.f;
-    for (int i = lane; i < H; i += 32) acc += static_cast<float>(wr[size_t(warp) * H + i]) * s_x[i];
-    acc = simd_sum(acc);
-    if (lane == 0) logits[warp] = static_cast<T>(acc);
-  }
-"""
-
-METAL_ROUTER_Q = METAL_NORM + """
-  constexpr int WORDS = H * RBITS / 32;
-  if (warp < E) {
-    size_t r = warp;
-    float acc = simd_sum(qdot_lane<RBITS, RGS, WORDS>(wr + r * WORDS, sr + r * (H / RGS), br + r * (H / RGS), s_x, lane));
-    if (lane == 0) logits[warp] = static_cast<T>(acc);
-  }
-"""
 
 def grid(rows: int) -> tuple:
     """Whole threadgroups of THREADGROUP threads, one warp per row."""
@@ -193,10 +142,7 @@ def grid(rows: int) -> tuple:
 class FusedTail(KernelSet):
     """attn_out and norm_router of one backend ('cuda' or 'metal')."""
 
-    SOURCES = {"cuda": {"header": CUDA_HEADER, "attn_out": CUDA_ATTN_OUT, "router_dense": CUDA_ROUTER_DENSE,
-                        "router_q": CUDA_ROUTER_Q},
-               "metal": {"header": METAL_HEADER, "attn_out": METAL_ATTN_OUT, "router_dense": METAL_ROUTER_DENSE,
-                         "router_q": METAL_ROUTER_Q}}
+    BODIES = {"attn_out": ATTN_OUT, "router_dense": ROUTER_DENSE, "router_q": ROUTER_Q}
     INPUTS = {"attn_out": ["a", "res", "wo", "so", "bo"],
               "router_dense": ["h", "nw", "eps", "wr"],
               "router_q": ["h", "nw", "eps", "wr", "sr", "br"]}

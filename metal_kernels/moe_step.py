@@ -121,191 +121,65 @@ def _plus(res, y):
 
 
 # ---------------------------------------------------------------- kernel sources
-# Both backends share one structure; only the dialect differs. Template
-# constants: H (hidden), I (intermediate), E (experts), K (top-k), BITS, GS
-# (group size), NORM; T is the output dtype.
-
-CUDA_HEADER = """
-#define MOE_NEG_INF (-__int_as_float(0x7f800000))
-
-template <int BITS, int GS, int WORDS, typename S, typename X>
-__device__ float qdot_lane(const uint32_t* w, const S* sc, const S* bi, const X* x, int lane) {
-  // this lane's share of dot(dequant(row), x); words never straddle groups (GS >= 32 >= 32/BITS).
-  // All of the lane's words are loaded before any is used: one memory latency, not ITERS.
-  constexpr int PER = 32 / BITS;
-  constexpr int ITERS = (WORDS + 31) / 32;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  uint32_t q[ITERS];
-  #pragma unroll
-  for (int it = 0; it < ITERS; it++) q[it] = (lane + 32 * it) < WORDS ? w[lane + 32 * it] : 0u;
-  float acc = 0.f;
-  #pragma unroll
-  for (int it = 0; it < ITERS; it++) {
-    int wd = lane + 32 * it;
-    if (wd < WORDS) {
-      int col = wd * PER;
-      float d = 0.f, xs = 0.f;
-      #pragma unroll
-      for (int t = 0; t < PER; t++) {
-        float xv = static_cast<float>(x[col + t]);
-        d += static_cast<float>((q[it] >> (BITS * t)) & MASK) * xv;
-        xs += xv;
-      }
-      acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
-    }
-  }
-  return acc;
-}
-
-__device__ inline float warp_sum(float a) {
-  for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffff, a, o);
-  return a;
-}
-"""
+# One body per kernel, in the names of dialect.py (CUDA and Metal alike).
+# Template constants: H (hidden), I (intermediate), E (experts), K (top-k),
+# BITS, GS (group size), NORM; T is the output dtype.
 
 # Routing in shared memory: every thread < E ranks one expert's logit against
 # all others (ties: lower index first), so the top-k need no sequential argmax
 # rounds; the softmax is only needed for the weights (the down kernel).
-CUDA_SELECT = """
-  __shared__ float s_l[E];
-  __shared__ int s_sel[K];
-  int lane = threadIdx.x % 32;
-  for (int e = threadIdx.x; e < E; e += blockDim.x) s_l[e] = static_cast<float>(logits[e]);
-  __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+SELECT = """
+  SHARED float s_l[E];
+  SHARED int s_sel[K];
+  for (int e = tid; e < E; e += ntg) s_l[e] = static_cast<float>(logits[e]);
+  SYNC();
+  for (int e = tid; e < E; e += ntg) {
     float v = s_l[e];
     int rank = 0;
     for (int o = 0; o < E; o++) rank += (s_l[o] > v) || (s_l[o] == v && o < e);
     if (rank < K) s_sel[rank] = e;
   }
-  __syncthreads();
-  int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  SYNC();
 """
 
-CUDA_WEIGHTS = """
-  __shared__ float s_w[K];
-  if (threadIdx.x < 32) {  // softmax over all E (precise: float32, max subtracted), then the top-k's share
-    float m = MOE_NEG_INF;
-    for (int e = lane; e < E; e += 32) m = fmaxf(m, s_l[e]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+WEIGHTS = """
+  SHARED float s_w[K];
+  if (wig == 0) {  // softmax over all E (precise: float32, max subtracted), then the top-k's share
+    float m = NEG_INF;
+    for (int e = lane; e < E; e += 32) m = s_l[e] > m ? s_l[e] : m;
+    m = warp_max(m);
     float z = 0.f;
-    for (int e = lane; e < E; e += 32) z += expf(s_l[e] - m);
+    for (int e = lane; e < E; e += 32) z += f_exp(s_l[e] - m);
     z = warp_sum(z);
-    float p = lane < K ? expf(s_l[s_sel[lane < K ? lane : 0]] - m) / z : 0.f;
+    float p = lane < K ? f_exp(s_l[s_sel[lane < K ? lane : 0]] - m) / z : 0.f;
     float tot = warp_sum(p);
     if (lane < K) s_w[lane] = NORM ? p / tot : p;
   }
-  __syncthreads();
+  SYNC();
 """
 
-CUDA_GATE_UP = CUDA_SELECT + """
-  constexpr int WORDS = H * BITS / 32;
-  if (warp < K * I) {
-    int j = warp / I, row = warp % I;
-    size_t r = (size_t)s_sel[j] * I + row;
-    float g = qdot_lane<BITS, GS, WORDS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, lane);
-    float u = qdot_lane<BITS, GS, WORDS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, lane);
-    g = warp_sum(g); u = warp_sum(u);
-    if (lane == 0) hid[warp] = g / (1.f + expf(-g)) * u;
-  }
-"""
-
-CUDA_DOWN = CUDA_SELECT + CUDA_WEIGHTS + """
-  constexpr int WORDS = I * BITS / 32;
-  if (warp < H) {
-    float acc = 0.f;
-    #pragma unroll
-    for (int j = 0; j < K; j++) {
-      size_t r = (size_t)s_sel[j] * H + warp;
-      acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) y[warp] = STORE;
-  }
-"""
-
-METAL_HEADER = """
-// XP: a device or threadgroup pointer (the address space is part of the type)
-template <int BITS, int GS, int WORDS, typename S, typename XP>
-float qdot_lane(const device uint32_t* w, const device S* sc, const device S* bi, XP x, uint lane) {
-  constexpr int PER = 32 / BITS;
-  constexpr int ITERS = (WORDS + 31) / 32;
-  constexpr uint32_t MASK = (1u << BITS) - 1u;
-  uint32_t q[ITERS];
-  for (int it = 0; it < ITERS; it++) q[it] = (int(lane) + 32 * it) < WORDS ? w[lane + 32 * it] : 0u;
-  float acc = 0.f;
-  for (int it = 0; it < ITERS; it++) {
-    int wd = lane + 32 * it;
-    if (wd < WORDS) {
-      int col = wd * PER;
-      float d = 0.f, xs = 0.f;
-      for (int t = 0; t < PER; t++) {
-        float xv = static_cast<float>(x[col + t]);
-        d += static_cast<float>((q[it] >> (BITS * t)) & MASK) * xv;
-        xs += xv;
-      }
-      acc += static_cast<float>(sc[col / GS]) * d + static_cast<float>(bi[col / GS]) * xs;
-    }
-  }
-  return acc;
-}
-"""
-
-METAL_SELECT = """
-  threadgroup float s_l[E];
-  threadgroup int s_sel[K];
-  uint lane = thread_index_in_simdgroup;
-  uint tid = thread_index_in_threadgroup;
-  uint ntg = threads_per_threadgroup.x;
-  for (uint e = tid; e < uint(E); e += ntg) s_l[e] = static_cast<float>(logits[e]);
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  for (uint e = tid; e < uint(E); e += ntg) {
-    float v = s_l[e];
-    int rank = 0;
-    for (int o = 0; o < E; o++) rank += (s_l[o] > v) || (s_l[o] == v && o < int(e));
-    if (rank < K) s_sel[rank] = e;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  int warp = thread_position_in_grid.x / 32;
-"""
-
-METAL_WEIGHTS = """
-  threadgroup float s_w[K];
-  if (simdgroup_index_in_threadgroup == 0) {
-    float m = -INFINITY;
-    for (int e = lane; e < E; e += 32) m = max(m, s_l[e]);
-    m = simd_max(m);
-    float z = 0.f;
-    for (int e = lane; e < E; e += 32) z += metal::exp(s_l[e] - m);
-    z = simd_sum(z);
-    float p = int(lane) < K ? metal::exp(s_l[s_sel[int(lane) < K ? lane : 0]] - m) / z : 0.f;
-    float tot = simd_sum(p);
-    if (int(lane) < K) s_w[lane] = NORM ? p / tot : p;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-"""
-
-METAL_GATE_UP = METAL_SELECT + """
+GATE_UP = SELECT + """
   constexpr int WORDS = H * BITS / 32;
   if (warp < K * I) {
     int j = warp / I, row = warp % I;
     size_t r = size_t(s_sel[j]) * I + row;
     float g = qdot_lane<BITS, GS, WORDS>(wg + r * WORDS, sg + r * (H / GS), bg + r * (H / GS), x, lane);
     float u = qdot_lane<BITS, GS, WORDS>(wu + r * WORDS, su + r * (H / GS), bu + r * (H / GS), x, lane);
-    g = simd_sum(g); u = simd_sum(u);
-    if (lane == 0) hid[warp] = g / (1.f + metal::exp(-g)) * u;
+    g = warp_sum(g); u = warp_sum(u);
+    if (lane == 0) hid[warp] = g / (1.f + f_exp(-g)) * u;
   }
 """
 
-METAL_DOWN = METAL_SELECT + METAL_WEIGHTS + """
+DOWN = SELECT + WEIGHTS + """
   constexpr int WORDS = I * BITS / 32;
   if (warp < H) {
     float acc = 0.f;
+    #pragma unroll
     for (int j = 0; j < K; j++) {
       size_t r = size_t(s_sel[j]) * H + warp;
       acc += s_w[j] * qdot_lane<BITS, GS, WORDS>(wd + r * WORDS, sd + r * (I / GS), bd + r * (I / GS), hid + j * I, lane);
     }
-    acc = simd_sum(acc);
+    acc = warp_sum(acc);
     if (lane == 0) y[warp] = STORE;
   }
 """
@@ -339,10 +213,7 @@ def template(ex: QuantizedExperts, top_k: int, norm: bool, dtype) -> list:
 class FusedMoE(KernelSet):
     """gate_up and down (down_res: plus the residual) of one backend ('cuda' or 'metal')."""
 
-    SOURCES = {"cuda": {"header": CUDA_HEADER, "gate_up": CUDA_GATE_UP, "down": CUDA_DOWN.replace("STORE", STORE),
-                        "down_res": CUDA_DOWN.replace("STORE", STORE_RES)},
-               "metal": {"header": METAL_HEADER, "gate_up": METAL_GATE_UP, "down": METAL_DOWN.replace("STORE", STORE),
-                         "down_res": METAL_DOWN.replace("STORE", STORE_RES)}}
+    BODIES = {"gate_up": GATE_UP, "down": DOWN.replace("STORE", STORE), "down_res": DOWN.replace("STORE", STORE_RES)}
     INPUTS = {"gate_up": GATE_UP_INPUTS, "down": DOWN_INPUTS, "down_res": DOWN_INPUTS + ["res"]}
     OUTPUTS = {"gate_up": ["hid"], "down": ["y"], "down_res": ["y"]}
 
