@@ -28,7 +28,7 @@ from metal_kernels.attn_front import Front, FusedFront
 from metal_kernels.layer_tail import FusedTail, QLinear, Tail
 from metal_kernels.moe_step import FusedMoE, reference
 
-from .masked import with_mixin
+from .masked import replaced_child, with_mixin
 
 PATHS = ("reference", "fused-cuda", "fused-metal")  # the paths that take layers over
 
@@ -109,11 +109,8 @@ def make_layer_step(path: str, arch):
             keys, values = cache.update_and_fetch(k, v)
             a = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale, mask=mask)
         else:
-            object.__setattr__(attn, "o_proj", _identity)  # shadows the child: o_proj runs in the tail
-            try:
+            with replaced_child(attn, "o_proj", _identity):  # o_proj runs in the tail
                 a = attn(layer.input_layernorm(x), mask, cache)
-            finally:
-                object.__delattr__(attn, "o_proj")
         h, xn, logits = tail(a, x, t)
         if not shared:
             return moe(xn, logits, ex, top_k, norm, res=h).reshape(x.shape)

@@ -23,6 +23,8 @@ The gates can also record their raw logits (placement, calibration, eval).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import mlx.core as mx
 
 _CLASS_CACHE: dict = {}
@@ -31,6 +33,18 @@ _CLASS_CACHE: dict = {}
 def _set(module, name, value):
     # Plain attributes, kept out of the nn.Module tree: never parameters, never saved.
     object.__setattr__(module, name, value)
+
+
+@contextmanager
+def replaced_child(module, name: str, fn):
+    """Within the block, `module.<name>` is `fn` instead of its child module:
+    an instance attribute shadows an nn.Module's child of that name
+    (Module.__getattr__ runs only as a fallback)."""
+    object.__setattr__(module, name, fn)
+    try:
+        yield
+    finally:
+        object.__delattr__(module, name)
 
 
 class StopForward(Exception):

@@ -56,7 +56,7 @@ import numpy as np
 
 from ..errors import MlxMoeError
 from ..placement import router_probs, topk_mass
-from .masked import with_mixin
+from .masked import replaced_child, with_mixin
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
@@ -111,16 +111,6 @@ def _base(block, x):
     return super(RemoteBlock, block).__call__(x) if isinstance(block, RemoteBlock) else block(x)
 
 
-@contextmanager
-def _replaced(module, name: str, fn):
-    # an instance attribute shadows the nn.Module's child of that name (Module.__getattr__ runs only as fallback)
-    object.__setattr__(module, name, fn)
-    try:
-        yield
-    finally:
-        object.__delattr__(module, name)
-
-
 def _zeros_like_input(x):
     return mx.zeros_like(x)
 
@@ -132,7 +122,7 @@ def routed_local(block, x: mx.array) -> mx.array:
     shared = [a for a in SHARED_ATTRS if a in block]
     if not shared:
         return _base(block, x)
-    with _replaced(block, shared[0], _zeros_like_input):
+    with replaced_child(block, shared[0], _zeros_like_input):
         return _base(block, x)
 
 
@@ -144,7 +134,7 @@ def shared_part(block, experts_attr: str, x: mx.array) -> mx.array | None:
     step = block.__dict__.get("_step")  # fused.py's one-token path reads the experts' arrays: take mlx-lm's
     object.__setattr__(block, "_step", None)
     try:
-        with _replaced(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
+        with replaced_child(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
             return _base(block, x)
     finally:
         object.__setattr__(block, "_step", step)
@@ -498,8 +488,8 @@ class Route:
         step = block.__dict__.get("_step")  # fused.py's one-token path would bypass the split experts
         object.__setattr__(block, "_step", None)
         try:
-            with _replaced(block, self.arch.gate, lambda h: logits + mask), \
-                    _replaced(block, self.arch.experts, split):
+            with replaced_child(block, self.arch.gate, lambda h: logits + mask), \
+                    replaced_child(block, self.arch.experts, split):
                 return _base(block, x)
         finally:
             object.__setattr__(block, "_step", step)
