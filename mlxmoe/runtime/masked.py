@@ -26,6 +26,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import mlx.core as mx
+import numpy as np
 
 _CLASS_CACHE: dict = {}
 
@@ -167,12 +168,16 @@ def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
     with_mixin(experts, LocalExperts)
     set_eligible(block, gate_attr, n_experts, None if len(set(local_ids)) == n_experts else local_ids)
     g2l = None
-    if local_ids != list(range(n_experts)):
-        table = [0] * n_experts  # non-eligible ids are never selected; 0 keeps the gather in range
-        for i, e in enumerate(local_ids):
-            table[e] = i
-        g2l = mx.array(table, dtype=mx.int32)
+    if local_ids != list(range(n_experts)):  # non-eligible ids are never selected; 0 keeps the gather in range
+        g2l = mx.array(np.maximum(row_table(local_ids, n_experts), 0), dtype=mx.int32)
     _set(experts, "_g2l", g2l)
+
+
+def row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
+    """global expert id -> row in a node's experts (-1: not held there)."""
+    t = np.full(n_experts, -1, np.int64)
+    t[np.array(local_ids, dtype=np.int64)] = np.arange(len(local_ids))
+    return t
 
 
 def set_eligible(block, gate_attr: str, n_experts: int, eligible: list[int] | None):

@@ -56,7 +56,7 @@ import numpy as np
 
 from ..errors import MlxMoeError
 from ..placement import router_probs, topk_mass
-from .masked import replaced_child, with_mixin
+from .masked import replaced_child, row_table, with_mixin
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
@@ -126,18 +126,26 @@ def routed_local(block, x: mx.array) -> mx.array:
         return _base(block, x)
 
 
+@contextmanager
+def _own_code(block):
+    """Within the block, `block` runs mlx-lm's code for one token too: fused.py's
+    one-token path reads the experts' arrays directly and would bypass a
+    replaced experts module."""
+    step = block.__dict__.get("_step")
+    object.__setattr__(block, "_step", None)
+    try:
+        yield
+    finally:
+        object.__setattr__(block, "_step", step)
+
+
 def shared_part(block, experts_attr: str, x: mx.array) -> mx.array | None:
     """The block's shared-expert output (None if it has none): its own code
     with the routed experts contributing zero."""
     if not any(a in block for a in SHARED_ATTRS):
         return None
-    step = block.__dict__.get("_step")  # fused.py's one-token path reads the experts' arrays: take mlx-lm's
-    object.__setattr__(block, "_step", None)
-    try:
-        with replaced_child(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
-            return _base(block, x)
-    finally:
-        object.__setattr__(block, "_step", step)
+    with _own_code(block), replaced_child(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
+        return _base(block, x)
 
 
 def full_logits(gate, x: mx.array) -> mx.array:
@@ -352,7 +360,7 @@ class Remote:
         self.stats: dict[str, dict] = {}
         self.routes: dict[str, Route | None] = {}  # each session's latest route (the prefill op reuses it)
         # per MoE layer: global expert id -> row in this node's experts (-1: not held)
-        self.rows = {l: _row_table(ids, self.m.n_experts) for l, ids in loaded.local_ids.items()}
+        self.rows = {l: row_table(ids, self.m.n_experts) for l, ids in loaded.local_ids.items()}
         install_blocks(loaded.blocks.values())
 
     def link(self, url: str, group: int) -> PeerLink:
@@ -485,14 +493,9 @@ class Route:
         pick = onehop_pick(logits, self.m.moe["scoring"], self.sets[layer], self.m.top_k)
         mask = self.masks[layer][pick]
         split = _SplitExperts(self, layer, experts, np.array(pick).reshape(-1))
-        step = block.__dict__.get("_step")  # fused.py's one-token path would bypass the split experts
-        object.__setattr__(block, "_step", None)
-        try:
-            with replaced_child(block, self.arch.gate, lambda h: logits + mask), \
-                    replaced_child(block, self.arch.experts, split):
-                return _base(block, x)
-        finally:
-            object.__setattr__(block, "_step", step)
+        with _own_code(block), replaced_child(block, self.arch.gate, lambda h: logits + mask), \
+                replaced_child(block, self.arch.experts, split):
+            return _base(block, x)
 
     def call(self, group: int, layer: int, x: mx.array, ids: list[int] | None = None,
              rows: list[int] | None = None) -> mx.array:
@@ -519,13 +522,6 @@ class Route:
         if not isinstance(y, dict) or y.get("shape") != [n_out, x.shape[-1]]:
             raise PeerError(f"peer {self.links[group].name}: experts answer has the wrong shape", self.links[group].name)
         return decode_tensor(y)
-
-
-def _row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
-    """global expert id -> row in this node's experts (-1: not held here)."""
-    t = np.full(n_experts, -1, np.int64)
-    t[np.array(local_ids, dtype=np.int64)] = np.arange(len(local_ids))
-    return t
 
 
 class _SplitExperts:
