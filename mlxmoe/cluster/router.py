@@ -389,11 +389,15 @@ class Router:
         for p in self.peers.live():
             if skip is not None and p.name == skip.name:
                 continue
-            rank = (self._busy_until.get(p.name, 0) > now, p.load)
+            rank = self._rank(p, now)
             for g in p.groups:
                 if str(g) not in out or rank < out[str(g)][0]:
                     out[str(g)] = (rank, p.url)
         return {g: v[1] for g, v in sorted(out.items())}
+
+    def _rank(self, p: Peer, now: float) -> tuple:
+        """Sort key of a node for new work: not busy (429/503 lately) first, then least loaded."""
+        return self._busy_until.get(p.name, 0) > now, p.load
 
     def node_params(self, s: Session, p: Peer, params: dict) -> dict:
         """Generate params for `s` on `p`: the mode's routing fields (none for
@@ -483,7 +487,7 @@ class Router:
         now = time.time()
         src = self.peer(s.peer)
         dests = sorted((p for p in self.peers.live() if target in p.groups and p.name != s.peer),
-                       key=lambda p: (self._busy_until.get(p.name, 0) > now, p.load))
+                       key=lambda p: self._rank(p, now))
         if src is None or not dests:
             rec["error"] = f"no live node serves group {target}" if not dests else "session not placed yet"
             return False
@@ -664,12 +668,12 @@ class Turn:
         runs = await asyncio.gather(*(self._race_one(p, {**self.params, "max_tokens": k}) for p in cands))
         means = [sum(f["logprob"] for f in toks) / len(toks) if toks else None for toks, _ in runs]
         ok = [i for i, m in enumerate(means) if m is not None]
+        w = max(ok, key=lambda j: means[j]) if ok else None  # first (best-scored) wins a tie
         for i, p in enumerate(cands):
-            if not ok or i != max(ok, key=lambda j: means[j]):
+            if i != w:
                 r._spawn(r._close_on_node(s.id, p.name))  # losers (and failed runs) drop their caches
-        if not ok:
+        if w is None:
             return  # every run failed: plain placement tries the next nodes
-        w = max(ok, key=lambda j: means[j])  # first (best-scored) wins a tie
         win, (toks, end) = cands[w], runs[w]
         s.peer, s.group = win.name, r.group_for(s, win)
         win.active_sessions += 1
