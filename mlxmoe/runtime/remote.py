@@ -54,6 +54,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import numpy as np
 
+from ..cluster import wire
 from ..errors import MlxMoeError
 from ..placement import router_probs, topk_mass
 from .masked import replaced_child, row_table, with_mixin
@@ -279,8 +280,6 @@ class PeerLink:
     def call(self, op: str, body: dict) -> tuple[dict, int]:
         """(answer body, HTTP bytes sent + received). One retry on a fresh
         connection if a kept-alive one turns out closed (ops are pure)."""
-        from ..cluster import wire
-
         for attempt in (0, 1):
             reused = self.conn is not None
             nonce = wire.new_nonce()
@@ -383,8 +382,8 @@ class Remote:
         """The routing of one generation (None: all local). Raises
         MlxMoeError for params that cannot be served, before any token."""
         mode, home, eg = params.routing or "local", self.loaded.group, params.expert_group
-        if mode not in ("local", "group", "onehop", "split"):
-            raise MlxMoeError(f"routing: {mode!r} is not one of local, group, onehop, split")
+        if mode not in wire.ROUTING_MODES:
+            raise MlxMoeError(f"routing: {mode!r} is not one of {', '.join(wire.ROUTING_MODES)}")
         if mode == "split" and self.m.moe["scoring"] == "sigmoid_group":
             raise MlxMoeError("routing: 'split' needs a Linear router (this model routes by sigmoid groups)")
         peers = {}
