@@ -1,23 +1,22 @@
-"""The `mlxmoe` command line. Subcommands live next to the code they drive and
-are imported only when used, so `mlxmoe --help` stays fast and a broken
-optional part never takes the others down."""
+"""The `mlxmoe` command line. Subcommands are imported only when used, so
+`mlxmoe --help` stays fast; a module that fails to import raises its own error
+(never a misleading "No such command")."""
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import click
 
 # name -> (module, attribute, one-line help shown in `mlxmoe --help`)
 COMMANDS = {
-    "plan": ("mlxmoe.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
-    "split": ("mlxmoe.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
-    "copy": ("mlxmoe.bundle_copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),
-    "run": ("mlxmoe.runtime.commands", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
-    "calibrate": ("mlxmoe.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
-    "eval": ("mlxmoe.quality", "eval_cmd", "Measure how far masked routing is from the full model."),
-    "bench": ("mlxmoe.bench", "bench_cmd", "Decode speed and memory of a node vs mlx-lm."),
+    "plan": ("mlxmoe.bundle.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
+    "split": ("mlxmoe.bundle.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
+    "copy": ("mlxmoe.bundle.copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),
+    "run": ("mlxmoe.node.commands", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
+    "calibrate": ("mlxmoe.quality.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
+    "eval": ("mlxmoe.quality.eval", "eval_cmd", "Measure how far masked routing is from the full model."),
+    "bench": ("mlxmoe.node.bench", "bench_cmd", "Decode speed and memory of a node vs mlx-lm."),
     "init": ("mlxmoe.cluster.commands", "init_cmd", "Create the cluster key shared by your Macs."),
     "node": ("mlxmoe.cluster.commands", "node_cmd", "Serve one expert group of a bundle on this Mac."),
     "serve": ("mlxmoe.cluster.commands", "serve_cmd", "Run the router: OpenAI-compatible API, placement, status page."),
@@ -31,16 +30,13 @@ COMMANDS = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return [n for n, (mod, _, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None]
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
         mod, attr, _ = COMMANDS[name]
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError):
-            return None
+        return getattr(importlib.import_module(mod), attr)
 
     def format_commands(self, ctx, formatter):
         rows = [(n, COMMANDS[n][2]) for n in self.list_commands(ctx)]

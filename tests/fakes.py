@@ -18,9 +18,10 @@ import time
 from types import SimpleNamespace
 from typing import Iterator
 
-from mlxmoe.cluster.errors import AdmissionError, ContextOverflow
+from mlxmoe.errors import AdmissionError, ContextOverflow
 from mlxmoe.errors import SessionBusy
-from mlxmoe.runtime.engine import GenParams, PlacementScores, TokenEvent
+from mlxmoe.model.placement import PlacementScores
+from mlxmoe.node.contract import GenParams, TokenEvent
 
 MODEL = "fake-moe"
 HASH = "fakehash0001"
@@ -61,7 +62,7 @@ def expected_text(prompt: list[int], n: int) -> str:
 
 
 class FakeEngine:
-    """Implements mlxmoe.runtime.engine.Engine.
+    """Implements mlxmoe.node.contract.Engine.
 
     delay: seconds per token; max_sessions: admission limit (AdmissionError
     when full and no idle session can be evicted); fail_after: raise after

@@ -57,7 +57,7 @@ def conversations(n: int, turns: int, chars: int = 240) -> list[list[str]]:
     """n scripts of `turns` user messages: English prose, then code passages
     (chosen so the re-scored transcript moves from group 0 toward group 1 on
     the demo bundle: a topic change for soft/hard to follow)."""
-    from mlxmoe.calibrate import load_suites
+    from mlxmoe.quality.calibrate import load_suites
 
     _, passages = load_suites(("builtin",), "heldout")
     by = {}
@@ -237,8 +237,7 @@ def client_main(a) -> None:
 # ---------------------------------------------------------------- quality (eval machinery)
 
 def quality(bundle: str, per_domain: int) -> dict:
-    from mlxmoe import quality as q
-
+    from mlxmoe.quality import eval as q
     rep = q.run_eval(bundle, placements=("first", "layers", "race", "oracle"), per_domain=per_domain, onehop=True,
                      split=True)
     by = {r["placement"]: r for r in rep["results"]}

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from metal_kernels.moe_step import FusedMoE, geometry, reference, template  # noqa: E402
-from mlxmoe.arch import get_arch  # noqa: E402
-from mlxmoe.runtime import fused  # noqa: E402
+from mlxmoe.kernels.moe_step import FusedMoE, geometry, reference, template  # noqa: E402
+from mlxmoe.bundle.arch import get_arch  # noqa: E402
+from mlxmoe.model import fused  # noqa: E402
 
 
 def per_call_us(fn, reps, runs=9):
@@ -100,10 +100,10 @@ def layer_pieces(args, arch, backend, hs, a) -> dict:
     from mlx_lm.models.cache import KVCache
     from mlx_lm.models.qwen3_moe import Qwen3MoeDecoderLayer
 
-    from metal_kernels.attn_front import FusedFront
-    from metal_kernels.layer_tail import FusedTail
-    from mlxmoe.runtime import fused_layer
-    from mlxmoe.runtime.masked import with_mixin
+    from mlxmoe.kernels.attn_front import FusedFront
+    from mlxmoe.kernels.layer_tail import FusedTail
+    from mlxmoe.model import fused_layer
+    from mlxmoe.model.moe import with_mixin
 
     layer = Qwen3MoeDecoderLayer(args, 0)
     layer.set_dtype(mx.bfloat16)

@@ -75,11 +75,11 @@ async def direct_stream(client: NodeClient, session: str, prompt: list[int], max
 async def main(a) -> dict:
     if a.bundle:
         def node_factory():
-            from mlxmoe.runtime.node import Node
+            from mlxmoe.node.engine import Node
             return Node.load(a.bundle, a.group)
 
         def front_factory():
-            from mlxmoe.runtime.trunk import TrunkFrontend
+            from mlxmoe.node.trunk import TrunkFrontend
             return TrunkFrontend.load(a.bundle)
         nodes = [await start_node(None, KEY, "127.0.0.1", 0, advertise=False, factory=node_factory)]
         router = Router(None, KEY, frontend_factory=front_factory, static_peers=[nodes[0].url], mdns=False)

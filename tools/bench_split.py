@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from mlxmoe.checkpoint import BundleWriter, Entry  # noqa: E402
+from mlxmoe.bundle.checkpoint import BundleWriter, Entry  # noqa: E402
 
 
 def config_for(gb: float) -> dict:
@@ -106,7 +106,7 @@ def main():
     src_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
     largest = max(int(np.prod(s)) * 2 for _, s in tensors(c))
     # baseline: the interpreter with mlx, mlx-lm and mlxmoe imported, splitting nothing
-    subprocess.run([sys.executable, "-c", "import mlxmoe.split, mlx_lm.utils, mlx.core as mx; mx.eval(mx.ones(1))"], check=True)
+    subprocess.run([sys.executable, "-c", "import mlxmoe.bundle.split, mlx_lm.utils, mlx.core as mx; mx.eval(mx.ones(1))"], check=True)
     base = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     t0 = time.time()
     subprocess.run([sys.executable, "-m", "mlxmoe.cli", "split", str(src), str(out), "--groups", str(a.groups),

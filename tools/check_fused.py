@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlxmoe.runtime import fused  # noqa: E402
-from mlxmoe.runtime.engine import GenParams  # noqa: E402
-from mlxmoe.runtime.node import Node  # noqa: E402
+from mlxmoe.model import fused  # noqa: E402
+from mlxmoe.node.contract import GenParams  # noqa: E402
+from mlxmoe.node.engine import Node  # noqa: E402
 
 
 def main():

@@ -35,11 +35,11 @@ import mlx.core as mx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mlxmoe import grouping as gr  # noqa: E402
-from mlxmoe import quality as q  # noqa: E402
-from mlxmoe.calibrate import collect, expert_bytes, load_suites, tokenize  # noqa: E402
-from mlxmoe.runtime.load import load_bundle, load_tokenizer  # noqa: E402
-from mlxmoe.split import split  # noqa: E402
+from mlxmoe.quality import grouping as gr  # noqa: E402
+from mlxmoe.quality import eval as q  # noqa: E402
+from mlxmoe.quality.calibrate import collect, load_suites, tokenize  # noqa: E402
+from mlxmoe.model.load import load_bundle, load_tokenizer  # noqa: E402
+from mlxmoe.bundle.split import split  # noqa: E402
 
 MODEL = REPO / "mlxmoe" / "assets" / "reference-moe"
 GOAL = {"mem_ratio": 1.5, "ppl_ratio": 1.10, "agreement": 0.90}
@@ -56,7 +56,7 @@ def matmul_ms() -> float:
 def budget_configs(m, stats, n_groups=3, ratio=1.5) -> list[q.Config]:
     """3-group configurations using (about) `ratio` x a plain third per node."""
     E, layers = m.n_experts, m.moe_layers
-    trunk, per = m.files["trunk.safetensors"]["size"], expert_bytes(m)
+    trunk, per = m.files["trunk.safetensors"]["size"], m.expert_bytes()
     slots = int((ratio * q.plain_bytes(m, n_groups, trunk, per) - trunk) // per)  # expert-layers per node
     per_layer = slots // len(layers)
     # overlay size n with ceil((E - n) / G) + n <= per_layer

@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import RpcError
-from .mobility import MODES
-from .router import Rejected, Router, Session, Turn
+from mlxmoe.errors import RpcError
+from mlxmoe.cluster.mobility import MODES
+from mlxmoe.cluster.router import Rejected, Router, Session, Turn
 
 log = logging.getLogger("mlxmoe.api")
 MAX_BODY = 8 << 20
@@ -465,7 +465,7 @@ async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000
 
 async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the router until SIGINT/SIGTERM."""
-    from .worker import until_signalled
+    from mlxmoe.cluster.worker import until_signalled
 
     running = await start_router(router, host, port)
     live = len(router.peers.live())

@@ -13,8 +13,8 @@ from typing import AsyncIterator
 import aiohttp
 import msgpack
 
-from . import wire
-from .errors import RpcError
+from mlxmoe.cluster import wire
+from mlxmoe.errors import RpcError
 
 MAX_FRAME_BYTES = 1 << 20
 
@@ -75,7 +75,7 @@ class NodeClient:
 
     async def experts(self, layer: int, x: dict, timeout: float | None = 30.0) -> dict:
         """Routed-expert output of MoE `layer` for hidden states x ({dtype,
-        shape, data}: runtime.remote.encode_tensor), as this node routes them."""
+        shape, data}: node.remote.peers.encode_tensor), as this node routes them."""
         return (await self.call("experts", {"layer": layer, "x": x}, timeout))["y"]
 
     async def generate(self, session: str, prompt: list[int], params: dict,

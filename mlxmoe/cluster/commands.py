@@ -7,8 +7,8 @@ import logging
 
 import click
 
-from ..units import parse_size
-from . import keys
+from mlxmoe.units import parse_size
+from mlxmoe.cluster import keys
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -86,10 +86,10 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     _setup_logging(verbose)
     key = _key(key_file)
     budget = parse_size(kv_budget, "--kv-budget")
-    from .node_server import serve_node
+    from mlxmoe.cluster.node_server import serve_node
 
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
-        from mlxmoe.runtime.node import Node
+        from mlxmoe.node.engine import Node
         kw = {} if kv_bits is None else {"kv_bits": None if kv_bits == "16" else int(kv_bits)}
         return Node.load(bundle, group, kv_budget_bytes=budget, kv_start=kv_start,
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
@@ -142,9 +142,9 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
     """
     _setup_logging(verbose)
     key = _key(key_file)
-    from .discovery import load_static_peers
-    from .mobility import Mobility, load_router_config
-    from .router import Router
+    from mlxmoe.cluster.discovery import load_static_peers
+    from mlxmoe.cluster.mobility import Mobility, load_router_config
+    from mlxmoe.cluster.router import Router
     try:
         static = load_static_peers(peers_file) if peers_file else []
         conf = load_router_config(peers_file) if peers_file else {}
@@ -152,10 +152,10 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
         mobility = Mobility.from_dict({**conf, **{k: v for k, v in flags.items() if v is not None}})
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    from .api import serve_router
+    from mlxmoe.cluster.api import serve_router
 
     def load():  # runs on the router's MLX thread
-        from mlxmoe.runtime.trunk import TrunkFrontend
+        from mlxmoe.node.trunk import TrunkFrontend
         return TrunkFrontend.load(bundle)
 
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import wire
+from mlxmoe.cluster import wire
 
 log = logging.getLogger("mlxmoe.discovery")
 SERVICE_TYPE = "_mlxmoe._tcp.local."
@@ -177,7 +177,7 @@ class Peer:
     state: str = "down"  # "up" | "ignored" | "down"
     reason: str | None = "not probed yet"
     backend: str | None = None
-    moe_path: str | None = None  # the node's single-token MoE path (runtime/fused.py)
+    moe_path: str | None = None  # the node's single-token MoE path (model/fused.py)
     last_seen: float = 0.0
     verified: bool = False  # answered an authenticated info RPC
     inflight: int = 0  # streams this router has open on it

@@ -1,7 +1,7 @@
 """A node's RPC server: exposes one Engine over the authenticated msgpack RPC.
 
 POST /rpc/<op>  with op in wire.OPS. `experts` (another node's remote
-routed-expert call, runtime/remote.py) runs through the engine's inbox, so it
+routed-expert call, node/remote/) runs through the engine's inbox, so it
 is served even while this node's engine thread waits on a peer itself.
 `generate` answers with a stream of
 msgpack frames (one per token, then an end frame, or an error frame if the
@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from mlxmoe.runtime.engine import GenParams, TokenEvent
+from mlxmoe.node.contract import GenParams, TokenEvent
 
-from . import wire
-from .errors import classify
-from .worker import EngineWorker
+from mlxmoe.cluster import wire
+from mlxmoe.errors import classify
+from mlxmoe.cluster.worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.node")
 RETRY_AFTER_S = 2
@@ -366,7 +366,7 @@ async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
                      interface: str | None = None, identity: dict | None = None,
                      name: str | None = None, factory: Callable | None = None) -> RunningNode:
     """Start serving `engine` (or the engine `factory()` builds on the engine thread)."""
-    from .discovery import Advertiser, txt_props
+    from mlxmoe.cluster.discovery import Advertiser, txt_props
 
     server = NodeServer(engine, key, identity, factory)
     ident = await server.init_identity()
@@ -389,7 +389,7 @@ async def serve_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
                      factory: Callable | None = None) -> None:
     """Run a node until SIGINT/SIGTERM."""
-    from .worker import until_signalled
+    from mlxmoe.cluster.worker import until_signalled
 
     node = await start_node(engine, key, host, port, advertise, interface, factory=factory)
     ident = node.server.identity

@@ -51,11 +51,11 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from .client import NodeClient
-from .discovery import Browser, Peer, PeerTable
-from .errors import RpcError
-from .mobility import MODES, Mobility
-from .worker import EngineWorker
+from mlxmoe.cluster.client import NodeClient
+from mlxmoe.cluster.discovery import Browser, Peer, PeerTable
+from mlxmoe.errors import RpcError
+from mlxmoe.cluster.mobility import MODES, Mobility
+from mlxmoe.cluster.worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.router")
 GONE = ("unreachable", "disconnected", "timeout")  # RPC error codes that mean the node itself is gone

@@ -111,7 +111,7 @@ PARAMS_SCHEMA = {
     "top_p": "num",
     "stop": "list[str]",
     "seed": "int?",
-    # routing modes (runtime/remote.py): where each MoE layer's routed experts run
+    # routing modes (node/remote/): where each MoE layer's routed experts run
     "routing": "str",
     "expert_group": "int?",
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router

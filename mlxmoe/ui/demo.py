@@ -7,6 +7,8 @@ asks one question and exits). Ctrl-C stops everything it started."""
 
 from __future__ import annotations
 
+from mlxmoe import ASSETS
+
 import json
 import os
 import signal
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import click
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REFERENCE = ASSETS / "reference-moe"
 # The best measured 3-group layout (docs/QUALITY.md): overlapping domain sets.
 GROUPINGS = {3: ASSETS / "groupings" / "reference-moe-g3-domain-sets29.json"}
@@ -33,9 +34,9 @@ def free_port() -> int:
 
 def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
     """Split the reference model once; reuse the bundle while it validates."""
-    from ..errors import MlxMoeError
-    from ..manifest import Manifest
-    from ..split import split
+    from mlxmoe.errors import MlxMoeError
+    from mlxmoe.bundle.manifest import Manifest
+    from mlxmoe.bundle.split import split
 
     out = root / f"reference-{n_groups}g"
     grouping = json.loads(GROUPINGS[n_groups].read_text()) if n_groups in GROUPINGS else None
@@ -54,7 +55,7 @@ def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
 
 
 def ensure_key(root: Path) -> Path:
-    from ..cluster.keys import create_key
+    from mlxmoe.cluster.keys import create_key
 
     key = root / "demo-cluster.key"
     if not key.exists():
@@ -118,7 +119,7 @@ def demo_cmd(groups, port, root, ask, as_json, mode):
         mlxmoe demo                       # interactive chat
         mlxmoe demo --ask "def add(a, b):"  # one question, then exit
     """
-    from .chat import run_interactive, run_once
+    from mlxmoe.ui.chat import run_interactive, run_once
 
     root_p = Path(root).expanduser()
     (root_p / "logs").mkdir(parents=True, exist_ok=True)

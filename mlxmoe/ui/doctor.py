@@ -49,7 +49,7 @@ def check_mlx() -> Check:
 def check_moe_path() -> Check:
     """Which single-token MoE path a node on this machine will take."""
     try:
-        from mlxmoe.runtime import fused
+        from mlxmoe.model import fused
     except Exception as e:  # mlx missing or broken: check_mlx says so
         return Check("moe path", "warn", f"cannot tell ({e})", "fix the mlx check above first")
     path = fused.default_path()
@@ -159,7 +159,7 @@ def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
     """Validate distribution.json and that its files exist with the listed
     sizes (sha256 is skipped: hashing hundreds of GB is the node's job)."""
     try:
-        from mlxmoe.manifest import Manifest
+        from mlxmoe.bundle.manifest import Manifest
     except ImportError as e:
         return [Check("bundle", "warn", f"this install cannot read manifests ({e})", "reinstall mlxmoe")]
     from mlxmoe.errors import MlxMoeError

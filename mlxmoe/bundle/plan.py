@@ -1,0 +1,214 @@
+"""`mlxmoe plan`: per-node memory for a model on your Macs, before you download
+or split anything. Reads config.json (and safetensors headers when present)
+only: trunk + group + overlay + KV per node, and the smallest group count
+that fits."""
+
+from __future__ import annotations
+
+from mlxmoe import ASSETS
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from mlxmoe.bundle.arch import get_arch, moe_facts, normalize_config
+from mlxmoe.errors import MlxMoeError
+
+PRESETS = ASSETS / "models"  # a link to configs/models: ships in the wheel
+GB = 1e9
+
+
+@dataclass
+class Counts:
+    """Parameter counts by how they are stored on a node."""
+
+    trunk_matrix: int  # quantizable trunk weights (embeddings, lm_head, attention, dense/shared MLPs)
+    trunk_other: int  # kept in 16-bit: norms, biases, router gates
+    expert: int  # one routed expert at one MoE layer
+    n_moe_layers: int
+    n_experts: int
+    top_k: int
+    kv_elems_per_token: int
+
+    @property
+    def total(self) -> int:
+        return self.trunk_matrix + self.trunk_other + self.expert * self.n_experts * self.n_moe_layers
+
+    @property
+    def active(self) -> int:
+        return self.trunk_matrix + self.trunk_other + self.expert * self.top_k * self.n_moe_layers
+
+
+def _attention(c: dict) -> tuple[int, int]:
+    """(matrix, other) parameters of one attention block."""
+    H, nh = c["hidden_size"], c["num_attention_heads"]
+    if "kv_lora_rank" in c:  # MLA (DeepSeek-V3, Kimi-K2)
+        qd = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+        ql, kl = c.get("q_lora_rank"), c["kv_lora_rank"]
+        q = H * ql + ql * nh * qd if ql else H * nh * qd
+        mat = q + H * (kl + c["qk_rope_head_dim"]) + kl * nh * (c["qk_nope_head_dim"] + c["v_head_dim"]) + nh * c["v_head_dim"] * H
+        return mat, (ql or 0) + kl
+    hd = c.get("head_dim") or H // nh
+    nkv = c.get("num_key_value_heads", nh)
+    mat = 2 * H * nh * hd + 2 * H * nkv * hd
+    bias = (nh + 2 * nkv) * hd if c["model_type"] in ("qwen2_moe", "gpt_oss") else 0
+    qk_norm = {"qwen3_moe": 2 * hd, "olmoe": (nh + nkv) * hd}.get(c["model_type"], 0)
+    return mat, bias + qk_norm
+
+
+def _kv_elems(c: dict) -> int:
+    L = c["num_hidden_layers"]
+    if "kv_lora_rank" in c:
+        return L * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return 2 * L * c.get("num_key_value_heads", c["num_attention_heads"]) * hd
+
+
+def counts_from_config(config: dict) -> Counts:
+    c = normalize_config(config)
+    f = moe_facts(c)
+    H, L, V = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    moe_i = c.get("moe_intermediate_size") if c["model_type"] not in ("mixtral", "olmoe", "gpt_oss") else c["intermediate_size"]
+    attn_mat, attn_other = _attention(c)
+    n_moe, n_dense = len(f.moe_layers), L - len(f.moe_layers)
+    mat = V * H * (1 if c.get("tie_word_embeddings") else 2) + L * attn_mat + n_dense * 3 * H * c.get("intermediate_size", 0)
+    other = L * (attn_other + 2 * H) + H + n_moe * f.n_experts * H
+    if c.get("shared_expert_intermediate_size"):  # qwen2_moe
+        mat += n_moe * 3 * H * c["shared_expert_intermediate_size"]
+        other += n_moe * H
+    if c.get("n_shared_experts"):  # deepseek / kimi
+        mat += n_moe * c["n_shared_experts"] * 3 * H * moe_i
+        other += n_moe * f.n_experts
+    return Counts(mat, other, 3 * H * moe_i, n_moe, f.n_experts, f.top_k, _kv_elems(c))
+
+
+def counts_from_headers(source: str) -> Counts:
+    """Exact counts from a checkpoint's safetensors headers (no weights read)."""
+    from mlxmoe.bundle.checkpoint import open_source
+
+    src = open_source(source)
+    c = normalize_config(src.config)
+    arch, f = get_arch(c["model_type"]), moe_facts(c)
+    rx = arch.mlx_expert_re() if src.is_mlx else arch.expert_re()
+    bits = (c.get("quantization") or {}).get("bits")
+    mat = other = expert = 0
+    for name in src.files:
+        t = src.info(name)
+        if name.endswith((".scales", ".biases")) or name.endswith("_scale_inv"):
+            continue
+        n = math.prod(t.shape) * (32 // bits if bits and t.dtype == "U32" else 1)
+        if rx.match(name):
+            expert += n
+        elif len(t.shape) < 2 or arch.is_gate(name):
+            other += n
+        else:
+            mat += n
+    return Counts(mat, other, expert // max(1, f.n_experts * len(f.moe_layers)), len(f.moe_layers),
+                  f.n_experts, f.top_k, _kv_elems(c))
+
+
+def qbytes(params: float, bits: int | None, group_size: int = 64) -> float:
+    """Bytes of `params` weights quantized to `bits` (+ a 16-bit scale and bias per group)."""
+    return params * 2 if not bits else params * bits / 8 + params / group_size * 4
+
+
+def node_bytes(k: Counts, n_groups: int, *, bits=4, trunk_bits=8, group_size=64, overlay_per_layer=0,
+               context=32768, kv_bits=8) -> dict:
+    per_expert = qbytes(k.expert, bits, group_size)
+    kv_per_elem = kv_bits / 8 + 4 / 64 if kv_bits else 2
+    b = {
+        "trunk": qbytes(k.trunk_matrix, trunk_bits, group_size) + 2 * k.trunk_other,
+        "group": math.ceil(k.n_experts / n_groups) * k.n_moe_layers * per_expert,
+        "overlay": overlay_per_layer * k.n_moe_layers * per_expert,
+        "kv": k.kv_elems_per_token * context * kv_per_elem,
+    }
+    b["total"] = sum(b.values())
+    return b
+
+
+def parse_nodes(spec: str) -> list[float]:
+    """'3x64GB' | '64GB,128GB' | '2x64GB,1x96GB' -> bytes per node."""
+    out = []
+    for part in spec.replace(" ", "").split(","):
+        m = re.fullmatch(r"(?:(\d+)x)?(\d+(?:\.\d+)?)(GB|G|TB|T)?", part, re.I)
+        if not m:
+            raise MlxMoeError(f"--nodes {spec!r}: expected e.g. 3x64GB or 64GB,128GB")
+        n, size, unit = int(m.group(1) or 1), float(m.group(2)), (m.group(3) or "GB").upper()
+        out += [size * (1e12 if unit.startswith("T") else GB)] * n
+    return out
+
+
+def resolve_counts(source: str) -> tuple[Counts, str]:
+    p = Path(source)
+    preset = PRESETS / f"{source}.json"
+    if not p.exists() and preset.exists():
+        p = preset
+    if p.is_file():
+        return counts_from_config(json.loads(p.read_text())), "config"
+    if p.is_dir() and any(p.glob("*.safetensors")):
+        return counts_from_headers(source), "safetensors headers"
+    if p.is_dir() and (p / "config.json").exists():
+        return counts_from_config(json.loads((p / "config.json").read_text())), "config"
+    return counts_from_headers(source), "safetensors headers"  # HF cache repo id
+
+
+def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
+    k, basis = resolve_counts(source)
+    usable = [n * headroom for n in nodes]
+    per = {n: node_bytes(k, n, **kw) for n in range(1, k.n_experts + 1)}
+    fit = next((n for n, b in per.items() if b["total"] <= min(usable)), None)
+    n_groups = min(len(nodes), k.n_experts)
+    b = per[n_groups]
+    return {"source": source, "basis": basis, "params_total": k.total, "params_active": k.active,
+            "counts": asdict(k), "n_groups": n_groups, "per_node": b,
+            "nodes": [{"memory": n, "usable": u, "fits": b["total"] <= u} for n, u in zip(nodes, usable)],
+            "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom}}
+
+
+@click.command("plan")
+@click.argument("source")
+@click.option("--nodes", default="3x64GB", show_default=True, help="Your Macs' memory: 3x64GB, or 64GB,96GB,128GB.")
+@click.option("--context", default=32768, show_default=True, help="Context length to budget KV for (per node, one session).")
+@click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="8", show_default=True)
+@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "16"]), default="4", show_default=True, help="Expert bits.")
+@click.option("--trunk-bits", type=click.Choice(["4", "5", "6", "8", "16"]), default="8", show_default=True)
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True)
+@click.option("--overlay-per-layer", default=0, show_default=True, help="Experts per layer replicated on every node.")
+@click.option("--headroom", default=0.75, show_default=True, help="Share of each Mac's memory the model may use (macOS keeps the rest).")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, overlay_per_layer, headroom, as_json):
+    """Print per-node memory for SOURCE split over your Macs.
+
+    SOURCE: a model directory, a config.json, a repo id in your HF cache, or a
+    preset from configs/models (qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
+    deepseek-v3, kimi-k2.5). Only config.json and safetensors headers are read.
+
+        mlxmoe plan qwen3-235b-a22b --nodes 3x128GB --context 32768
+    """
+    bits_, tb, kv = (None if int(x) == 16 else int(x) for x in (bits, trunk_bits, kv_bits))
+    try:
+        r = plan(source, parse_nodes(nodes), headroom=headroom, bits=bits_, trunk_bits=tb, group_size=int(group_size),
+                 overlay_per_layer=overlay_per_layer, context=context, kv_bits=kv)
+    except (MlxMoeError, KeyError) as e:
+        raise click.ClickException(f"{source}: {e}")
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    b = r["per_node"]
+    click.echo(f"{source}: {r['params_total'] / 1e9:.1f}B parameters ({r['params_active'] / 1e9:.1f}B active per token), from {r['basis']}")
+    click.echo(f"{r['n_groups']} groups, one per node; per node (GB):")
+    for k in ("trunk", "group", "overlay", "kv", "total"):
+        click.echo(f"  {k:8s} {b[k] / GB:9.2f}")
+    for i, n in enumerate(r["nodes"]):
+        verdict = "fits" if n["fits"] else "does NOT fit"
+        click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}")
+    fit = r["smallest_fitting_groups"]
+    if fit is None:
+        click.echo("no group count fits: the trunk + KV alone exceed the smallest node")
+    else:
+        enough = "" if fit <= len(r["nodes"]) else f" (you have {len(r['nodes'])} nodes: not enough Macs)"
+        click.echo(f"smallest group count that fits: {fit}{enough}")

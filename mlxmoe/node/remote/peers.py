@@ -1,0 +1,162 @@
+"""Node-to-node links for remote experts: one persistent signed HTTP
+connection per peer, called from the engine thread, which serves other
+nodes' requests (the Inbox) while it waits."""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import os
+import select
+import time
+import urllib.parse
+from concurrent.futures import Future
+
+import mlx.core as mx
+import numpy as np
+
+from mlxmoe.cluster import wire
+from mlxmoe.errors import PeerError
+
+CALL_TIMEOUT_S = 30.0  # below the router's 60 s token timeout: the peer is named, not this node
+
+
+_WIRE = {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32"}
+_NP = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
+
+
+def encode_tensor(a: mx.array) -> dict:
+    """mx.array -> {dtype, shape, data}; bf16 travels as its raw 16 bits (exact)."""
+    if a.dtype not in _WIRE:
+        a = a.astype(mx.float32)
+    name = _WIRE[a.dtype]
+    data = np.array(a.view(mx.uint16) if name == "bf16" else a)
+    return {"dtype": name, "shape": list(a.shape), "data": data.tobytes()}
+
+
+def decode_tensor(t: dict) -> mx.array:
+    a = mx.array(np.frombuffer(t["data"], _NP[t["dtype"]]).reshape(t["shape"]))
+    return a.view(mx.bfloat16) if t["dtype"] == "bf16" else a
+
+
+class Inbox:
+    """Experts requests from other nodes, run on the engine thread: by the
+    worker when idle, or by a PeerLink while it waits for its own answer."""
+
+    def __init__(self):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._jobs: collections.deque = collections.deque()
+
+    def fileno(self) -> int:
+        return self._r
+
+    def __del__(self):
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def submit(self, fn) -> Future:
+        fut: Future = Future()
+        self._jobs.append((fn, fut))
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:  # pipe full: a wake-up is pending anyway
+            pass
+        return fut
+
+    def drain(self) -> None:
+        try:
+            os.read(self._r, 1 << 12)
+        except BlockingIOError:
+            pass
+        while self._jobs:
+            fn, fut = self._jobs.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:
+                fut.set_exception(e)
+
+
+class PeerLink:
+    """A persistent, signed connection to one node's RPC (used from one thread)."""
+
+    def __init__(self, url: str, key: bytes, manifest_hash: str | None, inbox: Inbox | None = None,
+                 timeout: float = CALL_TIMEOUT_S, name: str | None = None):
+        u = urllib.parse.urlsplit(url)
+        self.url, self.key, self.mh, self.inbox, self.timeout = url.rstrip("/"), key, manifest_hash, inbox, timeout
+        self.name = name or self.url
+        self._https, self._host, self._port = u.scheme == "https", u.hostname, u.port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def call(self, op: str, body: dict) -> tuple[dict, int]:
+        """(answer body, HTTP bytes sent + received). One retry on a fresh
+        connection if a kept-alive one turns out closed (ops are pure)."""
+        for attempt in (0, 1):
+            reused = self.conn is not None
+            nonce = wire.new_nonce()
+            data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce)
+            try:
+                if self.conn is None:
+                    cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                    self.conn = cls(self._host, self._port, timeout=self.timeout)
+                self.conn.request("POST", f"/rpc/{op}", body=data, headers=headers)
+                self._wait()
+                resp = self.conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.HTTPException, OSError) as e:
+                self.close()
+                if not reused or attempt or isinstance(e, TimeoutError):  # a silent peer gets no second wait
+                    raise PeerError(f"peer {self.name}: '{op}' failed: {type(e).__name__}: {e}", self.name) from None
+        if resp.getheader("Connection", "").lower() == "close":
+            self.close()
+        if resp.status != 200:
+            err = {}
+            try:
+                err = wire.unpack(raw).get("error") or {}
+            except Exception:
+                pass
+            raise PeerError(f"peer {self.name}: '{op}' refused (HTTP {resp.status} {err.get('code', '')}): "
+                            f"{err.get('message', '')}", self.name)
+        if not wire.verify(self.key, b"resp:" + nonce.encode() + raw, resp.getheader(wire.AUTH_HEADER)):
+            raise PeerError(f"peer {self.name}: answer is not signed with our cluster key", self.name)
+        msg = wire.unpack(raw)
+        if not isinstance(msg, dict) or msg.get("ok") is not True:
+            raise PeerError(f"peer {self.name}: malformed answer", self.name)
+        host = self._host if self._port is None else f"{self._host}:{self._port}"
+        return msg.get("body"), _http_bytes(op, data, headers, host, resp, raw)
+
+    def _wait(self) -> None:
+        """Until the answer starts arriving; meanwhile serve our own inbox."""
+        if self.inbox is None:
+            return
+        sock, deadline = self.conn.sock, time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer in {self.timeout:.0f}s")
+            ready, _, _ = select.select([sock, self.inbox], [], [], left)
+            if sock in ready:
+                return
+            if ready:
+                self.inbox.drain()
+
+
+def _http_bytes(op, data, headers, host, resp, raw) -> int:
+    """Bytes of one HTTP/1.1 exchange as sent (request line and headers as
+    http.client writes them; the response's status line and headers)."""
+    sent = {"Host": host, "Accept-Encoding": "identity", "Content-Length": str(len(data)), **headers}
+    req = len(f"POST /rpc/{op} HTTP/1.1\r\n") + sum(len(k) + len(v) + 4 for k, v in sent.items()) + 2
+    ans = len(f"HTTP/1.1 {resp.status} {resp.reason}\r\n") + sum(len(k) + len(v) + 4 for k, v in resp.getheaders()) + 2
+    return req + len(data) + ans + len(raw)

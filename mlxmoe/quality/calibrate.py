@@ -1,0 +1,405 @@
+"""`mlxmoe calibrate`: gate statistics on a prompt suite -> overlay (and
+optionally grouping) written into the bundle, with provenance.
+
+The suite runs teacher-forced through the full model (every group loaded);
+per MoE layer we count top-k selections, the router probability of selected
+experts, per-domain usage and co-selection, and each expert's largest output
+magnitude (super experts, DESIGN.md, are the extreme outliers there; a
+removal test confirms them). The bundle is then rewritten from its own files
+(no requantisation; the source checkpoint is not needed) or re-split from
+--source."""
+
+from __future__ import annotations
+
+from mlxmoe import ASSETS
+
+import json
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlx.core as mx
+import numpy as np
+
+from mlxmoe.quality import grouping as gr
+from mlxmoe.errors import MlxMoeError
+from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
+from mlxmoe.units import parse_size
+
+SUITES = ASSETS / "suites"
+MAX_TOKENS = 1024  # per passage: longer ones are cut (teacher forcing, one forward each)
+
+
+@dataclass
+class Passage:
+    domain: str
+    text: str
+
+
+# ------------------------------------------------------------------- suites
+
+def load_suite(spec: str, builtin: str = "calibration") -> tuple[str, list[Passage]]:
+    """'builtin' (the shipped calibration.jsonl / heldout.jsonl), a .jsonl file
+    of {"domain", "text"} lines, or a .txt file (passages split at blank lines,
+    domain = file name)."""
+    path = SUITES / f"{builtin}.jsonl" if spec == "builtin" else Path(spec)
+    name = f"builtin:{builtin}" if spec == "builtin" else str(path)
+    if not path.is_file():
+        raise MlxMoeError(f"{spec}: suite file not found (give 'builtin', a .jsonl of {{\"domain\", \"text\"}} lines or a .txt file)")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        out = [Passage(path.stem, p.strip()) for p in text.split("\n\n") if p.strip()]
+    elif path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MlxMoeError(f"{path}:{i}: not valid JSON: {e}") from None
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"]:
+                raise MlxMoeError(f"{path}:{i}: each line needs a non-empty string field 'text' (and optionally 'domain')")
+            out.append(Passage(str(r.get("domain", path.stem)), r["text"]))
+    else:
+        raise MlxMoeError(f"{path}: suite files must be .jsonl or .txt")
+    if not out:
+        raise MlxMoeError(f"{path}: the suite has no passages")
+    return name, out
+
+
+def load_suites(specs, builtin="calibration") -> tuple[list[str], list[Passage]]:
+    names, passages = [], []
+    for s in specs or ["builtin"]:
+        n, p = load_suite(s, builtin)
+        names.append(n)
+        passages += p
+    return names, passages
+
+
+def tokenize(tokenizer, passages: list[Passage]) -> list[tuple[str, list[int]]]:
+    out = []
+    for p in passages:
+        ids = tokenizer.encode(p.text)[:MAX_TOKENS]
+        if len(ids) >= 2:
+            out.append((p.domain, ids))
+    return out
+
+
+# ------------------------------------------------------------- statistics
+
+class ExpertOutputs:
+    """Context manager: per MoE layer, the largest |output| of each expert on
+    the tokens routed to it (massive activations mark super experts)."""
+
+    def __init__(self, loaded):
+        self.loaded, self.max = loaded, {}
+
+    def __enter__(self):
+        for l, b in self.loaded.blocks.items():
+            sw = getattr(b, self.loaded.arch.experts)
+            base = type(sw)
+            rec = type(f"Recording{base.__name__}", (_OutRec, base), {})
+            object.__setattr__(sw, "_rec_base", base)
+            object.__setattr__(sw, "_rec_out", (self, l))
+            sw.__class__ = rec
+        return self
+
+    def __exit__(self, *exc):
+        for b in self.loaded.blocks.values():
+            sw = getattr(b, self.loaded.arch.experts)
+            sw.__class__ = sw._rec_base
+
+    def add(self, layer, indices, y):
+        n = self.loaded.manifest.n_experts
+        m = mx.abs(y.astype(mx.float32)).max(axis=-1).reshape(-1)
+        idx = indices.reshape(-1)
+        per = mx.zeros((n,), dtype=mx.float32).at[idx].maximum(m)
+        cur = self.max.get(layer)
+        self.max[layer] = per if cur is None else mx.maximum(cur, per)
+
+
+class _OutRec:
+    def __call__(self, x, indices):
+        y = super().__call__(x, indices)
+        owner, layer = self._rec_out
+        owner.add(layer, indices, y)
+        return y
+
+
+def collect(loaded, items: list[tuple[str, list[int]]], advance=lambda n: None, outputs: bool = True) -> gr.Stats:
+    """Run every (domain, token ids) item through the full model and sum the
+    gate statistics (see grouping.Stats)."""
+    from mlxmoe.model.placement import router_probs
+    from mlxmoe.model.moe import GateRecorder
+
+    m = loaded.manifest
+    layers, n, k = m.moe_layers, m.n_experts, m.top_k
+    domains = sorted({d for d, _ in items})
+    D, L = len(domains), len(layers)
+    st = gr.Stats(layers, n, k, domains, {d: 0 for d in domains}, np.zeros((D, L, n)), np.zeros((D, L, n)),
+                  np.zeros((D, L, n, n)), np.zeros((D, L)))
+    loaded.set_eligible(None)
+    eye = np.eye(n, dtype=np.float32)
+    with ExpertOutputs(loaded) if outputs else nullcontext() as outs:
+        for dom, ids in items:
+            d = domains.index(dom)
+            with GateRecorder(loaded.gates) as rec:
+                mx.eval(loaded.model(mx.array([ids])))
+            got = rec.by_layer()
+            for i, l in enumerate(layers):
+                p = np.array(router_probs(got[l][0], m.moe["scoring"]))  # [T, E]
+                top = np.argpartition(-p, k - 1, axis=-1)[:, :k]
+                hot = eye[top].sum(axis=1)  # [T, E] 0/1
+                st.sel[d, i] += hot.sum(0)
+                st.mass[d, i] += (hot * p).sum(0)
+                st.coact[d, i] += hot.T @ hot
+                st.topk_mass[d, i] += (hot * p).sum()
+            st.tokens[dom] += len(ids)
+            advance(len(ids))
+    for d in range(D):
+        for i in range(L):
+            np.fill_diagonal(st.coact[d, i], 0.0)
+    if outputs:
+        st.out_max = np.stack([np.array(outs.max[l]) for l in layers])
+    return st
+
+
+def logp_of(loaded, ids) -> mx.array:
+    """[T, V] next-token log-probabilities of `loaded` on `ids`, float32."""
+    out = loaded.model(mx.array([ids]))[0].astype(mx.float32)
+    return out - mx.logsumexp(out, axis=-1, keepdims=True)
+
+
+def kl_per_token(ref_logp: mx.array, logp: mx.array) -> mx.array:
+    """KL(ref || other) at every position, nats."""
+    return mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
+
+
+def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candidates: int = 2,
+                       kl_factor: float = 5.0, sample_tokens: int = 1500) -> dict:
+    """Super experts: an output outlier (max |output| >= `ratio` x the layer's
+    median expert) whose removal alone (masked out at its layer) costs at
+    least `kl_factor` x the KL of removing the layer's most-used expert.
+    Returns {"experts": {layer: [ids]}, "checked": [...]} (what was measured)."""
+    sample, n = [], 0
+    for dom in stats.domains:  # a few tokens of every domain
+        for d, ids in items:
+            if d == dom:
+                sample.append(ids)
+                n += len(ids)
+                break
+    while n < sample_tokens and len(sample) < len(items):
+        ids = items[len(sample)][1]
+        sample.append(ids)
+        n += len(ids)
+    ref = [logp_of(loaded, ids) for ids in sample]
+    mx.eval(ref)
+
+    def removal_kl(i, e):
+        l = stats.layers[i]
+        loaded.set_eligible({x: [y for y in range(stats.n_experts) if not (x == l and y == e)] for x in stats.layers})
+        kl = float(np.mean([kl_per_token(r, logp_of(loaded, ids)).mean().item() for r, ids in zip(ref, sample)]))
+        loaded.set_eligible(None)
+        return kl
+
+    found, checked = {}, []
+    load = stats.balanced("sel")
+    for i, l in enumerate(stats.layers):
+        om = stats.out_max[i] if stats.out_max is not None else np.zeros(stats.n_experts)
+        med = float(np.median(om)) or 1.0
+        outl = [int(e) for e in np.argsort(-om)[:candidates] if om[e] >= ratio * med]
+        if not outl:
+            continue
+        base = removal_kl(i, int(np.argmax(load[i])))
+        for e in outl:
+            kl = removal_kl(i, e)
+            checked.append({"layer": l, "expert": e, "out_max_ratio": round(float(om[e] / med), 1),
+                            "removal_kl": round(kl, 5), "busiest_removal_kl": round(base, 5)})
+            if kl >= kl_factor * max(base, 1e-6):
+                found.setdefault(l, []).append(e)
+    return {"experts": found, "checked": checked}
+
+
+# --------------------------------------------------------- rewriting bundles
+
+def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration: dict) -> Manifest:
+    """Write a bundle with a new grouping/overlay from `bundle`'s own files:
+    the trunk is copied, expert rows are regathered (bit for bit, no
+    requantisation). Written to a temporary directory, then swapped in."""
+    from mlxmoe.bundle.checkpoint import sha256_file
+
+    m = Manifest.load(bundle)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        full = _all_experts(bundle, m)  # name -> (layer, [E, ...] lazily gathered in global order)
+        files = {TRUNK_FILE: {"role": "trunk"}}
+        shutil.copy2(bundle / TRUNK_FILE, tmp / TRUNK_FILE)
+        n_groups = len(next(iter(grouping["layers"].values())))
+        for g in range(n_groups):
+            _save_rows(tmp / group_file(g), full, lambda l: grouping["layers"][str(l)][g])
+            files[group_file(g)] = {"role": "group", "group": g}
+        if any(overlay["layers"].values()):
+            _save_rows(tmp / OVERLAY_FILE, full, lambda l: overlay["layers"].get(str(l), []))
+            files[OVERLAY_FILE] = {"role": "overlay"}
+        for name, meta in m.files.items():
+            if meta["role"] == "meta":
+                shutil.copy2(bundle / name, tmp / name)
+                files[name] = {"role": "meta"}
+        for name, meta in files.items():
+            meta.update(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
+        new = Manifest(model=m.model, moe=m.moe, n_groups=n_groups,
+                       grouping=grouping, overlay=overlay, quantization=m.quantization, files=files,
+                       calibration=calibration, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        new.validate(str(tmp))
+        new.save(tmp)
+        _swap_in(tmp, out)
+        return new
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _all_experts(bundle: Path, m: Manifest) -> dict:
+    parts = [(mx.load(str(bundle / group_file(g))), g) for g in range(m.n_groups)]
+    out = {}
+    for name in parts[0][0]:
+        l = int(name.split(".")[2])
+        ids = [e for _, g in parts for e in m.group_experts(l, g)]
+        stacked = mx.concatenate([w[name] for w, _ in parts], axis=0)
+        out[name] = (l, stacked[mx.array(first_rows(ids))])  # row e = global expert e
+    return out
+
+
+def _save_rows(path: Path, full: dict, rows_for):
+    tensors = {}
+    for name, (l, a) in full.items():
+        rows = rows_for(l)
+        if rows:
+            tensors[name] = a[mx.array(sorted(rows))]
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlxmoe.experts"})
+
+
+def _swap_in(tmp: Path, out: Path):
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ driver
+
+def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay_bytes: int | None = None,
+              rule: str = "mass", strategy: str | None = None, source: str | None = None, out=None,
+              n_groups: int | None = None, super_check: bool = True, progress_mode: str = "quiet",
+              set_size: int | None = None) -> dict:
+    from mlxmoe.model.load import load_bundle, load_tokenizer
+    from mlxmoe.progress import progress
+
+    bundle = Path(bundle)
+    out = Path(out) if out else bundle
+    if rule not in gr.OVERLAY_RULES:
+        raise MlxMoeError(f"--overlay-rule {rule!r}: choose from {', '.join(gr.OVERLAY_RULES)}")
+    if strategy is not None and strategy not in gr.STRATEGIES + gr.SET_STRATEGIES:
+        raise MlxMoeError(f"--grouping {strategy!r}: choose from {', '.join(gr.STRATEGIES + gr.SET_STRATEGIES)}")
+    names, passages = load_suites(suites, "calibration")
+    loaded = load_bundle(bundle)
+    m = loaded.manifest
+    items = tokenize(load_tokenizer(bundle), passages)
+    with progress(sum(len(i) for _, i in items), "calibrate", progress_mode, unit="items") as p:
+        stats = collect(loaded, items, p.advance)
+    sup = find_super_experts(loaded, stats, items) if super_check else {"experts": {}, "checked": []}
+    stats.super_experts = sup["experts"]
+    per_expert = m.expert_bytes()
+    if overlay_bytes is not None:
+        overlay_per_layer = gr.overlay_for_bytes(overlay_bytes, int(per_expert), len(m.moe_layers))
+    if overlay_per_layer is None:
+        overlay_per_layer = max(len(v) for v in sup["experts"].values()) if sup["experts"] else 0
+    ov = gr.overlay(stats, overlay_per_layer, rule)
+    groups = n_groups or m.n_groups
+    if strategy in gr.SET_STRATEGIES:
+        gmap = gr.set_grouping(stats, groups, set_size or gr.default_set_size(m.n_experts, groups))
+    elif strategy:
+        gmap = gr.grouping(strategy, groups, m.moe_layers, m.n_experts, stats, ov)
+    else:
+        gmap = _keep_grouping(m, groups, ov)
+    share = stats.balanced("mass") / np.maximum(stats.balanced("topk_mass")[:, None], 1e-12)
+    calib = {
+        "suites": names, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokens": dict(stats.tokens), "passages": len(items),
+        "overlay_rule": rule, "overlay_per_layer": overlay_per_layer,
+        "overlay_bytes_per_node": int(round(per_expert * sum(len(v) for v in ov.values()))),
+        "grouping": gmap["strategy"],
+        "super_experts": {str(l): v for l, v in sup["experts"].items()}, "super_expert_checks": sup["checked"],
+        "overlay_mass_share": {str(l): round(float(share[i, ov[l]].sum()), 4) for i, l in enumerate(m.moe_layers)},
+        "stats": stats.summary(),
+    }
+    overlay = {"source": f"calibrate:{rule}", "layers": {str(l): v for l, v in ov.items() if v}}
+    del loaded
+    if source:
+        from mlxmoe.bundle.split import split
+
+        q = m.quantization
+        e, t = q.get("experts") or {}, q.get("trunk") or {}
+        new = split(source, str(out), groups, overlay, gmap, e.get("bits"), e.get("group_size", 64), t.get("bits"),
+                    q.get("kv_bits"), force=True)
+        new.calibration = calib
+        new.save(out)
+    else:
+        new = rebundle(bundle, out, gmap, overlay, calib)
+    return {"out": str(out), "manifest_hash": new.hash, "calibration": calib}
+
+
+def _keep_grouping(m: Manifest, n_groups: int, ov: dict) -> dict:
+    if n_groups == m.n_groups:
+        return m.grouping
+    return gr.grouping("contiguous", n_groups, m.moe_layers, m.n_experts, None, ov)
+
+
+@click.command("calibrate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
+@click.option("--overlay-per-layer", type=int, help="Overlay experts per MoE layer (replicated on every node). Default: only the super experts found.")
+@click.option("--overlay-bytes", help="Overlay budget per node, e.g. 2GB (sets experts per layer).")
+@click.option("--overlay-rule", type=click.Choice(gr.OVERLAY_RULES), default="mass", show_default=True,
+              help="mass: experts with the most router probability; breadth: experts every domain uses.")
+@click.option("--grouping", "strategy", type=click.Choice(gr.STRATEGIES + gr.SET_STRATEGIES),
+              help="Also regroup the experts (default: keep the bundle's grouping). domain-sets: overlapping "
+                   "per-node sets by domain (the best measured on the reference model, docs/QUALITY.md).")
+@click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
+@click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
+@click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
+@click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, n_groups, source,
+                  out, no_super_check, as_json):
+    """Measure gate statistics on a prompt suite and write an overlay (and,
+    with --grouping, a grouping) into BUNDLE.
+
+    Example: mlxmoe calibrate bundles/qwen3-30b --overlay-per-layer 8 --grouping coactivation
+    """
+    if overlay_per_layer is not None and overlay_bytes is not None:
+        raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
+    size = parse_size(overlay_bytes, "--overlay-bytes")
+    try:
+        r = calibrate(bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
+                      not no_super_check, "json" if as_json else "bar", set_size)
+    except MlxMoeError as e:
+        raise click.ClickException(str(e))
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    c = r["calibration"]
+    click.echo(f"calibrated {r['out']}  (manifest {r['manifest_hash']})")
+    click.echo(f"  tokens: {sum(c['tokens'].values())} over {len(c['tokens'])} domains ({', '.join(c['suites'])})")
+    click.echo(f"  overlay: {c['overlay_per_layer']} experts/layer by {c['overlay_rule']}, "
+               f"{c['overlay_bytes_per_node'] / 1e6:.1f} MB per node; grouping: {c['grouping']}")
+    click.echo(f"  super experts: {c['super_experts'] or 'none found'}")
