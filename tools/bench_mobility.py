@@ -44,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-MODES = ("pin", "soft", "hard", "onehop", "split", "race")
+from mlxmoe.modes import ROUTER_MODES  # noqa: E402
 PORT_NODE, PORT_PROXY, PORT_ROUTER = 7420, 7421, 8000
 # the reference model's S(g) spread is small (groups within ~0.05): a small margin, the default debounce,
 # and a short re-scoring window so a change of topic shows
@@ -366,7 +366,7 @@ def main() -> None:
     p.add_argument("--target-port", type=int, required=True)
     p.add_argument("--delay", type=float, required=True)
     ap.add_argument("--delays", default="0,0.5,2")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(ROUTER_MODES))
     ap.add_argument("--conversations", type=int, default=2)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=16)

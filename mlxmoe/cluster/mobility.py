@@ -1,19 +1,20 @@
-"""Settings of the router's session modes (pin, soft, hard, onehop, split, race;
-router.py's docstring says what each does) and their validation, from
-`mlxmoe serve --mode ...` and the `[router]` table of the --peers TOML."""
+"""Settings of the router's session modes (their names: mlxmoe/modes.py) and
+their validation, from `mlxmoe serve --mode ...` and the `[router]` table of
+the --peers TOML. Config loading stays here, in the cluster layer: only the
+router reads these settings, while the mode names are shared with the node."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("pin", "soft", "hard", "onehop", "split", "race")
+from mlxmoe.modes import DEFAULT_MODE, ROUTER_MODES
 
 
 @dataclass
 class Mobility:
     """Router settings for the modes above (`[router]` in the --peers TOML)."""
 
-    mode: str = "pin"  # default for requests that name none
+    mode: str = DEFAULT_MODE  # default for requests that name none
     margin: float = 0.05  # S(challenger) - S(current) needed to count a check
     checks: int = 2  # consecutive winning checks before a switch (debounce)
     check_every: int = 0  # also re-score every N generated tokens (0: turn boundaries only)
@@ -35,8 +36,8 @@ class Mobility:
             if k not in cls.__dataclass_fields__:
                 raise ValueError(f"{where}.{k}: unknown setting (known: {', '.join(cls.__dataclass_fields__)})")
             if k == "mode":
-                if v not in MODES:
-                    raise ValueError(f"{where}.mode: must be one of {', '.join(MODES)}, got {v!r}")
+                if v not in ROUTER_MODES:
+                    raise ValueError(f"{where}.mode: must be one of {', '.join(ROUTER_MODES)}, got {v!r}")
             else:
                 kind = float if isinstance(getattr(out, k), float) else int
                 lo, hi = cls.LIMITS[k]

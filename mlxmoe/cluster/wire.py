@@ -27,6 +27,8 @@ from typing import Any
 
 import msgpack
 
+from mlxmoe.modes import ROUTING_MODES
+
 PROTOCOL_VERSION = 1
 AUTH_HEADER = "X-MLXMoE-Auth"
 CONTENT_TYPE = "application/msgpack"
@@ -116,7 +118,6 @@ PARAMS_SCHEMA = {
     "expert_group": "int?",
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router
 }
-ROUTING_MODES = ("local", "group", "onehop", "split")
 MAX_PEERS = 256
 
 # An activation tensor: raw little-endian bytes of `shape` in `dtype`.

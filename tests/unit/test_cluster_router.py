@@ -75,7 +75,7 @@ def test_all_full_is_429_with_retry_after_then_recovers():
         assert ei.value.body["code"] == "overloaded"
         assert c.router.status()["counters"]["rejected"] == 1 and c.router.status()["sessions"] == []
         engines[0].max_sessions = None
-        c.router._busy_until.clear()
+        c.router.busy_until.clear()
         chat(client(c), [{"role": "user", "content": "hi"}], max_tokens=3)
 
 
@@ -222,8 +222,8 @@ def test_client_disconnect_mid_stream_frees_the_node_session():
         conn.sock.close()  # the client goes away mid-stream
         conn.close()
         deadline = time.time() + 5
-        while time.time() < deadline and (c.engines[0].busy or c.router.sessions[
-                c.router.index["h:gone"]].lock.locked()):
+        while time.time() < deadline and (c.engines[0].busy or c.router.sessions.find(
+                "gone", None).lock.locked()):
             time.sleep(0.05)
         assert not c.engines[0].busy and c.engines[0].generated < 500  # the node stopped generating
         h, _ = chat(client(c, default_headers={"X-Session-Id": "gone"}), [{"role": "user", "content": "topic0"}],

@@ -21,7 +21,7 @@ A prompt chunk goes in one call per layer ("group"), or one call per layer
 and chosen group ("onehop", "split": each token still reaches one remote node
 at most).
 
-Contract with the router (cluster/router.py):
+Contract with the router (cluster/router/):
 - generate params: {"routing": "local"|"group"|"onehop"|"split", "expert_group": int|None,
   "peers": {str(group): node URL}}; a mode that needs a peer it was not given
   fails before the first token (HTTP 400 naming the field).

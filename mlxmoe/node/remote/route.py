@@ -12,6 +12,7 @@ import numpy as np
 
 from mlxmoe.cluster import wire
 from mlxmoe.errors import MlxMoeError, PeerError
+from mlxmoe.modes import ROUTING_MODES
 from mlxmoe.model.moe import replaced_child, row_table, with_mixin
 from mlxmoe.node.remote.choose import candidate_sets, group_order, onehop_pick, set_masks
 from mlxmoe.node.remote.peers import Inbox, PeerLink, decode_tensor, encode_tensor
@@ -121,8 +122,8 @@ class Remote:
         """The routing of one generation (None: all local). Raises
         MlxMoeError for params that cannot be served, before any token."""
         mode, home, eg = params.routing or "local", self.loaded.group, params.expert_group
-        if mode not in wire.ROUTING_MODES:
-            raise MlxMoeError(f"routing: {mode!r} is not one of {', '.join(wire.ROUTING_MODES)}")
+        if mode not in ROUTING_MODES:
+            raise MlxMoeError(f"routing: {mode!r} is not one of {', '.join(ROUTING_MODES)}")
         if mode == "split" and self.m.moe["scoring"] == "sigmoid_group":
             raise MlxMoeError("routing: 'split' needs a Linear router (this model routes by sigmoid groups)")
         peers = {}

@@ -1,0 +1,260 @@
+"""The OpenAI dialect: request parsing and validation, and the shapes of
+responses, chunks and errors ({"error": {"message", "type", "param",
+"code"}}). Plain dicts in, plain dicts out; no router, no I/O but read_json."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from aiohttp import web
+
+from mlxmoe.errors import RpcError
+from mlxmoe.modes import ROUTER_MODES
+
+MAX_BODY = 8 << 20
+MAX_TOKENS_DEFAULT = 512
+MAX_TOKENS_LIMIT = 1 << 20
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+EXTENSION_FIELDS = ("mode",)  # the "mlxmoe" object of a request body
+MODE_HEADER = "X-Mlxmoe-Mode"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self, param: bool = True) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param if param else None,
+                          "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def rpc_api_error(e: RpcError) -> ApiError:
+    """A node's refusal or failure, as the API reports it."""
+    if e.code == "context_length_exceeded":
+        return ApiError(400, e.message, "messages", e.code)
+    if 400 <= e.status < 500:
+        return ApiError(400, f"node {e.peer} refused the request: {e.message}", None, e.code)
+    return ApiError(502, f"node {e.peer} failed: {e.message}", None, e.code)
+
+
+# ---------------------------------------------------------------- validation
+
+def opt(body: dict, name: str, kinds: tuple, what: str, default: Any = None) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in kinds:
+        raise ApiError(400, f"'{name}' must be {what}", name, "invalid_type")
+    if not isinstance(v, kinds):
+        raise ApiError(400, f"'{name}' must be {what}", name, "invalid_type")
+    return v
+
+
+def check_range(name: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
+    if (v <= lo if lo_open else v < lo) or v > hi:
+        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}", name,
+                       "invalid_value")
+
+
+def flag(body: dict, name: str) -> bool:
+    return bool(opt(body, name, (bool,), "true or false", False))
+
+
+def include_usage(body: dict) -> bool:
+    return flag(opt(body, "stream_options", (dict,), "an object", {}), "include_usage")
+
+
+def gen_params(body: dict) -> dict:
+    mt = body.get("max_completion_tokens")
+    name = "max_completion_tokens" if mt is not None else "max_tokens"
+    max_tokens = opt(body, name, (int,), "an integer", MAX_TOKENS_DEFAULT)
+    check_range(name, max_tokens, 1, MAX_TOKENS_LIMIT)
+    temperature = float(opt(body, "temperature", (int, float), "a number", 0.0))
+    check_range("temperature", temperature, 0.0, 2.0)
+    top_p = float(opt(body, "top_p", (int, float), "a number", 1.0))
+    check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    stop = opt(body, "stop", (str, list), "a string or a list of strings", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop",
+                       "invalid_value")
+    seed = opt(body, "seed", (int,), "an integer")
+    n = opt(body, "n", (int,), "an integer", 1)
+    if n != 1:
+        raise ApiError(400, "'n' must be 1 (one completion per request)", "n", "unsupported_value")
+    for name in ("presence_penalty", "frequency_penalty"):
+        check_range(name, float(opt(body, name, (int, float), "a number", 0.0)), -2.0, 2.0)
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed}
+
+
+def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
+                       "invalid_type" if "messages" in body else "missing_required_parameter")
+    if len(msgs) > 10000:
+        raise ApiError(400, "'messages' has more than 10000 entries", "messages", "invalid_value")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}"[:300],
+                           f"{where}.role", "invalid_value")
+        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content", role)})
+    if not any(m["role"] == "user" for m in out):
+        raise ApiError(400, "'messages' must contain at least one message with role 'user'", "messages",
+                       "invalid_value")
+    return out
+
+
+def _content(c: Any, where: str, role: str) -> str:
+    if c is None and role == "assistant":
+        return ""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):
+        parts = []
+        for j, p in enumerate(c):
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ApiError(400, f"'{where}[{j}]' must be {{\"type\": \"text\", \"text\": string}} "
+                                    "(only text content is supported)", f"{where}[{j}]", "invalid_value")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ApiError(400, f"'{where}' must be a string or a list of text parts", where, "invalid_type")
+
+
+def parse_prompt(body: dict) -> str | list[int]:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if isinstance(p, str):
+        return p
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in p):
+        return p
+    raise ApiError(400, "'prompt' must be a string (or a list of one string, or a list of token ids)", "prompt",
+                   "invalid_type" if "prompt" in body else "missing_required_parameter")
+
+
+def completion_logprobs(body: dict) -> int | None:
+    """/v1/completions: the `logprobs` count (None: none), refusing echo and suffix."""
+    n_lp = opt(body, "logprobs", (int,), "an integer 0..5")
+    if n_lp is not None:
+        check_range("logprobs", n_lp, 0, 5)
+    if flag(body, "echo"):
+        raise ApiError(400, "'echo' is not supported", "echo", "unsupported_value")
+    if body.get("suffix") is not None:
+        raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_value")
+    return n_lp
+
+
+def chat_logprobs(body: dict) -> bool:
+    logprobs = flag(body, "logprobs")
+    check_range("top_logprobs", opt(body, "top_logprobs", (int,), "an integer", 0), 0, 20)
+    return logprobs
+
+
+def session_hint(headers, body: dict) -> str | None:
+    for v, name in ((headers.get("X-Session-Id"), "X-Session-Id"), (body.get("session_id"), "session_id"),
+                    (body.get("user"), "user")):
+        if v is None or v == "":
+            continue
+        if not isinstance(v, str) or len(v) > 256:
+            raise ApiError(400, f"'{name}' must be a string of at most 256 characters", name, "invalid_value")
+        return v
+    return None
+
+
+def requested_mode(headers, body: dict) -> str | None:
+    """The routing mode a request asks for ("mlxmoe": {"mode": ...} in the
+    body, or the X-Mlxmoe-Mode header), or None for the session's own."""
+    ext, mode = body.get("mlxmoe"), None
+    if ext is not None:
+        if not isinstance(ext, dict):
+            raise ApiError(400, "'mlxmoe' must be an object like {\"mode\": \"race\"}", "mlxmoe", "invalid_type")
+        for k in ext:
+            if k not in EXTENSION_FIELDS:
+                raise ApiError(400, f"'mlxmoe.{k}' is not a known option (known: {', '.join(EXTENSION_FIELDS)})"[:300],
+                               f"mlxmoe.{k}", "invalid_value")
+        mode = ext.get("mode")
+        if mode is not None and mode not in ROUTER_MODES:
+            raise ApiError(400, f"'mlxmoe.mode' must be one of {', '.join(ROUTER_MODES)}, got {mode!r}"[:300],
+                           "mlxmoe.mode", "invalid_value")
+    h = headers.get(MODE_HEADER)
+    if h is not None:
+        h = h.strip().lower()
+        if h not in ROUTER_MODES:
+            raise ApiError(400, f"header '{MODE_HEADER}' must be one of {', '.join(ROUTER_MODES)}, got {h!r}"[:300],
+                           MODE_HEADER, "invalid_value")
+        if mode is not None and mode != h:
+            raise ApiError(400, f"header '{MODE_HEADER}' ({h}) contradicts 'mlxmoe.mode' ({mode})", MODE_HEADER,
+                           "invalid_value")
+        mode = h
+    return mode
+
+
+async def read_json(request: web.Request) -> dict:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {MAX_BODY}", None,
+                       "request_too_large")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body exceeds the {MAX_BODY}-byte limit", None, "request_too_large")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}"[:300], None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", None, "invalid_json")
+    return body
+
+
+# ---------------------------------------------------------------- response shapes
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{os.urandom(12).hex()}"
+
+
+def usage(n_prompt: int, n_completion: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
+
+
+def chat_lp(f: dict) -> dict:
+    return {"token": f["text"], "logprob": f["logprob"], "bytes": list(f["text"].encode()), "top_logprobs": []}
+
+
+def chat_completion(base: dict, reply: str, lps: list[dict] | None, finish_reason: str, use: dict) -> dict:
+    return {**base, "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                         "logprobs": {"content": lps} if lps is not None else None,
+                         "finish_reason": finish_reason}],
+            "usage": use}
+
+
+def chat_chunk(chunk: dict, delta: dict, lp: dict | None = None, finish_reason: str | None = None) -> dict:
+    return {**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}]}
+
+
+def completion_choice(text: str, lp: dict | None, finish_reason: str | None) -> dict:
+    return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+
+
+def completion_lp(frames: list[dict], offset: int = 0) -> dict:
+    """The legacy logprobs object of a run of token frames whose text starts at `offset`."""
+    offs, o = [], offset
+    for f in frames:
+        offs.append(o)
+        o += len(f["text"])
+    return {"tokens": [f["text"] for f in frames], "token_logprobs": [f["logprob"] for f in frames],
+            "top_logprobs": None, "text_offset": offs}

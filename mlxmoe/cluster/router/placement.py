@@ -1,0 +1,94 @@
+"""Placement as pure functions: which nodes, in which order, serve a
+session, given the groups' scores S(g), the nodes' groups, load and health
+(busy_until: node name -> time until which it said "full"), and the time.
+No I/O here: the Router passes in its live peers and its clock.
+
+A peer is anything with .name, .url, .groups and .load (discovery.Peer)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+GONE = ("unreachable", "disconnected", "timeout")  # RPC error codes that mean the node itself is gone
+
+
+class PeerLike(Protocol):
+    name: str
+    url: str
+    groups: list[int]
+
+    @property
+    def load(self) -> tuple: ...
+
+
+def group_for(ranked: Sequence[int], groups: Iterable[int]) -> int:
+    """The group a node serves for a session: its best-ranked one (a group
+    the session never scored ranks last)."""
+    return min(groups, key=lambda g: ranked.index(g) if g in ranked else len(ranked))
+
+
+def busy(name: str, busy_until: dict[str, float], now: float) -> bool:
+    return busy_until.get(name, 0) > now
+
+
+def node_rank(p: PeerLike, busy_until: dict[str, float], now: float) -> tuple:
+    """Sort key of a node for new work: not busy (429/503 lately) first, then least loaded."""
+    return busy(p.name, busy_until, now), p.load
+
+
+def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
+                    tie_margin: float, busy_until: dict[str, float], now: float,
+                    pinned: str | None = None, exclude: Iterable[str] = ()) -> list:
+    """Peers for a session, best first: the pinned node, then nodes that did
+    not just say "full", then by the rank of the peer's best group (groups
+    within `tie_margin` of the best tie), then least loaded."""
+    best = scores[ranked[0]]
+    exclude = set(exclude)
+
+    def bucket(p: PeerLike) -> int:
+        g = group_for(ranked, p.groups)
+        if g not in scores:
+            return len(ranked)
+        return 0 if best - scores[g] <= tie_margin else ranked.index(g)
+
+    out = [p for p in peers if p.name not in exclude]
+    out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), p.load))
+    return out
+
+
+def race_candidates(candidates: Iterable[PeerLike], ranked: Sequence[int], n: int) -> list:
+    """The first (best) candidate of each distinct group, at most `n`."""
+    out, seen = [], set()
+    for p in candidates:
+        g = group_for(ranked, p.groups)
+        if g not in seen and len(out) < n:
+            seen.add(g)
+            out.append(p)
+    return out
+
+
+def group_urls(peers: Iterable[PeerLike], busy_until: dict[str, float], now: float,
+               skip: str | None = None) -> dict[str, str]:
+    """str(group) -> URL of the best node (node_rank) serving it, not `skip` (a name)."""
+    out: dict[str, tuple] = {}
+    for p in peers:
+        if skip is not None and p.name == skip:
+            continue
+        rank = node_rank(p, busy_until, now)
+        for g in p.groups:
+            if str(g) not in out or rank < out[str(g)][0]:
+                out[str(g)] = (rank, p.url)
+    return {g: v[1] for g, v in sorted(out.items())}
+
+
+def destinations(peers: Iterable[PeerLike], group: int, busy_until: dict[str, float], now: float,
+                 skip: str | None = None) -> list:
+    """Nodes serving `group` (hard migration targets), best first, not `skip`."""
+    return sorted((p for p in peers if group in p.groups and p.name != skip),
+                  key=lambda p: node_rank(p, busy_until, now))
+
+
+def remote_peers(urls: dict[str, str], own_groups: Iterable[int]) -> dict[str, str]:
+    """The group URLs a node may call per layer (onehop/split): the groups it lacks."""
+    own = set(own_groups)
+    return {g: u for g, u in urls.items() if int(g) not in own}

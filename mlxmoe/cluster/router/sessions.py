@@ -1,0 +1,147 @@
+"""The router's sessions: one per conversation, found again by the client's
+session id (hint) or by the hash of its messages before the last user turn,
+and forgotten after `session_ttl` idle seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxmoe.modes import DEFAULT_MODE, MIGRATING, node_routing
+
+
+@dataclass
+class Session:
+    id: str
+    scores: dict[int, float]
+    ranked: list[int]
+    margin: float
+    peer: str | None = None  # pinned node (Peer.name)
+    group: int | None = None
+    turns: int = 0
+    tokens: int = 0
+    created: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    ephemeral: bool = False
+    keys: list[str] = field(default_factory=list)  # hints and prefix hashes that lead here
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    mode: str = DEFAULT_MODE
+    expert_group: int | None = None  # soft migration: the group computing every MoE layer's experts
+    context: list[int] = field(default_factory=list)  # last turn's prompt + reply
+    streak: tuple = (None, 0)  # (challenger group, consecutive checks it won)
+    last_check: dict | None = None
+    migrations: list[dict] = field(default_factory=list)
+    race: dict | None = None
+    remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
+
+    @property
+    def routing(self) -> str:
+        return node_routing(self.mode, self.expert_group, self.group)
+
+    @property
+    def placed(self) -> bool:
+        """Has it ever run a turn on a node (else a failed first turn leaves nothing behind)."""
+        return self.turns > 0 or self.peer is not None
+
+    def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        if mode not in MIGRATING:
+            self.expert_group, self.streak = None, (None, 0)  # decode local again
+
+    def end_turn(self, context: list[int]) -> None:
+        """Bookkeeping after a turn (completed, failed or cancelled); releases the lock."""
+        self.turns += 1
+        self.tokens = len(context)
+        self.context = list(context)
+        self.last_used = time.time()
+        if self.lock.locked():
+            self.lock.release()
+
+    def status(self) -> dict:
+        return {"id": self.id, "node": self.peer, "group": self.group,
+                "scores": {str(g): s for g, s in self.scores.items()}, "margin": self.margin,
+                "mode": self.mode, "routing": self.routing,
+                "expert_group": self.group if self.expert_group is None else self.expert_group,
+                "migrations": list(self.migrations), "last_check": self.last_check, "race": self.race,
+                "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
+                "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
+                "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),
+                "turns": self.turns, "tokens": self.tokens,
+                "created": self.created, "last_used": self.last_used}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def prefix_key(messages: list[dict]) -> str:
+    canon = [[m.get("role"), _text(m.get("content"))] for m in messages]
+    return "p:" + hashlib.sha256(json.dumps(canon, ensure_ascii=False).encode()).hexdigest()
+
+
+def before_last_user(messages: list[dict]) -> list[dict] | None:
+    """Messages before the last user turn, or None if there is no earlier
+    assistant turn (a first turn never matches an existing session)."""
+    idx = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if idx is None:
+        return None
+    head = messages[:idx]
+    return head if any(m.get("role") == "assistant" for m in head) else None
+
+
+class SessionIndex:
+    """Sessions by id, and the keys (hints "h:...", prefix hashes "p:...") that lead to them."""
+
+    def __init__(self):
+        self.by_id: dict[str, Session] = {}
+        self.by_key: dict[str, str] = {}  # hint / prefix hash -> session id
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __iter__(self):
+        return iter(list(self.by_id.values()))
+
+    def get(self, sid: str) -> Session | None:
+        return self.by_id.get(sid)
+
+    def find(self, hint: str | None, messages: list[dict] | None) -> Session | None:
+        """The session a request continues: by hint (the session's own id, or
+        a client id), else by the messages before the last user turn."""
+        sid = None
+        if hint:
+            sid = hint if hint in self.by_id else self.by_key.get("h:" + hint)
+        elif messages is not None:
+            head = before_last_user(messages)
+            if head is not None:
+                sid = self.by_key.get(prefix_key(head))
+        return self.by_id.get(sid) if sid is not None else None
+
+    def add(self, s: Session, hint: str | None = None) -> None:
+        if hint:
+            self._key(s, "h:" + hint)
+        self.by_id[s.id] = s
+
+    def remember_turn(self, s: Session, messages: list[dict], reply: str) -> None:
+        """After a completed chat turn: the next turn's prefix leads here."""
+        self._key(s, prefix_key(messages + [{"role": "assistant", "content": reply}]))
+
+    def _key(self, s: Session, k: str) -> None:
+        self.by_key[k] = s.id
+        s.keys.append(k)
+
+    def forget(self, s: Session) -> None:
+        self.by_id.pop(s.id, None)
+        for k in s.keys:
+            if self.by_key.get(k) == s.id:
+                del self.by_key[k]
+
+    def expired(self, now: float, ttl: float) -> list[Session]:
+        """Idle past `ttl` and not in a turn."""
+        return [s for s in self.by_id.values() if now - s.last_used > ttl and not s.lock.locked()]

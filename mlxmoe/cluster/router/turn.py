@@ -1,0 +1,222 @@
+"""One request's generation on the cluster, possibly spanning nodes: it
+connects to the session's best candidate, streams token frames, fails over
+mid-stream from the transcript (prompt + tokens already sent, with the
+remaining max_tokens: the client sees every token exactly once), and, in
+soft/hard mode, re-checks the session's group every `check_every` tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, AsyncIterator
+
+from mlxmoe.cluster.discovery import Peer
+from mlxmoe.cluster.router import migration
+from mlxmoe.cluster.router.placement import GONE
+from mlxmoe.cluster.router.race import race
+from mlxmoe.cluster.router.sessions import Session
+from mlxmoe.errors import RpcError
+from mlxmoe.modes import MIGRATING
+
+if TYPE_CHECKING:
+    from mlxmoe.cluster.router.core import Router
+
+log = logging.getLogger("mlxmoe.router")
+
+
+class Rejected(Exception):
+    """No node can take the request now: HTTP status + Retry-After seconds."""
+
+    def __init__(self, status: int, message: str, retry_after: float):
+        super().__init__(message)
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class Turn:
+    """One request's generation, possibly spanning nodes after failovers."""
+
+    def __init__(self, router: Router, s: Session, prompt: list[int], params: dict):
+        self.r, self.s, self.prompt, self.params = router, s, list(prompt), dict(params)
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self.tried: set[str] = set()
+        self.failovers = 0
+        self.peer_retries = 0
+        self._frames: AsyncIterator[dict] | None = None
+        self._first: dict | None = None
+        self._queued: list[dict] = []  # race winner's frames, already in `generated`
+        self._closed = False
+
+    @property
+    def done(self) -> bool:
+        return len(self.generated) >= self.params["max_tokens"] or self.finish_reason == "stop"
+
+    async def connect(self, first: bool = False, migrated: bool = False) -> None:
+        r, s = self.r, self.s
+        remaining = self.params["max_tokens"] - len(self.generated)
+        params = {**self.params, "max_tokens": remaining}
+        prompt = self.prompt + self.generated
+        retry_after, last_err = None, None
+        for p in r.candidates(s, self.tried):
+            self.tried.add(p.name)
+            try:
+                frames, first_frame = await self._start(p, prompt, params)
+            except asyncio.TimeoutError:
+                r.peers.mark_down(p, f"no first token within {r.first_token_timeout:.0f}s")
+                continue
+            except RpcError as e:
+                last_err = e
+                if e.status in (429, 503):
+                    r.mark_busy(p, e.retry_after)
+                    retry_after = min(retry_after or 1e9, e.retry_after or 2)
+                    continue
+                if e.retryable:
+                    if e.code in GONE:
+                        r.peers.mark_down(p, e.message)
+                    continue
+                raise  # the request itself is bad (e.g. context overflow): same on every node
+            moved = s.peer is not None and s.peer != p.name
+            if (moved or not first) and not (migrated and not moved):
+                self.failovers += 1
+                r.count("failovers")
+                log.warning("session %s moved from %s to %s (%s)", s.id, s.peer, p.name,
+                            last_err.message if last_err else "pinned node not available")
+            if s.peer != p.name:
+                p.active_sessions += 1  # until the next probe says better: spreads quick placements
+            s.peer, s.group = p.name, r.group_for(s, p)
+            self._frames, self._first = frames, first_frame
+            return
+        r.count("rejected")
+        if retry_after is not None:
+            raise Rejected(429, "every node that could serve this conversation is full; retry shortly",
+                           retry_after)
+        if last_err is not None and not first:
+            raise last_err
+        raise Rejected(503, "no node is up to serve this conversation"
+                       + (f" (last error: {last_err.message})" if last_err else
+                          ": start `mlxmoe node` on your Macs (or list them in --peers)"), 5)
+
+    async def _start(self, p: Peer, prompt: list[int], params: dict) -> tuple[AsyncIterator[dict], dict | None]:
+        """Start generating on `p`: (frames, first frame or None). A failed
+        remote-expert peer gets one retry on the same node, routed without it."""
+        r, s = self.r, self.s
+        for attempt in range(2):
+            frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
+            try:
+                return frames, await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
+            except StopAsyncIteration:
+                return frames, None
+            except RpcError as e:
+                await frames.aclose()
+                if e.code != "peer_failed" or attempt:
+                    raise
+                await migration.peer_failed(r, s, e)
+            except asyncio.TimeoutError:
+                await frames.aclose()
+                raise
+
+    async def race(self) -> None:
+        """Race placement (race.py); the winner's K tokens become this turn's first."""
+        won = await race(self.r, self.s, self.prompt, self.params)
+        if won is None:
+            return  # nothing to race, or every run failed: plain placement
+        toks, end = won
+        self._queued = toks
+        self.generated = [int(f["token"]) for f in toks]
+        self.finish_reason = end or toks[-1].get("finish_reason")
+        if self.finish_reason == "length" and len(self.generated) < self.params["max_tokens"]:
+            self.finish_reason = None  # only the race's K tokens ran out: the answer goes on
+
+    async def events(self) -> AsyncIterator[dict]:
+        """Token frames {"token","text","logprob","finish_reason"} across failovers."""
+        try:
+            for f in self._queued:  # race winner: already counted in `generated`
+                self.r.count_token()
+                yield f
+            self._queued = []
+            while True:
+                if self._frames is None and self._first is None:
+                    if self.done:
+                        self.finish_reason = self.finish_reason or "length"
+                        return
+                    await self.connect()
+                try:
+                    async for f in self._iter():
+                        if f["t"] == "end":
+                            self.finish_reason = f.get("finish_reason") or self.finish_reason or "length"
+                            return
+                        self.generated.append(int(f["token"]))
+                        self.r.count_token()
+                        self.finish_reason = f.get("finish_reason")
+                        yield f
+                        if await self._maybe_recheck():
+                            break  # reconnect with the new routing (the cache prefix is reused)
+                    else:
+                        return
+                except RpcError as e:
+                    if e.code == "peer_failed" and self.peer_retries < 2:
+                        self.peer_retries += 1  # the node is fine, a peer it called is not: same node, new routing
+                        await migration.peer_failed(self.r, self.s, e)
+                        self.tried.discard(self.s.peer)
+                    elif not e.retryable or self.failovers >= self.r.max_failovers:
+                        raise
+                    if e.code in GONE:
+                        p = self.r.peer(self.s.peer)
+                        if p is not None:
+                            self.r.peers.mark_down(p, e.message)
+                    migrated = e.code == "peer_failed"
+                    if len(self.generated) >= self.params["max_tokens"] or self.finish_reason:
+                        self.finish_reason = self.finish_reason or "length"
+                        return  # the node died after its last token: nothing left to do
+                    await self._close_frames()
+                    try:
+                        await self.connect(migrated=migrated)
+                    except Rejected as rej:
+                        raise RpcError(503, "failover_failed", f"node failed mid-stream ({e.message}) and no "
+                                       f"other node could continue: {rej.message}") from None
+        finally:
+            await self.close()
+
+    async def _maybe_recheck(self) -> bool:
+        """Every `check_every` tokens (soft/hard): re-score; if the session
+        migrated, close this stream so the caller reconnects."""
+        r, s, n = self.r, self.s, len(self.generated)
+        if not r.mob.check_every or s.mode not in MIGRATING or n % r.mob.check_every or self.finish_reason:
+            return False
+        s.context = self.prompt + self.generated
+        target = await migration.decide(r, s, s.context, f"token {n}")
+        if target is None:
+            return False
+        await self._close_frames()  # the node stops this stream before its session is exported
+        await migration.migrate(r, s, target, f"token {n}")  # if it fails, the session goes on as it was
+        self.tried.clear()
+        try:
+            await self.connect(migrated=True)
+        except Rejected as rej:
+            raise RpcError(503, "migration_failed", f"session moved to group {s.group} but no node could "
+                           f"continue it: {rej.message}") from None
+        return True
+
+    async def _iter(self) -> AsyncIterator[dict]:
+        if self._first is not None:
+            f, self._first = self._first, None
+            yield f
+            if f["t"] == "end":
+                return
+        async for f in self._frames:
+            yield f
+
+    async def _close_frames(self) -> None:
+        if self._frames is not None:
+            try:
+                await self._frames.aclose()
+            except Exception:
+                pass
+            self._frames = None
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._close_frames()
+        self.r.end_turn(self.s, self.prompt + self.generated)
