@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxmoe.cluster import keys, wire
-from mlxmoe.cluster.wire import WireError
+from mlxmoe import wire
+from mlxmoe.cluster import keys
+from mlxmoe.wire import WireError
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"x" * 32
