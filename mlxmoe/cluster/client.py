@@ -1,4 +1,6 @@
-"""Router-side client of one node's RPC (see wire.py for the format).
+"""Router-side client of one node's RPC, on aiohttp. Every byte is built and
+checked by mlxmoe/wire.py (the node-to-node client, node/remote/peers.py
+PeerLink, shares it); this module is only the async transport.
 
 Every failure surfaces as RpcError with `retryable` set when another node
 may succeed (connection lost, node busy, node failed midway). Bytes sent and
@@ -13,10 +15,8 @@ from typing import AsyncIterator
 import aiohttp
 import msgpack
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.errors import RpcError
-
-MAX_FRAME_BYTES = 1 << 20
 
 
 class NodeClient:
@@ -43,12 +43,8 @@ class NodeClient:
     async def _error_from(self, resp: aiohttp.ClientResponse) -> RpcError:
         raw = await resp.read()
         self.bytes_in += len(raw)
-        code, message = "http_" + str(resp.status), f"HTTP {resp.status}"
-        try:
-            err = wire.unpack(raw).get("error") or {}
-            code, message = str(err.get("code", code)), str(err.get("message", message))
-        except Exception:
-            pass
+        err = wire.refusal(raw)
+        code, message = str(err.get("code", "http_" + str(resp.status))), str(err.get("message", f"HTTP {resp.status}"))
         if resp.status == 401:
             message = "node refused our cluster key (401): copy the same cluster.key to every Mac"
         ra = resp.headers.get("Retry-After")
@@ -66,17 +62,10 @@ class NodeClient:
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 raise self._err(0, "disconnected", f"node {self.url} dropped the connection: {e}", True) from None
             self.bytes_in += len(raw)
-            if not wire.verify(self.key, b"resp:" + nonce.encode() + raw, resp.headers.get(wire.AUTH_HEADER)):
-                raise self._err(0, "unauthenticated", f"answer from {self.url} is not signed with our cluster key", False)
-            msg = wire.unpack(raw)
-            if not isinstance(msg, dict) or msg.get("ok") is not True:
-                raise self._err(0, "bad_response", f"malformed answer from {self.url}", False)
-            return msg.get("body")
-
-    async def experts(self, layer: int, x: dict, timeout: float | None = 30.0) -> dict:
-        """Routed-expert output of MoE `layer` for hidden states x ({dtype,
-        shape, data}: node.remote.peers.encode_tensor), as this node routes them."""
-        return (await self.call("experts", {"layer": layer, "x": x}, timeout))["y"]
+            try:
+                return wire.open_response(self.key, nonce, raw, resp.headers.get(wire.AUTH_HEADER))
+            except wire.WireError as e:
+                raise self._err(0, e.code, f"node {self.url}: {e.message}", False) from None
 
     async def generate(self, session: str, prompt: list[int], params: dict,
                        token_timeout: float = 60.0) -> AsyncIterator[dict]:
@@ -86,9 +75,9 @@ class NodeClient:
         async with resp:
             if resp.status != 200:
                 raise await self._error_from(resp)
-            if not wire.verify(self.key, b"stream:" + nonce.encode(), resp.headers.get(wire.AUTH_HEADER)):
+            if not wire.verify_stream(self.key, nonce, resp.headers.get(wire.AUTH_HEADER)):
                 raise self._err(0, "unauthenticated", f"stream from {self.url} is not signed with our cluster key", False)
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME_BYTES)
+            unpacker = wire.stream_unpacker()
             ended = False
             while not ended:
                 try:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 
 log = logging.getLogger("mlxmoe.discovery")
 SERVICE_TYPE = "_mlxmoe._tcp.local."

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from mlxmoe.node.contract import GenParams, TokenEvent
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.errors import classify
 from mlxmoe.cluster.worker import EngineWorker
 

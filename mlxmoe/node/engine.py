@@ -12,11 +12,12 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
+from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node.contract import GenParams, TokenEvent
+from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_tokenizer
-from mlxmoe.node.remote.peers import decode_tensor, encode_tensor
 from mlxmoe.node.remote.route import Remote, routed_local
 from mlxmoe.node.sessions import Session, SessionStore
 from mlxmoe.node.tokens import Tokens
@@ -226,13 +227,13 @@ class Node(Tokens):
         masked block routes (shared experts excluded: the caller's trunk).
         With `ids` (routing "split"): expert ids[i] applied to row rows[i]
         (default: row i), unweighted; one output row per id."""
-        a = decode_tensor(x)
+        a = wire.decode_tensor(x)
         if ids is None:
             y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1])).reshape(a.shape)
         else:
             y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids, rows)
         mx.eval(y)
-        return encode_tensor(y)
+        return wire.encode_tensor(y)
 
     def _chosen_experts(self, layer: int, x: mx.array, ids: list[int], rows: list[int] | None) -> mx.array:
         if rows is None and len(ids) != x.shape[0]:
@@ -255,15 +256,14 @@ class Node(Tokens):
             raise MlxMoeError(f"session {session_id}: unknown on this node")
         if s.busy:  # its cache is ahead of its tokens until the stream ends
             raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
-        caches = [] if s.cache is None else [_cache_state(c) for c in s.cache]
-        return {"id": s.id, "tokens": list(s.tokens), "caches": caches, "manifest": self.manifest.hash}
+        return {"id": s.id, "tokens": list(s.tokens), "caches": export_caches(s.cache), "manifest": self.manifest.hash}
 
     def import_session(self, state: dict) -> str:
         if state.get("manifest") != self.manifest.hash:
             raise MlxMoeError(f"session {state.get('id')}: exported from manifest {state.get('manifest')}, this node serves {self.manifest.hash}")
         s = self.sessions.get(state["id"])
         s.tokens = list(state["tokens"])
-        s.cache = [_cache_from_state(c) for c in state["caches"]] or None
+        s.cache = import_caches(state["caches"])
         return s.id
 
     # ------------------------------------------------------------ status
@@ -331,48 +331,3 @@ def _default_budget() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * 0.25)
-
-
-# KV export/import: plain dicts of bytes/ints, msgpack-friendly.
-def _arr(a: mx.array) -> dict:
-    dt = str(a.dtype).split(".")[-1]
-    data = np.array(a.view(mx.uint16) if a.dtype == mx.bfloat16 else a)
-    return {"dtype": dt, "shape": list(a.shape), "data": data.tobytes()}
-
-
-def _unarr(d: dict) -> mx.array:
-    if d["dtype"] == "bfloat16":
-        return mx.array(np.frombuffer(d["data"], np.uint16).reshape(d["shape"])).view(mx.bfloat16)
-    return mx.array(np.frombuffer(d["data"], np.dtype(d["dtype"])).reshape(d["shape"]))
-
-
-def _flat(x):
-    if isinstance(x, mx.array):
-        return {"a": _arr(x)}
-    if isinstance(x, (list, tuple)):
-        return {"l": [_flat(v) for v in x]}
-    return {"v": x}
-
-
-def _unflat(x):
-    if "a" in x:
-        return _unarr(x["a"])
-    if "l" in x:
-        return [_unflat(v) for v in x["l"]]
-    return x["v"]
-
-
-def _cache_state(c) -> dict:
-    return {"type": type(c).__name__, "state": _flat(list(c.state)), "meta": list(c.meta_state) if hasattr(c, "meta_state") else []}
-
-
-def _cache_from_state(d: dict):
-    from mlx_lm.models import cache as cache_mod
-
-    cls = getattr(cache_mod, d["type"], None)
-    if cls is None:
-        raise MlxMoeError(f"session import: unknown cache type {d['type']!r}")
-    c = cls.from_state(_unflat(d["state"]))
-    if d.get("meta"):
-        c.meta_state = d["meta"]
-    return c

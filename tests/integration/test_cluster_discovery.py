@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.cluster.discovery import PeerTable, load_static_peers, txt_props
 from mlxmoe.cluster.node_server import engine_identity
 

@@ -20,7 +20,7 @@ import pytest
 from mlxmoe.errors import PeerError
 
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.cluster.mobility import Mobility, load_router_config
 
 pytestmark = pytest.mark.timeout(90)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.errors import RpcError
 from mlxmoe.cluster.node_server import start_node

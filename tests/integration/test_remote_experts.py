@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from fakes import LoopThread
+from mlxmoe import wire
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.errors import RpcError
 from mlxmoe.cluster.node_server import start_node
@@ -33,7 +34,7 @@ from mlxmoe.model.load import load_bundle
 from mlxmoe.node.engine import Node
 from mlxmoe.errors import PeerError
 from mlxmoe.node.remote.choose import dynamic_onehop
-from mlxmoe.node.remote.peers import decode_tensor, encode_tensor
+from mlxmoe.node.remote.peers import PeerLink
 from mlxmoe.bundle.split import split
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,8 +76,8 @@ class Servers(LoopThread):
             self.nodes.append(await start_node(None, KEY, "127.0.0.1", 0, advertise=False,
                                                factory=node_factory(self.bundle, g, self.f32)))
         self.http = aiohttp.ClientSession()
-        mh = self.nodes[0].server.identity["manifest_hash"]
-        self.clients = [NodeClient(self.http, n.url, KEY, mh) for n in self.nodes]
+        self.mh = self.nodes[0].server.identity["manifest_hash"]
+        self.clients = [NodeClient(self.http, n.url, KEY, self.mh) for n in self.nodes]
 
     async def _stop(self):
         await self.http.close()
@@ -98,6 +99,14 @@ class Servers(LoopThread):
     def call(self, g, op, body=None):
         return self.run(self.client(g).call(op, body or {}))
 
+    def experts(self, g, layer, x):
+        """The `experts` op through the node-to-node client, as a peer calls it."""
+        link = PeerLink(self.url(g), KEY, self.mh)
+        try:
+            return link.call("experts", {"layer": layer, "x": wire.encode_tensor(x)})[0]["y"]
+        finally:
+            link.close()
+
 
 @pytest.fixture(scope="module")
 def bf16(bundle):
@@ -113,13 +122,13 @@ def test_experts_op_returns_exactly_the_groups_own_block(bundle, bf16, shape):
     m = node1.manifest
     x = (mx.random.normal(shape, key=mx.random.key(sum(shape))) * 0.5).astype(mx.bfloat16)
     for layer in (m.moe_layers[0], m.moe_layers[-1]):
-        y = bf16.run(bf16.client(1).experts(layer, encode_tensor(x)))
+        y = bf16.experts(1, layer, x)
         assert y["dtype"] == "bf16" and y["shape"] == list(shape)
         # the block's own forward (qwen3_moe has no shared experts: all of it is the routed part)
         want = node1.loaded.blocks[layer](x.reshape(1, -1, 256)).reshape(shape)
-        assert np.array_equal(np.array(decode_tensor(y).view(mx.uint16)), np.array(want.view(mx.uint16)))
-        other = bf16.run(bf16.client(0).experts(layer, encode_tensor(x)))
-        assert not np.array_equal(np.array(decode_tensor(other).view(mx.uint16)),
+        assert np.array_equal(np.array(wire.decode_tensor(y).view(mx.uint16)), np.array(want.view(mx.uint16)))
+        other = bf16.experts(0, layer, x)
+        assert not np.array_equal(np.array(wire.decode_tensor(other).view(mx.uint16)),
                                   np.array(want.view(mx.uint16)))  # each node routes to its own group
 
 
@@ -179,7 +188,7 @@ def test_split_equals_full_model_with_the_union_mask(bundle):
     with Servers(bundle, [0, 1, 2], f32=True) as s:
         got = s.generate(0, "split", routing="split", peers={"1": s.url(1), "2": s.url(2)})
         st = s.call(0, "info")["session_stats"]["split"]
-        x = encode_tensor(mx.zeros((2, 256), mx.float32))
+        x = wire.encode_tensor(mx.zeros((2, 256), mx.float32))
         held = set(Node.load(str(bundle), 1).loaded.local_ids[0])
         away = next(e for e in range(48) if e not in held)
         with pytest.raises(RpcError) as ei:
@@ -199,10 +208,10 @@ def _bad(bf16, body):
 
 
 def test_malformed_experts_requests_name_the_field(bf16):
-    x = encode_tensor(mx.zeros((2, 256), mx.bfloat16))
+    x = wire.encode_tensor(mx.zeros((2, 256), mx.bfloat16))
     assert "'body.layer'" in _bad(bf16, {"layer": 99, "x": x})
     assert "'body.layer'" in _bad(bf16, {"layer": "0", "x": x})
-    assert "'body.x.shape'" in _bad(bf16, {"layer": 0, "x": encode_tensor(mx.zeros((4, 128), mx.bfloat16))})
+    assert "'body.x.shape'" in _bad(bf16, {"layer": 0, "x": wire.encode_tensor(mx.zeros((4, 128), mx.bfloat16))})
     assert "'body.x.shape'" in _bad(bf16, {"layer": 0, "x": {**x, "shape": [512]}})
     assert "'body.x.shape'" in _bad(bf16, {"layer": 0, "x": {**x, "shape": [2, 1, 256]}})
     assert "'body.x.dtype'" in _bad(bf16, {"layer": 0, "x": {**x, "dtype": "f64"}})
@@ -361,12 +370,17 @@ def test_a_large_prompt_chunk_is_split_into_calls(ckpt, tmp_path, monkeypatch):
 def test_an_engine_without_remote_experts_says_so():
     from fakes import HASH, FakeEngine
 
+    x = wire.encode_tensor(mx.zeros((1, 8), mx.bfloat16))
+
     async def go():
         node = await start_node(FakeEngine(group=0), KEY, "127.0.0.1", 0, advertise=False)
         try:
             async with aiohttp.ClientSession() as http:
                 with pytest.raises(RpcError) as ei:
-                    await NodeClient(http, node.url, KEY, HASH).experts(0, encode_tensor(mx.zeros((1, 8), mx.bfloat16)))
+                    await NodeClient(http, node.url, KEY, HASH).call("experts", {"layer": 0, "x": x})
+                with pytest.raises(PeerError) as pi:  # and a peer, over its own link
+                    await asyncio.to_thread(PeerLink(node.url, KEY, HASH).call, "experts", {"layer": 0, "x": x})
+                assert "HTTP 501 unsupported" in str(pi.value)
                 return ei.value
         finally:
             await node.stop()

@@ -1,10 +1,13 @@
 """Wire format: envelope round trip, HMAC, replay window, size limits, strict
-schemas (with hypothesis fuzzing of the decoder), and the cluster key."""
+schemas (with hypothesis fuzzing of the decoder), the caller's checks of an
+answer, the tensor codec, and the cluster key."""
 
 from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
 
 import msgpack
@@ -13,8 +16,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxmoe.cluster import keys, wire
-from mlxmoe.cluster.wire import WireError
+from mlxmoe import wire
+from mlxmoe.cluster import keys
+from mlxmoe.wire import WireError
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"x" * 32
@@ -157,6 +161,74 @@ def test_fuzz_raw_bytes_signed(data, op):
         wire.decode_request(KEY, data, wire.sign(KEY, data), op)
     except WireError as e:
         assert 400 <= e.status < 500
+
+
+# ---------------------------------------------------------------- caller side
+
+def test_answers_are_opened_only_with_the_nonce_and_key_they_were_signed_for():
+    data = wire.ok_response({"y": 1})
+    sig = wire.response_mac(KEY, "n1234567", data)
+    assert wire.open_response(KEY, "n1234567", data, sig) == {"y": 1}
+    for key, nonce, d, s in [(b"y" * 32, "n1234567", data, sig), (KEY, "other-nonce", data, sig),
+                             (KEY, "n1234567", data + b"\x00", sig), (KEY, "n1234567", data, None)]:
+        with pytest.raises(WireError) as ei:
+            wire.open_response(key, nonce, d, s)
+        assert ei.value.code == "unauthenticated"
+    for bad in (b"\xc1", wire.pack([1]), wire.error_response({"code": "x"})):  # signed, but not a 200 answer
+        with pytest.raises(WireError) as ei:
+            wire.open_response(KEY, "n1234567", bad, wire.response_mac(KEY, "n1234567", bad))
+        assert ei.value.code == "bad_response"
+    assert wire.verify_stream(KEY, "n1234567", wire.stream_mac(KEY, "n1234567"))
+    assert not wire.verify_stream(KEY, "n7654321", wire.stream_mac(KEY, "n1234567"))
+
+
+def test_refusal_reads_an_error_answer_or_nothing():
+    err = WireError(400, "schema", "field 'body.x': required", "body.x")
+    assert wire.refusal(wire.error_response(err)) == err.to_dict()
+    assert wire.refusal(b"\xc1") == {} and wire.refusal(wire.pack({"error": "text"})) == {}
+
+
+def test_stream_frames_split_anywhere_come_out_whole():
+    frames = [{"t": "tok", "token": i} for i in range(3)] + [{"t": "end"}]
+    data = b"".join(wire.pack(f) for f in frames)
+    u, got = wire.stream_unpacker(), []
+    for i in range(0, len(data), 3):
+        u.feed(data[i:i + 3])
+        got += list(u)
+    assert got == frames
+
+
+# ---------------------------------------------------------------- tensors
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "uint8", "uint32", "int32", "int64", "bool_"])
+def test_tensor_codec_is_exact(dtype):
+    import mlx.core as mx
+    import numpy as np
+
+    a = (mx.random.normal((3, 5), key=mx.random.key(1)) * 1000).astype(getattr(mx, dtype))
+    t = wire.encode_tensor(a)
+    assert t["shape"] == [3, 5] and len(t["data"]) == a.nbytes
+    b = wire.decode_tensor(wire.unpack(wire.pack(t)))
+    assert b.dtype == a.dtype and b.shape == a.shape
+    raw = (lambda x: x.view(mx.uint16)) if dtype == "bfloat16" else (lambda x: x)
+    assert np.array_equal(np.array(raw(b)), np.array(raw(a)))  # bit for bit
+
+
+def test_activations_travel_in_the_schemas_dtypes():
+    import mlx.core as mx
+
+    for dt, name in ((mx.bfloat16, "bf16"), (mx.float16, "f16"), (mx.float32, "f32")):
+        t = wire.encode_tensor(mx.ones((1, 4, 8), dt))
+        assert t["dtype"] == name and wire.check_tensor(t, "body.x") == (1, 4, 8)
+    with pytest.raises(WireError, match="'f64'"):
+        wire.decode_tensor({"dtype": "f64", "shape": [1], "data": b"\x00" * 8})
+
+
+def test_the_wire_loads_no_mlx_until_a_tensor_travels():
+    code = ("import sys; from mlxmoe import wire; import mlxmoe.cluster.client, mlxmoe.cluster.router; "
+            "assert 'mlx.core' not in sys.modules and 'numpy' not in sys.modules, 'loaded'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr
 
 
 # ---------------------------------------------------------------- cluster key

@@ -33,7 +33,7 @@ Contract with the router (cluster/router/):
   error frame "peer_failed", retryable) naming the peer; the session's cache
   is left holding exactly the tokens before the failed step.
 
-Node to node: the `experts` RPC op (cluster/wire.py) over one persistent
+Node to node: the `experts` RPC op (mlxmoe/wire.py) over one persistent
 keep-alive HTTP connection per peer, signed with the cluster key exactly as
 wire.encode_request does. Calls are made from the engine thread; while it
 waits, that thread serves experts requests from other nodes (the Inbox), so

@@ -1,6 +1,8 @@
 """Node-to-node links for remote experts: one persistent signed HTTP
 connection per peer, called from the engine thread, which serves other
-nodes' requests (the Inbox) while it waits."""
+nodes' requests (the Inbox) while it waits. Every byte is built and checked
+by mlxmoe/wire.py (shared with the router's NodeClient); this module is only
+the blocking transport."""
 
 from __future__ import annotations
 
@@ -12,31 +14,10 @@ import time
 import urllib.parse
 from concurrent.futures import Future
 
-import mlx.core as mx
-import numpy as np
-
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.errors import PeerError
 
 CALL_TIMEOUT_S = 30.0  # below the router's 60 s token timeout: the peer is named, not this node
-
-
-_WIRE = {mx.bfloat16: "bf16", mx.float16: "f16", mx.float32: "f32"}
-_NP = {"bf16": np.uint16, "f16": np.float16, "f32": np.float32}
-
-
-def encode_tensor(a: mx.array) -> dict:
-    """mx.array -> {dtype, shape, data}; bf16 travels as its raw 16 bits (exact)."""
-    if a.dtype not in _WIRE:
-        a = a.astype(mx.float32)
-    name = _WIRE[a.dtype]
-    data = np.array(a.view(mx.uint16) if name == "bf16" else a)
-    return {"dtype": name, "shape": list(a.shape), "data": data.tobytes()}
-
-
-def decode_tensor(t: dict) -> mx.array:
-    a = mx.array(np.frombuffer(t["data"], _NP[t["dtype"]]).reshape(t["shape"]))
-    return a.view(mx.bfloat16) if t["dtype"] == "bf16" else a
 
 
 class Inbox:
@@ -122,20 +103,15 @@ class PeerLink:
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         if resp.status != 200:
-            err = {}
-            try:
-                err = wire.unpack(raw).get("error") or {}
-            except Exception:
-                pass
+            err = wire.refusal(raw)
             raise PeerError(f"peer {self.name}: '{op}' refused (HTTP {resp.status} {err.get('code', '')}): "
                             f"{err.get('message', '')}", self.name)
-        if not wire.verify(self.key, b"resp:" + nonce.encode() + raw, resp.getheader(wire.AUTH_HEADER)):
-            raise PeerError(f"peer {self.name}: answer is not signed with our cluster key", self.name)
-        msg = wire.unpack(raw)
-        if not isinstance(msg, dict) or msg.get("ok") is not True:
-            raise PeerError(f"peer {self.name}: malformed answer", self.name)
+        try:
+            body = wire.open_response(self.key, nonce, raw, resp.getheader(wire.AUTH_HEADER))
+        except wire.WireError as e:
+            raise PeerError(f"peer {self.name}: {e.message}", self.name) from None
         host = self._host if self._port is None else f"{self._host}:{self._port}"
-        return msg.get("body"), _http_bytes(op, data, headers, host, resp, raw)
+        return body, _http_bytes(op, data, headers, host, resp, raw)
 
     def _wait(self) -> None:
         """Until the answer starts arriving; meanwhile serve our own inbox."""

@@ -10,12 +10,12 @@ from contextlib import contextmanager
 import mlx.core as mx
 import numpy as np
 
-from mlxmoe.cluster import wire
+from mlxmoe import wire
 from mlxmoe.errors import MlxMoeError, PeerError
 from mlxmoe.modes import ROUTING_MODES
 from mlxmoe.model.moe import replaced_child, row_table, with_mixin
 from mlxmoe.node.remote.choose import candidate_sets, group_order, onehop_pick, set_masks
-from mlxmoe.node.remote.peers import Inbox, PeerLink, decode_tensor, encode_tensor
+from mlxmoe.node.remote.peers import Inbox, PeerLink
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
@@ -252,7 +252,7 @@ class Route:
 
     def _call_once(self, group: int, layer: int, x: mx.array, extra: dict, n_out: int) -> mx.array:
         t0 = time.perf_counter()
-        body = {"layer": layer, "x": encode_tensor(x), **{k: v for k, v in extra.items() if v is not None}}
+        body = {"layer": layer, "x": wire.encode_tensor(x), **{k: v for k, v in extra.items() if v is not None}}
         body, n = self.links[group].call("experts", body)
         self.stats["remote_calls"] += 1
         self.stats["remote_bytes"] += n
@@ -260,7 +260,7 @@ class Route:
         y = body.get("y") if isinstance(body, dict) else None
         if not isinstance(y, dict) or y.get("shape") != [n_out, x.shape[-1]]:
             raise PeerError(f"peer {self.links[group].name}: experts answer has the wrong shape", self.links[group].name)
-        return decode_tensor(y)
+        return wire.decode_tensor(y)
 
 
 class _SplitExperts:

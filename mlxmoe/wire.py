@@ -1,13 +1,19 @@
-"""Node RPC wire format: a msgpack envelope, authenticated with HMAC-SHA256.
+"""The node RPC wire format, below every layer that speaks it: a msgpack
+envelope authenticated with HMAC-SHA256, size limits, per-op schemas, and the
+one tensor codec. Both clients (cluster/client.py NodeClient for the router,
+node/remote/peers.py PeerLink between nodes) and the node server build and
+check every byte through these functions; they differ only in transport.
 
 Request  = POST /rpc/<op>, body = msgpack({"v", "op", "ts", "nonce", "body"[, "mh"]}),
            header X-MLXMoE-Auth = hex HMAC-SHA256(cluster key, exact body bytes).
 Response = msgpack({"ok": true, "body": ...}) or ({"ok": false, "error": {...}}),
            header X-MLXMoE-Auth = HMAC over b"resp:" + request nonce + response
-           bytes, so the router knows the answer came from a key holder too.
+           bytes, so the caller knows the answer came from a key holder too.
 Stream   = (generate) a sequence of msgpack maps: {"t": "tok", ...} per token,
            then {"t": "end", ...}, or {"t": "err", ...} if it fails midway;
            the header HMAC covers b"stream:" + nonce.
+Tensor   = {"dtype", "shape", "data"}: raw little-endian bytes (bf16 as its
+           16 bits, so exact), for activations and exported KV state alike.
 
 Checks run in this order, so a sender without the key learns nothing but 401:
 size (413) -> HMAC (401) -> decode/envelope (400, version 426) -> freshness
@@ -38,6 +44,7 @@ OP_MAX_BYTES = {"import_session": 256 * MiB, "experts": 64 * MiB}
 REPLAY_WINDOW_S = 60.0
 MAX_TOKEN_ID = (1 << 31) - 1
 MAX_PROMPT_TOKENS = 1 << 20
+MAX_FRAME_BYTES = 1 << 20  # one stream frame
 
 
 class WireError(Exception):
@@ -66,12 +73,26 @@ def verify(key: bytes, data: bytes, signature: str | None) -> bool:
     return hmac.compare_digest(sign(key, data).encode(), signature.encode("utf-8", "replace"))
 
 
+# What an answer's HMAC covers: bound to the request's nonce, so an answer
+# cannot be replayed to another request.
+def _resp_signed(nonce: str, data: bytes) -> bytes:
+    return b"resp:" + nonce.encode() + data
+
+
+def _stream_signed(nonce: str) -> bytes:
+    return b"stream:" + nonce.encode()
+
+
 def response_mac(key: bytes, nonce: str, data: bytes) -> str:
-    return sign(key, b"resp:" + nonce.encode() + data)
+    return sign(key, _resp_signed(nonce, data))
 
 
 def stream_mac(key: bytes, nonce: str) -> str:
-    return sign(key, b"stream:" + nonce.encode())
+    return sign(key, _stream_signed(nonce))
+
+
+def verify_stream(key: bytes, nonce: str, signature: str | None) -> bool:
+    return verify(key, _stream_signed(nonce), signature)
 
 
 def max_bytes(op: str) -> int:
@@ -122,7 +143,7 @@ MAX_PEERS = 256
 
 # An activation tensor: raw little-endian bytes of `shape` in `dtype`.
 TENSOR_SCHEMA = {"_required": ["dtype", "shape", "data"], "dtype": "str", "shape": "list[int]", "data": "bytes"}
-TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}  # wire name -> bytes per element
+TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}  # an activation's wire dtype -> bytes per element
 
 ENVELOPE_SCHEMA = {
     "_required": ["v", "op", "ts", "nonce", "body"],
@@ -340,3 +361,68 @@ def ok_response(body: Any) -> bytes:
 
 def error_response(err: WireError | dict) -> bytes:
     return pack({"ok": False, "error": err.to_dict() if isinstance(err, WireError) else err})
+
+
+# ---------------------------------------------------------------- caller side
+
+def open_response(key: bytes, nonce: str, data: bytes, signature: str | None) -> Any:
+    """The body of a 200 answer to the request with `nonce`, once its HMAC
+    checks out. WireError (status 0: no HTTP status of its own) otherwise,
+    with code "unauthenticated" or "bad_response"."""
+    if not verify(key, _resp_signed(nonce, data), signature):
+        raise WireError(0, "unauthenticated", "answer is not signed with our cluster key")
+    try:
+        msg = unpack(data)
+    except WireError:
+        msg = None
+    if not isinstance(msg, dict) or msg.get("ok") is not True:
+        raise WireError(0, "bad_response", "malformed answer")
+    return msg.get("body")
+
+
+def refusal(data: bytes) -> dict:
+    """{code, message, field} of an error answer, or {} if it carries none.
+    For the caller's message only: a refusal need not be signed (401)."""
+    try:
+        err = unpack(data).get("error")
+    except Exception:
+        return {}
+    return err if isinstance(err, dict) else {}
+
+
+def stream_unpacker() -> msgpack.Unpacker:
+    """Feed it a generate stream's bytes; iterate it for frames."""
+    return msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME_BYTES)
+
+
+# ---------------------------------------------------------------- tensors
+# wire dtype -> (mlx dtype, numpy dtype carrying the bytes). MLX loads only
+# when a tensor travels: the router imports this module and never loads MLX.
+_CODEC = {"bf16": ("bfloat16", "uint16"), "f16": ("float16", "float16"), "f32": ("float32", "float32"),
+          "u8": ("uint8", "uint8"), "u16": ("uint16", "uint16"), "u32": ("uint32", "uint32"),
+          "u64": ("uint64", "uint64"), "i8": ("int8", "int8"), "i16": ("int16", "int16"),
+          "i32": ("int32", "int32"), "i64": ("int64", "int64"), "bool": ("bool_", "bool")}
+
+
+def encode_tensor(a) -> dict:
+    """mx.array -> {dtype, shape, data}; a dtype without a wire name travels as f32."""
+    import mlx.core as mx
+    import numpy as np
+
+    names = {getattr(mx, m): w for w, (m, _) in _CODEC.items()}
+    if a.dtype not in names:
+        a = a.astype(mx.float32)
+    name = names[a.dtype]
+    data = np.array(a.view(mx.uint16) if name == "bf16" else a)
+    return {"dtype": name, "shape": list(a.shape), "data": data.tobytes()}
+
+
+def decode_tensor(t: dict):
+    """{dtype, shape, data} -> mx.array, bit for bit what encode_tensor read."""
+    import mlx.core as mx
+    import numpy as np
+
+    if t["dtype"] not in _CODEC:
+        raise WireError(400, "schema", f"tensor dtype {str(t['dtype'])[:20]!r} is not one of {', '.join(_CODEC)}")
+    a = mx.array(np.frombuffer(t["data"], _CODEC[t["dtype"]][1]).reshape(t["shape"]))
+    return a.view(mx.bfloat16) if t["dtype"] == "bf16" else a
