@@ -158,10 +158,7 @@ def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
 def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
     """Validate distribution.json and that its files exist with the listed
     sizes (sha256 is skipped: hashing hundreds of GB is the node's job)."""
-    try:
-        from mlxmoe.bundle.manifest import Manifest
-    except ImportError as e:
-        return [Check("bundle", "warn", f"this install cannot read manifests ({e})", "reinstall mlxmoe")]
+    from mlxmoe.bundle.manifest import Manifest
     from mlxmoe.errors import MlxMoeError
 
     try:

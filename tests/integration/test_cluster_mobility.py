@@ -20,13 +20,10 @@ import pytest
 from mlxmoe.errors import PeerError
 
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
-from mlxmoe import wire
 from mlxmoe.cluster.mobility import Mobility, load_router_config
 
 pytestmark = pytest.mark.timeout(90)
 REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
-needs_remote_params = pytest.mark.skipif("routing" not in wire.PARAMS_SCHEMA,
-                                         reason="nodes do not take routing params yet (issue 8, node side)")
 
 
 class Engine(FakeEngine):
@@ -165,7 +162,6 @@ def test_mode_is_remembered_per_session_and_defaults_to_router_mode():
 
 # ---------------------------------------------------------------- soft migration
 
-@needs_remote_params
 def test_soft_migration_switches_after_hysteresis_only():
     engines = [Engine(group=g) for g in range(3)]
     with cluster(engines, mode="soft", margin=0.05, checks=2) as c:
@@ -193,7 +189,6 @@ def test_soft_migration_switches_after_hysteresis_only():
         assert engines[0].reused[-1][1] > 0 and session(c, sid)["expert_group"] == 2
 
 
-@needs_remote_params
 @pytest.mark.parametrize("mode", ["onehop", "split"])
 def test_onehop_and_split_pass_one_live_node_per_other_group(mode):
     engines = [Engine(group=g) for g in range(3)]
@@ -226,7 +221,6 @@ class PeerFails(Engine):
         return gen()
 
 
-@needs_remote_params
 @pytest.mark.parametrize("after", [0, 3])
 def test_soft_peer_failure_falls_back_to_local_on_the_same_node(after):
     engines = [PeerFails(group=0, after=after), Engine(group=1), Engine(group=2)]
@@ -285,11 +279,10 @@ def test_hard_migration_of_a_long_session_falls_back_to_soft_or_stays():
         conv = Conversation(c, "long")
         conv.turn("a first message that is longer than ten tokens")
         c.frontend.fixed = {0: 0.2, 1: 0.7, 2: 0.1}
-        if "routing" in wire.PARAMS_SCHEMA:
-            conv.turn("switch")
-            (m,) = session(c, conv.headers["x-mlxmoe-session"])["migrations"]
-            assert m["kind"] == "soft" and "hard_max_tokens" in m["note"] and engines[1].imported == []
-            assert conv.headers["x-mlxmoe-node"] == c.peer_name(0)
+        conv.turn("switch")
+        (m,) = session(c, conv.headers["x-mlxmoe-session"])["migrations"]
+        assert m["kind"] == "soft" and "hard_max_tokens" in m["note"] and engines[1].imported == []
+        assert conv.headers["x-mlxmoe-node"] == c.peer_name(0)
 
 
 def test_hard_migration_interrupted_by_killing_the_destination_loses_nothing():
@@ -490,7 +483,6 @@ def test_real_race_continues_on_the_winner_like_a_pinned_session(bundle):
         assert out.choices[0].message.content == pinned.choices[0].message.content
 
 
-@needs_remote_params
 def test_real_soft_and_hard_migration_continue_identically_and_onehop_counts_calls(bundle):
     """Turn 2 after a switch to group 1: the soft-migrated session (KV stays on
     node 0, every MoE layer's experts computed by node 1) and the hard-migrated

@@ -151,12 +151,6 @@ def test_bundle_checks(tmp_path):
     assert "not valid JSON" in doctor.check_bundle(str(tmp_path / "junk"))[0].detail
 
 
-def test_bundle_check_without_manifest_module(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlxmoe.bundle.manifest", None)
-    checks = doctor.check_bundle(str(tmp_path))
-    assert checks[0].status == "warn" and "cannot read manifests" in checks[0].detail
-
-
 def all_ok(monkeypatch):
     for name in ("check_mlx", "check_memory", "check_mdns", "check_key"):
         monkeypatch.setattr(doctor, name, lambda n=name: doctor.Check(n, "ok", "fine"))

@@ -8,6 +8,7 @@ import re
 import time
 
 import aiohttp
+import fakes
 import pytest
 
 from mlxmoe.ui import fetch_status
@@ -15,7 +16,6 @@ from mlxmoe.ui.chat import Conversation, status_summary
 from mlxmoe.ui.doctor import check_cluster
 from mlxmoe.ui.menubar import MenubarState
 
-fakes = pytest.importorskip("fakes")
 pytestmark = pytest.mark.timeout(90)
 
 

@@ -67,8 +67,9 @@ def test_suites(name):
 
 @pytest.fixture(scope="module")
 def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
     model = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
     model.eval()
@@ -97,8 +98,9 @@ def test_transformers_chat_template_and_generate(hf):
 
 def test_mlx_lm_matches_transformers(hf):
     torch, tok, model = hf
-    mx = pytest.importorskip("mlx.core")
-    mlx_lm = pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    import mlx_lm
+
     m, t = mlx_lm.load(str(MODEL))
     m.set_dtype(mx.float32)  # unquantized MoE gather_mm on mlx's CPU backend needs float32
     ids = tok(PROMPT, return_tensors="pt").input_ids
