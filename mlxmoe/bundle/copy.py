@@ -5,7 +5,6 @@ share, or a folder you then rsync to the Mac."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

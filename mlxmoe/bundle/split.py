@@ -12,7 +12,6 @@ import re
 import shutil
 import struct
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import mlx.core as mx

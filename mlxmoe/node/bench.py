@@ -13,7 +13,6 @@ Prints a table and one JSON line per row."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform

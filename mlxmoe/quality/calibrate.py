@@ -1,12 +1,12 @@
-"""Calibration behind `mlxmoe calibrate`: gate statistics on a prompt suite -> overlay (and
-optionally grouping) written into the bundle, with provenance.
+"""Calibration behind `mlxmoe calibrate`: gate statistics on a prompt suite
+-> overlay (and optionally grouping) written into the bundle, with provenance.
 
 The suite runs teacher-forced through the full model (every group loaded);
 per MoE layer we count top-k selections, the router probability of selected
 experts, per-domain usage and co-selection, and each expert's largest output
-magnitude (super experts, DESIGN.md, are the extreme outliers there; a
-removal test confirms them). The bundle is then rewritten from its own files
-(no requantisation; the source checkpoint is not needed) or re-split from
+magnitude (super experts are the extreme outliers there; a removal test
+confirms them). The bundle is then rewritten from its own files (no
+requantisation; the source checkpoint is not needed) or re-split from
 --source, either way through bundle/writer.py."""
 
 from __future__ import annotations

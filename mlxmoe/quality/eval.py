@@ -1,5 +1,6 @@
-"""The evaluation sweep behind `mlxmoe eval`: how far masked routing is from the full model (DESIGN.md,
-"Quality").
+"""The evaluation sweep behind `mlxmoe eval`: how far masked routing is from
+the full model (results in docs/QUALITY.md). Metrics live in metrics.py,
+tables and plots in report.py.
 
 Every held-out passage is split into a prompt (the first `prompt_tokens`
 tokens: what placement sees) and a continuation (what is scored). The full
@@ -30,11 +31,10 @@ whose top-k holds an expert the placed node lacks.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -190,7 +190,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
     placed = np.array([int(np.argmax(placement_scores(m, it, cfg, mode, runs, i))) for i, it in enumerate(items)])
     oracle = np.argmin(runs.nll, axis=1)
     rows = np.arange(len(items))
-    caps = np.array([capture(m, it, cfg) for it in items])
+    caps = np.array([capture(m, it.gates, cfg.sets) for it in items])
     out = {}
     for dom in sorted({it.domain for it in items}):
         sel = np.array([it.domain == dom for it in items])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from mlxmoe.bundle.manifest import Manifest
 from mlxmoe.model.placement import score_groups
 
 METRICS = ("capture", "kl", "agreement", "ppl_ratio", "regret", "regret_nats")
@@ -34,14 +35,17 @@ def token_metrics(ref_logp: mx.array, logp: mx.array, targets: mx.array) -> tupl
     return kl, agree, nll
 
 
-def capture(m: Manifest, it: Item, cfg: Config) -> float:
-    sets = dict(enumerate(cfg.sets))
+def capture(m: Manifest, gates: dict, node_sets: list) -> float:
+    """Top-k router mass the best node's eligible sets keep, over the
+    unmasked top-k mass (`gates`: layer -> [T, E] router logits)."""
+    sets = dict(enumerate(node_sets))
     sets["all"] = {l: None for l in m.moe_layers}
-    s = score_groups(m, it.gates, sets).scores
-    return max(s[g] for g in range(len(cfg.sets))) / s["all"]
+    s = score_groups(m, gates, sets).scores
+    return max(s[g] for g in range(len(node_sets))) / s["all"]
 
 
-def ref_nll_of(items: list[Item]) -> np.ndarray:
+def ref_nll_of(items: list) -> np.ndarray:
+    """Reference negative log-likelihood of each eval item's continuation."""
     out = []
     for it in items:
         tgt = mx.array(it.ids[it.prompt:])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mlxmoe.quality import grouping as gr
 from mlxmoe.quality import eval as q
-from mlxmoe.quality import metrics, report
+from mlxmoe.quality import metrics
 from mlxmoe.cli import main
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import check_partition
