@@ -8,23 +8,23 @@ import importlib
 
 import click
 
-# name -> (module, attribute, one-line help shown in `mlxmoe --help`)
+# name -> (module in mlxmoe/commands/, attribute, one-line help shown in `mlxmoe --help`)
 COMMANDS = {
-    "plan": ("mlxmoe.bundle.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
-    "split": ("mlxmoe.bundle.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
-    "copy": ("mlxmoe.bundle.copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),
-    "run": ("mlxmoe.node.commands", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
-    "calibrate": ("mlxmoe.quality.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
-    "eval": ("mlxmoe.quality.eval", "eval_cmd", "Measure how far masked routing is from the full model."),
-    "bench": ("mlxmoe.node.bench", "bench_cmd", "Decode speed and memory of a node vs mlx-lm."),
-    "init": ("mlxmoe.cluster.commands", "init_cmd", "Create the cluster key shared by your Macs."),
-    "node": ("mlxmoe.cluster.commands", "node_cmd", "Serve one expert group of a bundle on this Mac."),
-    "serve": ("mlxmoe.cluster.commands", "serve_cmd", "Run the router: OpenAI-compatible API, placement, status page."),
-    "chat": ("mlxmoe.ui.commands", "chat_cmd", "Chat in the terminal with the cluster (or any OpenAI-compatible server)."),
-    "demo": ("mlxmoe.ui.demo", "demo_cmd", "Offline demo: split the bundled model, start nodes + router, chat."),
-    "doctor": ("mlxmoe.ui.commands", "doctor_cmd", "Check this Mac's setup and the cluster, and say what to fix."),
-    "menubar": ("mlxmoe.ui.commands", "menubar_cmd", "Menu-bar app (macOS): cluster state, start/stop node, open chat."),
-    "service": ("mlxmoe.ui.commands", "service_cmd", "Install or remove the login service (launchd / systemd --user)."),
+    "plan": ("mlxmoe.commands.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
+    "split": ("mlxmoe.commands.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
+    "copy": ("mlxmoe.commands.copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),
+    "run": ("mlxmoe.commands.run", "run_cmd", "Generate on one node, no network: a quick end-to-end check."),
+    "calibrate": ("mlxmoe.commands.calibrate", "calibrate_cmd", "Measure gate statistics; choose an overlay (and grouping)."),
+    "eval": ("mlxmoe.commands.eval", "eval_cmd", "Measure how far masked routing is from the full model."),
+    "bench": ("mlxmoe.commands.bench", "bench_cmd", "Decode speed and memory of a node vs mlx-lm."),
+    "init": ("mlxmoe.commands.init", "init_cmd", "Create the cluster key shared by your Macs."),
+    "node": ("mlxmoe.commands.node", "node_cmd", "Serve one expert group of a bundle on this Mac."),
+    "serve": ("mlxmoe.commands.serve", "serve_cmd", "Run the router: OpenAI-compatible API, placement, status page."),
+    "chat": ("mlxmoe.commands.chat", "chat_cmd", "Chat in the terminal with the cluster (or any OpenAI-compatible server)."),
+    "demo": ("mlxmoe.commands.demo", "demo_cmd", "Offline demo: split the bundled model, start nodes + router, chat."),
+    "doctor": ("mlxmoe.commands.doctor", "doctor_cmd", "Check this Mac's setup and the cluster, and say what to fix."),
+    "menubar": ("mlxmoe.commands.menubar", "menubar_cmd", "Menu-bar app (macOS): cluster state, start/stop node, open chat."),
+    "service": ("mlxmoe.commands.service", "service_cmd", "Install or remove the login service (launchd / systemd --user)."),
 }
 
 

@@ -1,4 +1,5 @@
-"""Decode benchmark; the code is `mlxmoe bench` (mlxmoe/bench.py).
+"""Decode benchmark; the code is `mlxmoe bench` (mlxmoe/node/bench.py, the
+command in mlxmoe/commands/bench.py).
 
     python tools/bench_decode.py --source mlxmoe/assets/reference-moe --prompt-tokens 128 --gen 64
 """
@@ -8,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlxmoe.node.bench import main  # noqa: E402
+from mlxmoe.commands.bench import bench_cmd  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    bench_cmd(prog_name="bench_decode.py")

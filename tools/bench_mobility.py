@@ -12,7 +12,7 @@ change that soft/hard may follow) and reports
   remote_calls_per_token, node_node_bytes_per_token   from the nodes' session stats
   router_node_bytes_per_token   RPC bytes router<->node (incl. KV moved by hard)
   migrations, race outcomes
-Quality per mode comes from `mlxmoe eval`'s machinery (mlxmoe/quality.py) on
+Quality per mode comes from `mlxmoe eval`'s machinery (mlxmoe/quality/eval.py) on
 held-out text: pin = placement on the prompt's first MoE layer, race = race
 placement, soft/hard = placement re-scored at every MoE layer (the closest
 static analog of re-scoring; an eval passage has no turn boundary), onehop =
@@ -57,7 +57,7 @@ def conversations(n: int, turns: int, chars: int = 240) -> list[list[str]]:
     """n scripts of `turns` user messages: English prose, then code passages
     (chosen so the re-scored transcript moves from group 0 toward group 1 on
     the demo bundle: a topic change for soft/hard to follow)."""
-    from mlxmoe.quality.calibrate import load_suites
+    from mlxmoe.quality.suites import load_suites
 
     _, passages = load_suites(("builtin",), "heldout")
     by = {}

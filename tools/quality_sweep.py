@@ -37,7 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from mlxmoe.quality import grouping as gr  # noqa: E402
 from mlxmoe.quality import eval as q  # noqa: E402
-from mlxmoe.quality.calibrate import collect, load_suites, tokenize  # noqa: E402
+from mlxmoe.quality.calibrate import collect  # noqa: E402
+from mlxmoe.quality.report import write_plot  # noqa: E402
+from mlxmoe.quality.suites import load_suites, tokenize  # noqa: E402
 from mlxmoe.model.load import load_bundle, load_tokenizer  # noqa: E402
 from mlxmoe.bundle.split import split  # noqa: E402
 
@@ -207,7 +209,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality-{date}.json").write_text(json.dumps(rounded(rep), separators=(",", ":")) + "\n")
     try:
-        q.write_plot(rep, str(out / f"quality-{date}.png"),
+        write_plot(rep, str(out / f"quality-{date}.png"),
                      f"reference MoE: masked routing vs full model ({sum(rep['tokens'].values())} scored tokens)")
     except Exception as e:  # noqa: BLE001 - the JSON is the result; the plot is a convenience
         print(f"no plot: {e}", file=sys.stderr)

@@ -5,11 +5,9 @@ share, or a folder you then rsync to the Mac."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import click
 
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import FILENAME, OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
@@ -39,37 +37,3 @@ def copy_bundle(src, dest, groups: list[int], advance=lambda n: None) -> list[st
     shutil.copy2(src / FILENAME, dest / FILENAME)
     m.verify_files(dest, names)  # sizes + sha256: a bad copy is reported, not used
     return names
-
-
-@click.command("copy")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.argument("dest", type=click.Path(file_okay=False))
-@click.option("--group", "groups", type=int, multiple=True, required=True, help="Group(s) the target Mac serves (repeatable).")
-@click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the copied files as JSON (progress as JSON lines on stderr).")
-def copy_cmd(bundle, dest, groups, quiet, as_json):
-    """Copy the files one node needs from BUNDLE to DEST, and verify them.
-
-    A node needs the manifest, tokenizer and config files, the trunk, its own
-    expert group and the overlay — not the other groups. Example, to a disk
-    you then plug into the other Mac:
-
-        mlxmoe copy ~/bundles/qwen3-30b /Volumes/USB/qwen3-30b --group 1
-
-    Over the network, rsync the same files: `mlxmoe copy --help` lists them
-    as the JSON output of a local copy.
-    """
-    from mlxmoe.progress import progress
-
-    try:
-        m = Manifest.load(bundle)
-        total = sum(m.files[n]["size"] for n in node_files(m, list(groups)) if n in m.files)
-        mode = "quiet" if quiet else "json" if as_json else "bar"
-        with progress(total, f"copy to {dest}", mode) as p:
-            names = copy_bundle(bundle, dest, list(groups), p.advance)
-    except MlxMoeError as e:
-        raise click.ClickException(str(e))
-    if as_json:
-        click.echo(json.dumps({"dest": dest, "files": names + [FILENAME], "bytes": total}))
-    else:
-        click.echo(f"copied {len(names) + 1} files ({total / 1e6:.1f} MB) to {dest}; verified against the manifest")

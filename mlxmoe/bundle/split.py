@@ -2,8 +2,8 @@
 
 Streaming: tensors are read, sliced, quantized and written one at a time (one
 expert at a time for routed experts), so peak memory stays near the largest
-single tensor. Output goes to a temporary directory that is renamed into place
-only when complete."""
+single tensor. The bundle is written by bundle/writer.py (temporary directory,
+hashed, swapped into place only when complete)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,16 @@ import re
 import shutil
 import struct
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import click
 import mlx.core as mx
 
 from mlxmoe import __version__
 from mlxmoe.bundle.arch import Arch, get_arch, moe_facts, normalize_config
-from mlxmoe.bundle.checkpoint import BundleWriter, Entry, Source, open_source, sha256_file, st_dtype, to_bytes
+from mlxmoe.bundle.checkpoint import BundleWriter, Entry, Source, open_source, st_dtype, to_bytes
 from mlxmoe.errors import CheckpointError, ManifestError, MlxMoeError
 from mlxmoe.bundle.manifest import (OVERLAY_FILE, TRUNK_FILE, Manifest, check_partition, contiguous, group_file)
+from mlxmoe.bundle.writer import write_bundle
 
 # small non-weight files copied verbatim into every bundle (tokenizer, templates)
 _COPY = re.compile(r".*\.(json|jinja|model|txt|tiktoken|py)$")
@@ -267,7 +266,7 @@ def check_groups_fit(facts, grouping, overlay):
 
 
 def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bits=4, group_size=64,
-          trunk_bits=8, kv_bits=8, force=False, progress=None) -> Manifest:
+          trunk_bits=8, kv_bits=8, force=False, progress=None, calibration=None) -> Manifest:
     src = open_source(source)
     config = normalize_config(src.config)
     arch = get_arch(config.get("model_type"), str(src.path / "config.json"))
@@ -292,11 +291,9 @@ def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bit
     out = Path(out)
     if out.exists() and not force:
         raise MlxMoeError(f"{out}: already exists (use --force to replace it)")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     progress = progress or (lambda n: None)
-    try:
+
+    def fill(tmp: Path) -> dict:
         write_trunk(tmp / TRUNK_FILE, src, arch, experts.tensor_names(), None if src.is_mlx else trunk_bits, group_size, progress)
         files = {TRUNK_FILE: {"role": "trunk"}}
         for g in range(n_groups):
@@ -311,22 +308,16 @@ def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bit
             if f.is_file() and _COPY.match(f.name) and f.name not in _SKIP and f.stat().st_size < 64 << 20:
                 shutil.copy2(f, tmp / f.name)
                 files[f.name] = {"role": "meta"}
-        for name, meta in files.items():
-            meta.update(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
-        m = Manifest(model={"id": src.model_id, "revision": src.revision, "model_type": config["model_type"], "config": config},
-                     moe=facts.to_dict(), n_groups=n_groups, grouping=grouping, overlay=overlay,
-                     quantization=quant, files=files,
-                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        m.model["mlxmoe_version"] = __version__
-        m.validate(str(tmp))
-        m.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return m
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return files
+
+    def manifest(files: dict) -> Manifest:
+        model = {"id": src.model_id, "revision": src.revision, "model_type": config["model_type"], "config": config,
+                 "mlxmoe_version": __version__}
+        return Manifest(model=model, moe=facts.to_dict(), n_groups=n_groups, grouping=grouping, overlay=overlay,
+                        quantization=quant, files=files, calibration=calibration,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    return write_bundle(out, fill, manifest)
 
 
 def _check_complete(experts: Experts, facts, src):
@@ -337,53 +328,3 @@ def _check_complete(experts: Experts, facts, src):
             for p in projs:
                 if (l, e, p) not in have:
                     raise CheckpointError(f"{src.path}: expert tensor for layer {l}, expert {e}, {p} is missing from the checkpoint")
-
-
-@click.command("split")
-@click.argument("source")
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--groups", "n_groups", type=int, required=True, help="Number of expert groups (one per Mac).")
-@click.option("--overlay", type=click.Path(dir_okay=False), help='JSON: experts every node holds, {"all": [ids]} or {"layers": {"<layer>": [ids]}}.')
-@click.option("--grouping", type=click.Path(dir_okay=False), help='JSON: explicit grouping, {"groups": [[ids], ...]} or {"layers": {"<layer>": [[ids], ...]}}; add "overlap": true for groups that share experts (every expert in at least one). Default: contiguous ranges.')
-@click.option("--bits", type=click.Choice(["2", "3", "4", "5", "6", "8", "16"]), default="4", show_default=True, help="Expert weight bits (16 = keep unquantized).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True, help="Quantization group size.")
-@click.option("--trunk-bits", type=click.Choice(["4", "5", "6", "8", "16"]), default="8", show_default=True, help="Trunk weight bits (16 = unquantized).")
-@click.option("--kv-bits", type=click.Choice(["4", "8", "16"]), default="8", show_default=True, help="Default KV-cache bits for nodes (16 = unquantized).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress as JSON lines on stderr).")
-def split_cmd(source, out, n_groups, overlay, grouping, bits, group_size, trunk_bits, kv_bits, force, quiet, as_json):
-    """Split SOURCE into per-node bundles in OUT.
-
-    SOURCE is a local Hugging Face model directory (model.safetensors or sharded
-    model-*.safetensors + index), an mlx-community quantized MLX directory, or a
-    repo id already in your Hugging Face cache (nothing is downloaded).
-
-    OUT receives trunk.safetensors (every node), experts-group-XX.safetensors
-    (one per node), experts-overlay.safetensors (every node, if --overlay) and
-    distribution.json (the manifest). Example:
-
-        mlxmoe split Qwen/Qwen3-30B-A3B bundles/qwen3-30b --groups 3
-    """
-    from mlxmoe.progress import progress
-
-    bits_, tb, kv = (None if int(x) == 16 else int(x) for x in (bits, trunk_bits, kv_bits))
-    try:
-        ov = load_json_arg(overlay, "overlay") if overlay else None
-        gr = load_json_arg(grouping, "grouping") if grouping else None
-        src = open_source(source)
-        total = sum(t.nbytes for f in {id(f): f for f in src.files.values()}.values() for t in f.tensors.values())
-        t0 = time.time()
-        mode = "quiet" if quiet else "json" if as_json else "bar"
-        with progress(total, f"split {Path(source).name}", mode) as p:
-            m = split(source, out, n_groups, ov, gr, bits_, int(group_size), tb, kv, force, p.advance)
-    except MlxMoeError as e:
-        raise click.ClickException(str(e))
-    summary = {"out": out, "manifest_hash": m.hash, "n_groups": m.n_groups, "seconds": round(time.time() - t0, 2),
-               "files": {k: v["size"] for k, v in m.files.items() if v["role"] != "meta"}}
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"wrote {out}  (manifest {m.hash}, {m.n_groups} groups)")
-        for k, v in summary["files"].items():
-            click.echo(f"  {k:32s} {v / 1e6:10.1f} MB")

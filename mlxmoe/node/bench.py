@@ -1,4 +1,4 @@
-"""`mlxmoe bench` (also tools/bench_decode.py): mlx-lm's own generation vs an
+"""The decode benchmark behind `mlxmoe bench` (and tools/bench_decode.py): mlx-lm's own generation vs an
 mlxmoe node, same model, same machine, one process.
 
     mlxmoe bench --bundle BUNDLE --source SRC        # a split model and its source
@@ -13,8 +13,6 @@ Prints a table and one JSON line per row."""
 
 from __future__ import annotations
 
-import argparse
-import gc
 import json
 import os
 import platform
@@ -24,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import mlx.core as mx
 
 from mlxmoe.bundle.arch import normalize_config
@@ -91,27 +88,11 @@ def run_decode(gen_fn, prompt, n_gen, runs):
     return tuple(statistics.median(x[i] for x in out) for i in range(3))
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="mlxmoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", help="A bundle from `mlxmoe split` (else one is made from --source/--synthetic).")
-    ap.add_argument("--source", help="The checkpoint the bundle was split from (mlx-lm loads it).")
-    ap.add_argument("--synthetic", help="Preset name in configs/models for a random-weight model.")
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--groups", type=int, default=3)
-    ap.add_argument("--group", type=int, default=0, help="Which group the one-group node loads.")
-    ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--kv-bits", type=int, default=8, help="KV bits for both mlx-lm and the node (0 = unquantized).")
-    ap.add_argument("--bandwidth", type=float, help="Device memory bandwidth in GB/s (default: measured copy).")
-    ap.add_argument("--workdir", default="/tmp/mlxmoe-bench-decode")
-    ap.add_argument("--unfused-row", action="store_true",
-                    help="Also time a node (all experts) on mlx-lm's own MoE block code (MoE path 'mlx-lm').")
-    ap.add_argument("--profile", action="store_true",
-                    help="Per-op profile of one decode step (ops by primitive, module time shares) per model.")
-    a = ap.parse_args(argv)
-    kv_bits = a.kv_bits or None
+def bench(bundle=None, source=None, synthetic=None, layers=12, bits=4, groups=3, group=0, prompt_tokens=128,
+          gen_tokens=128, runs=3, kv_bits=8, bandwidth=None, workdir="/tmp/mlxmoe-bench-decode", unfused_row=False,
+          profile=False):
+    """Run the benchmark (see the module doc); prints the table and JSON lines."""
+    kv_bits = kv_bits or None
 
     from mlx_lm.generate import generate_step
 
@@ -121,24 +102,25 @@ def main(argv=None):
     from mlxmoe.model.reference import mlx_lm_model
     from mlxmoe.bundle.split import split
 
-    work = Path(a.workdir)
-    source = Path(a.source) if a.source else None
-    if a.synthetic:
+    work = Path(workdir)
+    source = Path(source) if source else None
+    if synthetic:
         shutil.rmtree(work, ignore_errors=True)
-        log(f"synthesizing {a.synthetic} with {a.layers} layers, {a.bits}-bit")
-        source = synthesize(a.synthetic, a.layers, a.bits, work / "src")
-    bundle = Path(a.bundle) if a.bundle else work / "bundle"
-    if not a.bundle:
+        log(f"synthesizing {synthetic} with {layers} layers, {bits}-bit")
+        source = synthesize(synthetic, layers, bits, work / "src")
+    given = bundle
+    bundle = Path(given) if given else work / "bundle"
+    if not given:
         shutil.rmtree(bundle, ignore_errors=True)
         log("splitting")
-        split(str(source), bundle, a.groups, bits=a.bits, group_size=64, kv_bits=kv_bits)
+        split(str(source), bundle, groups, bits=bits, group_size=64, kv_bits=kv_bits)
     m = Manifest.load(bundle)
     cfg = m.model["config"]
-    prompt = [int(x) for x in mx.random.randint(1, cfg["vocab_size"] - 1, (a.prompt_tokens,), key=mx.random.key(0))]
-    bw = a.bandwidth * 1e9 if a.bandwidth else measure_bandwidth()
+    prompt = [int(x) for x in mx.random.randint(1, cfg["vocab_size"] - 1, (prompt_tokens,), key=mx.random.key(0))]
+    bw = bandwidth * 1e9 if bandwidth else measure_bandwidth()
     sizes = {n: f["size"] for n, f in m.files.items()}
     embed_bytes = _embed_bytes(bundle)
-    ctx = a.prompt_tokens + a.gen // 2
+    ctx = prompt_tokens + gen_tokens // 2
 
     # Load every row first (weights measured as the active-memory growth of
     # each load), warm each up at the full prompt length, then time the rows
@@ -172,8 +154,8 @@ def main(argv=None):
         add("mlx-lm (full model)", None, load_ref, full_bytes)
     # 2. node with every expert, 3. node with one group (+ overlay), on the MoE
     # path picked at load; optionally 4. all experts on mlx-lm's own MoE code
-    node_rows = [("mlxmoe node, all experts", None, None), (f"mlxmoe node, group {a.group} of {m.n_groups}", a.group, None)]
-    if a.unfused_row:
+    node_rows = [("mlxmoe node, all experts", None, None), (f"mlxmoe node, group {group} of {m.n_groups}", group, None)]
+    if unfused_row:
         node_rows.append(("mlxmoe node, all experts, unfused", None, "mlx-lm"))
     for name, g, path in node_rows:
         def load_node(g=g, path=path):
@@ -186,12 +168,12 @@ def main(argv=None):
 
     for r, (_, gen) in zip(rows, gens):
         log(f"warm-up: {r['row']}")
-        run_decode(gen, prompt, a.gen, 1)
+        run_decode(gen, prompt, gen_tokens, 1)
     samples = [[] for _ in rows]
-    for i in range(a.runs):
+    for i in range(runs):
         for j, (_, gen) in enumerate(gens):
-            samples[j].append(run_decode(gen, prompt, a.gen, 1))
-        log(f"timed round {i + 1}/{a.runs}")
+            samples[j].append(run_decode(gen, prompt, gen_tokens, 1))
+        log(f"timed round {i + 1}/{runs}")
     for r, ss in zip(rows, samples):
         ttft, ptps, dtps = (statistics.median(x[k] for x in ss) for k in range(3))
         r.update(prompt_tok_s=round(ptps, 1), decode_tok_s=round(dtps, 2), ttft_s=round(ttft, 4),
@@ -204,9 +186,9 @@ def main(argv=None):
         r["roofline_share"] = round(touched * r["decode_tok_s"] / bw, 4)
     base = rows[0]["decode_tok_s"] if source is not None else None
     meta = {"date": time.strftime("%Y-%m-%d"), "backend": backend_name(), "device": _device(), "machine": platform.machine(),
-            "model": a.synthetic or str(source), "layers": cfg["num_hidden_layers"], "experts": m.n_experts,
+            "model": synthetic or str(source), "layers": cfg["num_hidden_layers"], "experts": m.n_experts,
             "top_k": m.top_k, "bits": (m.quantization.get("experts") or {}).get("bits"), "kv_bits": kv_bits,
-            "prompt_tokens": a.prompt_tokens, "gen_tokens": a.gen, "bandwidth_gb_s": round(bw / 1e9, 1),
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "bandwidth_gb_s": round(bw / 1e9, 1),
             "bytes_touched_per_token": int(touched), "bytes_touched_parts": touched_parts, "context": ctx}
     print(f"# decode benchmark {json.dumps(meta)}")
     print(f"{'row':34s} {'moe path':>11s} {'prompt tok/s':>12s} {'decode tok/s':>12s} {'ratio':>6s} {'ttft s':>7s} "
@@ -215,7 +197,7 @@ def main(argv=None):
         ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
         print(f"{r['row']:34s} {r['moe_path']:>11s} {r['prompt_tok_s']:12.1f} {r['decode_tok_s']:12.2f} {ratio:>6s} "
               f"{r['ttft_s']:7.3f} {r['weights_bytes'] / 1e9:10.3f} {r['weights_vs_expected']:8.3f} {r['roofline_share']:8.2%}")
-    if a.profile:
+    if profile:
         from mlxmoe.node.profile import print_profile, profile_step
 
         for r, (obj, _) in zip(rows, gens):
@@ -240,14 +222,3 @@ def _device() -> str:
         return mx.device_info().get("device_name", "gpu")
     except Exception:
         return "gpu"
-
-
-@click.command("bench", add_help_option=False, context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench_cmd(args):
-    """Decode speed and memory: mlx-lm vs a node, same model (see --help)."""
-    main(list(args))
-
-
-if __name__ == "__main__":
-    main()

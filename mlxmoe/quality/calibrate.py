@@ -1,93 +1,30 @@
-"""`mlxmoe calibrate`: gate statistics on a prompt suite -> overlay (and
-optionally grouping) written into the bundle, with provenance.
+"""Calibration behind `mlxmoe calibrate`: gate statistics on a prompt suite
+-> overlay (and optionally grouping) written into the bundle, with provenance.
 
 The suite runs teacher-forced through the full model (every group loaded);
 per MoE layer we count top-k selections, the router probability of selected
 experts, per-domain usage and co-selection, and each expert's largest output
-magnitude (super experts, DESIGN.md, are the extreme outliers there; a
-removal test confirms them). The bundle is then rewritten from its own files
-(no requantisation; the source checkpoint is not needed) or re-split from
---source."""
+magnitude (super experts are the extreme outliers there; a removal test
+confirms them). The bundle is then rewritten from its own files (no
+requantisation; the source checkpoint is not needed) or re-split from
+--source, either way through bundle/writer.py."""
 
 from __future__ import annotations
 
-from mlxmoe import ASSETS
-
-import json
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import mlx.core as mx
 import numpy as np
 
-from mlxmoe.quality import grouping as gr
-from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
-from mlxmoe.units import parse_size
-
-SUITES = ASSETS / "suites"
-MAX_TOKENS = 1024  # per passage: longer ones are cut (teacher forcing, one forward each)
-
-
-@dataclass
-class Passage:
-    domain: str
-    text: str
-
-
-# ------------------------------------------------------------------- suites
-
-def load_suite(spec: str, builtin: str = "calibration") -> tuple[str, list[Passage]]:
-    """'builtin' (the shipped calibration.jsonl / heldout.jsonl), a .jsonl file
-    of {"domain", "text"} lines, or a .txt file (passages split at blank lines,
-    domain = file name)."""
-    path = SUITES / f"{builtin}.jsonl" if spec == "builtin" else Path(spec)
-    name = f"builtin:{builtin}" if spec == "builtin" else str(path)
-    if not path.is_file():
-        raise MlxMoeError(f"{spec}: suite file not found (give 'builtin', a .jsonl of {{\"domain\", \"text\"}} lines or a .txt file)")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".txt":
-        out = [Passage(path.stem, p.strip()) for p in text.split("\n\n") if p.strip()]
-    elif path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MlxMoeError(f"{path}:{i}: not valid JSON: {e}") from None
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str) or not r["text"]:
-                raise MlxMoeError(f"{path}:{i}: each line needs a non-empty string field 'text' (and optionally 'domain')")
-            out.append(Passage(str(r.get("domain", path.stem)), r["text"]))
-    else:
-        raise MlxMoeError(f"{path}: suite files must be .jsonl or .txt")
-    if not out:
-        raise MlxMoeError(f"{path}: the suite has no passages")
-    return name, out
-
-
-def load_suites(specs, builtin="calibration") -> tuple[list[str], list[Passage]]:
-    names, passages = [], []
-    for s in specs or ["builtin"]:
-        n, p = load_suite(s, builtin)
-        names.append(n)
-        passages += p
-    return names, passages
-
-
-def tokenize(tokenizer, passages: list[Passage]) -> list[tuple[str, list[int]]]:
-    out = []
-    for p in passages:
-        ids = tokenizer.encode(p.text)[:MAX_TOKENS]
-        if len(ids) >= 2:
-            out.append((p.domain, ids))
-    return out
-
+from mlxmoe.bundle.writer import write_bundle
+from mlxmoe.errors import MlxMoeError
+from mlxmoe.quality import grouping as gr
+from mlxmoe.quality.metrics import kl_per_token, logp_of
+from mlxmoe.quality.suites import load_suites, tokenize
 
 # ------------------------------------------------------------- statistics
 
@@ -168,15 +105,8 @@ def collect(loaded, items: list[tuple[str, list[int]]], advance=lambda n: None, 
     return st
 
 
-def logp_of(loaded, ids) -> mx.array:
-    """[T, V] next-token log-probabilities of `loaded` on `ids`, float32."""
-    out = loaded.model(mx.array([ids]))[0].astype(mx.float32)
-    return out - mx.logsumexp(out, axis=-1, keepdims=True)
 
 
-def kl_per_token(ref_logp: mx.array, logp: mx.array) -> mx.array:
-    """KL(ref || other) at every position, nats."""
-    return mx.sum(mx.exp(ref_logp) * (ref_logp - logp), axis=-1)
 
 
 def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candidates: int = 2,
@@ -229,18 +159,14 @@ def find_super_experts(loaded, stats: gr.Stats, items, ratio: float = 8.0, candi
 def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration: dict) -> Manifest:
     """Write a bundle with a new grouping/overlay from `bundle`'s own files:
     the trunk is copied, expert rows are regathered (bit for bit, no
-    requantisation). Written to a temporary directory, then swapped in."""
-    from mlxmoe.bundle.checkpoint import sha256_file
-
+    requantisation)."""
     m = Manifest.load(bundle)
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    n_groups = len(next(iter(grouping["layers"].values())))
+
+    def fill(tmp: Path) -> dict:
         full = _all_experts(bundle, m)  # name -> (layer, [E, ...] lazily gathered in global order)
         files = {TRUNK_FILE: {"role": "trunk"}}
         shutil.copy2(bundle / TRUNK_FILE, tmp / TRUNK_FILE)
-        n_groups = len(next(iter(grouping["layers"].values())))
         for g in range(n_groups):
             _save_rows(tmp / group_file(g), full, lambda l: grouping["layers"][str(l)][g])
             files[group_file(g)] = {"role": "group", "group": g}
@@ -251,18 +177,14 @@ def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration
             if meta["role"] == "meta":
                 shutil.copy2(bundle / name, tmp / name)
                 files[name] = {"role": "meta"}
-        for name, meta in files.items():
-            meta.update(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
-        new = Manifest(model=m.model, moe=m.moe, n_groups=n_groups,
-                       grouping=grouping, overlay=overlay, quantization=m.quantization, files=files,
-                       calibration=calibration, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        new.validate(str(tmp))
-        new.save(tmp)
-        _swap_in(tmp, out)
-        return new
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return files
+
+    def manifest(files: dict) -> Manifest:
+        return Manifest(model=m.model, moe=m.moe, n_groups=n_groups, grouping=grouping, overlay=overlay,
+                        quantization=m.quantization, files=files, calibration=calibration,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    return write_bundle(out, fill, manifest)
 
 
 def _all_experts(bundle: Path, m: Manifest) -> dict:
@@ -283,15 +205,6 @@ def _save_rows(path: Path, full: dict, rows_for):
         if rows:
             tensors[name] = a[mx.array(sorted(rows))]
     mx.save_safetensors(str(path), tensors, metadata={"format": "mlxmoe.experts"})
-
-
-def _swap_in(tmp: Path, out: Path):
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ driver
@@ -349,9 +262,7 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
         q = m.quantization
         e, t = q.get("experts") or {}, q.get("trunk") or {}
         new = split(source, str(out), groups, overlay, gmap, e.get("bits"), e.get("group_size", 64), t.get("bits"),
-                    q.get("kv_bits"), force=True)
-        new.calibration = calib
-        new.save(out)
+                    q.get("kv_bits"), force=True, calibration=calib)
     else:
         new = rebundle(bundle, out, gmap, overlay, calib)
     return {"out": str(out), "manifest_hash": new.hash, "calibration": calib}
@@ -361,45 +272,3 @@ def _keep_grouping(m: Manifest, n_groups: int, ov: dict) -> dict:
     if n_groups == m.n_groups:
         return m.grouping
     return gr.grouping("contiguous", n_groups, m.moe_layers, m.n_experts, None, ov)
-
-
-@click.command("calibrate")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
-@click.option("--overlay-per-layer", type=int, help="Overlay experts per MoE layer (replicated on every node). Default: only the super experts found.")
-@click.option("--overlay-bytes", help="Overlay budget per node, e.g. 2GB (sets experts per layer).")
-@click.option("--overlay-rule", type=click.Choice(gr.OVERLAY_RULES), default="mass", show_default=True,
-              help="mass: experts with the most router probability; breadth: experts every domain uses.")
-@click.option("--grouping", "strategy", type=click.Choice(gr.STRATEGIES + gr.SET_STRATEGIES),
-              help="Also regroup the experts (default: keep the bundle's grouping). domain-sets: overlapping "
-                   "per-node sets by domain (the best measured on the reference model, docs/QUALITY.md).")
-@click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
-@click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
-@click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
-@click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
-@click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, n_groups, source,
-                  out, no_super_check, as_json):
-    """Measure gate statistics on a prompt suite and write an overlay (and,
-    with --grouping, a grouping) into BUNDLE.
-
-    Example: mlxmoe calibrate bundles/qwen3-30b --overlay-per-layer 8 --grouping coactivation
-    """
-    if overlay_per_layer is not None and overlay_bytes is not None:
-        raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
-    size = parse_size(overlay_bytes, "--overlay-bytes")
-    try:
-        r = calibrate(bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
-                      not no_super_check, "json" if as_json else "bar", set_size)
-    except MlxMoeError as e:
-        raise click.ClickException(str(e))
-    if as_json:
-        click.echo(json.dumps(r))
-        return
-    c = r["calibration"]
-    click.echo(f"calibrated {r['out']}  (manifest {r['manifest_hash']})")
-    click.echo(f"  tokens: {sum(c['tokens'].values())} over {len(c['tokens'])} domains ({', '.join(c['suites'])})")
-    click.echo(f"  overlay: {c['overlay_per_layer']} experts/layer by {c['overlay_rule']}, "
-               f"{c['overlay_bytes_per_node'] / 1e6:.1f} MB per node; grouping: {c['grouping']}")
-    click.echo(f"  super experts: {c['super_experts'] or 'none found'}")

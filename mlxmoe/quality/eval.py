@@ -1,5 +1,6 @@
-"""`mlxmoe eval`: how far masked routing is from the full model (DESIGN.md,
-"Quality").
+"""The evaluation sweep behind `mlxmoe eval`: how far masked routing is from
+the full model (results in docs/QUALITY.md). Metrics live in metrics.py,
+tables and plots in report.py.
 
 Every held-out passage is split into a prompt (the first `prompt_tokens`
 tokens: what placement sees) and a continuation (what is scored). The full
@@ -30,27 +31,25 @@ whose top-k holds an expert the placed node lacks.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import click
 import mlx.core as mx
 import numpy as np
 
 from mlxmoe.quality import grouping as gr
-from mlxmoe.quality.calibrate import collect, kl_per_token, load_suites, logp_of, tokenize
+from mlxmoe.quality.calibrate import collect
+from mlxmoe.quality.metrics import ONEHOP_METRICS, aggregate, capture, logp_of, ref_nll_of, token_metrics
+from mlxmoe.quality.suites import load_suites, tokenize
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import TRUNK_FILE, Manifest
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.moe import GateRecorder
 
 PLACEMENTS = ("first", "layers", "race", "oracle")
-METRICS = ("capture", "kl", "agreement", "ppl_ratio", "regret", "regret_nats")
-ONEHOP_METRICS = ("kl", "agreement", "ppl_ratio", "remote_share")
 
 
 @dataclass
@@ -153,13 +152,6 @@ def size_configs(m: Manifest, cfgs: list[Config]):
 
 # ------------------------------------------------------------- measuring
 
-def token_metrics(ref_logp: mx.array, logp: mx.array, targets: mx.array) -> tuple:
-    """Per position: KL(ref || other), argmax agreement (0/1), and the other
-    model's negative log-likelihood of the target. Inputs [T, V], [T, V], [T]."""
-    kl = kl_per_token(ref_logp, logp)
-    agree = (mx.argmax(ref_logp, axis=-1) == mx.argmax(logp, axis=-1)).astype(mx.float32)
-    nll = -mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
-    return kl, agree, nll
 
 
 def run_config(loaded, items: list[Item], cfg: Config, race_tokens: int, advance=lambda n: None) -> Runs:
@@ -190,11 +182,6 @@ def placement_scores(m: Manifest, it: Item, cfg: Config, mode: str, runs: Runs, 
     return np.array([s.scores[g] for g in range(len(cfg.sets))])
 
 
-def capture(m: Manifest, it: Item, cfg: Config) -> float:
-    sets = dict(enumerate(cfg.sets))
-    sets["all"] = {l: None for l in m.moe_layers}
-    s = score_groups(m, it.gates, sets).scores
-    return max(s[g] for g in range(len(cfg.sets))) / s["all"]
 
 
 def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str, ref_nll: np.ndarray) -> dict:
@@ -203,7 +190,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
     placed = np.array([int(np.argmax(placement_scores(m, it, cfg, mode, runs, i))) for i, it in enumerate(items)])
     oracle = np.argmin(runs.nll, axis=1)
     rows = np.arange(len(items))
-    caps = np.array([capture(m, it, cfg) for it in items])
+    caps = np.array([capture(m, it.gates, cfg.sets) for it in items])
     out = {}
     for dom in sorted({it.domain for it in items}):
         sel = np.array([it.domain == dom for it in items])
@@ -221,21 +208,8 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
     return out
 
 
-def ref_nll_of(items: list[Item]) -> np.ndarray:
-    out = []
-    for it in items:
-        tgt = mx.array(it.ids[it.prompt:])
-        lp = it.ref_logp[it.prompt - 1:-1]
-        out.append(-mx.take_along_axis(lp, tgt[:, None], axis=-1).sum().item())
-    return np.array(out)
 
 
-def aggregate(domains: dict, keys=METRICS) -> tuple[dict, dict]:
-    """Domain-balanced mean and the worst domain of every metric."""
-    mean = {k: float(np.mean([d[k] for d in domains.values()])) for k in keys}
-    worse_high = {"kl", "ppl_ratio", "regret", "regret_nats", "remote_share"}
-    worst = {k: float((max if k in worse_high else min)(d[k] for d in domains.values())) for k in keys}
-    return mean, worst
 
 
 # ------------------------------------------------------------- one-hop routing
@@ -333,91 +307,14 @@ def work_units(items, cfgs) -> int:
     return per * (1 + sum(len(c.sets) for c in cfgs))
 
 
-# ------------------------------------------------------------------ output
-
-def table(report: dict, title: str = "masked routing vs full model"):
-    from rich.table import Table
-
-    t = Table(title=title)
-    for col in ("config", "placement", "MB/node", "x plain", "capture", "KL", "agree", "ppl x", "worst ppl x",
-                "worst agree", "regret"):
-        t.add_column(col, justify="left" if col in ("config", "placement") else "right")
-    for r in report["results"]:
-        mean, worst = r["mean"], r["worst"]
-        t.add_row(r["config"], r["placement"], f"{r['node_bytes'] / 1e6:.2f}", f"{r['mem_ratio']:.2f}",
-                  f"{mean['capture']:.3f}", f"{mean['kl']:.3f}", f"{mean['agreement']:.3f}",
-                  f"{mean['ppl_ratio']:.3f}", f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}",
-                  f"{mean['regret']:.2f}")
-    return t
 
 
-def onehop_table(r: dict):
-    from rich.table import Table
-
-    t = Table(title=f"{r['mode']} routing over the bundle's {r['n_groups']} groups vs full model")
-    for col in ("domain", "KL", "agree", "ppl x", "remote share"):
-        t.add_column(col, justify="left" if col == "domain" else "right")
-    for name, d in [*r["domains"].items(), ("mean", r["mean"]), ("worst", r["worst"])]:
-        t.add_row(name, f"{d['kl']:.3f}", f"{d['agreement']:.3f}", f"{d['ppl_ratio']:.3f}", f"{d['remote_share']:.2f}")
-    return t
 
 
-def write_plot(report: dict, path: str, title: str = "", placement: str = "first"):
-    """Quality (worst-domain perplexity ratio) vs memory per node."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MlxMoeError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    placement = placement if any(r["placement"] == placement for r in report["results"]) else report["results"][0]["placement"]
-    rows = [r for r in report["results"] if r["placement"] == placement]
-    marks = {2: "o", 3: "s", 4: "^"}
-    kinds = list(gr.STRATEGIES) + ["other"]
-    for r in rows:
-        color = f"C{kinds.index(r['strategy']) if r['strategy'] in kinds else len(kinds) - 1}"
-        for ax, key in ((axes[0], "ppl_ratio"), (axes[1], "agreement")):
-            ax.scatter(r["node_bytes"] / 1e6, r["worst"][key], marker=marks.get(r["n_groups"], "x"), color=color,
-                       alpha=0.7, s=28)
-    axes[0].set_yscale("log")
-    axes[0].axhline(1.10, ls="--", c="k", lw=0.8)
-    axes[1].axhline(0.90, ls="--", c="k", lw=0.8)
-    axes[0].set_ylabel("worst-domain perplexity ratio (masked / full)")
-    axes[1].set_ylabel("worst-domain greedy agreement")
-    for ax in axes:
-        ax.set_xlabel("memory per node (MB)")
-        ax.grid(alpha=0.3)
-    from matplotlib.lines import Line2D
-
-    handles = [Line2D([], [], ls="", marker="o", color=f"C{i}", label=s) for i, s in enumerate(kinds)]
-    handles += [Line2D([], [], ls="", marker=mk, color="gray", label=f"{n} groups") for n, mk in marks.items()]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
-    fig.suptitle(title or f"masked routing quality vs memory per node (placement: {placement})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-# ------------------------------------------------------------------ command
-
-def parse_ints(s: str, what: str, lo: int = 0) -> list[int]:
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{s!r}: {what} must be comma-separated integers, e.g. 2,3,4") from None
-    if not out or any(x < lo for x in out):
-        raise click.BadParameter(f"{s!r}: {what} must be integers >= {lo}")
-    return out
 
 
-def parse_names(s: str, allowed, what: str) -> list[str]:
-    out = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in out if x not in allowed]
-    if bad or not out:
-        raise click.BadParameter(f"unknown {what} {bad or s!r}; choose from {', '.join(allowed)}")
-    return out
 
 
 def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), overlays=(0,), rules=("mass",),
@@ -466,69 +363,3 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
                    "trunk_bytes": m.files[TRUNK_FILE]["size"], "expert_bytes": m.expert_bytes(),
                    "configs": [{k: v for k, v in asdict(c).items() if k != "sets"} for c in cfgs]})
     return report
-
-
-@click.command("eval")
-@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--suite", "suites", multiple=True, default=["builtin"], show_default=True,
-              help="Held-out text: 'builtin' (shipped heldout.jsonl), a .jsonl of {domain, text} lines, or a .txt file.")
-@click.option("--groups", default=None, help="Group counts to try, e.g. 2,3,4 (default: the bundle's).")
-@click.option("--strategies", default="bundle", show_default=True,
-              help=f"Comma list of: bundle (the bundle's own grouping + overlay), {', '.join(gr.STRATEGIES)}.")
-@click.option("--overlay", "overlays", default="0", show_default=True, help="Overlay sizes (experts per layer), e.g. 0,1,2,4,8.")
-@click.option("--overlay-rules", default="mass", show_default=True, help=f"Comma list of: {', '.join(gr.OVERLAY_RULES)}.")
-@click.option("--placement", "placements", default=",".join(PLACEMENTS), show_default=True,
-              help="Comma list: first (first MoE layer's router on the prompt), layers (every MoE layer), "
-                   "race (best prompt log-prob per node), oracle (best continuation log-prob: the upper bound).")
-@click.option("--passages", "per_domain", type=int, help="At most this many passages per domain.")
-@click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Prompt length placement sees; the rest is scored.")
-@click.option("--race-tokens", type=int, default=16, show_default=True, help="Prompt tokens whose log-prob the race compares.")
-@click.option("--calib-suite", "calib_suites", multiple=True, default=["builtin"], show_default=True,
-              help="Suite for the statistics that coactivation/domain groupings and overlays need.")
-@click.option("--onehop", is_flag=True, help="Also evaluate one-hop routing (per MoE layer and token, the group with "
-              "the most top-k mass: local or one remote node) on the bundle's groups.")
-@click.option("--split", is_flag=True, help="Also evaluate split routing (top-k over the node's experts and ONE other "
-              "group's; the chosen experts run where they are held).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of quality vs memory per node (needs matplotlib).")
-@click.option("--progress", "progress_mode", type=click.Choice(["bar", "quiet", "json"]), default="bar", show_default=True)
-def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placements, per_domain, prompt_tokens,
-             race_tokens, calib_suites, onehop, split, as_json, plot, progress_mode):
-    """Measure how far masked routing is from the full model on held-out text.
-
-    Example: mlxmoe eval bundles/ref --groups 2,3,4 --strategies contiguous,coactivation --overlay 0,4,8
-    """
-    groups_ = parse_ints(groups, "--groups", lo=1) if groups else None
-    strategies_ = parse_names(strategies, ("bundle",) + gr.STRATEGIES, "strategy")
-    overlays_ = parse_ints(overlays, "--overlay")
-    rules_ = parse_names(overlay_rules, gr.OVERLAY_RULES, "overlay rule")
-    placements_ = parse_names(placements, PLACEMENTS, "placement")
-    if prompt_tokens < 2 or race_tokens < 1:
-        raise click.BadParameter("--prompt-tokens must be >= 2 and --race-tokens >= 1")
-    if plot:  # fail before the long run, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise click.ClickException("--plot needs matplotlib, which is not installed: pip install matplotlib")
-    try:
-        report = run_eval(bundle, suites, groups_, strategies_, overlays_, rules_, placements_, per_domain,
-                          prompt_tokens, race_tokens, calib_suites, "quiet" if as_json else progress_mode,
-                          onehop=onehop, split=split)
-        if plot:
-            write_plot(report, plot)
-    except MlxMoeError as e:
-        raise click.ClickException(str(e))
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    import sys
-
-    from rich.console import Console
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
-                                f"{report['passages']} passages"))
-    for mode in ("onehop", "split"):
-        if mode in report:
-            console.print(onehop_table(report[mode]))
-

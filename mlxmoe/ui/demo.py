@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import click
+from mlxmoe.errors import MlxMoeError
 
 REFERENCE = ASSETS / "reference-moe"
 # The best measured 3-group layout (docs/QUALITY.md): overlapping domain sets.
@@ -34,7 +34,6 @@ def free_port() -> int:
 
 def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
     """Split the reference model once; reuse the bundle while it validates."""
-    from mlxmoe.errors import MlxMoeError
     from mlxmoe.bundle.manifest import Manifest
     from mlxmoe.bundle.split import split
 
@@ -49,7 +48,7 @@ def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
     except MlxMoeError:
         pass
     if not quiet:
-        click.echo(f"splitting the bundled reference model into {n_groups} groups -> {out}", err=True)
+        print(f"splitting the bundled reference model into {n_groups} groups -> {out}", file=sys.stderr)
     split(str(REFERENCE), out, n_groups, grouping=grouping, bits=8, group_size=64, trunk_bits=8, kv_bits=8, force=True)
     return out
 
@@ -69,7 +68,7 @@ def wait_ready(url: str, n_nodes: int, procs: list, timeout: float = 120) -> dic
     while time.time() < deadline:
         dead = [p for p in procs if p.poll() is not None]
         if dead:
-            raise click.ClickException(f"a demo process exited early (exit code {dead[0].returncode}): {' '.join(dead[0].args[3:6])}")
+            raise MlxMoeError(f"a demo process exited early (exit code {dead[0].returncode}): {' '.join(dead[0].args[3:6])}")
         try:
             with urllib.request.urlopen(url + "/status", timeout=2) as r:
                 status = json.load(r)
@@ -78,7 +77,7 @@ def wait_ready(url: str, n_nodes: int, procs: list, timeout: float = 120) -> dic
         except OSError:
             pass
         time.sleep(0.5)
-    raise click.ClickException(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
+    raise MlxMoeError(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -97,28 +96,9 @@ def stop(procs: list):
             os.killpg(p.pid, signal.SIGKILL)
 
 
-@click.command("demo")
-@click.option("--groups", default=3, show_default=True, help="Expert groups, i.e. local nodes to start.")
-@click.option("--port", default=0, help="Router port (default: a free one).")
-@click.option("--dir", "root", default=str(Path.home() / ".cache" / "mlxmoe" / "demo"), show_default=True,
-              help="Where the demo keeps its bundle, key and logs.")
-@click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
-@click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
-@click.option("--mode", type=click.Choice(["pin", "soft", "hard", "onehop", "split", "race"]), default="onehop", show_default=True,
-              help="Routing mode (README: Routing modes). split measured closest to the full model, onehop next; pin is the fastest.")
-def demo_cmd(groups, port, root, ask, as_json, mode):
-    """Run mlxmoe end to end on this machine, offline.
-
-    Uses the small MoE model bundled with mlxmoe (trained for this project):
-    splits it into GROUPS expert groups, starts one node per group and a router
-    on 127.0.0.1, and opens the chat. Each chat is placed on the node whose
-    expert group fits it best; the status line shows where. With --mode onehop
-    (the default) each MoE layer may borrow one other node's experts per token.
-    Ctrl-C stops it all.
-
-        mlxmoe demo                       # interactive chat
-        mlxmoe demo --ask "def add(a, b):"  # one question, then exit
-    """
+def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode: str) -> int:
+    """Start `groups` nodes and a router on loopback, then chat (or ask once);
+    returns the exit code. Everything started is stopped on the way out."""
     from mlxmoe.ui.chat import run_interactive, run_once
 
     root_p = Path(root).expanduser()
@@ -139,10 +119,10 @@ def demo_cmd(groups, port, root, ask, as_json, mode):
         procs.append(start(["serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--key", str(key),
                             "--peers", str(peers), "--no-mdns", "--mode", mode], root_p / "logs" / "router.log"))
         if not quiet:
-            click.echo(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", err=True)
+            print(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", file=sys.stderr)
         wait_ready(url, groups, procs)
         if not quiet:
-            click.echo(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", err=True)
+            print(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", file=sys.stderr)
         if ask:
             rc = run_once(url, ask, model=None, system=None, as_json=as_json)
         else:
@@ -151,4 +131,4 @@ def demo_cmd(groups, port, root, ask, as_json, mode):
         rc = 130
     finally:
         stop(procs)
-    sys.exit(rc)
+    return rc

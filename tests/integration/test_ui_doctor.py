@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mlxmoe.bundle.manifest import Manifest
 from mlxmoe.ui import doctor
-from mlxmoe.ui.commands import doctor_cmd
+from mlxmoe.commands.doctor import doctor_cmd
 from ui_fake_server import FakeRouter, sample_status
 
 

@@ -3,7 +3,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from mlxmoe.ui.commands import menubar_cmd
+from mlxmoe.commands.menubar import menubar_cmd
 from mlxmoe.ui.menubar import MenubarState, MenubarUnavailable, run_menubar
 from ui_fake_server import FakeRouter, sample_status
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.ui import service
-from mlxmoe.ui.commands import service_cmd
+from mlxmoe.commands.service import service_cmd
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxmoe.quality import calibrate as cal
+from mlxmoe.quality import suites
 from mlxmoe.cli import main
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import OVERLAY_FILE, Manifest
@@ -32,7 +33,7 @@ def logits(bundle, ids, group=None):
 def test_collect_statistics_add_up(src):
     _, b, suite = src
     loaded, tok = load_bundle(b), load_tokenizer(b)
-    items = cal.tokenize(tok, cal.load_suite(str(suite))[1])
+    items = suites.tokenize(tok, suites.load_suite(str(suite))[1])
     st = cal.collect(loaded, items)
     k, n = loaded.manifest.top_k, loaded.manifest.n_experts
     for d, dom in enumerate(st.domains):
@@ -141,7 +142,7 @@ def test_super_experts_found_when_one_expert_dominates(src):
     first in the overlay."""
     _, b, suite = src
     loaded = load_bundle(b)
-    items = cal.tokenize(load_tokenizer(b), cal.load_suite(str(suite))[1])
+    items = suites.tokenize(load_tokenizer(b), suites.load_suite(str(suite))[1])
     st = cal.collect(loaded, items)
     l0, i0 = loaded.manifest.moe_layers[0], 0
     busy = int(np.argmax(st.balanced("sel")[i0]))

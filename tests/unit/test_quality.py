@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from mlxmoe.quality import grouping as gr
 from mlxmoe.quality import eval as q
+from mlxmoe.quality import metrics
 from mlxmoe.cli import main
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.bundle.manifest import check_partition
@@ -61,7 +62,7 @@ def fake_stats(n=12, layers=(0, 1), domains=("a", "b", "c"), seed=0, k=2):
 def test_metrics_identical_models_are_perfect():
     lp = mx.log(mx.softmax(mx.random.normal((10, 50)), axis=-1))
     tgt = mx.array(np.arange(10) % 50)
-    kl, agree, nll = q.token_metrics(lp, lp, tgt)
+    kl, agree, nll = metrics.token_metrics(lp, lp, tgt)
     assert float(mx.abs(kl).max()) < 1e-5
     assert float(agree.mean()) == 1.0
     ref_nll = -mx.take_along_axis(lp, tgt[:, None], axis=-1)[:, 0]
@@ -71,14 +72,14 @@ def test_metrics_identical_models_are_perfect():
 def test_metrics_losing_the_only_used_token_is_a_large_kl():
     ref = mx.log(mx.array([[0.97, 0.01, 0.01, 0.01]] * 4))
     other = mx.log(mx.array([[1e-6, 0.5, 0.3, 0.2 - 1e-6]] * 4))
-    kl, agree, nll = q.token_metrics(ref, other, mx.array([0, 0, 0, 0]))
+    kl, agree, nll = metrics.token_metrics(ref, other, mx.array([0, 0, 0, 0]))
     assert float(kl.min()) > 10.0
     assert float(agree.sum()) == 0.0
     assert float(nll.min()) > 13.0
 
 
 def test_eval_full_eligibility_is_the_reference_and_removing_experts_hurts(bundle):
-    from mlxmoe.quality.calibrate import load_suite
+    from mlxmoe.quality.suites import load_suite
     from mlxmoe.model.load import load_bundle, load_tokenizer
 
     b, suite = bundle
@@ -180,10 +181,10 @@ def test_eval_cli_json_has_every_metric_per_domain(bundle, tmp_path):
     for x in rep["results"]:
         assert set(x["domains"]) == set(TEXTS)
         for d in x["domains"].values():
-            assert set(q.METRICS) <= set(d)
+            assert set(metrics.METRICS) <= set(d)
             assert 0 <= d["agreement"] <= 1 and d["kl"] >= -1e-6 and d["ppl_ratio"] > 0
         assert x["node_bytes"] > 0 and x["mem_ratio"] >= 1.0 - 1e-9
-        for k in q.METRICS:
+        for k in metrics.METRICS:
             assert k in x["mean"] and k in x["worst"]
     oracle = [x for x in rep["results"] if x["placement"] == "oracle"]
     assert all(x["mean"]["regret"] == 0 for x in oracle)
@@ -218,7 +219,7 @@ def test_eval_bad_input_clear_errors(bundle, args, msg):
 
 
 def test_suite_errors_name_the_file_and_line(tmp_path):
-    from mlxmoe.quality.calibrate import load_suite
+    from mlxmoe.quality.suites import load_suite
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"domain": "x", "text": "ok"}\n{"domain": "x"}\n')

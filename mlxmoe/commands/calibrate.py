@@ -1,0 +1,52 @@
+"""`mlxmoe calibrate`: gate statistics -> overlay (and grouping) in a bundle."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mlxmoe.commands.options import clean_errors
+from mlxmoe.quality import grouping as gr
+from mlxmoe.units import parse_size
+
+
+@click.command("calibrate")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
+@click.option("--overlay-per-layer", type=int, help="Overlay experts per MoE layer (replicated on every node). Default: only the super experts found.")
+@click.option("--overlay-bytes", help="Overlay budget per node, e.g. 2GB (sets experts per layer).")
+@click.option("--overlay-rule", type=click.Choice(gr.OVERLAY_RULES), default="mass", show_default=True,
+              help="mass: experts with the most router probability; breadth: experts every domain uses.")
+@click.option("--grouping", "strategy", type=click.Choice(gr.STRATEGIES + gr.SET_STRATEGIES),
+              help="Also regroup the experts (default: keep the bundle's grouping). domain-sets: overlapping "
+                   "per-node sets by domain (the best measured on the reference model, docs/QUALITY.md).")
+@click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
+@click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
+@click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
+@click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, n_groups, source,
+                  out, no_super_check, as_json):
+    """Measure gate statistics on a prompt suite and write an overlay (and,
+    with --grouping, a grouping) into BUNDLE.
+
+    Example: mlxmoe calibrate bundles/qwen3-30b --overlay-per-layer 8 --grouping coactivation
+    """
+    if overlay_per_layer is not None and overlay_bytes is not None:
+        raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
+    from mlxmoe.quality.calibrate import calibrate
+
+    size = parse_size(overlay_bytes, "--overlay-bytes")
+    r = clean_errors(calibrate, bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
+                     not no_super_check, "json" if as_json else "bar", set_size)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    c = r["calibration"]
+    click.echo(f"calibrated {r['out']}  (manifest {r['manifest_hash']})")
+    click.echo(f"  tokens: {sum(c['tokens'].values())} over {len(c['tokens'])} domains ({', '.join(c['suites'])})")
+    click.echo(f"  overlay: {c['overlay_per_layer']} experts/layer by {c['overlay_rule']}, "
+               f"{c['overlay_bytes_per_node'] / 1e6:.1f} MB per node; grouping: {c['grouping']}")
+    click.echo(f"  super experts: {c['super_experts'] or 'none found'}")

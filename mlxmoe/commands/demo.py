@@ -1,0 +1,36 @@
+"""`mlxmoe demo`: the whole system on one machine, offline."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from mlxmoe.commands.options import clean_errors, mode_option
+
+
+@click.command("demo")
+@click.option("--groups", default=3, show_default=True, help="Expert groups, i.e. local nodes to start.")
+@click.option("--port", default=0, help="Router port (default: a free one).")
+@click.option("--dir", "root", default=str(Path.home() / ".cache" / "mlxmoe" / "demo"), show_default=True,
+              help="Where the demo keeps its bundle, key and logs.")
+@click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
+@click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
+@mode_option("onehop", show_default=True, help="Routing mode (README: Routing modes). split measured closest to the full model, onehop next; pin is the fastest.")
+def demo_cmd(groups, port, root, ask, as_json, mode):
+    """Run mlxmoe end to end on this machine, offline.
+
+    Uses the small MoE model bundled with mlxmoe (trained for this project):
+    splits it into GROUPS expert groups, starts one node per group and a router
+    on 127.0.0.1, and opens the chat. Each chat is placed on the node whose
+    expert group fits it best; the status line shows where. With --mode onehop
+    (the default) each MoE layer may borrow one other node's experts per token.
+    Ctrl-C stops it all.
+
+        mlxmoe demo                       # interactive chat
+        mlxmoe demo --ask "def add(a, b):"  # one question, then exit
+    """
+    from mlxmoe.ui.demo import run_demo
+
+    sys.exit(clean_errors(run_demo, root, groups, port, ask, as_json, mode))

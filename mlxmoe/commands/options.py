@@ -1,0 +1,107 @@
+"""Option sets several commands share, defined once. Help texts a command
+words its own way are passed in (the words are part of its behaviour)."""
+
+from __future__ import annotations
+
+import click
+
+from mlxmoe.errors import MlxMoeError
+
+MODES = ["pin", "soft", "hard", "onehop", "split", "race"]
+BITS = ["2", "3", "4", "5", "6", "8", "16"]
+TRUNK_BITS = ["4", "5", "6", "8", "16"]
+KV_BITS = ["4", "8", "16"]
+GROUP_SIZES = ["32", "64", "128"]
+
+KEY_HELP = "Cluster key file (default: $MLXMOE_CLUSTER_KEY_FILE or ~/.config/mlxmoe/cluster.key)."
+IFACE_HELP = "Use Bonjour only on the interface with this IPv4 address (default: all interfaces)."
+
+
+def bits_or_none(x: str | None) -> int | None:
+    """A bits choice as the library takes it: "16" means unquantized (None)."""
+    return None if x is None or int(x) == 16 else int(x)
+
+
+def kv_options(bits_help: str, group_help: str, start_help: str):
+    """--kv-bits / --kv-group-size / --kv-start (default: what the bundle says)."""
+    def deco(f):
+        f = click.option("--kv-start", default=0, show_default=True, help=start_help)(f)
+        f = click.option("--kv-group-size", type=click.Choice(GROUP_SIZES), default=None, help=group_help)(f)
+        return click.option("--kv-bits", type=click.Choice(KV_BITS), default=None, help=bits_help)(f)
+    return deco
+
+
+def mode_option(default: str | None, help: str, show_default: bool = False):
+    return click.option("--mode", type=click.Choice(MODES), default=default, show_default=show_default, help=help)
+
+
+def key_option(f):
+    return click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help=KEY_HELP)(f)
+
+
+def interface_option(f):
+    return click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)(f)
+
+
+def verbose_option(f):
+    return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
+
+
+def progress_options(json_help: str):
+    """--quiet / --json for commands that show a progress bar."""
+    def deco(f):
+        f = click.option("--json", "as_json", is_flag=True, help=json_help)(f)
+        return click.option("--quiet", is_flag=True, help="No progress output.")(f)
+    return deco
+
+
+def progress_mode(quiet: bool, as_json: bool) -> str:
+    return "quiet" if quiet else "json" if as_json else "bar"
+
+
+def json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def clean_errors(fn, *args, **kw):
+    """Call the library; the project's own errors become one clear CLI line."""
+    try:
+        return fn(*args, **kw)
+    except MlxMoeError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def url_option(what: str = "The mlxmoe router"):
+    from mlxmoe.ui import DEFAULT_URL
+
+    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="MLXMOE_URL",
+                        help=f"{what}. Env: MLXMOE_URL.")
+
+
+def setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def load_key(path: str | None) -> bytes:
+    from mlxmoe.cluster import keys
+
+    try:
+        return keys.load_key(path)
+    except keys.ClusterKeyError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def run_server(coro) -> None:
+    """asyncio.run, with the project's own errors shown as one clear line."""
+    import asyncio
+
+    try:
+        asyncio.run(coro)
+    except MlxMoeError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:  # e.g. port in use
+        raise click.ClickException(f"cannot start: {e}") from None

@@ -1,0 +1,33 @@
+"""The command line is apart from the library: every verb lives in
+mlxmoe/commands/, `mlxmoe --help` lists them all, library packages import
+no click."""
+
+import ast
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mlxmoe.cli import COMMANDS, main
+
+PKG = Path(__file__).parents[2] / "mlxmoe"
+LIBRARY = ("bundle", "kernels", "model", "node", "quality", "cluster", "ui")
+
+
+def test_every_command_is_a_commands_module_and_listed_in_help():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for name, (mod, attr, _) in COMMANDS.items():
+        assert mod == f"mlxmoe.commands.{name}" and (PKG / "commands" / f"{name}.py").is_file()
+        assert f"  {name} " in r.output
+        assert CliRunner().invoke(main, [name, "--help"]).exit_code == 0
+
+
+def test_library_packages_import_no_click():
+    bad = []
+    for pkg in LIBRARY:
+        for f in (PKG / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                bad += [f"{f.relative_to(PKG)}: {n}" for n in names if n.split(".")[0] == "click"]
+    assert bad == []
