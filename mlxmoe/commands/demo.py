@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mlxmoe.commands.options import clean_errors, mode_option
+from mlxmoe.modes import DEFAULT_MODE
 
 
 @click.command("demo")
@@ -17,7 +18,7 @@ from mlxmoe.commands.options import clean_errors, mode_option
               help="Where the demo keeps its bundle, key and logs.")
 @click.option("--ask", metavar="QUESTION", help="Ask one question, print the answer and placement, then stop (no prompt).")
 @click.option("--json", "as_json", is_flag=True, help="With --ask: print one JSON object.")
-@mode_option("onehop", show_default=True, help="Routing mode (README: Routing modes). split measured closest to the full model, onehop next; pin is the fastest.")
+@mode_option(DEFAULT_MODE, show_default=True, help="Routing mode, the same default as `mlxmoe serve` (README: Routing modes). pin decodes on one node with no per-token traffic and is the fastest; split measured closest to the full model, onehop next.")
 def demo_cmd(groups, port, root, ask, as_json, mode):
     """Run mlxmoe end to end on this machine, offline.
 
@@ -25,7 +26,7 @@ def demo_cmd(groups, port, root, ask, as_json, mode):
     splits it into GROUPS expert groups, starts one node per group and a router
     on 127.0.0.1, and opens the chat. Each chat is placed on the node whose
     expert group fits it best; the status line shows where. With --mode onehop
-    (the default) each MoE layer may borrow one other node's experts per token.
+    each MoE layer may borrow one other node's experts per token.
     Ctrl-C stops it all.
 
         mlxmoe demo                       # interactive chat

@@ -6,8 +6,8 @@ from __future__ import annotations
 import click
 
 from mlxmoe.errors import MlxMoeError
+from mlxmoe.modes import ROUTER_MODES
 
-MODES = ["pin", "soft", "hard", "onehop", "split", "race"]
 BITS = ["2", "3", "4", "5", "6", "8", "16"]
 TRUNK_BITS = ["4", "5", "6", "8", "16"]
 KV_BITS = ["4", "8", "16"]
@@ -32,7 +32,7 @@ def kv_options(bits_help: str, group_help: str, start_help: str):
 
 
 def mode_option(default: str | None, help: str, show_default: bool = False):
-    return click.option("--mode", type=click.Choice(MODES), default=default, show_default=show_default, help=help)
+    return click.option("--mode", type=click.Choice(ROUTER_MODES), default=default, show_default=show_default, help=help)
 
 
 def key_option(f):
