@@ -238,13 +238,14 @@ class LocalCluster(LoopThread):
 
     async def _start(self):
         from mlxmoe.cluster.api import start_router
+        from mlxmoe.ui.status_page import render
         from mlxmoe.cluster.node_server import start_node
         from mlxmoe.cluster.router import Router
         for i, e in enumerate(self.engines):
             self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=f"node{i}"))
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
                         **self.router_kw)
-        self.running = await start_router(router, "127.0.0.1", 0)
+        self.running = await start_router(router, "127.0.0.1", 0, page=render)
 
     async def _stop(self):
         if self.running:
@@ -302,10 +303,11 @@ def _main() -> None:
                                interface=a.interface))
     else:
         from mlxmoe.cluster.api import serve_router
+        from mlxmoe.ui.status_page import render
         from mlxmoe.cluster.router import Router
         router = Router(FakeFrontend(n_groups=a.n_groups, manifest_hash=a.manifest_hash), key,
                         interface=a.interface, probe_interval=1.0, token_timeout=10.0)
-        asyncio.run(serve_router(router, a.host, a.port))
+        asyncio.run(serve_router(router, a.host, a.port, page=render))
 
 
 if __name__ == "__main__":

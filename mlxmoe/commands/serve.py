@@ -59,4 +59,6 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
 
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
                     mobility=mobility)
-    run_server(serve_router(router, host, port))
+    from mlxmoe.ui.status_page import render
+
+    run_server(serve_router(router, host, port, page=render))

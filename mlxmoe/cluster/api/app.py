@@ -4,7 +4,6 @@ page). Every refused request gets a 4xx in OpenAI's error shape."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 
@@ -18,7 +17,7 @@ from mlxmoe.errors import RpcError
 
 log = logging.getLogger("mlxmoe.api")
 ROUTER_KEY = web.AppKey("router", Router)
-STATUS_PAGE = "mlxmoe.ui.status_page"  # render(status) -> HTML; ui sits above cluster, so loaded by name
+PAGE_KEY = web.AppKey("page", object)  # render(status) -> HTML, passed in by the command (ui sits above cluster)
 
 
 def _usage(turn: Turn) -> dict:
@@ -156,8 +155,7 @@ async def status(request: web.Request) -> web.Response:
 async def status_page(request: web.Request) -> web.Response:
     router = request.app[ROUTER_KEY]
     await router.refresh_remote()
-    render = importlib.import_module(STATUS_PAGE).render
-    return web.Response(text=render(router.status()), content_type="text/html")
+    return web.Response(text=request.app[PAGE_KEY](router.status()), content_type="text/html")
 
 
 @web.middleware
@@ -179,14 +177,17 @@ async def errors_middleware(request: web.Request, handler):
         return ApiError(500, f"internal error: {type(e).__name__}: {e}"[:300]).response()
 
 
-def make_app(router: Router) -> web.Application:
+def make_app(router: Router, page=None) -> web.Application:
+    """The router's HTTP app; `page(status) -> HTML` serves the status page at /."""
     app = web.Application(middlewares=[errors_middleware], client_max_size=oa.MAX_BODY + 1)
     app[ROUTER_KEY] = router
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/status", status)
-    app.router.add_get("/", status_page)
+    if page is not None:
+        app[PAGE_KEY] = page
+        app.router.add_get("/", status_page)
     return app
 
 
@@ -204,19 +205,19 @@ class RunningRouter:
         await self.router.stop()
 
 
-async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> RunningRouter:
+async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None) -> RunningRouter:
     await router.start()
-    runner = web.AppRunner(make_app(router), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(make_app(router, page), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return RunningRouter(router, runner, host, runner.addresses[0][1])
 
 
-async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000) -> None:
+async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
-    running = await start_router(router, host, port)
+    running = await start_router(router, host, port, page)
     live = len(router.peers.live())
     print(f"mlxmoe router: {router.model} (manifest {router.manifest_hash[:12]}) on {running.url}/v1 "
           f"- status page {running.url}/ - {live} node(s) up so far", flush=True)
