@@ -252,7 +252,7 @@ class Node(Tokens):
     def export_session(self, session_id: str) -> dict:
         s = self.sessions.sessions.get(session_id)
         if s is None:
-            raise MlxMoeError(f"session {session_id}: unknown on this node")
+            raise KeyError(session_id)  # the node server answers 404 unknown_session
         if s.busy:  # its cache is ahead of its tokens until the stream ends
             raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         caches = [] if s.cache is None else [_cache_state(c) for c in s.cache]
