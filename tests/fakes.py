@@ -293,9 +293,10 @@ class LocalCluster(LoopThread):
     """
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
-                 **router_kw):
+                 names: list[str] | None = None, **router_kw):
         super().__init__()
         self.engines, self.key = engines, key
+        self.names = names or [f"node{i}" for i in range(len(engines))]
         self.frontend = frontend or FakeFrontend(n_groups=max(e.manifest.n_groups for e in engines))
         self.router_kw = {"probe_interval": 0.5, "token_timeout": 5.0, "first_token_timeout": 10.0, **router_kw}
         self.nodes: list = []
@@ -306,7 +307,7 @@ class LocalCluster(LoopThread):
         from mlxmoe.cluster.node_server import start_node
         from mlxmoe.cluster.router import Router
         for i, e in enumerate(self.engines):
-            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=f"node{i}"))
+            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=self.names[i]))
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
                         **self.router_kw)
         self.running = await start_router(router, "127.0.0.1", 0)
