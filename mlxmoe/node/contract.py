@@ -58,7 +58,8 @@ class Engine(Protocol):
 
     def info(self) -> dict:
         """Status, plain data: model, manifest_hash, group, n_groups, sessions, active_sessions,
-        free_kv (bytes of KV budget left), context_limit, kv_bits, backend, uptime_s, and
+        free_kv (bytes of KV budget left; None: no budget, the node server reports the OS's free
+        memory), context_limit, kv_bits, backend, uptime_s, and
         experts_op ({layers, hidden}, or None when this engine serves no remote experts)."""
 
     def encode(self, text: str) -> list[int]:
