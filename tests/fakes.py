@@ -245,6 +245,8 @@ class FakeFrontend:
         return decode(tokens)
 
     def score(self, tokens: list[int]) -> PlacementScores:
+        if not tokens:
+            raise MlxMoeError("placement: the prompt has no tokens")
         self.score_calls += 1
         n = self.manifest.n_groups
         if self.fixed is not None:
