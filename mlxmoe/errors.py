@@ -42,6 +42,12 @@ class SessionBusy(MlxMoeError):
     status, code = 409, "session_busy"
 
 
+class Unsupported(MlxMoeError):
+    """This node does not offer the operation (e.g. remote experts); no retry helps."""
+
+    status, code = 501, "unsupported"
+
+
 class PeerError(MlxMoeError):
     """A peer this node called (remote experts) failed; names the peer. Another
     placement may work, so the router retries elsewhere."""

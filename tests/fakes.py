@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from types import SimpleNamespace
 from typing import Iterator
 
-from mlxmoe.errors import AdmissionError, ContextOverflow
-from mlxmoe.errors import SessionBusy
+from mlxmoe.errors import AdmissionError, ContextOverflow, MlxMoeError, PeerError, SessionBusy, Unsupported
 from mlxmoe.model.placement import PlacementScores
 from mlxmoe.node.contract import GenParams, TokenEvent
+from mlxmoe.node.remote.peers import Inbox
+from mlxmoe.node.stream import text_events
 
 MODEL = "fake-moe"
 HASH = "fakehash0001"
@@ -61,36 +63,63 @@ def expected_text(prompt: list[int], n: int) -> str:
     return decode(ctx[len(prompt):])
 
 
-class FakeEngine:
-    """Implements mlxmoe.node.contract.Engine.
+class ByteDetokenizer:
+    """mlx-lm's detokenizer interface over byte tokens, for node.stream.text_events."""
 
-    delay: seconds per token; max_sessions: admission limit (AdmissionError
-    when full and no idle session can be evicted); fail_after: raise after
-    that many tokens of a stream (a node failing mid-stream); max_context:
-    ContextOverflow past it. Records prefix reuse in `reused` for tests."""
+    def __init__(self):
+        self.tokens: list[int] = []
+
+    def reset(self):
+        self.tokens = []
+
+    def add_token(self, token):
+        self.tokens.append(token)
+
+    def finalize(self):
+        pass
+
+    @property
+    def text(self) -> str:
+        return decode(self.tokens)
+
+
+class FakeEngine:
+    """Implements mlxmoe.node.contract.Engine (tests/contract/ checks it
+    against the real node): same errors, context rule, stop-string rule and
+    export format; no remote experts (experts_op None).
+
+    delay: seconds per token; max_sessions: admission limit on sessions that
+    hold a cache (idle ones are evicted first, AdmissionError when none is
+    idle); fail_after: the node fails (RuntimeError) after that many tokens of
+    a stream; peer_fail_after: a remote-experts peer fails (PeerError) there
+    instead; max_context: the context limit; free_kv: KV budget left, as
+    info() reports it. Records prefix reuse in `reused` for tests."""
+
+    VOCAB = 256
 
     def __init__(self, group: int = 0, n_groups: int = 3, model_id: str = MODEL, manifest_hash: str = HASH,
                  delay: float = 0.0, max_sessions: int | None = None, fail_after: int | None = None,
-                 max_context: int = 8192, free_memory: int | None = None):
+                 peer_fail_after: int | None = None, max_context: int = 8192, free_kv: int | None = None):
         self.manifest = SimpleNamespace(model_id=model_id, hash=manifest_hash, n_groups=n_groups)
         self.group = group
-        self.delay, self.max_sessions, self.fail_after = delay, max_sessions, fail_after
-        self.max_context, self.free_memory = max_context, free_memory
-        self.sessions: dict[str, list[int]] = {}
+        self.inbox = Inbox()
+        self.delay, self.max_sessions = delay, max_sessions
+        self.fail_after, self.peer_fail_after = fail_after, peer_fail_after
+        self.max_context, self.free_kv = max_context, free_kv
+        self.sessions: dict[str, list[int]] = {}  # session -> tokens in its cache ([] once evicted)
         self.busy: set[str] = set()
-        self.reused: list[tuple[str, int]] = []  # (session, cached prefix length) per generate call
+        self.reused: list[tuple[str, int]] = []  # (session, cached prefix length) per generate/prefill call
         self.generated = 0
         self.threads: set[str] = set()
-        self.lock = threading.Lock()
+        self.key: bytes | None = None
+        self.started = time.time()
 
     def info(self) -> dict:
         self.threads.add(threading.current_thread().name)
-        d = {"model": self.manifest.model_id, "manifest_hash": self.manifest.hash, "group": self.group,
-             "n_groups": self.manifest.n_groups, "sessions": len(self.sessions),
-             "max_context": self.max_context, "backend": "fake"}
-        if self.free_memory is not None:
-            d["free_memory"] = self.free_memory
-        return d
+        return {"model": self.manifest.model_id, "manifest_hash": self.manifest.hash, "group": self.group,
+                "n_groups": self.manifest.n_groups, "sessions": len(self.sessions),
+                "active_sessions": len(self.busy), "free_kv": self.free_kv, "context_limit": self.max_context,
+                "kv_bits": None, "backend": "fake", "experts_op": None, "uptime_s": time.time() - self.started}
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return encode_chat(messages)
@@ -98,69 +127,105 @@ class FakeEngine:
     def encode(self, text: str) -> list[int]:
         return encode(text)
 
-    def _admit(self, session_id: str) -> None:
-        if session_id in self.sessions or self.max_sessions is None or len(self.sessions) < self.max_sessions:
-            return
-        idle = [s for s in self.sessions if s not in self.busy]
-        if not idle:
-            raise AdmissionError(f"KV budget full: {len(self.sessions)} active sessions, none idle to evict")
-        del self.sessions[idle[0]]
+    def attach_cluster(self, key: bytes) -> None:
+        self.key = key
 
-    def generate(self, session_id: str, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
-        self.threads.add(threading.current_thread().name)
-        if len(prompt) + params.max_tokens > self.max_context:
-            raise ContextOverflow(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} "
-                                  f"exceeds the context limit of {self.max_context}")
-        self._admit(session_id)
+    def _check(self, prompt, max_tokens: int) -> None:
+        """The node's rules (node.engine.Node.check_prompt)."""
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise MlxMoeError("prompt: expected a non-empty list of token ids")
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.VOCAB]
+        if bad:
+            raise MlxMoeError(f"prompt: token ids {bad[:5]} are outside the vocabulary (0..{self.VOCAB - 1})")
+        if len(prompt) >= self.max_context:
+            raise ContextOverflow(f"prompt: {len(prompt)} tokens do not fit the context limit of "
+                                  f"{self.max_context} tokens")
+        if max_tokens < 1:
+            raise MlxMoeError("max_tokens: must be at least 1")
+
+    def _open(self, session_id: str, prompt: list[int]) -> int:
+        """Admit the session and reuse its cached prefix; returns that prefix length."""
+        if session_id in self.busy:
+            raise SessionBusy(f"session {session_id}: already generating")
         old = self.sessions.get(session_id, [])
+        if not old and self.max_sessions is not None:
+            cached = [s for s, toks in self.sessions.items() if toks]
+            if len(cached) >= self.max_sessions:
+                idle = [s for s in cached if s not in self.busy]
+                if not idle:
+                    raise AdmissionError(f"KV budget full: {len(cached)} sessions generating, none idle to evict")
+                self.sessions[idle[0]] = []  # evicted: its cache is gone, the session stays
         common = 0
         while common < min(len(old), len(prompt)) and old[common] == prompt[common]:
             common += 1
         self.reused.append((session_id, common))
-        ctx = list(prompt)
-        self.sessions[session_id] = ctx
-        return self._gen(session_id, ctx, params)
+        return common
 
-    def _gen(self, session_id: str, ctx: list[int], params: GenParams) -> Iterator[TokenEvent]:
+    def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
+        self.threads.add(threading.current_thread().name)
+        self._check(prompt, params.max_tokens)
+        max_tokens = min(params.max_tokens, self.max_context - len(prompt))
+        sid = session_id or uuid.uuid4().hex
+        self._open(sid, prompt)
+        ctx = list(prompt)
+        self.sessions[sid] = ctx
+        return self._gen(sid, ctx, params, max_tokens)
+
+    def _steps(self, ctx: list[int], max_tokens: int) -> Iterator[tuple[int, float]]:
+        for i in range(max_tokens):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise RuntimeError(f"fake failure after {i} tokens")
+            if self.peer_fail_after is not None and i >= self.peer_fail_after:
+                raise PeerError(f"fake peer failure after {i} tokens", peer="http://fake-peer")
+            if self.delay:
+                time.sleep(self.delay)
+            tok = next_token(ctx)
+            ctx.append(tok)
+            self.generated += 1
+            yield tok, -0.1 * (tok % 7 + 1)
+
+    def _gen(self, session_id: str, ctx: list[int], params: GenParams, max_tokens: int) -> Iterator[TokenEvent]:
         self.busy.add(session_id)
         try:
-            text = ""
-            for i in range(params.max_tokens):
-                if self.fail_after is not None and i >= self.fail_after:
-                    raise RuntimeError(f"fake failure after {i} tokens")
-                if self.delay:
-                    time.sleep(self.delay)
-                tok = next_token(ctx)
-                ctx.append(tok)
-                self.generated += 1
-                piece = decode([tok])
-                text += piece
-                stop = any(s and text.endswith(s) for s in params.stop)
-                last = stop or i == params.max_tokens - 1
-                yield TokenEvent(tok, piece, -0.1 * (tok % 7 + 1),
-                                 ("stop" if stop else "length") if last else None)
-                if stop:
-                    return
+            yield from text_events(self._steps(ctx, max_tokens), ByteDetokenizer(), set(), params.stop, max_tokens)
         finally:
             self.busy.discard(session_id)
+
+    def prefill(self, session_id: str, prompt: list[int]) -> int:
+        self.threads.add(threading.current_thread().name)
+        self._check(prompt, 1)
+        if self.sessions.get(session_id) == list(prompt):
+            return 0
+        n = self._open(session_id, prompt)
+        self.sessions[session_id] = list(prompt)
+        return len(prompt) - n
 
     def close_session(self, session_id: str) -> bool:
         return self.sessions.pop(session_id, None) is not None
 
     def export_session(self, session_id: str) -> dict:
+        if session_id not in self.sessions:
+            raise KeyError(session_id)
         if session_id in self.busy:  # as the real node: not while a stream is still open
-            raise SessionBusy(f"session {session_id}: still generating")
+            raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         toks = self.sessions[session_id]
-        return {"session": session_id, "tokens": list(toks), "kv": bytes(toks)}
+        caches = [{"type": "FakeCache", "state": {"v": bytes(toks)}, "meta": []}] if toks else []
+        return {"id": session_id, "tokens": list(toks), "caches": caches, "manifest": self.manifest.hash}
 
     def import_session(self, state: dict) -> str:
-        sid = str(state["session"])
+        if state.get("manifest") != self.manifest.hash:
+            raise MlxMoeError(f"session {state.get('id')}: exported from manifest {state.get('manifest')}, "
+                              f"this node serves {self.manifest.hash}")
+        sid = str(state["id"])
         self.sessions[sid] = [int(t) for t in state["tokens"]]
         return sid
 
+    def experts(self, layer: int, x: dict, ids: list[int] | None = None, rows: list[int] | None = None) -> dict:
+        raise Unsupported("this node does not serve remote experts")
+
 
 class FakeFrontend:
-    """Placement front end: `score` favours group k when the text contains
+    """Placement front end (node.contract.Frontend): `score` favours group k when the text contains
     "topic<k>"; otherwise a hash of the text picks the best group. Fixed
     scores can be forced with `fixed`."""
 
@@ -180,6 +245,8 @@ class FakeFrontend:
         return decode(tokens)
 
     def score(self, tokens: list[int]) -> PlacementScores:
+        if not tokens:
+            raise MlxMoeError("placement: the prompt has no tokens")
         self.score_calls += 1
         n = self.manifest.n_groups
         if self.fixed is not None:
@@ -228,9 +295,10 @@ class LocalCluster(LoopThread):
     """
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
-                 **router_kw):
+                 names: list[str] | None = None, **router_kw):
         super().__init__()
         self.engines, self.key = engines, key
+        self.names = names or [f"node{i}" for i in range(len(engines))]
         self.frontend = frontend or FakeFrontend(n_groups=max(e.manifest.n_groups for e in engines))
         self.router_kw = {"probe_interval": 0.5, "token_timeout": 5.0, "first_token_timeout": 10.0, **router_kw}
         self.nodes: list = []
@@ -242,7 +310,7 @@ class LocalCluster(LoopThread):
         from mlxmoe.cluster.node_server import start_node
         from mlxmoe.cluster.router import Router
         for i, e in enumerate(self.engines):
-            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=f"node{i}"))
+            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=self.names[i]))
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
                         **self.router_kw)
         self.running = await start_router(router, "127.0.0.1", 0, page=render)

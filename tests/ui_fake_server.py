@@ -1,8 +1,9 @@
 """A tiny stand-in for the mlxmoe router, for UI tests and manual poking.
 
 It speaks the router's public API: `/v1/models`, `/v1/chat/completions`
-(SSE streaming or not, with the X-MLXMoE-* headers), `/status`, and `/` (the
-real status page). With `mlxmoe_headers=False` and `has_status=False` it
+(SSE streaming or not, with the X-MLXMoE-* headers, canned tokens), `/status`
+(by default what a real Router over FakeEngine nodes reports: sample_status)
+and `/` (the real status page). With `mlxmoe_headers=False` and `has_status=False` it
 looks like any plain OpenAI-compatible server (LM Studio, Ollama, ...).
 
     with FakeRouter() as srv:        # serves on 127.0.0.1:<free port>
@@ -15,29 +16,53 @@ Run `python tests/ui_fake_server.py [port]` to try `mlxmoe chat` by hand.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import time
+import urllib.request
 
 from aiohttp import web
 
 MODEL = "fake-moe-235b"
+HASH = "abc123def4567890"
+
+
+SCORES = {0: 0.21, 1: 0.64, 2: 0.15}  # the placement front end's scores: group 1 wins by 0.43
+_STATUS: dict[int, dict] = {}
 
 
 def sample_status(n_peers: int = 3) -> dict:
-    now = time.time()
-    peers = [{"name": f"mac-{i}", "url": f"http://10.0.0.{10 + i}:8477", "groups": [i],
-              "manifest_hash": "abc123def4567890", "protocol": 1, "free_memory": (40 + i) * 2**30,
-              "active_sessions": i, "state": "up", "reason": None, "backend": "metal"} for i in range(n_peers)]
-    return {
-        "model": MODEL, "manifest_hash": "abc123def4567890", "uptime_s": 3725.0, "peers": peers,
-        "sessions": [{"id": "s-1", "node": "mac-1", "group": 1, "scores": {"0": 0.21, "1": 0.64, "2": 0.15},
-                      "margin": 0.43, "mode": "pin", "turns": 2, "tokens": 310, "created": now - 120,
-                      "last_used": now - 5}],
-        "last_placement": {"session": "s-1", "scores": {"0": 0.21, "1": 0.64, "2": 0.15}, "margin": 0.43,
-                           "best": 1, "layers": [3, 12], "elapsed_ms": 38.5},
-        "counters": {"requests": 7, "failovers": 0, "rejected": 0},
-    }
+    """A real router's /status (mlxmoe.cluster.router.Router over node servers
+    with FakeEngines, on loopback): peers mac-0.. serving group i with
+    (40 + i) GiB free, and one chat pinned to mac-1 (group 1) after two turns.
+    Built once per n_peers; each call gets its own copy to edit."""
+    if n_peers not in _STATUS:
+        _STATUS[n_peers] = _router_status(n_peers)
+    return copy.deepcopy(_STATUS[n_peers])
+
+
+def _router_status(n_peers: int) -> dict:
+    from fakes import FakeEngine, FakeFrontend, LocalCluster
+
+    engines = [FakeEngine(group=i, model_id=MODEL, manifest_hash=HASH, free_kv=(40 + i) * 2**30)
+               for i in range(n_peers)]
+    frontend = FakeFrontend(n_groups=3, model_id=MODEL, manifest_hash=HASH, fixed=SCORES)
+    with LocalCluster(engines, frontend, names=[f"mac-{i}" for i in range(n_peers)]) as c:
+        msgs = [{"role": "user", "content": "hello"}]
+        for turn in range(2):
+            reply = _post(c.api_url + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 4},
+                          {"X-Session-Id": "ui-sample"})
+            msgs += [reply["choices"][0]["message"], {"role": "user", "content": "and then?"}]
+        c.run(c.router.probe_all())  # peers' load as the nodes report it, not the router's guess
+        with urllib.request.urlopen(c.api_url + "/status", timeout=10) as r:
+            return json.load(r)
+
+
+def _post(url: str, body: dict, headers: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
 
 
 class FakeRouter:

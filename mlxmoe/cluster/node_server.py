@@ -15,32 +15,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
-from mlxmoe.node.contract import GenParams, TokenEvent
+from mlxmoe.node.contract import Engine, GenParams, TokenEvent
 
 from mlxmoe import wire
-from mlxmoe.errors import classify
+from mlxmoe.errors import Unsupported, classify
 from mlxmoe.cluster.worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.node")
 RETRY_AFTER_S = 2
 
 
-def engine_identity(engine: Any, info: dict) -> dict:
-    """model / manifest hash / groups of an engine: the runtime Node carries
-    them as attributes (node.manifest, node.group); fakes may put them in info()."""
-    man = getattr(engine, "manifest", None)
-    group = getattr(engine, "group", info.get("group"))
-    groups = info.get("groups") or ([group] if group is not None else [])
-    return {
-        "model": getattr(man, "model_id", None) or info.get("model") or "unknown",
-        "manifest_hash": getattr(man, "hash", None) or info.get("manifest_hash") or "",
-        "n_groups": getattr(man, "n_groups", None) or info.get("n_groups") or len(groups),
-        "groups": [int(g) for g in groups],
-    }
+def engine_identity(engine: Engine) -> dict:
+    """model / manifest hash / groups of an engine (what discovery and the router check)."""
+    m = engine.manifest
+    return {"model": m.model_id, "manifest_hash": m.hash, "n_groups": m.n_groups, "groups": [int(engine.group)]}
 
 
 def default_name(groups: list[int], port: int) -> str:
@@ -61,11 +53,11 @@ class NodeServer:
     """`engine`, or `factory` (called on the engine thread: MLX streams belong
     to the thread that made them, so the model must be loaded where it runs)."""
 
-    def __init__(self, engine: Any, key: bytes, identity: dict | None = None, factory: Callable | None = None):
+    def __init__(self, engine: Engine | None, key: bytes, identity: dict | None = None, factory: Callable | None = None):
         self.engine, self.key, self.factory = engine, key, factory
         self.worker = EngineWorker()
         self.guard = wire.ReplayGuard()
-        self.identity = identity  # filled by start() from engine.info() if None
+        self.identity = identity  # filled by init_identity() from the engine if None
         self.sessions: set[str] = set()
         self.active = 0
         self.bytes_in = self.bytes_out = 0
@@ -83,13 +75,11 @@ class NodeServer:
     async def init_identity(self) -> dict:
         if self.engine is None:
             self.engine = await self.worker.call(self.factory)
-        attach = getattr(self.engine, "attach_cluster", None)
-        if attach is not None and not self._attached:
-            attach(self.key)  # the engine signs its own calls to peers (remote experts)
+        if not self._attached:
+            self.engine.attach_cluster(self.key)  # the engine signs its own calls to peers (remote experts)
             self._attached = True
         if self.identity is None:
-            info = await self.worker.call(self.engine.info)
-            self.identity = engine_identity(self.engine, info)
+            self.identity = engine_identity(self.engine)
         return self.identity
 
     def app(self) -> web.Application:
@@ -104,12 +94,11 @@ class NodeServer:
     def _load(self, info: dict) -> dict:
         """Sessions and free memory, preferring what the engine knows (its KV
         budget left says more about admission than the OS's free memory)."""
-        free = info.get("free_memory", info.get("free_kv"))
-        sessions = info.get("sessions")
+        free = info.get("free_kv")  # info is {} before the first info() call
         self._last_load = {
-            "sessions": int(sessions) if isinstance(sessions, int) else len(self.sessions),
+            "sessions": int(info.get("sessions", len(self.sessions))),
             "active": self.active,
-            "free_memory": int(free) if isinstance(free, (int, float)) else free_memory()}
+            "free_memory": int(free) if free is not None else free_memory()}
         return self._last_load
 
     def _changed(self) -> None:
@@ -220,10 +209,7 @@ class NodeServer:
 
     async def _op_prefill(self, body: dict) -> dict:
         sid, prompt = body["session"], body["prompt"]
-        if hasattr(self.engine, "prefill"):
-            await self.worker.call(self.engine.prefill, sid, prompt)
-        else:  # one greedy token fills the cache; the next turn's prompt trims that token off again
-            await self.worker.call(lambda: list(self.engine.generate(sid, prompt, GenParams(max_tokens=1))))
+        await self.worker.call(self.engine.prefill, sid, prompt)
         self.sessions.add(sid)
         self._changed()
         return {"session": sid, "prompt_tokens": len(prompt)}
@@ -244,23 +230,21 @@ class NodeServer:
         return {"session": sid}
 
     async def _op_experts(self, body: dict) -> dict:
-        if not hasattr(self.engine, "experts"):
-            raise wire.WireError(501, "unsupported", "this node does not serve remote experts")
         layer, x = body["layer"], body["x"]
-        spec = self._experts_spec or (await self.worker.call(self.engine.info)).get("experts_op") or {}
+        spec = self._experts_spec or (await self.worker.call(self.engine.info))["experts_op"]
+        if spec is None:
+            raise Unsupported("this node does not serve remote experts")
         self._experts_spec = spec
-        layers = spec.get("layers", [])
+        layers = spec["layers"]
         if layer not in layers:
             raise wire.WireError(400, "schema", f"field 'body.layer': {layer} is not a MoE layer of this model "
                                                 f"(MoE layers: {layers[:8]}{'...' if len(layers) > 8 else ''})", "body.layer")
-        if x["shape"][-1] != spec.get("hidden"):
+        if x["shape"][-1] != spec["hidden"]:
             raise wire.WireError(400, "schema", f"field 'body.x.shape': hidden size {x['shape'][-1]} does not match "
-                                                f"this model's {spec.get('hidden')}", "body.x.shape")
+                                                f"this model's {spec['hidden']}", "body.x.shape")
         ids = body.get("ids")  # (ids, rows) checked against x's shape by wire.check_expert_ids
         args = (layer, x) if ids is None else (layer, x, ids, body.get("rows"))
-        inbox = getattr(self.engine, "inbox", None)
-        if inbox is None:
-            return {"y": await self.worker.call(self.engine.experts, *args)}
+        inbox = self.engine.inbox
         fut = inbox.submit(lambda: self.engine.experts(*args))
         self._kick = asyncio.ensure_future(self.worker.call(inbox.drain))  # serves it now if the engine is idle
         return {"y": await asyncio.wrap_future(fut)}
@@ -362,7 +346,7 @@ class RunningNode:
         self.server.worker.stop()
 
 
-async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
+async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, identity: dict | None = None,
                      name: str | None = None, factory: Callable | None = None) -> RunningNode:
     """Start serving `engine` (or the engine `factory()` builds on the engine thread)."""
@@ -385,7 +369,7 @@ async def start_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int =
     return RunningNode(server, runner, host, port, adv)
 
 
-async def serve_node(engine: Any, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
+async def serve_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
                      factory: Callable | None = None) -> None:
     """Run a node until SIGINT/SIGTERM."""

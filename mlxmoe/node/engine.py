@@ -253,7 +253,7 @@ class Node(Tokens):
     def export_session(self, session_id: str) -> dict:
         s = self.sessions.sessions.get(session_id)
         if s is None:
-            raise MlxMoeError(f"session {session_id}: unknown on this node")
+            raise KeyError(session_id)  # the node server answers 404 unknown_session
         if s.busy:  # its cache is ahead of its tokens until the stream ends
             raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         return {"id": s.id, "tokens": list(s.tokens), "caches": export_caches(s.cache), "manifest": self.manifest.hash}

@@ -31,6 +31,8 @@ def gate_logits(loaded: Loaded, tokens: list[int], layers: list[int] | None = No
 
 
 class TrunkFrontend(Tokens):
+    """Implements node.contract.Frontend."""
+
     def __init__(self, loaded: Loaded, tokenizer):
         self.loaded, self.tokenizer, self.manifest = loaded, tokenizer, loaded.manifest
 

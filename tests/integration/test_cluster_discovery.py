@@ -84,11 +84,10 @@ def test_txt_has_no_secrets_and_round_trips():
     assert t.peers["x"].groups == [0, 2] and t.peers["x"].free_memory == 123
 
 
-def test_engine_identity_from_attributes_or_info():
+def test_engine_identity_from_the_engine_contract():
     from fakes import FakeEngine
     e = FakeEngine(group=2, manifest_hash="abc")
-    assert engine_identity(e, {}) == {"model": "fake-moe", "manifest_hash": "abc", "n_groups": 3, "groups": [2]}
-    assert engine_identity(object(), {"model": "m", "manifest_hash": "z", "groups": [1, 2]})["groups"] == [1, 2]
+    assert engine_identity(e) == {"model": "fake-moe", "manifest_hash": "abc", "n_groups": 3, "groups": [2]}
 
 
 def test_static_peers_file(tmp_path):

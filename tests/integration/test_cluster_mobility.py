@@ -17,7 +17,6 @@ from pathlib import Path
 import openai
 import pytest
 
-from mlxmoe.errors import PeerError
 
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster.mobility import Mobility, load_router_config
@@ -48,7 +47,7 @@ class Engine(FakeEngine):
 
     def import_session(self, state):
         time.sleep(self.slow_state)
-        self.imported.append(state["session"])
+        self.imported.append(state["id"])
         return super().import_session(state)
 
 
@@ -208,17 +207,9 @@ class PeerFails(Engine):
         self.after = after
 
     def generate(self, session_id, prompt, params):
-        if getattr(params, "routing", "local") != "group":
-            return super().generate(session_id, prompt, params)
-        self.params.append(params.to_dict())
-        inner = FakeEngine.generate(self, session_id, prompt, params)
-
-        def gen():
-            for i, ev in enumerate(inner):
-                if i >= self.after:
-                    raise PeerError(f"peer {params.peers} failed")
-                yield ev
-        return gen()
+        # PeerError from inside the stream, as a node whose expert peer is lost
+        self.peer_fail_after = self.after if params.routing == "group" else None
+        return super().generate(session_id, prompt, params)
 
 
 @pytest.mark.parametrize("after", [0, 3])

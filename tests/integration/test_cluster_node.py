@@ -68,13 +68,14 @@ def test_prefill_close_export_import_and_cache_reuse():
         assert (await c.call("prefill", {"session": "a", "prompt": [1, 2, 3]}))["prompt_tokens"] == 3
         await collect(c, "a", [1, 2, 3, 4], max_tokens=2)
         state = await c.call("export_session", {"session": "a"})
-        assert state["tokens"][:4] == [1, 2, 3, 4] and isinstance(state["kv"], bytes)
+        assert state["tokens"][:4] == [1, 2, 3, 4] and state["id"] == "a" and state["manifest"] == HASH
+        assert state["caches"]
         assert (await c.call("close", {"session": "a"}))["closed"] is True
         assert (await c.call("close", {"session": "a"}))["closed"] is False
         with pytest.raises(RpcError) as ei:
             await c.call("export_session", {"session": "a"})
         assert ei.value.status == 404 and "'a'" in ei.value.message
-        state["session"] = "b"
+        state["id"] = "b"
         assert (await c.call("import_session", {"state": state}))["session"] == "b"
         assert (await c.call("info"))["sessions"] == 1
     run(t, eng)
@@ -96,7 +97,7 @@ def test_admission_503_with_retry_after():
 def test_context_overflow_is_400_before_stream():
     async def t(c, node):
         with pytest.raises(RpcError) as ei:
-            await collect(c, "x", [1] * 10, max_tokens=100)
+            await collect(c, "x", [1] * 50, max_tokens=100)  # the prompt alone fills the context
         return ei.value
     e = run(t, FakeEngine(max_context=50))
     assert e.status == 400 and e.code == "context_length_exceeded" and not e.retryable

@@ -104,13 +104,14 @@ def test_unreachable_server():
 def test_status_summary_shows_peers_and_pin():
     st = sample_status()
     st["peers"][2].update(state="ignored", reason="manifest hash differs")
-    lines = status_summary(st, "s-1")
+    sid = st["sessions"][0]["id"]  # the router's id for the sample chat
+    lines = status_summary(st, sid)
     assert lines[0].startswith("fake-moe-235b · 2/3 peers up")
     assert any("mac-2: ignored (manifest hash differs) · group 2" in l for l in lines)
     assert "pinned to mac-1 (group 1), margin 0.43, scores g0=0.21, g1=0.64, g2=0.15" in lines[-1]
     assert "not placed yet" in status_summary(st, "other")[-1]
     st["sessions"][0]["margin"] = None  # a single-group cluster has no runner-up
-    assert "margin ?," in status_summary(st, "s-1")[-1]
+    assert "margin ?," in status_summary(st, sid)[-1]
 
 
 # --- the command, end to end --------------------------------------------------

@@ -77,7 +77,8 @@ def text_of(dom: str, element_id: str) -> str:
 
 @needs_chromium
 def test_page_in_chromium(tmp_path):
-    with FakeRouter(status=evil_status()) as srv:
+    st = evil_status()
+    with FakeRouter(status=st) as srv:
         dom = chromium(tmp_path, "--dump-dom", srv.url + "/")
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "status_page.png"
@@ -100,7 +101,7 @@ def test_page_in_chromium(tmp_path):
     assert [g for best, g, _ in bars if best] == ["1"]
     assert "margin 0.430" in body
     sessions = text_of(body, "sessions")
-    assert "s-1" in sessions and "mac-1" in sessions and "group 1" in sessions
+    assert st["sessions"][0]["id"] in sessions and "mac-1" in sessions and "group 1" in sessions
     assert "2/4 peers up" in body
 
 
