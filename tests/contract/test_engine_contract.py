@@ -14,7 +14,7 @@ from mlxmoe.errors import AdmissionError, ContextOverflow, MlxMoeError, SessionB
 from mlxmoe.model.load import load_bundle, load_tokenizer
 from mlxmoe.node.contract import Engine, GenParams
 from mlxmoe.node.engine import Node
-from mlxmoe.node.remote.peers import decode_tensor, encode_tensor
+from mlxmoe.wire import decode_tensor, encode_tensor
 
 CONTEXT = 64
 INFO_KEYS = {"model", "manifest_hash", "group", "n_groups", "sessions", "active_sessions", "free_kv",
