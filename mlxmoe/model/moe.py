@@ -33,6 +33,11 @@ MoeState fields, and what sets each:
                     `step` off within a hook that replaces a child module
   outputs           calibrate.ExpertOutputs (largest expert outputs)
 
+Spans restore each field on exit. `unhooked(block, x)` is the block's forward
+without its hook (what a hook computes locally); `replaced_child` shadows a
+child module for a span (remote split, the layer step's attention). A new
+routing mode adds a field here and reads it in the wrapper it changes.
+
 Masked routing, one implementation for every supported architecture: the
 router's logits of non-eligible experts become -inf *before* the block's own
 selection rule (softmax or softmax-after-top-k, norm_topk_prob, shared experts
