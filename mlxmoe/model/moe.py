@@ -334,13 +334,14 @@ class GateRecorder:
         self.gates, self.stop_at, self.records = gates, stop_at, []
 
     def __enter__(self):
+        self.old = [(g._moe.records, g._moe.stop_at) for g in self.gates]
         for g in self.gates:
             g._moe.records, g._moe.stop_at = self.records, self.stop_at
         return self
 
     def __exit__(self, *exc):
-        for g in self.gates:
-            g._moe.records = g._moe.stop_at = None
+        for g, old in zip(self.gates, self.old):
+            g._moe.records, g._moe.stop_at = old
         return exc[0] is StopForward
 
     def by_layer(self) -> dict:
