@@ -22,7 +22,7 @@ import mlx.nn as nn  # noqa: E402
 
 from mlxmoe.kernels.moe_step import FusedMoE, geometry, reference, template  # noqa: E402
 from mlxmoe.bundle.arch import get_arch  # noqa: E402
-from mlxmoe.model import fused  # noqa: E402
+from mlxmoe.model import fused, moe  # noqa: E402
 
 
 def per_call_us(fn, reps, runs=9):
@@ -55,6 +55,7 @@ def main():
                 class_predicate=lambda p, m: p.startswith("switch_mlp") and hasattr(m, "to_quantized"))
     mx.eval(block.parameters())
     arch = get_arch("qwen3_moe")
+    moe.install(block, arch.gate, arch.experts, 0, arch.scoring, 128, None)
     ex = fused.experts_of(block, arch)
     hs = [(0.5 * mx.random.normal((1, 1, 2048), key=mx.random.key(i))).astype(mx.bfloat16) for i in range(a.reps)]
     mx.eval(hs)
@@ -103,7 +104,6 @@ def layer_pieces(args, arch, backend, hs, a) -> dict:
     from mlxmoe.kernels.attn_front import FusedFront
     from mlxmoe.kernels.layer_tail import FusedTail
     from mlxmoe.model import fused_layer
-    from mlxmoe.model.moe import with_mixin
 
     layer = Qwen3MoeDecoderLayer(args, 0)
     layer.set_dtype(mx.bfloat16)
@@ -115,10 +115,9 @@ def layer_pieces(args, arch, backend, hs, a) -> dict:
     mx.eval(layer(0.5 * mx.random.normal((1, 1024, 2048), key=mx.random.key(99)).astype(mx.bfloat16), "causal", cache))
     out = {"mlx-lm decoder layer": per_call_us(lambda i: layer(hs[i], None, cache), a.reps)}
     t, f = fused_layer.tail_of(layer, arch), fused_layer.front_of(layer)
-    object.__setattr__(layer.mlp, "_fused_args", fused.block_args(layer.mlp, arch, "qwen3_moe"))
-    with_mixin(layer, fused_layer.FusedLayer)
-    object.__setattr__(layer, "_layer_args", (t, f))
-    object.__setattr__(layer, "_layer_step", fused_layer.make_layer_step(backend, arch))
+    moe.install(layer.mlp, arch.gate, arch.experts, 0, arch.scoring, 128, None)
+    moe.state_of(layer.mlp).step_args = fused.block_args(layer.mlp, arch, "qwen3_moe")
+    moe.set_layer_step(layer, layer.mlp, fused_layer.make_layer_step(backend, arch), (t, f))
     out["fused decoder layer (6 kernels, cache update, attention)"] = per_call_us(lambda i: layer(hs[i], None, cache), a.reps)
     front, tail = FusedFront(backend.split("-")[1]), FusedTail(backend.split("-")[1])
     out["attention front kernels alone (qkv, heads)"] = per_call_us(lambda i: front(hs[i], f, 1024)[0], a.reps)

@@ -11,6 +11,7 @@ or local rows, recording intact) and replaces everything after it:
                CPU path (MLX's bfloat16 CPU kernels are several times slower)
   mlx-lm       the block's own code (also: any shape the kernels do not take)
 
+The step is a MoeState field (moe.py: `step`, `step_args`, set here).
 On a kernel path (and `reference`) the whole decoder layer of one token is
 taken over where its shape allows (fused_layer.py): ~31 ops per layer become
 6 kernels, the KV cache update and MLX's attention.
@@ -34,7 +35,7 @@ from mlxmoe.kernels.layer_tail import FusedTail
 from mlxmoe.kernels.moe_step import FusedMoE, QuantizedExperts, dense, reference, unsupported
 
 from mlxmoe.model.fused_layer import layer_args, set_layer_steps
-from mlxmoe.model.moe import with_mixin
+from mlxmoe.model.moe import state_of
 
 PATHS = ("fused-metal", "fused-cuda", "reference", "mlx-lm")
 ENV = "MLXMOE_MOE_PATH"
@@ -60,22 +61,12 @@ def default_path() -> str:
     return _fallback()
 
 
-class FusedStep:
-    """Block mixin: one token takes the chosen path; anything else is mlx-lm's."""
-
-    def __call__(self, x):
-        step = getattr(self, "_step", None)
-        if step is None or x.size != x.shape[-1]:
-            return super().__call__(x)
-        return step(self, x)
-
-
 def experts_of(block, arch):
     """The block's experts as QuantizedExperts, or None if the kernels cannot
     read them (unquantized, biased, non-affine, or remapped ids)."""
     sw = getattr(block, arch.experts)
     projs = [getattr(sw, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
-    if getattr(sw, "_g2l", None) is not None or any(p is None or "scales" not in p or "bias" in p for p in projs):
+    if state_of(sw).g2l is not None or any(p is None or "scales" not in p or "bias" in p for p in projs):
         return None
     if any(getattr(p, "mode", "affine") != "affine" or p.get("biases") is None for p in projs):
         return None
@@ -96,11 +87,12 @@ def _rule(block, model_type):
 
 
 def make_step(path: str, arch, model_type: str):
-    """The per-block __call__ for one token on `path` (or "dense": the judge)."""
+    """The block's step for one token on `path` (or "dense": the judge); args:
+    its block_args, cached in its state (None: computed here)."""
     run = FusedMoE(path.split("-")[1]) if path.startswith("fused-") else dense if path == "dense" else reference
 
-    def step(block, x):
-        ex, top_k, norm, shared = getattr(block, "_fused_args", None) or block_args(block, arch, model_type)
+    def step(block, x, args=None):
+        ex, top_k, norm, shared = args or block_args(block, arch, model_type)
         y = run(x, getattr(block, arch.gate)(x), ex, top_k, norm)
         if shared:
             y = y + mx.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
@@ -180,7 +172,5 @@ def _fallback() -> str:
 
 def _set_steps(loaded, step, model_type):
     for block in loaded.blocks.values():
-        with_mixin(block, FusedStep)
-        # plain attributes, never parameters; the weights are final once loaded
-        object.__setattr__(block, "_step", step)
-        object.__setattr__(block, "_fused_args", None if step is None else block_args(block, loaded.arch, model_type))
+        s = state_of(block)  # the weights are final once loaded: the arguments are cached
+        s.step, s.step_args = step, None if step is None else block_args(block, loaded.arch, model_type)

@@ -13,9 +13,10 @@ around it is taken over too, where its shape allows:
                    moe_step.py) instead of 7 launches
 
 `reference` takes the same route through MLX ops (mlx-lm's own, in its
-order): the CPU path, and what the kernels are checked against. A layer whose
-router is masked, recording or hooked (eval, calibration, remote routing)
-runs mlx-lm's layer with the block path of fused.py alone.
+order): the CPU path, and what the kernels are checked against. The step is
+a MoeState field (`layer_step`, `layer_args`: moe.set_layer_step); moe.MoeLayer
+runs mlx-lm's layer instead, with the block path of fused.py alone, while the
+router is masked, recording or hooked (eval, calibration, remote routing).
 """
 
 from __future__ import annotations
@@ -28,19 +29,9 @@ from mlxmoe.kernels.attn_front import Front, FusedFront
 from mlxmoe.kernels.layer_tail import FusedTail, QLinear, Tail
 from mlxmoe.kernels.moe_step import FusedMoE, reference
 
-from mlxmoe.model.moe import replaced_child, with_mixin
+from mlxmoe.model.moe import replaced_child, set_layer_step
 
 PATHS = ("reference", "fused-cuda", "fused-metal")  # the paths that take layers over
-
-
-class FusedLayer:
-    """Decoder-layer mixin: one token takes `_layer_step`; anything else is mlx-lm's."""
-
-    def __call__(self, x, mask=None, cache=None):
-        step = getattr(self, "_layer_step", None)
-        if step is None or x.size != x.shape[-1]:
-            return super().__call__(x, mask, cache)
-        return step(self, x, mask, cache)
 
 
 def _qlinear(m) -> QLinear | None:
@@ -85,11 +76,6 @@ def _identity(a):
     return a
 
 
-def _plain(block, gate) -> bool:
-    """Routing untouched for this token: no remote hook, mask or recording."""
-    return all(getattr(o, n, None) is None for o, n in ((block, "_hook"), (gate, "_rec"), (gate, "_mask"), (gate, "_dynamic")))
-
-
 def make_layer_step(path: str, arch):
     from mlx_lm.models.base import scaled_dot_product_attention
 
@@ -98,11 +84,8 @@ def make_layer_step(path: str, arch):
     front = FusedFront(backend) if backend else attn_front.reference
     moe = FusedMoE(backend) if backend else reference
 
-    def step(layer, x, mask, cache):
-        block = getattr(layer, arch.block)
-        if not _plain(block, getattr(block, arch.gate)):
-            return super(FusedLayer, layer).__call__(x, mask, cache)
-        (t, f), (ex, top_k, norm, shared) = layer._layer_args, block._fused_args
+    def step(layer, x, mask, cache, s):
+        (t, f), (ex, top_k, norm, shared) = s.layer_args, s.step_args
         attn = layer.self_attn
         if f is not None and cache is not None:  # the KV cache's update and attention stay mlx-lm's
             q, k, v = front(x, f, cache.offset)
@@ -114,6 +97,7 @@ def make_layer_step(path: str, arch):
         h, xn, logits = tail(a, x, t)
         if not shared:
             return moe(xn, logits, ex, top_k, norm, res=h).reshape(x.shape)
+        block = getattr(layer, arch.block)
         y = moe(xn, logits, ex, top_k, norm) + mx.sigmoid(block.shared_expert_gate(xn)) * block.shared_expert(xn)
         return (h + y).reshape(x.shape)
 
@@ -139,10 +123,6 @@ def set_layer_steps(loaded, path: str) -> int:
     for l in loaded.manifest.moe_layers:
         layer = loaded.model.layers[l]
         t, f = layer_args(loaded, l, path)
-        if t is not None:
-            with_mixin(layer, FusedLayer)
-        if isinstance(layer, FusedLayer):
-            object.__setattr__(layer, "_layer_step", None if t is None else step)
-            object.__setattr__(layer, "_layer_args", (t, f))
+        set_layer_step(layer, getattr(layer, loaded.arch.block), None if t is None else step, (t, f))
         n += t is not None
     return n

@@ -52,7 +52,7 @@ class Loaded:
             raise ValueError("set_eligible needs the full model (load_bundle(..., group=None))")
         n = self.manifest.n_experts
         for l, b in self.blocks.items():
-            moe.set_eligible(b, self.arch.gate, n, None if per_layer is None else per_layer[l])
+            moe.set_eligible(b, n, None if per_layer is None else per_layer[l])
 
 
 def _files_for(m: Manifest, group, experts: bool) -> list[str]:

@@ -1,29 +1,61 @@
-"""Masked routing, one implementation for every supported architecture.
+"""The MoE-block protocol: what can change a MoE layer's forward, in one file.
 
-Instead of copying each model's MoE block, the block's own router and expert
-modules are given a subclass (same parameters, same paths):
+mlx-lm's model classes and parameter paths stay as they are; at load
+`install` gives a MoE layer's modules a subclass (one per pair, cached:
+`with_mixin`) whose __call__ reads ONE `MoeState`, shared by the block, its
+router (gate), its experts (SwitchGLU) and, where a one-token step takes it
+over, its decoder layer. Other modules change behaviour only through that
+object's fields (`state_of(module)`) and the named functions below, never
+through attributes of their own on mlx-lm's modules.
 
-- the router's logits of non-eligible experts become -inf *before* the block's
-  own selection rule (softmax or softmax-after-top-k, norm_topk_prob, shared
-  experts untouched). DeepSeek's sigmoid gate selects inside the gate with a
-  bias correction, so its masked twin applies the mask to the selection scores.
-- the SwitchGLU holds only the local experts; global expert ids chosen by the
-  router are mapped to local rows by a lookup table.
+Wrappers (all here):
+  MoeBlock          the block: `hook` replaces its forward; else one token takes
+                    `step`; else mlx-lm's code
+  MaskedLinearGate  Linear router (qwen*, mixtral, olmoe, gpt_oss): records, then
+                    adds `mask` or `dynamic(layer, logits)`
+  MaskedSigmoidGate DeepSeek-V3 / Kimi-K2 gate: the same on its selection scores
+  LocalLinearGate   Linear router of a node, holding only the local rows (below);
+                    records the logits of `full`
+  MoeExperts        SwitchGLU: global ids -> local rows by `g2l`; `outputs` sees
+                    each call's (layer, ids, y)
+  MoeLayer          decoder layer: one token with plain routing takes `layer_step`
 
+MoeState fields, and what sets each:
+  layer             install
+  mask              set_eligible (full model: -inf for non-eligible experts)
+  dynamic           dynamic_mask() (per-token mask, the one-hop oracle: node/remote/choose.py)
+  records, stop_at  GateRecorder (placement, calibration, eval)
+  full              install (a node's Linear router: the full router, for recording)
+  g2l               install (global id -> local row; None: ids are rows)
+  step, step_args   fused.install (the one-token MoE step and its cached arguments)
+  layer_step, layer_args  set_layer_step, from fused_layer.set_layer_steps
+  hook              hooked() (remote routing: node/remote/route.py); own_code() turns
+                    `step` off within a hook that replaces a child module
+  outputs           calibrate.ExpertOutputs (largest expert outputs)
+
+Spans restore each field on exit. `unhooked(block, x)` is the block's forward
+without its hook (what a hook computes locally); `replaced_child` shadows a
+child module for a span (remote split, the layer step's attention). A new
+routing mode adds a field here and reads it in the wrapper it changes.
+
+Masked routing, one implementation for every supported architecture: the
+router's logits of non-eligible experts become -inf *before* the block's own
+selection rule (softmax or softmax-after-top-k, norm_topk_prob, shared experts
+untouched). DeepSeek's sigmoid gate selects inside the gate with a bias
+correction, so its masked twin applies the mask to the selection scores.
 For Linear routers on a node (a strict subset of experts), the same result
 costs nothing: softmax over logits with -inf for non-eligible experts equals
 softmax over the eligible logits alone, so the router keeps only the local
 rows (in local order) and the block's own top-k yields local indices directly.
-No mask add and no id remap run per token; the full router is kept aside for
-recording logits (placement scores).
-
-With every expert eligible no mask is installed: the model is mlx-lm's own.
-The gates can also record their raw logits (placement, calibration, eval).
+No mask add and no id remap run per token. With every expert eligible no mask
+is set: the forward is mlx-lm's own.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -31,9 +63,32 @@ import numpy as np
 _CLASS_CACHE: dict = {}
 
 
-def _set(module, name, value):
-    # Plain attributes, kept out of the nn.Module tree: never parameters, never saved.
-    object.__setattr__(module, name, value)
+@dataclass(eq=False)
+class MoeState:
+    """Everything that can change one MoE layer's forward (module doc)."""
+    layer: int
+    mask: mx.array | None = None
+    dynamic: Callable | None = None  # (layer, logits) -> mask
+    records: list | None = None  # (layer, logits) appended while recording
+    stop_at: int | None = None
+    full: Callable | None = None
+    g2l: mx.array | None = None
+    step: Callable | None = None  # (block, x, step_args) -> y for one token
+    step_args: tuple | None = None
+    layer_step: Callable | None = None  # (decoder layer, x, mask, cache, state) -> y
+    layer_args: tuple | None = None
+    hook: Callable | None = None  # (block, x) -> y
+    outputs: Callable | None = None  # (layer, indices, y)
+
+
+def state_of(module) -> MoeState:
+    """The MoeState of an installed block, gate, experts or decoder layer."""
+    return module._moe
+
+
+def _attach(module, state: MoeState) -> None:
+    # A plain attribute, kept out of the nn.Module tree: never a parameter, never saved.
+    object.__setattr__(module, "_moe", state)
 
 
 @contextmanager
@@ -63,43 +118,58 @@ def with_mixin(module, mixin) -> None:
     module.__class__ = _CLASS_CACHE[key]
 
 
-class _Recorder:
-    """Shared by gate mixins: keep raw logits when recording is on; the mask
-    is a fixed eligible set, or per token (`_dynamic(layer, logits)`, e.g. the
-    one-hop oracle in remote.py) on a full model."""
+# ------------------------------------------------------------------ wrappers
 
-    def _mask_for(self, logits):
-        dyn = getattr(self, "_dynamic", None)
-        return getattr(self, "_mask", None) if dyn is None else dyn(self._layer, logits)
+class MoeBlock:
+    """The block: `hook` replaces its forward; one token takes `step`."""
 
-    def _record_logits(self, logits):
-        rec = getattr(self, "_rec", None)
-        if rec is not None:
-            rec.append((self._layer, logits))
-            if self._layer == getattr(self, "_stop_at", None):
-                raise StopForward
+    def __call__(self, x):
+        s = self._moe
+        if s.hook is not None:
+            return s.hook(self, x)
+        if s.step is None or x.size != x.shape[-1]:
+            return super().__call__(x)
+        return s.step(self, x, s.step_args)
 
 
-class MaskedLinearGate(_Recorder):
-    """Router that is a Linear (qwen*, mixtral, olmoe, gpt_oss): logits + mask."""
+def unhooked(block, x):
+    """The block's forward without its hook (what a hook computes locally)."""
+    s = block._moe
+    if s.step is None or x.size != x.shape[-1]:
+        return super(MoeBlock, block).__call__(x)
+    return s.step(block, x, s.step_args)
+
+
+def _record(s: MoeState, logits) -> None:
+    s.records.append((s.layer, logits))
+    if s.layer == s.stop_at:
+        raise StopForward
+
+
+class MaskedLinearGate:
+    """Router that is a Linear: records, then adds the fixed or per-token mask."""
 
     def __call__(self, x):
         logits = super().__call__(x)
-        self._record_logits(logits)
-        mask = self._mask_for(logits)
+        s = self._moe
+        if s.records is not None:
+            _record(s, logits)
+        mask = s.mask if s.dynamic is None else s.dynamic(s.layer, logits)
         return logits if mask is None else logits + mask
 
 
-class MaskedSigmoidGate(_Recorder):
+class MaskedSigmoidGate:
     """DeepSeek-V3 / Kimi-K2 gate: sigmoid scores, e_score_correction_bias,
     group-limited selection; non-eligible experts can never be selected."""
 
     def __call__(self, x):
         logits = x @ self.weight.T
-        self._record_logits(logits)
-        return sigmoid_group_select(logits, self.e_score_correction_bias, self._mask_for(logits),
-                                    self.top_k, self.n_group, self.topk_group,
-                                    self.routed_scaling_factor, self.norm_topk_prob)
+        s = self._moe
+        if s.records is not None:
+            _record(s, logits)
+        mask = s.mask if s.dynamic is None else s.dynamic(s.layer, logits)
+        return sigmoid_group_select(logits, self.e_score_correction_bias, mask, self.top_k, self.n_group,
+                                    self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
 
 
 def sigmoid_group_select(logits, bias, mask, top_k, n_group, topk_group, scaling, norm_topk_prob):
@@ -126,51 +196,81 @@ def sigmoid_group_select(logits, bias, mask, top_k, n_group, topk_group, scaling
     return inds, w * scaling
 
 
-class LocalLinearGate(_Recorder):
-    """Linear router holding only the local experts' rows (see module doc)."""
+class LocalLinearGate:
+    """Linear router holding only the local experts' rows (module doc)."""
 
     def __call__(self, x):
-        if getattr(self, "_rec", None) is not None:
-            self._record_logits(self._full(x))
+        s = self._moe
+        if s.records is not None:
+            _record(s, s.full(x))
         return super().__call__(x)
 
 
-class LocalExperts:
-    """SwitchGLU holding only local experts: global ids -> local rows."""
+class MoeExperts:
+    """SwitchGLU: global ids -> local rows (`g2l`); `outputs` sees each call.
+    The one-token steps read the experts' arrays directly, past this."""
 
     def __call__(self, x, indices):
-        g2l = getattr(self, "_g2l", None)
-        return super().__call__(x, indices if g2l is None else g2l[indices])
+        s = self._moe
+        y = super().__call__(x, indices if s.g2l is None else s.g2l[indices])
+        if s.outputs is not None:
+            s.outputs(s.layer, indices, y)
+        return y
 
+
+class MoeLayer:
+    """Decoder layer: one token takes `layer_step` while routing is plain (no
+    hook, recording or mask: the step computes the router logits itself)."""
+
+    def __call__(self, x, mask=None, cache=None):
+        s = self._moe
+        if (s.layer_step is None or x.size != x.shape[-1] or s.hook is not None or s.records is not None
+                or s.mask is not None or s.dynamic is not None):
+            return super().__call__(x, mask, cache)
+        return s.layer_step(self, x, mask, cache, s)
+
+
+# ------------------------------------------------------------------ installing
 
 def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
-            n_experts: int, local_ids: list[int] | None):
-    """Make `block` route only to `local_ids` (global ids, in local row order).
-    local_ids=None: every expert is local and eligible (no mask, no remap)."""
+            n_experts: int, local_ids: list[int] | None) -> MoeState:
+    """Give `block`, its gate and its experts one MoeState, routing only to
+    `local_ids` (global ids, in local row order). local_ids=None: every
+    expert is local and eligible (no mask, no remap)."""
     import copy
 
     gate = getattr(block, gate_attr)
     experts = getattr(block, experts_attr)
+    s = MoeState(layer)
     local_ids = list(range(n_experts)) if local_ids is None else list(local_ids)
     if scoring != "sigmoid_group" and local_ids != list(range(n_experts)):
-        full = copy.copy(gate)  # same arrays, original class: records full logits
+        s.full = copy.copy(gate)  # same arrays, original class: records full logits
         rows = mx.array(local_ids)
         for name in ("weight", "scales", "biases", "bias"):
             if name in gate:
                 setattr(gate, name, gate[name][rows])
         with_mixin(gate, LocalLinearGate)
-        _set(gate, "_full", full)
-        _set(gate, "_layer", layer)
-        return
-    mixin = MaskedSigmoidGate if scoring == "sigmoid_group" else MaskedLinearGate
-    with_mixin(gate, mixin)
-    _set(gate, "_layer", layer)
-    with_mixin(experts, LocalExperts)
-    set_eligible(block, gate_attr, n_experts, None if len(set(local_ids)) == n_experts else local_ids)
-    g2l = None
-    if local_ids != list(range(n_experts)):  # non-eligible ids are never selected; 0 keeps the gather in range
-        g2l = mx.array(np.maximum(row_table(local_ids, n_experts), 0), dtype=mx.int32)
-    _set(experts, "_g2l", g2l)
+    else:
+        with_mixin(gate, MaskedSigmoidGate if scoring == "sigmoid_group" else MaskedLinearGate)
+        if len(set(local_ids)) != n_experts:
+            s.mask = eligible_mask(local_ids, n_experts)
+        if local_ids != list(range(n_experts)):  # non-eligible ids are never selected; 0 keeps the gather in range
+            s.g2l = mx.array(np.maximum(row_table(local_ids, n_experts), 0), dtype=mx.int32)
+    with_mixin(block, MoeBlock)
+    with_mixin(experts, MoeExperts)
+    for m in (block, gate, experts):
+        _attach(m, s)
+    return s
+
+
+def set_layer_step(decoder_layer, block, step, args) -> None:
+    """The decoder layer shares its block's state; with a `step`, one token
+    takes it (fused_layer.py), else the layer stays mlx-lm's class."""
+    s = block._moe
+    _attach(decoder_layer, s)
+    if step is not None:
+        with_mixin(decoder_layer, MoeLayer)
+    s.layer_step, s.layer_args = step, args
 
 
 def row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
@@ -180,15 +280,50 @@ def row_table(local_ids: list[int], n_experts: int) -> np.ndarray:
     return t
 
 
-def set_eligible(block, gate_attr: str, n_experts: int, eligible: list[int] | None):
+def eligible_mask(eligible, n_experts: int) -> mx.array:
+    m = mx.full((n_experts,), -mx.inf, dtype=mx.float32)
+    m[mx.array(sorted(eligible))] = 0.0
+    return m
+
+
+def set_eligible(block, n_experts: int, eligible: list[int] | None) -> None:
     """Change only the mask (experts stay loaded): used to evaluate many
     configurations on one full model."""
-    gate = getattr(block, gate_attr)
-    m = None
-    if eligible is not None:
-        m = mx.full((n_experts,), -mx.inf, dtype=mx.float32)
-        m[mx.array(sorted(eligible))] = 0.0
-    _set(gate, "_mask", m)
+    block._moe.mask = None if eligible is None else eligible_mask(eligible, n_experts)
+
+
+# ------------------------------------------------------------------ spans
+
+@contextmanager
+def _setting(modules, name: str, values):
+    """Within the block, field `name` of each module's state is values[i]."""
+    states = [m._moe for m in modules]
+    old = [getattr(s, name) for s in states]
+    for s, v in zip(states, values):
+        setattr(s, name, v)
+    try:
+        yield
+    finally:
+        for s, v in zip(states, old):
+            setattr(s, name, v)
+
+
+def dynamic_mask(modules, fn):
+    """Within the block, every gate masks per token: `fn(layer, logits)` -> mask."""
+    modules = list(modules)
+    return _setting(modules, "dynamic", [fn] * len(modules))
+
+
+def hooked(modules, hooks):
+    """Within the block, modules[i]'s block forward is hooks[i](block, x)."""
+    return _setting(modules, "hook", hooks)
+
+
+def own_code(block):
+    """Within the block, `block` runs mlx-lm's code for one token too: the
+    one-token step reads the experts' arrays directly and would bypass a
+    replaced experts module."""
+    return _setting([block], "step", [None])
 
 
 class GateRecorder:
@@ -199,15 +334,14 @@ class GateRecorder:
         self.gates, self.stop_at, self.records = gates, stop_at, []
 
     def __enter__(self):
+        self.old = [(g._moe.records, g._moe.stop_at) for g in self.gates]
         for g in self.gates:
-            _set(g, "_rec", self.records)
-            _set(g, "_stop_at", self.stop_at)
+            g._moe.records, g._moe.stop_at = self.records, self.stop_at
         return self
 
     def __exit__(self, *exc):
-        for g in self.gates:
-            _set(g, "_rec", None)
-            _set(g, "_stop_at", None)
+        for g, old in zip(self.gates, self.old):
+            g._moe.records, g._moe.stop_at = old
         return exc[0] is StopForward
 
     def by_layer(self) -> dict:

@@ -18,6 +18,7 @@ from mlxmoe.node.contract import GenParams, TokenEvent
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_tokenizer
+from mlxmoe.model.moe import state_of
 from mlxmoe.node.remote.route import Remote, routed_local
 from mlxmoe.node.sessions import Session, SessionStore
 from mlxmoe.node.tokens import Tokens
@@ -247,7 +248,7 @@ class Node(Tokens):
         if missing:
             raise MlxMoeError(f"ids: expert(s) {missing[:8]} of layer {layer} are not on this node (group {self.group})")
         sw = getattr(self.loaded.blocks[layer], self.loaded.arch.experts)
-        rows = ids if getattr(sw, "_g2l", None) is not None else table[ids].tolist()  # _g2l maps global ids itself
+        rows = ids if state_of(sw).g2l is not None else table[ids].tolist()  # g2l maps global ids itself
         return sw(x, mx.array(rows, dtype=mx.int32)[:, None])[:, 0]
 
     def export_session(self, session_id: str) -> dict:

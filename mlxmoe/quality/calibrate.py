@@ -33,22 +33,19 @@ class ExpertOutputs:
     the tokens routed to it (massive activations mark super experts)."""
 
     def __init__(self, loaded):
+        from mlxmoe.model.moe import state_of
+
         self.loaded, self.max = loaded, {}
+        self.states = [state_of(b) for b in loaded.blocks.values()]  # their `outputs` field
 
     def __enter__(self):
-        for l, b in self.loaded.blocks.items():
-            sw = getattr(b, self.loaded.arch.experts)
-            base = type(sw)
-            rec = type(f"Recording{base.__name__}", (_OutRec, base), {})
-            object.__setattr__(sw, "_rec_base", base)
-            object.__setattr__(sw, "_rec_out", (self, l))
-            sw.__class__ = rec
+        for s in self.states:
+            s.outputs = self.add
         return self
 
     def __exit__(self, *exc):
-        for b in self.loaded.blocks.values():
-            sw = getattr(b, self.loaded.arch.experts)
-            sw.__class__ = sw._rec_base
+        for s in self.states:
+            s.outputs = None
 
     def add(self, layer, indices, y):
         n = self.loaded.manifest.n_experts
@@ -57,14 +54,6 @@ class ExpertOutputs:
         per = mx.zeros((n,), dtype=mx.float32).at[idx].maximum(m)
         cur = self.max.get(layer)
         self.max[layer] = per if cur is None else mx.maximum(cur, per)
-
-
-class _OutRec:
-    def __call__(self, x, indices):
-        y = super().__call__(x, indices)
-        owner, layer = self._rec_out
-        owner.add(layer, indices, y)
-        return y
 
 
 def collect(loaded, items: list[tuple[str, list[int]]], advance=lambda n: None, outputs: bool = True) -> gr.Stats:

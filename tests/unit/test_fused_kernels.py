@@ -192,7 +192,7 @@ def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, a
     router, MoE + residual; shared experts on qwen2_moe) on the reference ops:
     same greedy tokens as mlx-lm's layers, on a node with every expert and a
     one-group node (local router rows)."""
-    from mlxmoe.model import fused
+    from mlxmoe.model import fused, moe
     from mlxmoe.node.contract import GenParams
     from mlxmoe.node.engine import Node
     from mlxmoe.bundle.split import split
@@ -207,7 +207,7 @@ def test_layer_tail_takes_every_moe_layer_and_keeps_the_tokens(ckpt, tmp_path, a
             out[path] = [e.token for e in node.generate(None, [1, 2, 3, 4], GenParams(max_tokens=24, temperature=0.0))]
             assert node.info()["fused_layers"] == (3 if path == "reference" else 0)
             if path == "reference":  # the attention front: Qwen3's layout only
-                fronts = [node.model.layers[l]._layer_args[1] is not None for l in node.loaded.manifest.moe_layers]
+                fronts = [moe.state_of(node.model.layers[l]).layer_args[1] is not None for l in node.loaded.manifest.moe_layers]
                 assert fronts == [arch == "qwen3_moe"] * 3
         assert out["reference"] == out["mlx-lm"], (arch, group, kv_bits)
 

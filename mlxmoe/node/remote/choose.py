@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import mlx.core as mx
 import numpy as np
 
+from mlxmoe.model.moe import dynamic_mask
 from mlxmoe.model.placement import router_probs, topk_mass
 
 
@@ -60,11 +61,5 @@ def dynamic_onehop(loaded, home: int, groups=None, on_pick=None, split: bool = F
             on_pick(layer, chosen)
         return masks[layer][pick]
 
-    gates = loaded.gates
-    for g in gates:
-        object.__setattr__(g, "_dynamic", mask)
-    try:
+    with dynamic_mask(loaded.gates, mask):
         yield
-    finally:
-        for g in gates:
-            object.__setattr__(g, "_dynamic", None)

@@ -5,7 +5,6 @@ state that makes routes (package docstring: the modes and the contract)."""
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -13,30 +12,12 @@ import numpy as np
 from mlxmoe import wire
 from mlxmoe.errors import MlxMoeError, PeerError
 from mlxmoe.modes import ROUTING_MODES
-from mlxmoe.model.moe import replaced_child, row_table, with_mixin
+from mlxmoe.model.moe import hooked, own_code, replaced_child, row_table, state_of, unhooked
 from mlxmoe.node.remote.choose import candidate_sets, group_order, onehop_pick, set_masks
 from mlxmoe.node.remote.peers import Inbox, PeerLink
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
-
-
-class RemoteBlock:
-    """Mixin for a MoE block: `_hook(block, x)`, when set, replaces the block's
-    forward (only while a remote-mode session steps)."""
-
-    def __call__(self, x):
-        hook = getattr(self, "_hook", None)
-        return super().__call__(x) if hook is None else hook(self, x)
-
-
-def install_blocks(blocks) -> None:
-    for b in blocks:
-        with_mixin(b, RemoteBlock)
-
-
-def _base(block, x):
-    return super(RemoteBlock, block).__call__(x) if isinstance(block, RemoteBlock) else block(x)
 
 
 def _zeros_like_input(x):
@@ -49,22 +30,9 @@ def routed_local(block, x: mx.array) -> mx.array:
     its shared experts (trunk, computed by the caller) contributing zero."""
     shared = [a for a in SHARED_ATTRS if a in block]
     if not shared:
-        return _base(block, x)
+        return unhooked(block, x)
     with replaced_child(block, shared[0], _zeros_like_input):
-        return _base(block, x)
-
-
-@contextmanager
-def _own_code(block):
-    """Within the block, `block` runs mlx-lm's code for one token too: fused.py's
-    one-token path reads the experts' arrays directly and would bypass a
-    replaced experts module."""
-    step = block.__dict__.get("_step")
-    object.__setattr__(block, "_step", None)
-    try:
-        yield
-    finally:
-        object.__setattr__(block, "_step", step)
+        return unhooked(block, x)
 
 
 def shared_part(block, experts_attr: str, x: mx.array) -> mx.array | None:
@@ -72,13 +40,13 @@ def shared_part(block, experts_attr: str, x: mx.array) -> mx.array | None:
     with the routed experts contributing zero."""
     if not any(a in block for a in SHARED_ATTRS):
         return None
-    with _own_code(block), replaced_child(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
-        return _base(block, x)
+    with own_code(block), replaced_child(block, experts_attr, lambda h, inds: mx.zeros(inds.shape + (h.shape[-1],), h.dtype)):
+        return unhooked(block, x)
 
 
 def full_logits(gate, x: mx.array) -> mx.array:
-    """Router logits over all experts (a node's Linear gate keeps its full twin in `_full`)."""
-    full = getattr(gate, "_full", None)
+    """Router logits over all experts (a node's Linear gate keeps its full twin in its state)."""
+    full = state_of(gate).full
     return full(x) if full is not None else x @ gate.weight.T
 
 
@@ -100,7 +68,6 @@ class Remote:
         self.routes: dict[str, Route | None] = {}  # each session's latest route (the prefill op reuses it)
         # per MoE layer: global expert id -> row in this node's experts (-1: not held)
         self.rows = {l: row_table(ids, self.m.n_experts) for l, ids in loaded.local_ids.items()}
-        install_blocks(loaded.blocks.values())
 
     def link(self, url: str, group: int) -> PeerLink:
         if url not in self.links:
@@ -159,19 +126,13 @@ class Route:
         self.sets = {l: candidate_sets(self.m, home, self.order, l, split) for l in self.m.moe_layers}
         if split:
             self.masks = {l: set_masks(self.sets[l], self.m.n_experts) for l in self.m.moe_layers}
-        self.hooks = {l: self._hook_for(l) for l in self.m.moe_layers}
+        blocks = loaded.blocks
+        self.blocks = [blocks[l] for l in self.m.moe_layers]
+        self.hooks = [self._hook_for(l) for l in self.m.moe_layers]
 
-    @contextmanager
     def active(self):
-        """Install this route's hooks on the MoE blocks for the span of one step."""
-        blocks = self.r.loaded.blocks
-        for l, b in blocks.items():
-            object.__setattr__(b, "_hook", self.hooks[l])
-        try:
-            yield
-        finally:
-            for b in blocks.values():
-                object.__setattr__(b, "_hook", None)
+        """This route's hooks on the MoE blocks for the span of one step."""
+        return hooked(self.blocks, self.hooks)
 
     def wrap(self, steps):
         """generate_step's iterator with the hooks active while it computes."""
@@ -232,9 +193,9 @@ class Route:
         pick = onehop_pick(logits, self.m.moe["scoring"], self.sets[layer], self.m.top_k)
         mask = self.masks[layer][pick]
         split = _SplitExperts(self, layer, experts, np.array(pick).reshape(-1))
-        with _own_code(block), replaced_child(block, self.arch.gate, lambda h: logits + mask), \
+        with own_code(block), replaced_child(block, self.arch.gate, lambda h: logits + mask), \
                 replaced_child(block, self.arch.experts, split):
-            return _base(block, x)
+            return unhooked(block, x)
 
     def call(self, group: int, layer: int, x: mx.array, ids: list[int] | None = None,
              rows: list[int] | None = None) -> mx.array:
