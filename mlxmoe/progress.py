@@ -28,11 +28,7 @@ API::
 Everything goes to stderr so a command's stdout stays machine-readable.
 Units need not be bytes (``unit="items"`` shows plain counts in bar mode).
 
-For a command's option, use the shared one so every command spells it alike::
-
-    @click.command()
-    @progress_option()
-    def split_cmd(..., progress_mode): ...
+A command's `--progress` option is the shared one in mlxmoe/commands/options.py.
 """
 
 from __future__ import annotations
@@ -70,14 +66,6 @@ class Progress:
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
-
-
-def progress_option():
-    """`--progress [bar|quiet|json]` (passed as `progress_mode`), default bar."""
-    import click
-
-    return click.option("--progress", "progress_mode", type=click.Choice(MODES), default="bar", show_default=True,
-                        help="How to show progress on stderr: a bar, nothing, or JSON lines for scripts.")
 
 
 def _json_emitter(stream: IO[str]):

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import re
 
-import click
-
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
 def parse_size(text: str | None, option: str) -> int | None:
-    """text -> bytes (None stays None); a clear error naming `option` otherwise."""
+    """text -> bytes (None stays None); a ValueError naming `option` otherwise."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
     if not m:
-        raise click.BadParameter(f"{text!r}: give a size such as 500MB, 2GiB or 123456", param_hint=option)
+        raise ValueError(f"{option}: {text!r}: give a size such as 500MB, 2GiB or 123456")
     return int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()])

@@ -6,9 +6,8 @@ import json
 
 import click
 
-from mlxmoe.commands.options import clean_errors
+from mlxmoe.commands.options import clean_errors, parse_size
 from mlxmoe.quality import grouping as gr
-from mlxmoe.units import parse_size
 
 
 @click.command("calibrate")

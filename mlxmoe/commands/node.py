@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, run_server, setup_logging,
-                                     verbose_option)
-from mlxmoe.units import parse_size
+from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, parse_size, run_server,
+                                     setup_logging, verbose_option)
 
 
 @click.command("node")

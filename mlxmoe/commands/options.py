@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from mlxmoe.errors import MlxMoeError
+from mlxmoe import progress, units
 from mlxmoe.modes import ROUTER_MODES
 
 BITS = ["2", "3", "4", "5", "6", "8", "16"]
@@ -45,6 +46,20 @@ def interface_option(f):
 
 def verbose_option(f):
     return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
+
+
+def progress_option():
+    """`--progress [bar|quiet|json]` (passed as `progress_mode`), default bar."""
+    return click.option("--progress", "progress_mode", type=click.Choice(progress.MODES), default="bar", show_default=True,
+                        help="How to show progress on stderr: a bar, nothing, or JSON lines for scripts.")
+
+
+def parse_size(text: str | None, option: str) -> int | None:
+    """units.parse_size, its error as click's for `option`."""
+    try:
+        return units.parse_size(text, option)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix(f"{option}: "), param_hint=option) from None
 
 
 def progress_options(json_help: str):

@@ -72,7 +72,7 @@ def test_progress_option():
     import click
     from click.testing import CliRunner
 
-    from mlxmoe.progress import progress_option
+    from mlxmoe.commands.options import progress_option
 
     @click.command()
     @progress_option()

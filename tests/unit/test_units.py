@@ -1,6 +1,7 @@
 import click
 import pytest
 
+from mlxmoe.commands.options import parse_size as size_option
 from mlxmoe.units import parse_size
 
 
@@ -12,6 +13,8 @@ def test_sizes_decimal_and_binary(text, want):
 
 def test_bad_size_names_the_option():
     assert parse_size(None, "--x") is None
-    with pytest.raises(click.BadParameter) as e:
+    with pytest.raises(ValueError, match="--kv-budget: 'lots': give a size"):
         parse_size("lots", "--kv-budget")
+    with pytest.raises(click.BadParameter) as e:  # the commands' wrapper: click names the option
+        size_option("lots", "--kv-budget")
     assert "give a size" in str(e.value) and e.value.param_hint == "--kv-budget"
