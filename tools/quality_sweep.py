@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from mlxmoe.quality import grouping as gr  # noqa: E402
 from mlxmoe.quality import eval as q  # noqa: E402
-from mlxmoe.quality.calibrate import collect  # noqa: E402
+from mlxmoe.quality.stats import collect  # noqa: E402
 from mlxmoe.quality.report import write_plot  # noqa: E402
 from mlxmoe.quality.suites import load_suites, tokenize  # noqa: E402
 from mlxmoe.model.load import load_bundle, load_tokenizer  # noqa: E402

@@ -31,7 +31,7 @@ MoeState fields, and what sets each:
   layer_step, layer_args  set_layer_step, from fused_layer.set_layer_steps
   hook              hooked() (remote routing: node/remote/route.py); own_code() turns
                     `step` off within a hook that replaces a child module
-  outputs           calibrate.ExpertOutputs (largest expert outputs)
+  outputs           quality/stats.ExpertOutputs (largest expert outputs)
 
 Spans restore each field on exit. `unhooked(block, x)` is the block's forward
 without its hook (what a hook computes locally); `replaced_child` shadows a

@@ -41,7 +41,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlxmoe.quality import grouping as gr
-from mlxmoe.quality.calibrate import collect
+from mlxmoe.quality.stats import collect
 from mlxmoe.quality.metrics import ONEHOP_METRICS, aggregate, capture, logp_of, ref_nll_of, token_metrics
 from mlxmoe.quality.suites import load_suites, tokenize
 from mlxmoe.errors import MlxMoeError

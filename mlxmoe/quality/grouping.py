@@ -1,7 +1,7 @@
 """Which experts go together: groupings (per-layer balanced partitions) and
 overlays (per-layer replicated sets), computed from calibration statistics.
 
-Everything here is plain numpy on `Stats` (collected by calibrate.collect):
+Everything here is plain numpy on `Stats` (collected by stats.collect):
 no model is needed, so eval can try many strategies on one loaded model.
 
 Strategies (per layer, N balanced groups):

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxmoe.quality import calibrate as cal
+from mlxmoe.quality.stats import collect
 from mlxmoe.quality import suites
 from mlxmoe.cli import main
 from mlxmoe.errors import MlxMoeError
@@ -34,7 +35,7 @@ def test_collect_statistics_add_up(src):
     _, b, suite = src
     loaded, tok = load_bundle(b), load_tokenizer(b)
     items = suites.tokenize(tok, suites.load_suite(str(suite))[1])
-    st = cal.collect(loaded, items)
+    st = collect(loaded, items)
     k, n = loaded.manifest.top_k, loaded.manifest.n_experts
     for d, dom in enumerate(st.domains):
         assert st.tokens[dom] == sum(len(i) for x, i in items if x == dom)
@@ -143,7 +144,7 @@ def test_super_experts_found_when_one_expert_dominates(src):
     _, b, suite = src
     loaded = load_bundle(b)
     items = suites.tokenize(load_tokenizer(b), suites.load_suite(str(suite))[1])
-    st = cal.collect(loaded, items)
+    st = collect(loaded, items)
     l0, i0 = loaded.manifest.moe_layers[0], 0
     busy = int(np.argmax(st.balanced("sel")[i0]))
     # plant: a huge output for one (not the busiest) expert
@@ -151,7 +152,7 @@ def test_super_experts_found_when_one_expert_dominates(src):
     sw = loaded.blocks[l0].switch_mlp
     sw.down_proj.weight[e] = sw.down_proj.weight[e] * 200
     mx.eval(sw.parameters())
-    st = cal.collect(loaded, items)
+    st = collect(loaded, items)
     found = cal.find_super_experts(loaded, st, items)
     assert e in found["experts"].get(l0, []), found
     st.super_experts = found["experts"]
