@@ -209,7 +209,7 @@ class FakeEngine:
         if session_id in self.busy:  # as the real node: not while a stream is still open
             raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         toks = self.sessions[session_id]
-        caches = [{"type": "FakeCache", "state": {"v": bytes(toks)}, "meta": []}] if toks else []
+        caches = [{"type": "FakeCache", "state": {"v": bytes(toks)}}] if toks else []
         return {"id": session_id, "tokens": list(toks), "caches": caches, "manifest": self.manifest.hash}
 
     def import_session(self, state: dict) -> str:

@@ -3,18 +3,15 @@ session between nodes (export_session / import_session).
 
 Through mlx-lm's own cache state API, so every cache class it has (plain,
 quantized, rotating, ...) moves without this module knowing its fields:
-`cache.state` (a tree of arrays and scalars), `cache.meta_state` (older
-mlx-lm only: strings; newer versions fold it into `state`), and the class's
-`from_state`, which takes (state, meta_state) in older mlx-lm and (state) in
-newer. This is the one place that knows those differences.
+`cache.state` (a tree of arrays and scalars: since mlx-lm 0.32 the whole
+state, numbers included) and the class's `from_state(state)`. This is the one
+place that knows that API; pyproject pins the mlx-lm range it holds for.
 
-One cache = {"type": class name, "state": tree, "meta": [str]}; a tree node
-is {"a": tensor} (mlxmoe.wire's codec), {"l": [nodes]} or {"v": scalar}.
+One cache = {"type": class name, "state": tree}; a tree node is {"a": tensor}
+(mlxmoe.wire's codec), {"l": [nodes]} or {"v": scalar}.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import mlx.core as mx
 
@@ -23,8 +20,7 @@ from mlxmoe.errors import MlxMoeError
 
 
 def export_caches(caches: list | None) -> list[dict]:
-    return [{"type": type(c).__name__, "state": _tree(list(c.state)), "meta": list(getattr(c, "meta_state", ()))}
-            for c in caches or []]
+    return [{"type": type(c).__name__, "state": _tree(list(c.state))} for c in caches or []]
 
 
 def import_caches(states: list[dict]) -> list | None:
@@ -37,13 +33,7 @@ def _restore(d: dict):
     cls = getattr(cache_mod, d["type"], None)
     if not isinstance(cls, type) or not hasattr(cls, "from_state"):
         raise MlxMoeError(f"session import: unknown cache type {d['type']!r}")
-    state, meta = _untree(d["state"]), d.get("meta") or []
-    if "meta_state" in inspect.signature(cls.from_state).parameters:
-        return cls.from_state(state, meta)
-    c = cls.from_state(state)
-    if meta:
-        c.meta_state = meta
-    return c
+    return cls.from_state(_untree(d["state"]))
 
 
 def _tree(x):

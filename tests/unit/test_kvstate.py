@@ -1,6 +1,5 @@
 """KV state adapter (node/kvstate.py): every mlx-lm cache class moves through
-plain msgpack bytes and comes back bit for bit, with either from_state
-signature (mlx-lm before and after meta_state was folded into state)."""
+plain msgpack bytes and comes back bit for bit; unknown types are named."""
 
 from __future__ import annotations
 
@@ -44,20 +43,4 @@ def test_no_cache_is_none_and_unknown_types_are_named():
     assert export_caches(None) == [] and import_caches([]) is None
     for name in ("NoSuchCache", "mx", "create_attention_mask"):
         with pytest.raises(MlxMoeError, match=repr(name)):
-            import_caches([{"type": name, "state": {"l": []}, "meta": []}])
-
-
-def test_older_from_state_gets_the_meta_state(monkeypatch):
-    class OldCache:  # mlx-lm before meta_state joined state: from_state(state, meta_state)
-        @classmethod
-        def from_state(cls, state, meta_state):
-            c = cls()
-            c.state, c.meta_state = state, meta_state
-            return c
-
-    monkeypatch.setattr(cache_mod, "OldCache", OldCache, raising=False)
-    c = OldCache.from_state([mx.arange(4)], ("256", "4"))
-    d = export_caches([c])
-    assert d[0]["type"] == "OldCache" and d[0]["meta"] == ["256", "4"]
-    (back,) = _moved([c])
-    assert back.meta_state == ["256", "4"] and mx.array_equal(back.state[0], mx.arange(4)).item()
+            import_caches([{"type": name, "state": {"l": []}}])
