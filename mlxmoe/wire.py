@@ -148,7 +148,7 @@ TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}  # an activation's wire dtype ->
 ENVELOPE_SCHEMA = {
     "_required": ["v", "op", "ts", "nonce", "body"],
     "v": "int", "op": "str", "ts": "num", "nonce": "str", "body": "dict",
-    "mh": "str",  # manifest hash the caller expects (DESIGN: travels in every RPC)
+    "mh": "str",  # manifest hash the caller expects (it travels in every RPC: docs/ARCHITECTURE.md)
 }
 
 OP_SCHEMAS: dict[str, dict] = {

@@ -1,4 +1,4 @@
-"""Placement scores: which group fits a prompt (DESIGN.md, "placement score").
+"""Placement scores: which group fits a prompt (docs/ARCHITECTURE.md, "placement score").
 
 S(g) = mean over scored (layer, token) of the sum of the top-k router
 probabilities within eligible(g). Probabilities are over all experts: softmax
@@ -17,7 +17,7 @@ from mlxmoe.bundle.manifest import Manifest
 
 @dataclass
 class PlacementScores:
-    """S(g) per group (DESIGN.md: mean over scored layers and prompt tokens of
+    """S(g) per group (docs/ARCHITECTURE.md: mean over scored layers and prompt tokens of
     the top-k probability mass inside eligible(g))."""
 
     scores: dict[int, float]
