@@ -1,15 +1,6 @@
 """The decode benchmark behind `mlxmoe bench` (and tools/bench_decode.py): mlx-lm's own generation vs an
-mlxmoe node, same model, same machine, one process.
-
-    mlxmoe bench --bundle BUNDLE --source SRC        # a split model and its source
-    mlxmoe bench --synthetic qwen3-30b-a3b --layers 12 --bits 4   # random weights
-
-Rows: mlx-lm (full model), node with every expert eligible, node with one of
-the bundle's groups. Columns: prompt tok/s, decode tok/s (median of --runs),
-time to first token, resident memory (MLX active memory) against the
-arithmetic trunk + group + overlay + KV, and the share of the memory-bandwidth
-roofline (bytes touched per decoded token / time per token / bandwidth).
-Prints a table and one JSON line per row."""
+mlxmoe node, same model, same machine, one process. The rows and columns are what `mlxmoe bench --help`
+says (commands/bench.py)."""
 
 from __future__ import annotations
 
