@@ -225,11 +225,14 @@ class NodeServer:
         return out
 
     def queue_state(self) -> dict:
-        """Streams decoding and waiting, the bounds, and seconds since the last token round."""
+        """Streams decoding and waiting, the bounds, seconds since the last
+        token round, and how long the engine has been busy in one job or round
+        (`stalled_s`: a long prefill, or a wedged engine the router gives up on)."""
         w = self.worker.load()
         since = time.time() - w["last_step"] if w["last_step"] else None
         return {"streams": w["streams"], "queued": w["queued"], "max_streams": self.worker.max_streams,
-                "max_queue": self.max_queue, "busy": w["busy"], "last_step_s": since, "step_ms": w["step_ms"]}
+                "max_queue": self.max_queue, "busy": w["busy"], "last_step_s": since, "step_ms": w["step_ms"],
+                "stalled_s": w["stalled_s"]}
 
     async def _engine_info(self) -> dict:
         """A busy engine refreshes its snapshot itself between token rounds

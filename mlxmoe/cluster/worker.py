@@ -70,6 +70,7 @@ class EngineWorker:
         self._in_call = False
         self.last_step = 0.0  # time.time() of the last token round
         self.step_ms = 0.0  # how long that round took
+        self.progress_at = time.time()  # the last job or token round that completed
         self.snapshot: dict | None = None  # latest snapshot_fn() result, taken on this thread
         self.snapshot_at = 0.0
         self._snapshot_fn: Callable[[], dict] | None = None
@@ -119,8 +120,10 @@ class EngineWorker:
 
     def load(self) -> dict:
         """Plain numbers, safe to read from the event loop while the engine works."""
-        return {"streams": len(self._streams), "queued": len(self._waiting) + self._jobs.qsize(),
-                "busy": not self.idle, "last_step": self.last_step, "step_ms": self.step_ms}
+        busy = not self.idle
+        return {"streams": len(self._streams), "queued": len(self._waiting) + self._jobs.qsize(), "busy": busy,
+                "last_step": self.last_step, "step_ms": self.step_ms,
+                "stalled_s": max(0.0, time.time() - self.progress_at) if busy else 0.0}
 
     # ---- worker thread
     def _run(self) -> None:
@@ -130,6 +133,7 @@ class EngineWorker:
             except queue.Empty:
                 job = None
             if job is not None:
+                self.progress_at = time.time()  # waiting for work is not being stuck
                 self._handle(job)  # pending jobs are drained before the next round of tokens
             else:
                 if self._waiting and self._waiting[0].cancelled:
@@ -138,6 +142,7 @@ class EngineWorker:
                 for s in list(self._streams):
                     self._step(s)
                 self.step_ms, self.last_step = (time.perf_counter() - t0) * 1000, time.time()
+            self.progress_at = time.time()
             if self._streams and time.time() - self.snapshot_at >= self._snapshot_every:
                 self.refresh_snapshot()
         for s in self._streams + list(self._waiting):

@@ -201,3 +201,29 @@ def test_worker_drops_a_waiting_stream_whose_caller_left():
     finally:
         w.stop()
     assert ran == [0, 2]
+
+
+def test_chat_queued_past_the_first_token_timeout_gets_429_and_the_node_stays_up():
+    eng = FakeEngine(group=0, delay=0.05)  # decoding, slowly: it makes progress all the time
+    with LocalCluster([eng], first_token_timeout=1.0, probe_interval=0.3) as c:
+        c.nodes[0].server.worker.max_streams = 1  # one stream at a time: the next one waits its turn
+        long = start_chat(c, chat("a long answer", 60))  # ~3 s of tokens
+        wait_for(lambda: c.nodes[0].server.worker.load()["streams"] == 1, "the long stream to start")
+        status, headers, out = asyncio.run_coroutine_threadsafe(post(c.api_url, chat("me next")), c.loop).result(30)
+        assert status == 429 and out["error"]["code"] == "overloaded" and int(headers["Retry-After"]) >= 1, out
+        assert [p.state for p in c.router.peers.peers.values()] == ["up"]
+        assert long.result(30)[0] == 200
+        status, _, out = asyncio.run_coroutine_threadsafe(post(c.api_url, chat("me next")), c.loop).result(30)
+        assert status == 200
+
+
+def test_engine_stuck_past_the_first_token_timeout_is_down_until_it_moves_again():
+    hold = threading.Event()
+    with LocalCluster([FakeEngine(group=0, hold=hold)], first_token_timeout=1.0, probe_interval=0.3) as c:
+        fut = start_chat(c, chat("stuck", 3))
+        p = c.router.peers.live()[0]
+        wait_for(lambda: p.state == "down", "the stalled engine to be marked down")
+        assert "no progress" in p.reason or "first token" in p.reason, p.reason
+        hold.set()
+        wait_for(lambda: p.state == "up", "the engine to come back once it moves")
+        fut.result(30)  # the stuck chat ends either way (its answer or a clear error), never hangs

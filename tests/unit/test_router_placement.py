@@ -132,3 +132,9 @@ def test_tie_margin_is_a_router_setting():
     for bad in (-0.1, 2, "x", True):
         with pytest.raises(ValueError, match="router.tie_margin"):
             Mobility.from_dict({"tie_margin": bad})
+
+
+def test_stalled_engine_is_down_busy_one_is_not():
+    assert pl.stalled(301.0, 300.0) and not pl.stalled(12.0, 300.0)
+    for junk in (None, "9999", True, [1], {"s": 1}):  # a node's info is data, not trusted types
+        assert not pl.stalled(junk, 300.0)

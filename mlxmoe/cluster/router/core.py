@@ -139,7 +139,22 @@ class Router:
             return
         self.peers.from_info(p, info)
         p.streams, p.queued = _count(info.get("streams")), _count(info.get("queued"))
+        if p.state == "up" and placement.stalled(info.get("stalled_s"), self.first_token_timeout):
+            self.peers.mark_down(p, f"its engine has made no progress for {info['stalled_s']:.0f}s")
         self._harvest(p, info)
+
+    async def first_token_late(self, p: Peer) -> bool:
+        """`p` sent no first token within first_token_timeout. If its health
+        still answers and its engine is not stalled, it is busy (queued work
+        ahead of ours), not down: True, and it goes last for a while. Else it is
+        marked down: False."""
+        await self.probe(p)
+        if p.state == "up" and time.time() - p.last_seen < 5:
+            self.mark_busy(p, None)
+            return True
+        if p.state == "up":
+            self.peers.mark_down(p, f"no first token within {self.first_token_timeout:.0f}s")
+        return False
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""

@@ -38,6 +38,12 @@ def load(p: PeerLike) -> tuple:
     return max(p.inflight, p.streams + p.queued), p.active_sessions, -p.free_memory, p.name
 
 
+def stalled(stalled_s, limit: float) -> bool:
+    """A node that answers health but whose engine has been stuck in one job
+    or token round for longer than `limit` (the first-token timeout) is down."""
+    return isinstance(stalled_s, (int, float)) and not isinstance(stalled_s, bool) and stalled_s > limit
+
+
 def down_after_failed_probe(code: str, streaming_at: float | None, now: float, grace: float) -> bool:
     """Does a failed health probe mean the node is down? Not when it only
     timed out while one of our streams from it delivered a token within
