@@ -186,7 +186,7 @@ class Peer:
 
     def status(self) -> dict:
         d = asdict(self)
-        for k in ("model", "last_seen", "verified", "inflight"):
+        for k in ("model", "last_seen", "verified", "inflight", "streams", "queued"):  # load: Router.status
             d.pop(k)
         return d
 

@@ -62,8 +62,14 @@ def test_busy_node_answers_health_at_once_and_stays_up():
         time.sleep(2.5)  # several probe rounds (2 s probe timeout) while the engine is stuck
         p = c.router.peers.live()
         assert [x.state for x in p] == ["up"], c.router.peers.status()
-        st = c.router.status()["peers"][0]
-        assert st["queue_depth"] == 1 and st["streams"] == 1 and st["inflight"] == 1
+        async def status():
+            async with aiohttp.ClientSession() as http:
+                async with http.get(c.api_url + "/status", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    return r.status, await r.json()
+
+        code, st = c.run(status())  # the router's /status shows each node's queue depth
+        assert code == 200 and st["peers"][0]["queue_depth"] == 1, st["peers"]
+        assert st["peers"][0]["streams"] == 1 and st["peers"][0]["inflight"] == 1
         assert not fut.done()
         hold.set()
         status, _, out = fut.result(30)

@@ -332,11 +332,14 @@ class Router:
                 "mobility": self.mob.to_dict(), "traffic": self.traffic()}
 
     def _peer_status(self, d: dict) -> dict:
-        """A peer's status with its queue depth: the node's streams and queue
-        as of its last info, and the streams this router has open on it."""
+        """A peer's status with its load: the node's streams and queue as of
+        its last info, the streams this router has open on it, and the queue
+        depth placement ranks by (placement.load)."""
         p = self.peers.peers.get(d["name"]) or self.peer(d["name"])
-        return {**d, "inflight": p.inflight if p is not None else 0,
-                "queue_depth": max(p.inflight, p.streams + p.queued) if p is not None else 0}
+        if p is None:
+            return d
+        return {**d, "streams": p.streams, "queued": p.queued, "inflight": p.inflight,
+                "queue_depth": max(p.inflight, p.streams + p.queued)}
 
     def traffic(self) -> dict:
         return {"bytes_out": sum(c.bytes_out for c in self.clients.values()),
