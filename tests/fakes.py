@@ -93,19 +93,23 @@ class FakeEngine:
     idle); fail_after: the node fails (RuntimeError) after that many tokens of
     a stream; peer_fail_after: a remote-experts peer fails (PeerError) there
     instead; max_context: the context limit; free_kv: KV budget left, as
-    info() reports it. Records prefix reuse in `reused` for tests."""
+    info() reports it; hold: a threading.Event each stream's first token
+    waits for (the engine thread busy, as in a long prefill; at most 30 s).
+    Records prefix reuse in `reused` for tests."""
 
     VOCAB = 256
 
     def __init__(self, group: int = 0, n_groups: int = 3, model_id: str = MODEL, manifest_hash: str = HASH,
                  delay: float = 0.0, max_sessions: int | None = None, fail_after: int | None = None,
-                 peer_fail_after: int | None = None, max_context: int = 8192, free_kv: int | None = None):
+                 peer_fail_after: int | None = None, max_context: int = 8192, free_kv: int | None = None,
+                 hold: threading.Event | None = None):
         self.manifest = SimpleNamespace(model_id=model_id, hash=manifest_hash, n_groups=n_groups)
         self.group = group
         self.inbox = Inbox()
         self.delay, self.max_sessions = delay, max_sessions
         self.fail_after, self.peer_fail_after = fail_after, peer_fail_after
         self.max_context, self.free_kv = max_context, free_kv
+        self.hold = hold
         self.sessions: dict[str, list[int]] = {}  # session -> tokens in its cache ([] once evicted)
         self.busy: set[str] = set()
         self.reused: list[tuple[str, int]] = []  # (session, cached prefix length) per generate/prefill call
@@ -173,6 +177,8 @@ class FakeEngine:
 
     def _steps(self, ctx: list[int], max_tokens: int) -> Iterator[tuple[int, float]]:
         for i in range(max_tokens):
+            if i == 0 and self.hold is not None:
+                self.hold.wait(30)
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError(f"fake failure after {i} tokens")
             if self.peer_fail_after is not None and i >= self.peer_fail_after:

@@ -181,10 +181,12 @@ class Peer:
     last_seen: float = 0.0
     verified: bool = False  # answered an authenticated info RPC
     inflight: int = 0  # streams this router has open on it
+    streams: int = 0  # streams the node is decoding, and waiting (its queue depth), as of its last info
+    queued: int = 0
 
     def status(self) -> dict:
         d = asdict(self)
-        for k in ("model", "last_seen", "verified", "inflight"):
+        for k in ("model", "last_seen", "verified", "inflight", "streams", "queued"):  # load: Router.status
             d.pop(k)
         return d
 

@@ -23,8 +23,9 @@ class Mobility:
     race_tokens: int = 8
     race_candidates: int = 3
     migrate_timeout: float = 30.0  # seconds for one export or import
+    tie_margin: float = 0.02  # placement: groups within this of the best score tie, and go to the least loaded node
 
-    LIMITS = {"margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20), "window": (0, 1 << 20),
+    LIMITS = {"tie_margin": (0.0, 1.0), "margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20), "window": (0, 1 << 20),
               "hard_max_tokens": (0, 1 << 24), "race_tokens": (1, 256), "race_candidates": (2, 3),
               "migrate_timeout": (0.1, 3600.0)}
 

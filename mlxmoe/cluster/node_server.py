@@ -27,6 +27,9 @@ from mlxmoe.cluster.worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.node")
 RETRY_AFTER_S = 2
+MAX_STREAMS = 8  # streams decoded at once (round-robin, one token each); later ones wait in order
+MAX_QUEUE = 8  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
+INFO_WAIT_S = 0.2  # how long info waits for a fresh engine answer before serving the snapshot
 
 
 def engine_identity(engine: Engine) -> dict:
@@ -53,9 +56,12 @@ class NodeServer:
     """`engine`, or `factory` (called on the engine thread: MLX streams belong
     to the thread that made them, so the model must be loaded where it runs)."""
 
-    def __init__(self, engine: Engine | None, key: bytes, identity: dict | None = None, factory: Callable | None = None):
+    def __init__(self, engine: Engine | None, key: bytes, identity: dict | None = None, factory: Callable | None = None,
+                 max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE):
         self.engine, self.key, self.factory = engine, key, factory
-        self.worker = EngineWorker()
+        self.worker = EngineWorker(max_streams=max_streams)
+        self.max_queue = max_queue
+        self._fresh: asyncio.Future | None = None  # the one engine-info refresh in flight
         self.guard = wire.ReplayGuard()
         self.identity = identity  # filled by init_identity() from the engine if None
         self.sessions: set[str] = set()
@@ -77,7 +83,9 @@ class NodeServer:
             self.engine = await self.worker.call(self.factory)
         if not self._attached:
             self.engine.attach_cluster(self.key)  # the engine signs its own calls to peers (remote experts)
+            self.worker.watch(self.engine.info)
             self._attached = True
+            await self.worker.call(self.worker.refresh_snapshot)  # the engine is idle now: health has data from the start
         if self.identity is None:
             self.identity = engine_identity(self.engine)
         return self.identity
@@ -110,7 +118,7 @@ class NodeServer:
 
     async def _refresh(self) -> None:
         try:
-            self._load(await self.worker.call(self.engine.info))
+            self._load(await self._engine_info())  # not queued behind decoding (health)
             self.on_change()
         except Exception:
             log.exception("refreshing node load failed")
@@ -198,14 +206,57 @@ class NodeServer:
 
     # ---- ops
     async def _op_info(self, body: dict) -> dict:
-        info = await self.worker.call(self.engine.info)
+        return await self.health()
+
+    # ---- health: answered on the event loop, never queued behind decoding
+    async def health(self) -> dict:
+        """The node's info: the engine's own (fresh when its thread is free
+        within INFO_WAIT_S, else its latest snapshot, `info_age_s` old) and
+        the worker's live load. A busy node answers at once: busy is not down."""
+        info = await self._engine_info()
         out = {k: v for k, v in info.items() if isinstance(k, str)}
         out.update(self.identity)
         out.update(self._load(info))
+        out.update(self.queue_state())
+        out["info_age_s"] = max(0.0, time.time() - self.worker.snapshot_at) if self.worker.snapshot_at else None
         out["protocol"] = wire.PROTOCOL_VERSION
         out["node_name"] = self.name
         out["uptime_s"] = time.time() - self.started
         return out
+
+    def queue_state(self) -> dict:
+        """Streams decoding and waiting, the bounds, seconds since the last
+        token round, and how long the engine has been busy in one job or round
+        (`stalled_s`: a long prefill, or a wedged engine the router gives up on)."""
+        w = self.worker.load()
+        since = time.time() - w["last_step"] if w["last_step"] else None
+        return {"streams": w["streams"], "queued": w["queued"], "max_streams": self.worker.max_streams,
+                "max_queue": self.max_queue, "busy": w["busy"], "last_step_s": since, "step_ms": w["step_ms"],
+                "stalled_s": w["stalled_s"]}
+
+    async def _engine_info(self) -> dict:
+        """A busy engine refreshes its snapshot itself between token rounds
+        (worker.watch); an idle one is asked now, once at a time."""
+        if not self.worker.idle and (self._fresh is None or self._fresh.done()):
+            return self.worker.snapshot or {}
+        if self._fresh is None or self._fresh.done():
+            self._fresh = asyncio.ensure_future(self.worker.call(self.worker.refresh_snapshot))
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._fresh), INFO_WAIT_S)
+        except asyncio.TimeoutError:  # a job came in first (a long prefill): the snapshot will do
+            info = self.worker.snapshot
+        return info or {}
+
+    def overloaded(self) -> wire.WireError | None:
+        """429 when a new stream would wait behind `max_queue` others: the
+        router tries another node, or tells the client when to retry."""
+        q, cap = self.queue_state(), self.worker.max_streams
+        if cap is None or q["streams"] + q["queued"] < cap + self.max_queue:
+            return None
+        err = wire.WireError(429, "overloaded", f"node {self.name} is at its limit: {q['streams']} streams "
+                                                f"decoding (max {cap}), {q['queued']} waiting (max {self.max_queue})")
+        err.retry_after = RETRY_AFTER_S
+        return err
 
     async def _op_prefill(self, body: dict) -> dict:
         sid, prompt = body["session"], body["prompt"]
@@ -252,6 +303,9 @@ class NodeServer:
     async def _generate(self, request: web.Request, req: wire.Request) -> web.StreamResponse:
         sid, prompt = req.body["session"], req.body["prompt"]
         params = GenParams.from_dict(req.body["params"])
+        full = self.overloaded()
+        if full is not None:
+            raise full
         stream = self.worker.stream(lambda: self.engine.generate(sid, prompt, params))
         self.active += 1
         self.sessions.add(sid)
@@ -348,11 +402,12 @@ class RunningNode:
 
 async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, identity: dict | None = None,
-                     name: str | None = None, factory: Callable | None = None) -> RunningNode:
+                     name: str | None = None, factory: Callable | None = None,
+                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE) -> RunningNode:
     """Start serving `engine` (or the engine `factory()` builds on the engine thread)."""
     from mlxmoe.cluster.discovery import Advertiser, txt_props
 
-    server = NodeServer(engine, key, identity, factory)
+    server = NodeServer(engine, key, identity, factory, max_streams, max_queue)
     ident = await server.init_identity()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()

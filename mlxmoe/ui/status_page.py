@@ -116,13 +116,14 @@ JS = r"""
         p.reason ? el("span", {"class": "reason"}, p.reason) : "",
         bytes(p.free_memory),
         String(p.active_sessions == null ? "?" : p.active_sessions),
+        el("span", {"class": "queue", title: "streams decoding + waiting"}, String(p.queue_depth == null ? "?" : p.queue_depth)),
         p.backend || "?",
         el("span", {"class": "mono" + (mismatch ? " warn" : ""), title: p.manifest_hash || ""}, short(p.manifest_hash)),
         el("span", {"class": "mono muted"}, p.url || "")
       ];
     });
     return el("div", {"class": "card", id: "peers"}, el("h2", {}, "Peers (" + rows.length + ")"),
-      table(["Name", "Group", "State", "Why", "Free memory", "Sessions", "Backend", "Manifest", "URL"], rows,
+      table(["Name", "Group", "State", "Why", "Free memory", "Sessions", "Queue", "Backend", "Manifest", "URL"], rows,
             "No peers yet. Start `mlxmoe node` on each Mac; they are found over Bonjour."));
   }
 

@@ -73,3 +73,68 @@ def test_destinations_and_remote_peers():
     assert names(pl.destinations([a, a2, b], 0, {}, 0.0)) == ["a2", "a"]
     assert names(pl.destinations([a, a2, b], 0, {}, 0.0, skip="a2")) == ["a"]
     assert pl.remote_peers({"0": "u0", "1": "u1", "2": "u2"}, [1]) == {"0": "u0", "2": "u2"}
+
+
+# ---- load: what spreads work (docs/ARCHITECTURE.md, The router)
+
+def loaded(name: str, groups: list[int], inflight: int = 0, streams: int = 0, queued: int = 0, **kw) -> Peer:
+    p = peer(name, groups, **kw)
+    p.inflight, p.streams, p.queued = inflight, streams, queued
+    return p
+
+
+def test_load_is_streams_running_or_waiting_then_sessions_then_memory():
+    assert pl.load(loaded("a", [0], inflight=3)) < pl.load(loaded("b", [0], streams=2, queued=2))
+    assert pl.load(loaded("a", [0], inflight=1, streams=1)) == (1, 0, 0, "a")  # our streams are in its count
+    assert pl.load(loaded("a", [0], active=1)) > pl.load(loaded("b", [0], active=0))
+    assert pl.load(loaded("a", [0], free=10)) < pl.load(loaded("b", [0], free=5))
+
+
+def test_replicas_of_a_group_least_loaded_first():
+    a, b, c = loaded("a", [0], inflight=2), loaded("b", [0], streams=1), loaded("c", [0], queued=3)
+    assert names(rank([a, b, c])) == ["b", "a", "c"]
+    assert names(rank([a, b, c], tie_margin=0.0)) == ["b", "a", "c"]  # replicas tie with no margin at all
+
+
+def test_groups_within_the_margin_by_load_outside_by_score():
+    busy0, idle1, idle2 = loaded("n0", [0], inflight=9), loaded("n1", [1]), loaded("n2", [2])
+    assert names(rank([busy0, idle1, idle2])) == ["n1", "n0", "n2"]  # 0.5 and 0.495 tie: load decides
+    # group 2 is 0.4 behind: load never moves it ahead, so a temperature-0 request stays on its group
+    assert names(rank([busy0, idle2])) == ["n0", "n2"]
+    assert names(rank([busy0, idle1, idle2], tie_margin=0.001)) == ["n0", "n1", "n2"]
+
+
+def test_spreading_is_deterministic_for_equal_loads():
+    ps = [loaded(n, [0]) for n in "cab"]
+    assert names(rank(ps)) == names(rank(list(reversed(ps)))) == ["a", "b", "c"]
+
+
+def test_concurrent_placements_spread_as_streams_open():
+    """Each placement takes the first candidate and opens a stream on it
+    (inflight += 1 at once): 9 quick placements over 3 replicas land 3 each."""
+    ps = [loaded(n, [0]) for n in "abc"]
+    for _ in range(9):
+        rank(ps)[0].inflight += 1
+    assert [p.inflight for p in ps] == [3, 3, 3]
+
+
+def test_busy_node_is_not_down_while_it_streams_to_us():
+    assert not pl.down_after_failed_probe("unreachable", streaming_at=99.0, now=100.0, grace=2.0)
+    assert pl.down_after_failed_probe("unreachable", streaming_at=90.0, now=100.0, grace=2.0)  # silent too long
+    assert pl.down_after_failed_probe("unreachable", streaming_at=None, now=100.0, grace=2.0)
+    assert pl.down_after_failed_probe("unauthenticated", streaming_at=99.9, now=100.0, grace=2.0)
+
+
+def test_tie_margin_is_a_router_setting():
+    from mlxmoe.cluster.mobility import Mobility
+    import pytest
+    assert Mobility().tie_margin == 0.02 and Mobility.from_dict({"tie_margin": 0.1}).tie_margin == 0.1
+    for bad in (-0.1, 2, "x", True):
+        with pytest.raises(ValueError, match="router.tie_margin"):
+            Mobility.from_dict({"tie_margin": bad})
+
+
+def test_stalled_engine_is_down_busy_one_is_not():
+    assert pl.stalled(301.0, 300.0) and not pl.stalled(12.0, 300.0)
+    for junk in (None, "9999", True, [1], {"s": 1}):  # a node's info is data, not trusted types
+        assert not pl.stalled(junk, 300.0)

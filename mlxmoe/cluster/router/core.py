@@ -31,7 +31,7 @@ class Router:
     def __init__(self, frontend: Any, key: bytes, *, frontend_factory: Any = None,
                  static_peers: list[str] = (), mdns: bool = True,
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
-                 first_token_timeout: float = 300.0, tie_margin: float = 0.02, session_ttl: float = 1800.0,
+                 first_token_timeout: float = 300.0, tie_margin: float | None = None, session_ttl: float = 1800.0,
                  max_failovers: int = 3, mobility: Mobility | dict | None = None):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
@@ -43,9 +43,10 @@ class Router:
             self.peers.add_static(url)
         self.mdns, self.interface = mdns, interface
         self.probe_interval, self.token_timeout = probe_interval, token_timeout
-        self.first_token_timeout, self.tie_margin = first_token_timeout, tie_margin
+        self.first_token_timeout = first_token_timeout
         self.session_ttl, self.max_failovers = session_ttl, max_failovers
         self.mob = mobility if isinstance(mobility, Mobility) else Mobility.from_dict(mobility or {})
+        self.tie_margin = self.mob.tie_margin if tie_margin is None else tie_margin
         self.sessions = SessionIndex()
         self.last_placement: dict | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)  # read-only outside: count() bumps them
@@ -56,6 +57,7 @@ class Router:
         self.clients: dict[str, NodeClient] = {}
         self.browser: Browser | None = None
         self.busy_until: dict[str, float] = {}  # node name -> until when it said "full" (429/503)
+        self.streaming_at: dict[str, float] = {}  # node name -> when one of our streams last got a frame
         self._tasks: set[asyncio.Task] = set()
         self._probe_task: asyncio.Task | None = None
 
@@ -106,8 +108,8 @@ class Router:
     def client(self, p: Peer) -> NodeClient:
         c = self.clients.get(p.url)
         if c is None:
-            c = self.clients[p.url] = NodeClient(self.http, p.url, self.key, self.manifest_hash, p.name)
-        c.name = p.name
+            c = self.clients[p.url] = _CountingClient(self.http, p.url, self.key, self.manifest_hash, p.name)
+        c.name, c.peer, c.streaming_at = p.name, p, self.streaming_at
         return c
 
     def peer(self, name: str | None) -> Peer | None:
@@ -124,16 +126,35 @@ class Router:
             self._spawn(self.probe(p))  # verify it holds the key before using it
 
     async def probe(self, p: Peer) -> None:
+        timeout = max(2.0, self.probe_interval * 2)
         try:
-            info = await self.client(p).call("info", timeout=max(2.0, self.probe_interval * 2))
+            info = await self.client(p).call("info", timeout=timeout)
         except RpcError as e:
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
+            elif not placement.down_after_failed_probe(e.code, self.streaming_at.get(p.name), time.time(), timeout):
+                log.info("peer %s: info probe failed (%s) but it is streaming to us: busy, not down", p.name, e.message)
             elif p.state == "up" or (p.state == "down" and p.reason == "not probed yet"):
                 self.peers.mark_down(p, f"info probe failed: {e.message}")  # keep an earlier, better reason
             return
         self.peers.from_info(p, info)
+        p.streams, p.queued = _count(info.get("streams")), _count(info.get("queued"))
+        if p.state == "up" and placement.stalled(info.get("stalled_s"), self.first_token_timeout):
+            self.peers.mark_down(p, f"its engine has made no progress for {info['stalled_s']:.0f}s")
         self._harvest(p, info)
+
+    async def first_token_late(self, p: Peer) -> bool:
+        """`p` sent no first token within first_token_timeout. If its health
+        still answers and its engine is not stalled, it is busy (queued work
+        ahead of ours), not down: True, and it goes last for a while. Else it is
+        marked down: False."""
+        await self.probe(p)
+        if p.state == "up" and time.time() - p.last_seen < 5:
+            self.mark_busy(p, None)
+            return True
+        if p.state == "up":
+            self.peers.mark_down(p, f"no first token within {self.first_token_timeout:.0f}s")
+        return False
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""
@@ -304,13 +325,68 @@ class Router:
     # ---------------------------------------------------------------- status
     def status(self) -> dict:
         return {"model": self.model, "manifest_hash": self.manifest_hash, "uptime_s": time.time() - self.started,
-                "peers": self.peers.status(),
+                "peers": [self._peer_status(d) for d in self.peers.status()],
                 "sessions": [s.status() for s in sorted(self.sessions, key=lambda s: s.created)
                              if not s.ephemeral],
                 "last_placement": self.last_placement, "counters": dict(self.counters),
                 "mobility": self.mob.to_dict(), "traffic": self.traffic()}
 
+    def _peer_status(self, d: dict) -> dict:
+        """A peer's status with its load: the node's streams and queue as of
+        its last info, the streams this router has open on it, and the queue
+        depth placement ranks by (placement.load)."""
+        p = self.peers.peers.get(d["name"]) or self.peer(d["name"])
+        if p is None:
+            return d
+        return {**d, "streams": p.streams, "queued": p.queued, "inflight": p.inflight,
+                "queue_depth": max(p.inflight, p.streams + p.queued)}
+
     def traffic(self) -> dict:
         return {"bytes_out": sum(c.bytes_out for c in self.clients.values()),
                 "bytes_in": sum(c.bytes_in for c in self.clients.values()),
                 "tokens": self.tokens_streamed}
+
+
+def _count(v: Any) -> int:
+    """A non-negative count from a node's info (0 if absent or malformed)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+
+
+class _CountingClient(NodeClient):
+    """NodeClient whose generate streams count in their peer's `inflight`
+    from the moment they are opened (not at their first token: concurrent
+    placements must see each other to spread, placement.load) until they end,
+    and stamp `streaming_at` on every frame (a busy node is not a down one)."""
+
+    peer: Peer
+    streaming_at: dict[str, float]
+
+    def generate(self, session: str, prompt: list[int], params: dict, token_timeout: float = 60.0):
+        return _Counted(self, super().generate(session, prompt, params, token_timeout))
+
+
+class _Counted:
+    def __init__(self, c: _CountingClient, frames):
+        self.c, self.p, self.frames, self.open = c, c.peer, frames, True
+        self.p.inflight += 1
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        try:
+            f = await self.frames.__anext__()
+        except BaseException:
+            self._release()
+            raise
+        self.c.streaming_at[self.p.name] = time.time()
+        return f
+
+    async def aclose(self) -> None:
+        self._release()
+        await self.frames.aclose()
+
+    def _release(self) -> None:
+        if self.open:
+            self.open = False
+            self.p.inflight -= 1

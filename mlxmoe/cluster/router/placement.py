@@ -3,7 +3,17 @@ session, given the groups' scores S(g), the nodes' groups, load and health
 (busy_until: node name -> time until which it said "full"), and the time.
 No I/O here: the Router passes in its live peers and its clock.
 
-A peer is anything with .name, .url, .groups and .load (discovery.Peer)."""
+A peer is anything with .name, .url, .groups and the load fields below
+(discovery.Peer).
+
+Load (docs/ARCHITECTURE.md, The router): the streams a node is running or
+queueing: this router's own open streams (`inflight`, counted the moment a
+stream is opened, so concurrent placements see each other) or what the node
+last reported (`streams` + `queued`), whichever is more; then sessions held,
+then free memory. Load orders nodes only among equals: the pinned node, then
+nodes that did not just say "full", then groups within the tie margin of the
+best; a group that leads by more than the margin wins whatever its load, so
+a temperature-0 request lands on the same group every time."""
 
 from __future__ import annotations
 
@@ -16,9 +26,31 @@ class PeerLike(Protocol):
     name: str
     url: str
     groups: list[int]
+    inflight: int
+    streams: int
+    queued: int
+    active_sessions: int
+    free_memory: int
 
-    @property
-    def load(self) -> tuple: ...
+
+def load(p: PeerLike) -> tuple:
+    """Sort key, least loaded first: streams running or waiting, sessions held, more free memory, name."""
+    return max(p.inflight, p.streams + p.queued), p.active_sessions, -p.free_memory, p.name
+
+
+def stalled(stalled_s, limit: float) -> bool:
+    """A node that answers health but whose engine has been stuck in one job
+    or token round for longer than `limit` (the first-token timeout) is down."""
+    return isinstance(stalled_s, (int, float)) and not isinstance(stalled_s, bool) and stalled_s > limit
+
+
+def down_after_failed_probe(code: str, streaming_at: float | None, now: float, grace: float) -> bool:
+    """Does a failed health probe mean the node is down? Not when it only
+    timed out while one of our streams from it delivered a token within
+    `grace` seconds: it is busy, and a stream that stalls fails over by itself."""
+    if code in ("timeout", "unreachable") and streaming_at is not None:
+        return now - streaming_at > grace
+    return True
 
 
 def group_for(ranked: Sequence[int], groups: Iterable[int]) -> int:
@@ -33,7 +65,7 @@ def busy(name: str, busy_until: dict[str, float], now: float) -> bool:
 
 def node_rank(p: PeerLike, busy_until: dict[str, float], now: float) -> tuple:
     """Sort key of a node for new work: not busy (429/503 lately) first, then least loaded."""
-    return busy(p.name, busy_until, now), p.load
+    return busy(p.name, busy_until, now), load(p)
 
 
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
@@ -41,7 +73,8 @@ def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked:
                     pinned: str | None = None, exclude: Iterable[str] = ()) -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
-    within `tie_margin` of the best tie), then least loaded."""
+    within `tie_margin` of the best tie, and replicas of one group tie), then
+    least loaded (load())."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
@@ -52,7 +85,7 @@ def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked:
         return 0 if best - scores[g] <= tie_margin else ranked.index(g)
 
     out = [p for p in peers if p.name not in exclude]
-    out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), p.load))
+    out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))
     return out
 
 

@@ -62,7 +62,8 @@ class Turn:
             try:
                 frames, first_frame = await self._start(p, prompt, params)
             except asyncio.TimeoutError:
-                r.peers.mark_down(p, f"no first token within {r.first_token_timeout:.0f}s")
+                if await r.first_token_late(p):  # busy (its health answers), not down: the client may retry
+                    retry_after = min(retry_after or 1e9, 2)
                 continue
             except RpcError as e:
                 last_err = e
