@@ -45,10 +45,13 @@ def local_ipv4s() -> list[str]:
     return out or ["127.0.0.1"]
 
 
-def txt_props(identity: dict, stats: dict) -> dict:
-    return {"proto": str(wire.PROTOCOL_VERSION), "mh": identity["manifest_hash"], "model": identity["model"],
-            "groups": ",".join(str(g) for g in identity["groups"]),
-            "free": str(int(stats.get("free_memory", 0))), "sessions": str(int(stats.get("sessions", 0)))}
+def txt_props(identity: dict, stats: dict, tls: bool = False) -> dict:
+    props = {"proto": str(wire.PROTOCOL_VERSION), "mh": identity["manifest_hash"], "model": identity["model"],
+             "groups": ",".join(str(g) for g in identity["groups"]),
+             "free": str(int(stats.get("free_memory", 0))), "sessions": str(int(stats.get("sessions", 0)))}
+    if tls:
+        props["tls"] = "1"  # the node speaks only mutual TLS: dial https (cluster/tls.py)
+    return props
 
 
 class Advertiser:
@@ -114,7 +117,8 @@ def record_from_info(info) -> dict | None:
         return None
     props = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else (v or ""))
              for k, v in (info.properties or {}).items()}
-    return {"name": info.name.removesuffix("." + SERVICE_TYPE), "url": f"http://{addrs[0]}:{info.port}",
+    scheme = "https" if props.get("tls") == "1" else "http"
+    return {"name": info.name.removesuffix("." + SERVICE_TYPE), "url": f"{scheme}://{addrs[0]}:{info.port}",
             "txt": props}
 
 
