@@ -202,3 +202,34 @@ def test_node_without_a_ca_says_how_to_fix(tmp_path):
     with pytest.raises(click.ClickException, match="mlxmoe init"):
         load_tls(str(tmp_path / "cluster.key"), False, "n")
     assert load_tls(str(tmp_path / "cluster.key"), True, "n") is None  # --insecure-plain-http
+
+
+def test_doctor_checks_the_certificate(tmp_path, monkeypatch):
+    from mlxmoe.ui import doctor
+    monkeypatch.setenv("MLXMOE_CLUSTER_KEY_FILE", str(tmp_path / "cluster.key"))
+    c = doctor.check_cert()
+    assert c.status == "fail" and "mlxmoe init" in c.fix
+    ident = tls.create_ca(tmp_path)
+    assert doctor.check_cert().status == "warn"  # issued at first start
+    tls.ensure_identity(tmp_path, "mini", [])
+    c = doctor.check_cert()
+    assert c.status == "ok" and "mini" in c.detail
+    ident.key.chmod(0o644)
+    c = doctor.check_cert()
+    assert c.status == "fail" and c.fix == f"chmod 600 {ident.key}"
+    ident.key.chmod(0o600)
+    other, other_key = tls.make_ca("another cluster")
+    ident.cert.write_bytes(tls.issue_cert(other, other_key, "mini")[0])
+    c = doctor.check_cert()
+    assert c.status == "fail" and "not signed by this cluster's CA" in c.detail
+    ca, ca_key = ident.ca.read_bytes(), ident.ca_key.read_bytes()
+    ident.cert.write_bytes(tls.issue_cert(ca, ca_key, "mini", days=10)[0])
+    c = doctor.check_cert()
+    assert c.status == "warn" and "expires on" in c.detail
+    ident.cert.write_bytes(tls.issue_cert(ca, ca_key, "mini", days=0)[0])
+    c = doctor.check_cert()
+    assert c.status == "fail" and "expired on" in c.detail
+    ident.ca_key.unlink()
+    ident.cert.unlink()
+    c = doctor.check_cert()
+    assert c.status == "fail" and "init --node" in c.fix
