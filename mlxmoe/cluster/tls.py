@@ -17,7 +17,9 @@ key), so membership, not a name, is what the CA proves.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import socket
@@ -124,6 +126,15 @@ def cert_problem(cert_pem: bytes, ca_cert_pem: bytes, now: dt.datetime | None = 
     return None
 
 
+def _pair(cert_pem: bytes, key_pem: bytes) -> bool:
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except ValueError:
+        return False
+    pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(*pub) == key.public_key().public_bytes(*pub)
+
+
 def cert_name(cert_pem: bytes) -> str:
     attrs = x509.load_pem_x509_certificate(cert_pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else "?"
@@ -147,6 +158,16 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _lock(path: Path):
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class Identity:
     """Paths of the cluster CA certificate and of this Mac's certificate and key."""
@@ -167,7 +188,10 @@ class Identity:
         for p in (self.ca, self.cert, self.key):
             if not p.exists():
                 return f"{p} is missing"
-        return cert_problem(self.cert.read_bytes(), self.ca.read_bytes())
+        bad = cert_problem(self.cert.read_bytes(), self.ca.read_bytes())
+        if bad is None and not _pair(self.cert.read_bytes(), self.key.read_bytes()):
+            bad = f"{self.key} is not the key of {self.cert}"
+        return bad
 
 
 def create_ca(d: str | Path, force: bool = False) -> Identity:
@@ -202,7 +226,9 @@ def ensure_identity(d: str | Path, name: str, hosts: list[str]) -> Identity:
         raise TlsError(f"no cluster CA at {ident.ca}: run `mlxmoe init` on your first Mac and copy ca.pem "
                        f"(and ca.key) beside cluster.key on the others (or pass --insecure-plain-http, for tests)")
     if ident.problem() is not None:
-        issue_into(ident, name, hosts)
+        with _lock(ident.cert.with_name(".issue.lock")):  # a node and the router may start at once
+            if ident.problem() is not None:
+                issue_into(ident, name, hosts)
     bad = ident.problem()
     if bad:
         raise TlsError(f"this Mac's certificate {ident.cert}: {bad}")
