@@ -215,12 +215,24 @@ def load_static_peers(path: str | Path) -> list[str]:
     return urls
 
 
+def https(url: str) -> str:
+    """A peer URL as a TLS router dials it (a peers file or an old node's
+    Bonjour record may still say http://)."""
+    return "https://" + url[len("http://"):] if url.startswith("http://") else url
+
+
 class PeerTable:
-    def __init__(self, manifest_hash: str, n_groups: int, model: str | None = None):
+    """tls: the router speaks only mutual TLS, so every peer is dialled over
+    https, whatever its record says: a plain-HTTP impostor on the LAN would
+    otherwise be sent prompts in clear (docs/SECURITY.md)."""
+
+    def __init__(self, manifest_hash: str, n_groups: int, model: str | None = None, tls: bool = False):
         self.manifest_hash, self.n_groups, self.model = manifest_hash, n_groups, model
         self.peers: dict[str, Peer] = {}
+        self.scheme = https if tls else (lambda url: url)
 
     def add_static(self, url: str) -> Peer:
+        url = self.scheme(url)
         p = self.peers.setdefault(url, Peer(name=url, url=url, source="static"))
         return p
 
@@ -234,10 +246,10 @@ class PeerTable:
             if p is not None and p.source == "mdns":
                 self._set(p, "down", "left the network (Bonjour goodbye)")
             return
-        txt = rec["txt"]
+        txt, url = rec["txt"], self.scheme(rec["url"])
         p = self.peers.get(name)
-        if p is None or p.url != rec["url"]:
-            p = self.peers[name] = Peer(name=name, url=rec["url"], source="mdns")
+        if p is None or p.url != url:
+            p = self.peers[name] = Peer(name=name, url=url, source="mdns")
         try:
             p.protocol = int(txt.get("proto", "0"))
             p.groups = [int(g) for g in txt.get("groups", "").split(",") if g.strip()]

@@ -261,7 +261,3 @@ def client_context(ident: Identity) -> ssl.SSLContext:
     ctx.check_hostname = False
     return ctx
 
-
-def https(url: str) -> str:
-    """A peer URL as a TLS router dials it (a peers file may still say http://)."""
-    return "https://" + url[len("http://"):] if url.startswith("http://") else url

@@ -60,10 +60,7 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
         return TrunkFrontend.load(bundle)
 
     import socket
-    from mlxmoe.cluster.tls import https
     tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac")  # one certificate per Mac
-    if tls is not None:
-        static = [https(u) for u in static]  # TLS nodes speak nothing else
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
                     mobility=mobility, tls=tls)
     from mlxmoe.ui.status_page import render

@@ -41,9 +41,14 @@ def test_issued_cert_is_signed_named_and_dated():
     assert tls.cert_problem(b"junk", ca).startswith("not a PEM certificate")
 
 
-def test_https_upgrades_only_plain_urls():
-    assert tls.https("http://10.0.0.2:7420") == "https://10.0.0.2:7420"
-    assert tls.https("https://10.0.0.2:7420") == "https://10.0.0.2:7420"
+def test_a_tls_router_dials_every_peer_over_https():
+    from mlxmoe.cluster.discovery import PeerTable
+    t = PeerTable("h1", 3, tls=True)
+    assert t.add_static("http://10.0.0.2:7420").url == "https://10.0.0.2:7420"  # an old peers file
+    assert t.add_static("https://10.0.0.3:7420").url == "https://10.0.0.3:7420"
+    t.from_mdns("old", {"name": "old", "url": "http://10.0.0.4:7420", "txt": {"groups": "1"}})  # no tls=1
+    assert t.peers["old"].url == "https://10.0.0.4:7420"
+    assert PeerTable("h1", 3).add_static("http://10.0.0.2:7420").url == "http://10.0.0.2:7420"
 
 
 def test_ensure_identity_issues_at_first_start_and_needs_a_ca(tmp_path):

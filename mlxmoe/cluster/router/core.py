@@ -36,7 +36,7 @@ class Router:
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
-        self.peers = PeerTable(self.manifest_hash, self.n_groups, self.model)
+        self.peers = PeerTable(self.manifest_hash, self.n_groups, self.model, tls=tls is not None)
         if frontend is not None:
             self._bind(frontend)
         for url in static_peers:
@@ -46,7 +46,7 @@ class Router:
         self.first_token_timeout, self.tie_margin = first_token_timeout, tie_margin
         self.session_ttl, self.max_failovers = session_ttl, max_failovers
         self.mob = mobility if isinstance(mobility, Mobility) else Mobility.from_dict(mobility or {})
-        self.tls = tls  # a cluster.tls.Identity: dial nodes with mutual TLS (docs/SECURITY.md)
+        self.tls = tls  # a cluster.tls.Identity: dial nodes with mutual TLS only (docs/SECURITY.md)
         self.sessions = SessionIndex()
         self.last_placement: dict | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)  # read-only outside: count() bumps them

@@ -124,7 +124,7 @@ class PeerLink:
         return body, _http_bytes(op, data, headers, host, resp, raw)
 
     def _connect(self) -> http.client.HTTPConnection:
-        if not self._https:
+        if not self._https:  # a TLS router hands out only https:// peers (discovery.PeerTable)
             return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         ctx = self.context or _client_context
         if ctx is None:
