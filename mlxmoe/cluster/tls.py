@@ -148,14 +148,19 @@ def default_hosts(bind: str | None = None) -> list[str]:
 
 
 # ---------------------------------------------------------------- files
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write atomically (a process starting meanwhile reads the old or the new file, never half of one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(tmp, 0o600)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    write_private(path, data, 0o644)
 
 
 @contextlib.contextmanager
@@ -200,7 +205,7 @@ def create_ca(d: str | Path, force: bool = False) -> Identity:
         raise FileExistsError(f"{ident.ca} already exists; keeping it (use --force to replace it)")
     cert, key = make_ca()
     write_private(ident.ca_key, key)
-    ident.ca.write_bytes(cert)
+    write_public(ident.ca, cert)
     for stale in (ident.cert, ident.key):  # signed by the old CA
         stale.unlink(missing_ok=True)
     return ident
@@ -214,7 +219,7 @@ def issue_into(ident: Identity, name: str, hosts: list[str]) -> Identity:
                        f"or copy ca.key here too")
     cert, key = issue_cert(ident.ca.read_bytes(), ident.ca_key.read_bytes(), name, hosts)
     write_private(ident.key, key)
-    ident.cert.write_bytes(cert)
+    write_public(ident.cert, cert)
     return ident
 
 

@@ -76,7 +76,7 @@ def _issue_for(key_dir: Path, name: str, out: str | None, hosts: list[str]) -> N
     except ValueError as e:
         raise click.ClickException(f"cannot issue a certificate: {e}") from None
     tls.write_private(dest.key, key)
-    dest.cert.write_bytes(cert)
-    dest.ca.write_bytes(ident.ca.read_bytes())
+    tls.write_public(dest.cert, cert)
+    tls.write_public(dest.ca, ident.ca.read_bytes())
     click.echo(f"Issued a certificate for {name} in {dest.cert.parent} (ca.pem, cert.pem, cert.key).\n"
                f"Copy these three files beside cluster.key on {name} (~/.config/mlxmoe/); chmod 600 cert.key.")
