@@ -4,7 +4,6 @@ HTTP status; a member works; a plain-HTTP request to a TLS node gets nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import socket
