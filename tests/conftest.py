@@ -23,3 +23,10 @@ def ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tls_identity():
+    """The test session's cluster CA + a node certificate (cluster.tls.Identity)."""
+    import fakes
+    return fakes.test_identity()

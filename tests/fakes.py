@@ -27,6 +27,25 @@ from mlxmoe.node.stream import text_events
 
 MODEL = "fake-moe"
 HASH = "fakehash0001"
+_TLS: dict = {}
+
+
+def test_identity():
+    """One cluster CA and node certificate per test process, in a temp dir
+    (tests/conftest.py's `tls_identity` fixture; LocalCluster's default)."""
+    if "ident" not in _TLS:
+        import tempfile
+        from mlxmoe.cluster import tls
+        d = tempfile.mkdtemp(prefix="mlxmoe-tls-")
+        tls.create_ca(d)
+        _TLS["ident"] = tls.ensure_identity(d, "test-node", ["127.0.0.1", "localhost"])
+    return _TLS["ident"]
+
+
+def client_context():
+    """An ssl context for a test's own raw requests to LocalCluster nodes."""
+    from mlxmoe.cluster import tls
+    return tls.client_context(test_identity())
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz     "
 
 
@@ -301,9 +320,11 @@ class LocalCluster(LoopThread):
     """
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
-                 names: list[str] | None = None, **router_kw):
+                 names: list[str] | None = None, tls="test", **router_kw):
+        """tls: "test" (default: mutual TLS with the test CA), an Identity, or None (plain HTTP)."""
         super().__init__()
         self.engines, self.key = engines, key
+        self.tls = test_identity() if tls == "test" else tls
         self.names = names or [f"node{i}" for i in range(len(engines))]
         self.frontend = frontend or FakeFrontend(n_groups=max(e.manifest.n_groups for e in engines))
         self.router_kw = {"probe_interval": 0.5, "token_timeout": 5.0, "first_token_timeout": 10.0, **router_kw}
@@ -316,9 +337,10 @@ class LocalCluster(LoopThread):
         from mlxmoe.cluster.node_server import start_node
         from mlxmoe.cluster.router import Router
         for i, e in enumerate(self.engines):
-            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=self.names[i]))
+            self.nodes.append(await start_node(e, self.key, "127.0.0.1", 0, advertise=False, name=self.names[i],
+                                               tls=self.tls))
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
-                        **self.router_kw)
+                        tls=self.tls, **self.router_kw)
         self.running = await start_router(router, "127.0.0.1", 0, page=render)
 
     async def _stop(self):

@@ -275,8 +275,10 @@ def write_conf(path: Path, peers: list[str]) -> None:
 def run_cluster(a, bundle: str, tmp: Path) -> list[dict]:
     import netns
     from mlxmoe.cluster.keys import create_key
+    from mlxmoe.cluster.tls import create_ca
 
     key = str(create_key(tmp / "cluster.key"))
+    create_ca(tmp)  # nodes and router talk mutual TLS, as `mlxmoe init` sets them up
     scripts = tmp / "scripts.json"
     scripts.write_text(json.dumps(conversations(a.conversations, a.turns)))
     netem, why = netem_available()

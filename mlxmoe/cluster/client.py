@@ -36,6 +36,9 @@ class NodeClient:
         try:
             resp = await self.http.post(f"{self.url}/rpc/{op}", data=data, headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=5))
+        except aiohttp.ClientSSLError as e:  # certificate refused, either way: another node may be fine
+            raise self._err(0, "unreachable", f"TLS handshake with {self.url} failed (are both certificates from "
+                                              f"this cluster's CA? `mlxmoe doctor` checks): {e}", True) from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise self._err(0, "unreachable", f"cannot reach node at {self.url}: {type(e).__name__}: {e}", True) from None
         return resp, nonce

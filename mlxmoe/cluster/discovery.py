@@ -45,10 +45,13 @@ def local_ipv4s() -> list[str]:
     return out or ["127.0.0.1"]
 
 
-def txt_props(identity: dict, stats: dict) -> dict:
-    return {"proto": str(wire.PROTOCOL_VERSION), "mh": identity["manifest_hash"], "model": identity["model"],
-            "groups": ",".join(str(g) for g in identity["groups"]),
-            "free": str(int(stats.get("free_memory", 0))), "sessions": str(int(stats.get("sessions", 0)))}
+def txt_props(identity: dict, stats: dict, tls: bool = False) -> dict:
+    props = {"proto": str(wire.PROTOCOL_VERSION), "mh": identity["manifest_hash"], "model": identity["model"],
+             "groups": ",".join(str(g) for g in identity["groups"]),
+             "free": str(int(stats.get("free_memory", 0))), "sessions": str(int(stats.get("sessions", 0)))}
+    if tls:
+        props["tls"] = "1"  # the node speaks only mutual TLS: dial https (cluster/tls.py)
+    return props
 
 
 class Advertiser:
@@ -114,7 +117,8 @@ def record_from_info(info) -> dict | None:
         return None
     props = {(k.decode() if isinstance(k, bytes) else k): (v.decode(errors="replace") if isinstance(v, bytes) else (v or ""))
              for k, v in (info.properties or {}).items()}
-    return {"name": info.name.removesuffix("." + SERVICE_TYPE), "url": f"http://{addrs[0]}:{info.port}",
+    scheme = "https" if props.get("tls") == "1" else "http"
+    return {"name": info.name.removesuffix("." + SERVICE_TYPE), "url": f"{scheme}://{addrs[0]}:{info.port}",
             "txt": props}
 
 
@@ -213,12 +217,24 @@ def load_static_peers(path: str | Path) -> list[str]:
     return urls
 
 
+def https(url: str) -> str:
+    """A peer URL as a TLS router dials it (a peers file or an old node's
+    Bonjour record may still say http://)."""
+    return "https://" + url[len("http://"):] if url.startswith("http://") else url
+
+
 class PeerTable:
-    def __init__(self, manifest_hash: str, n_groups: int, model: str | None = None):
+    """tls: the router speaks only mutual TLS, so every peer is dialled over
+    https, whatever its record says: a plain-HTTP impostor on the LAN would
+    otherwise be sent prompts in clear (docs/SECURITY.md)."""
+
+    def __init__(self, manifest_hash: str, n_groups: int, model: str | None = None, tls: bool = False):
         self.manifest_hash, self.n_groups, self.model = manifest_hash, n_groups, model
         self.peers: dict[str, Peer] = {}
+        self.scheme = https if tls else (lambda url: url)
 
     def add_static(self, url: str) -> Peer:
+        url = self.scheme(url)
         p = self.peers.setdefault(url, Peer(name=url, url=url, source="static"))
         return p
 
@@ -232,10 +248,10 @@ class PeerTable:
             if p is not None and p.source == "mdns":
                 self._set(p, "down", "left the network (Bonjour goodbye)")
             return
-        txt = rec["txt"]
+        txt, url = rec["txt"], self.scheme(rec["url"])
         p = self.peers.get(name)
-        if p is None or p.url != rec["url"]:
-            p = self.peers[name] = Peer(name=name, url=rec["url"], source="mdns")
+        if p is None or p.url != url:
+            p = self.peers[name] = Peer(name=name, url=url, source="mdns")
         try:
             p.protocol = int(txt.get("proto", "0"))
             p.groups = [int(g) for g in txt.get("groups", "").split(",") if g.strip()]

@@ -372,13 +372,15 @@ async def _refresh_every(server: NodeServer, period: float) -> None:
 class RunningNode:
     """A started node server (and its Bonjour registration, if any)."""
 
-    def __init__(self, server: NodeServer, runner: web.AppRunner, host: str, port: int, advertiser=None):
+    def __init__(self, server: NodeServer, runner: web.AppRunner, host: str, port: int, advertiser=None,
+                 tls: bool = False):
         self.server, self.runner, self.host, self.port, self.advertiser = server, runner, host, port, advertiser
+        self.tls = tls
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
         if self.server.refresher is not None:
@@ -403,34 +405,45 @@ class RunningNode:
 async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, identity: dict | None = None,
                      name: str | None = None, factory: Callable | None = None,
-                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE) -> RunningNode:
-    """Start serving `engine` (or the engine `factory()` builds on the engine thread)."""
+                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE, tls=None) -> RunningNode:
+    """Start serving `engine` (or the engine `factory()` builds on the engine thread).
+    `tls` (a cluster.tls.Identity): serve mutual TLS only, and sign this
+    node's calls to peers with the same certificate; None: plain HTTP (tests,
+    --insecure-plain-http)."""
     from mlxmoe.cluster.discovery import Advertiser, txt_props
+    from mlxmoe.cluster import tls as cluster_tls
+    from mlxmoe.node.remote import peers
+
+    ssl_context = None
+    if tls is not None:
+        ssl_context = cluster_tls.server_context(tls)
+        peers.set_client_context(cluster_tls.client_context(tls))  # one identity per process
 
     server = NodeServer(engine, key, identity, factory, max_streams, max_queue)
     ident = await server.init_identity()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     port = runner.addresses[0][1]
     adv = None
     if advertise:
-        adv = Advertiser(port, txt_props(ident, server.stats()), interface=interface, host_ip=host, name=name)
+        props = lambda: txt_props(ident, server.stats(), tls=tls is not None)
+        adv = Advertiser(port, props(), interface=interface, host_ip=host, name=name)
         await adv.start()
-        server.on_change = lambda: adv.update(txt_props(ident, server.stats()))
+        server.on_change = lambda: adv.update(props())
         server.refresher = asyncio.ensure_future(_refresh_every(server, TXT_REFRESH_S))
     server.name = adv.name if adv else (name or default_name(ident["groups"], port))
-    return RunningNode(server, runner, host, port, adv)
+    return RunningNode(server, runner, host, port, adv, tls=tls is not None)
 
 
 async def serve_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
-                     factory: Callable | None = None) -> None:
+                     factory: Callable | None = None, tls=None) -> None:
     """Run a node until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
-    node = await start_node(engine, key, host, port, advertise, interface, factory=factory)
+    node = await start_node(engine, key, host, port, advertise, interface, factory=factory, tls=tls)
     ident = node.server.identity
     print(f"mlxmoe node: {ident['model']} groups {ident['groups']} (manifest {ident['manifest_hash'][:12]}) "
           f"serving on {node.url}" + (f", advertised as {node.advertiser.name}" if node.advertiser else

@@ -26,6 +26,9 @@ def copy_cmd(bundle, dest, groups, quiet, as_json):
 
     Over the network, rsync the same files: `mlxmoe copy --help` lists them
     as the JSON output of a local copy.
+
+    The cluster secrets do not travel with the bundle: copy cluster.key,
+    ca.pem and ca.key from ~/.config/mlxmoe/ (`mlxmoe init` prints how).
     """
     from mlxmoe.bundle.copy import copy_bundle, node_files
     from mlxmoe.bundle.manifest import Manifest

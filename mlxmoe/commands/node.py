@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, parse_size, run_server,
-                                     setup_logging, verbose_option)
+from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, load_tls, parse_size,
+                                     run_server, setup_logging, tls_option, verbose_option)
 
 
 @click.command("node")
@@ -26,8 +26,10 @@ from mlxmoe.commands.options import (interface_option, key_option, kv_options, l
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Announce this node on the local network with Bonjour.")
 @interface_option
+@tls_option
 @verbose_option
-def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, advertise, interface, verbose):
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, advertise, interface,
+             plain_http, verbose):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -38,6 +40,8 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     """
     setup_logging(verbose)
     key = load_key(key_file)
+    import socket
+    tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac", host)
     budget = parse_size(kv_budget, "--kv-budget")
     from mlxmoe.cluster.node_server import serve_node
 
@@ -47,4 +51,5 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
         return Node.load(bundle, group, kv_budget_bytes=budget, kv_start=kv_start,
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
 
-    run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load))
+    run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,
+                           tls=tls))

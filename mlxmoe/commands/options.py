@@ -40,6 +40,27 @@ def key_option(f):
     return click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None, help=KEY_HELP)(f)
 
 
+def tls_option(f):
+    return click.option("--insecure-plain-http", "plain_http", is_flag=True,
+                        help="Talk to nodes over plain HTTP, without the cluster CA (tests only: anyone on the "
+                             "network reads every prompt and answer).")(f)
+
+
+def load_tls(key_file: str | None, plain_http: bool, name: str, bind: str | None = None):
+    """This Mac's cluster TLS identity (None with --insecure-plain-http): the CA
+    and certificate beside the cluster key, the certificate issued at first
+    start if the CA key is there."""
+    if plain_http:
+        return None
+    from pathlib import Path
+    from mlxmoe.cluster import keys, tls
+    d = (Path(key_file).expanduser() if key_file else keys.default_path()).parent
+    try:
+        return tls.ensure_identity(d, name, tls.default_hosts(bind))
+    except (tls.TlsError, OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
 def interface_option(f):
     return click.option("--interface", default=None, metavar="IP", help=IFACE_HELP)(f)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mlxmoe.commands.options import (interface_option, key_option, load_key, mode_option, run_server, setup_logging,
-                                     verbose_option)
+from mlxmoe.commands.options import (interface_option, key_option, load_key, load_tls, mode_option, run_server,
+                                     setup_logging, tls_option, verbose_option)
 
 
 @click.command("serve")
@@ -28,8 +28,10 @@ from mlxmoe.commands.options import (interface_option, key_option, load_key, mod
 @click.option("--race-tokens", type=click.IntRange(1, 256), default=None, help="Tokens each race candidate generates (default 8).")
 @click.option("--migrate-every", type=click.IntRange(0), default=None,
               help="soft/hard: also re-score every N generated tokens (default 0: turn boundaries only).")
+@tls_option
 @verbose_option
-def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every, verbose):
+def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every, plain_http,
+              verbose):
     """Run the router: an OpenAI-compatible API for the whole cluster.
 
     Loads only the trunk and tokenizer of BUNDLE (to score which expert group
@@ -57,8 +59,10 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
         from mlxmoe.node.trunk import TrunkFrontend
         return TrunkFrontend.load(bundle)
 
+    import socket
+    tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac")  # one certificate per Mac
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
-                    mobility=mobility)
+                    mobility=mobility, tls=tls)
     from mlxmoe.ui.status_page import render
 
     run_server(serve_router(router, host, port, page=render))

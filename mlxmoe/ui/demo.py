@@ -54,11 +54,17 @@ def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
 
 
 def ensure_key(root: Path) -> Path:
+    """The demo's cluster key, CA and certificate (in `root`: nodes and router
+    load them beside --key, and talk mutual TLS like a real cluster)."""
+    from mlxmoe.cluster import tls
     from mlxmoe.cluster.keys import create_key
 
     key = root / "demo-cluster.key"
     if not key.exists():
         create_key(key)
+    if not tls.Identity.in_dir(root).ca.exists():
+        tls.create_ca(root)
+    tls.ensure_identity(root, "demo", ["127.0.0.1", "localhost"])  # once, before the processes start
     return key
 
 
@@ -108,7 +114,7 @@ def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode:
     key = ensure_key(root_p)
     ports = [free_port() for _ in range(groups)]
     peers = root_p / "peers.toml"
-    peers.write_text("".join(f'[[peers]]\nurl = "http://127.0.0.1:{p}"\n\n' for p in ports))
+    peers.write_text("".join(f'[[peers]]\nurl = "https://127.0.0.1:{p}"\n\n' for p in ports))
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     procs = []

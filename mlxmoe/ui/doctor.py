@@ -124,6 +124,44 @@ def check_key() -> Check:
     return Check("cluster key", "ok", f"{path} (mode 600)")
 
 
+def check_cert(soon_days: int = 30) -> Check:
+    """This Mac's cluster certificate: present, signed by the cluster CA, in date
+    (the same files `mlxmoe node`/`serve` load; cluster/tls.py)."""
+    import datetime as dt
+    from mlxmoe.cluster import keys, tls
+
+    ident = tls.Identity.in_dir(keys.default_path().parent)
+    name = "certificate"
+    if not ident.ca.exists():
+        return Check(name, "fail", f"no cluster CA at {ident.ca}",
+                     "on your first Mac run `mlxmoe init`; copy ca.pem (and ca.key) beside cluster.key on the others")
+    for secret in (ident.ca_key, ident.key):
+        if secret.exists() and not keys.is_private(secret):
+            return Check(name, "fail", f"{secret} is readable by others", f"chmod 600 {secret}")
+    if not ident.cert.exists():
+        if ident.ca_key.exists():
+            return Check(name, "warn", f"no certificate at {ident.cert} yet",
+                         "`mlxmoe node` / `mlxmoe serve` issue it at first start (the CA key is here)")
+        return Check(name, "fail", f"no certificate at {ident.cert} and no CA key to issue one",
+                     "on the Mac with ca.key run `mlxmoe init --node NAME` and copy its files here")
+    fix = ("delete cert.pem; `mlxmoe node`/`serve` issue a new one at start" if ident.ca_key.exists() else
+           "on the Mac with ca.key run `mlxmoe init --node NAME` and copy its files here")
+    try:
+        bad = tls.cert_problem(ident.cert.read_bytes(), ident.ca.read_bytes())
+        if bad is None:
+            bad = tls.cert_problem(ident.cert.read_bytes(), ident.ca.read_bytes(),
+                                   now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=soon_days))
+            if bad is not None:
+                return Check(name, "warn", f"{ident.cert} {bad.replace('expired', 'expires')}", fix)
+        if bad is None and not ident.key.exists():
+            bad = f"its key {ident.key} is missing"
+    except OSError as e:
+        bad = f"cannot read it ({e})"
+    if bad is not None:
+        return Check(name, "fail", f"{ident.cert}: {bad}", fix)
+    return Check(name, "ok", f"{ident.cert}: {tls.cert_name(ident.cert.read_bytes())}, signed by the cluster CA")
+
+
 def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
     """Peers and manifest agreement from the router's /status. An unreachable
     router is a warning at the default address (maybe none runs yet) and a
@@ -179,7 +217,7 @@ def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
 
 
 def run_checks(url: str | None = None, bundle: str | None = None) -> list[Check]:
-    checks = [check_mlx(), check_moe_path(), check_memory(), check_mdns(), check_key()]
+    checks = [check_mlx(), check_moe_path(), check_memory(), check_mdns(), check_key(), check_cert()]
     cluster, status = check_cluster(url)
     checks += cluster
     if bundle:

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 
+import fakes
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster.mobility import Mobility, load_router_config
 
@@ -393,7 +394,8 @@ class RealCluster(LocalCluster):
 
         for i, g in enumerate(self.groups):
             self.nodes.append(await start_node(None, self.key, "127.0.0.1", 0, advertise=False, name=f"node{i}",
-                                               factory=lambda g=g: Node.load(self.bundle, g, verify=False)))
+                                               factory=lambda g=g: Node.load(self.bundle, g, verify=False),
+                                               tls=self.tls))
         outer = self
 
         class Forced(TrunkFrontend):
@@ -404,7 +406,7 @@ class RealCluster(LocalCluster):
                 return sc
 
         router = Router(None, self.key, frontend_factory=lambda: Forced.load(self.bundle, verify=False),
-                        static_peers=[n.url for n in self.nodes], mdns=False, **self.router_kw)
+                        static_peers=[n.url for n in self.nodes], mdns=False, tls=self.tls, **self.router_kw)
         self.running = await start_router(router, "127.0.0.1", 0)
 
 
@@ -435,7 +437,7 @@ def test_real_hard_migration_continues_with_the_same_greedy_tokens(bundle):
         assert m["kind"] == "hard" and m["ok"] and m["state_tokens"] > 0
 
         async def by_hand():
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fakes.client_context())) as http:
                 n0, n1, n2 = (NodeClient(http, c.node_url(i), c.key, c.router.manifest_hash) for i in range(3))
                 p1, p2 = await c.router.encode_chat(m1), await c.router.encode_chat(m2)
 

@@ -49,7 +49,9 @@ def _run_lab(tmp_path, node_argv, router_argv, prompt: str, max_tokens: int) -> 
     """Router in host 0, nodes (groups 0..2) in hosts 1..3; the client runs in
     the router's namespace; returns its JSON report."""
     from mlxmoe.cluster.keys import create_key
+    from mlxmoe.cluster.tls import create_ca
     key = str(create_key(tmp_path / "cluster.key"))
+    create_ca(tmp_path)  # real nodes and router issue their certificate at first start, and talk mutual TLS
     with netns.NetnsLab(4, tmp_path / "logs") as lab:
         rip = lab.ips[0]
         pids = {g: lab.spawn(g + 1, node_argv(g, lab.ips[g + 1], key), f"node{g}.log").pid for g in range(3)}

@@ -20,6 +20,7 @@ from mlxmoe.cluster.client import NodeClient
 from mlxmoe.errors import RpcError
 from mlxmoe.cluster.node_server import start_node
 from fakes import HASH, FakeEngine, LocalCluster, encode, expected_text
+import fakes
 
 pytestmark = pytest.mark.timeout(60)
 KEY = b"n" * 32
@@ -154,7 +155,8 @@ def test_client_rejects_unsigned_answers():
 
 def _post(url, path, data, headers=None):
     u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn = (http.client.HTTPSConnection(u.hostname, u.port, timeout=10, context=fakes.client_context())
+            if u.scheme == "https" else http.client.HTTPConnection(u.hostname, u.port, timeout=10))
     try:
         conn.request("POST", path, body=data, headers=headers or {})
         r = conn.getresponse()

@@ -32,11 +32,11 @@ class Router:
                  static_peers: list[str] = (), mdns: bool = True,
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
                  first_token_timeout: float = 300.0, tie_margin: float | None = None, session_ttl: float = 1800.0,
-                 max_failovers: int = 3, mobility: Mobility | dict | None = None):
+                 max_failovers: int = 3, mobility: Mobility | dict | None = None, tls: Any = None):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
-        self.peers = PeerTable(self.manifest_hash, self.n_groups, self.model)
+        self.peers = PeerTable(self.manifest_hash, self.n_groups, self.model, tls=tls is not None)
         if frontend is not None:
             self._bind(frontend)
         for url in static_peers:
@@ -47,6 +47,7 @@ class Router:
         self.session_ttl, self.max_failovers = session_ttl, max_failovers
         self.mob = mobility if isinstance(mobility, Mobility) else Mobility.from_dict(mobility or {})
         self.tie_margin = self.mob.tie_margin if tie_margin is None else tie_margin
+        self.tls = tls  # a cluster.tls.Identity: dial nodes with mutual TLS only (docs/SECURITY.md)
         self.sessions = SessionIndex()
         self.last_placement: dict | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)  # read-only outside: count() bumps them
@@ -71,7 +72,9 @@ class Router:
     async def start(self) -> None:
         if self.frontend is None:
             self._bind(await self.worker.call(self.frontend_factory))
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        from mlxmoe.cluster.tls import client_context
+        ssl = client_context(self.tls) if self.tls is not None else True
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl))
         if self.mdns:
             self.browser = Browser(self._on_mdns, self.interface)
             await self.browser.start()

@@ -10,6 +10,7 @@ import collections
 import http.client
 import os
 import select
+import ssl
 import time
 import urllib.parse
 from concurrent.futures import Future
@@ -18,6 +19,16 @@ from mlxmoe import wire
 from mlxmoe.errors import PeerError
 
 CALL_TIMEOUT_S = 30.0  # below the router's 60 s token timeout: the peer is named, not this node
+_client_context: ssl.SSLContext | None = None
+
+
+def set_client_context(ctx: ssl.SSLContext | None) -> None:
+    """This process's mutual-TLS client context (cluster CA + this Mac's
+    certificate, set by the node server): every https:// peer is dialled with
+    it; without one an https:// peer is refused rather than dialled with
+    system roots (docs/SECURITY.md)."""
+    global _client_context
+    _client_context = ctx
 
 
 class Inbox:
@@ -68,10 +79,10 @@ class PeerLink:
     """A persistent, signed connection to one node's RPC (used from one thread)."""
 
     def __init__(self, url: str, key: bytes, manifest_hash: str | None, inbox: Inbox | None = None,
-                 timeout: float = CALL_TIMEOUT_S, name: str | None = None):
+                 timeout: float = CALL_TIMEOUT_S, name: str | None = None, context: ssl.SSLContext | None = None):
         u = urllib.parse.urlsplit(url)
         self.url, self.key, self.mh, self.inbox, self.timeout = url.rstrip("/"), key, manifest_hash, inbox, timeout
-        self.name = name or self.url
+        self.name, self.context = name or self.url, context
         self._https, self._host, self._port = u.scheme == "https", u.hostname, u.port
         self.conn: http.client.HTTPConnection | None = None
 
@@ -89,8 +100,7 @@ class PeerLink:
             data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce)
             try:
                 if self.conn is None:
-                    cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-                    self.conn = cls(self._host, self._port, timeout=self.timeout)
+                    self.conn = self._connect()
                 self.conn.request("POST", f"/rpc/{op}", body=data, headers=headers)
                 self._wait()
                 resp = self.conn.getresponse()
@@ -113,11 +123,21 @@ class PeerLink:
         host = self._host if self._port is None else f"{self._host}:{self._port}"
         return body, _http_bytes(op, data, headers, host, resp, raw)
 
+    def _connect(self) -> http.client.HTTPConnection:
+        if not self._https:  # a TLS router hands out only https:// peers (discovery.PeerTable)
+            return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+        ctx = self.context or _client_context
+        if ctx is None:
+            raise PeerError(f"peer {self.name}: https peer but this node has no cluster certificate", self.name)
+        return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout, context=ctx)
+
     def _wait(self) -> None:
         """Until the answer starts arriving; meanwhile serve our own inbox."""
         if self.inbox is None:
             return
         sock, deadline = self.conn.sock, time.monotonic() + self.timeout
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():  # already decrypted: select would not see it
+            return
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
