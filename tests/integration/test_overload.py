@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 
+import fakes
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 
 from mlxmoe.cluster.client import NodeClient
@@ -53,7 +54,7 @@ def test_busy_node_answers_health_at_once_and_stays_up():
         wait_for(lambda: c.nodes[0].server.worker.load()["streams"] == 1, "the engine to start it")
 
         async def info():
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fakes.client_context())) as http:
                 return await NodeClient(http, c.node_url(0), c.key).call("info", timeout=5)
 
         got = c.run(info())  # the engine thread is blocked: this is served from the event loop
@@ -63,7 +64,7 @@ def test_busy_node_answers_health_at_once_and_stays_up():
         p = c.router.peers.live()
         assert [x.state for x in p] == ["up"], c.router.peers.status()
         async def status():
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fakes.client_context())) as http:
                 async with http.get(c.api_url + "/status", timeout=aiohttp.ClientTimeout(total=10)) as r:
                     return r.status, await r.json()
 
@@ -103,7 +104,7 @@ def test_node_at_its_limit_refuses_generate_with_429():
         c.nodes[0].server.worker.max_streams, c.nodes[0].server.max_queue = 1, 1
 
         async def gen(sid):
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fakes.client_context())) as http:
                 return [f async for f in NodeClient(http, c.node_url(0), c.key).generate(sid, [1, 2], {"max_tokens": 2})]
 
         a = asyncio.run_coroutine_threadsafe(gen("a"), c.loop)  # decoding (held)
