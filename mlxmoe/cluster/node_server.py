@@ -37,7 +37,8 @@ HELD_GRACE_S = 60.0  # a session its router does not list is closed only once id
 KEEPALIVE_S = 15.0
 BODY_TIMEOUT_S = 120.0  # 256 MiB import_session at ~2 MB/s
 MAX_CONNECTIONS = 256
-HTTP_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32}
+# lingering_time 0: a refused body is never read, not even to be discarded
+HTTP_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32, "lingering_time": 0}
 
 
 def engine_identity(engine: Engine) -> dict:
