@@ -103,7 +103,8 @@ class PeerLink:
             except (http.client.HTTPException, OSError) as e:
                 self.close()
                 if not reused or attempt or isinstance(e, TimeoutError):  # a silent peer gets no second wait
-                    raise PeerError(f"peer {self.name}: '{path}' failed: {type(e).__name__}: {e}", self.name) from None
+                    what = path.rsplit("/", 1)[-1]  # the op, or "hello"
+                    raise PeerError(f"peer {self.name}: '{what}' failed: {type(e).__name__}: {e}", self.name) from None
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         return resp, raw
