@@ -1,27 +1,41 @@
-"""The node RPC wire format, below every layer that speaks it: a msgpack
-envelope authenticated with HMAC-SHA256, size limits, per-op schemas, and the
-one tensor codec. Both clients (cluster/client.py NodeClient for the router,
+"""The node RPC wire format, below every layer that speaks it: a signed
+preamble in the HTTP headers, msgpack bodies, size limits, per-op schemas, and
+the one tensor codec. Both clients (cluster/client.py NodeClient for the router,
 node/remote/peers.py PeerLink between nodes) and the node server build and
 check every byte through these functions; they differ only in transport.
 
-Request  = POST /rpc/<op>, body = msgpack({"v", "op", "ts", "nonce", "body"[, "mh"]}),
-           header X-MLXMoE-Auth = hex HMAC-SHA256(cluster key, exact body bytes).
+Request  = POST /rpc/<op>, body = msgpack(op body), and two headers:
+           X-MLXMoE-Req  = base64url(msgpack({"v", "op", "ts", "nonce", "dst", "ep",
+                           "len", "sha", "src"[, "mh"]})): the preamble;
+           X-MLXMoE-Auth = hex HMAC-SHA256(cluster key, b"req:" + preamble bytes).
+           The preamble names the destination node (`dst`, its name as `hello`
+           reports it) and its per-process epoch (`ep`), the body's length and
+           sha256, so a node authenticates a request from its headers alone,
+           before it reads a byte of the body (docs/SECURITY.md).
+Hello    = GET /hello, unauthenticated: {"node", "epoch", "protocol"}; how a
+           caller learns what to put in dst/ep (a lie there only gets refused).
 Response = msgpack({"ok": true, "body": ...}) or ({"ok": false, "error": {...}}),
            header X-MLXMoE-Auth = HMAC over b"resp:" + request nonce + response
            bytes, so the caller knows the answer came from a key holder too.
-Stream   = (generate) a sequence of msgpack maps: {"t": "tok", ...} per token,
-           then {"t": "end", ...}, or {"t": "err", ...} if it fails midway;
-           the header HMAC covers b"stream:" + nonce.
+Stream   = (generate) a sequence of msgpack [frame bytes, mac]: each frame a
+           msgpack map, {"t": "tok", ...} per token, then {"t": "end", ...} or
+           {"t": "err", ...}; mac_i = HMAC(key, mac_{i-1} + i + frame)[:16],
+           mac_0 = the header HMAC over b"stream:" + nonce, so no frame can be
+           altered, dropped, reordered or spliced from another stream.
 Tensor   = {"dtype", "shape", "data"}: raw little-endian bytes (bf16 as its
            16 bits, so exact), for activations and exported KV state alike.
 
-Checks run in this order, so a sender without the key learns nothing but 401:
-size (413) -> HMAC (401) -> decode/envelope (400, version 426) -> freshness
-(401, with a reason: the sender holds the key) -> per-op schema (400).
+Checks run in this order, so a sender without the key learns nothing but 401
+and makes the node read nothing but its headers: Content-Length vs the op's
+limit (413) -> preamble HMAC (401) -> preamble decode (400, version 426) ->
+destination/epoch/freshness (401, with a reason: the sender holds the key) ->
+Content-Length == signed length (400) -> body read, sha256 (401) -> per-op
+schema (400).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import math
@@ -35,8 +49,10 @@ import msgpack
 
 from mlxmoe.modes import ROUTING_MODES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 AUTH_HEADER = "X-MLXMoE-Auth"
+PREAMBLE_HEADER = "X-MLXMoE-Req"
+MAX_PREAMBLE_CHARS = 2048  # a real preamble is ~250; the rest is a hostile header
 CONTENT_TYPE = "application/msgpack"
 MiB = 1 << 20
 DEFAULT_MAX_BYTES = 8 * MiB
@@ -95,6 +111,46 @@ def verify_stream(key: bytes, nonce: str, signature: str | None) -> bool:
     return verify(key, _stream_signed(nonce), signature)
 
 
+FRAME_MAC_BYTES = 16
+
+
+class StreamSigner:
+    """The node's side of a generate stream: each frame chained to the last."""
+
+    def __init__(self, key: bytes, nonce: str):
+        self.key, self.mac, self.n = key, bytes.fromhex(stream_mac(key, nonce)), 0
+
+    def frame(self, obj: dict) -> bytes:
+        data = pack(obj)
+        self.mac = _frame_mac(self.key, self.mac, self.n, data)
+        self.n += 1
+        return pack([data, self.mac])
+
+
+class StreamVerifier:
+    """The caller's side: opens [frame bytes, mac] items in order, or raises
+    WireError (status 0) for a frame that is altered, dropped or foreign."""
+
+    def __init__(self, key: bytes, nonce: str):
+        self.key, self.mac, self.n = key, bytes.fromhex(stream_mac(key, nonce)), 0
+
+    def open(self, item: Any) -> dict:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes) and isinstance(item[1], bytes)):
+            raise WireError(0, "bad_response", "malformed stream frame")
+        mac = _frame_mac(self.key, self.mac, self.n, item[0])
+        if not hmac.compare_digest(mac, item[1]):
+            raise WireError(0, "unauthenticated", f"stream frame {self.n} is not signed in sequence with our cluster key")
+        self.mac, self.n = mac, self.n + 1
+        frame = unpack(item[0])
+        if not isinstance(frame, dict):
+            raise WireError(0, "bad_response", "malformed stream frame")
+        return frame
+
+
+def _frame_mac(key: bytes, prev: bytes, n: int, data: bytes) -> bytes:
+    return hmac.new(key, prev + n.to_bytes(8, "big") + data, hashlib.sha256).digest()[:FRAME_MAC_BYTES]
+
+
 def max_bytes(op: str) -> int:
     return OP_MAX_BYTES.get(op, DEFAULT_MAX_BYTES)
 
@@ -111,7 +167,7 @@ class ReplayGuard:
 
     def check(self, ts: float, nonce: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        if abs(now - ts) > self.window_s:
+        if not abs(now - ts) <= self.window_s:  # NaN compares false: stale, as is inf
             raise WireError(401, "stale", f"field 'ts': timestamp is {now - ts:+.1f}s from this node's clock, "
                                           f"outside the {self.window_s:.0f}s replay window (are the Macs' clocks set?)", "ts")
         with self._lock:
@@ -145,20 +201,30 @@ MAX_PEERS = 256
 TENSOR_SCHEMA = {"_required": ["dtype", "shape", "data"], "dtype": "str", "shape": "list[int]", "data": "bytes"}
 TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}  # an activation's wire dtype -> bytes per element
 
-ENVELOPE_SCHEMA = {
-    "_required": ["v", "op", "ts", "nonce", "body"],
-    "v": "int", "op": "str", "ts": "num", "nonce": "str", "body": "dict",
+PREAMBLE_SCHEMA = {
+    "_required": ["v", "op", "ts", "nonce", "dst", "ep", "len", "sha"],
+    "v": "int", "op": "str", "ts": "num", "nonce": "str",
+    "dst": "str", "ep": "str",  # the destination node's name and per-process epoch
+    "len": "int", "sha": "bytes",  # the body's length and sha256
+    "src": "str",  # who sends it (the router's name): whose sessions `held` lists
     "mh": "str",  # manifest hash the caller expects (it travels in every RPC: docs/ARCHITECTURE.md)
 }
 
+# An exported session (node/kvstate.py); what is inside a cache the engine checks.
+CACHE_SCHEMA = {"_required": ["type", "state"], "type": "str", "state": "any", "meta": "any"}
+STATE_SCHEMA = {"_required": ["id", "tokens", "caches", "manifest"], "id": "str", "tokens": "tokens",
+                "caches": "list[dict]", "manifest": "str"}
+MAX_HELD = 1 << 16
+
 OP_SCHEMAS: dict[str, dict] = {
-    "info": {"_required": []},
+    # `held`: the caller's sessions on this node; its others, idle, are closed (docs/SECURITY.md)
+    "info": {"_required": [], "held": "list[str]"},
     "prefill": {"_required": ["session", "prompt"], "session": "str", "prompt": "tokens"},
     "generate": {"_required": ["session", "prompt", "params"], "session": "str", "prompt": "tokens",
                  "params": PARAMS_SCHEMA},
     "close": {"_required": ["session"], "session": "str"},
     "export_session": {"_required": ["session"], "session": "str"},
-    "import_session": {"_required": ["state"], "state": "dict"},
+    "import_session": {"_required": ["state"], "state": STATE_SCHEMA},
     # one MoE layer's routed-expert output for hidden states x, routed as this node's own block would
     "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA, "ids": "list[int]",
                 "rows": "list[int]"},
@@ -187,6 +253,10 @@ def _type_ok(value: Any, spec: str) -> bool:
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
     if spec == "bytes":
         return isinstance(value, bytes)
+    if spec == "any":
+        return True
+    if spec == "list[dict]":
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if spec == "tokens":
         return (isinstance(value, list) and len(value) <= MAX_PROMPT_TOKENS and all(
             isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_TOKEN_ID for v in value))
@@ -196,6 +266,7 @@ def _type_ok(value: Any, spec: str) -> bool:
 _SPEC_WORDS = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true/false",
                "dict": "a map", "list[str]": "a list of strings", "list[int]": "a list of integers",
                "dict[str,str]": "a map of strings to strings", "bytes": "binary data",
+               "list[dict]": "a list of maps",
                "tokens": f"a list of token ids (integers 0..{MAX_TOKEN_ID}, at most {MAX_PROMPT_TOKENS})"}
 
 
@@ -231,6 +302,14 @@ def _check_values(op: str, body: dict) -> None:
     if "x" in body:
         shape = check_tensor(body["x"], "body.x")
         check_expert_ids(body.get("ids"), body.get("rows"), math.prod(shape[:-1]))
+    if "state" in body:
+        for i, c in enumerate(body["state"]["caches"]):
+            check_schema(c, CACHE_SCHEMA, f"body.state.caches.{i}")
+        sid = body["state"]["id"]
+        if not 1 <= len(sid) <= 256:
+            raise WireError(400, "schema", "field 'body.state.id': must be 1..256 characters", "body.state.id")
+    if len(body.get("held", ())) > MAX_HELD:
+        raise WireError(400, "schema", f"field 'body.held': at most {MAX_HELD} session ids", "body.held")
     sess = body.get("session")
     if sess is not None and not 1 <= len(sess) <= 256:
         raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
@@ -316,43 +395,120 @@ class Request:
     ts: float
     nonce: str
     mh: str | None = None
+    src: str = ""
+
+
+@dataclass
+class Preamble:
+    """A request's signed headers, verified: what the body must be."""
+    op: str
+    ts: float
+    nonce: str
+    length: int
+    sha: bytes
+    mh: str | None = None
+    src: str = ""
 
 
 def encode_request(key: bytes, op: str, body: dict, mh: str | None = None,
-                   ts: float | None = None, nonce: str | None = None) -> tuple[bytes, dict]:
-    """(bytes, headers) for one RPC. The HMAC covers the exact bytes sent."""
-    env = {"v": PROTOCOL_VERSION, "op": op, "ts": time.time() if ts is None else ts,
-           "nonce": nonce or new_nonce(), "body": body}
+                   ts: float | None = None, nonce: str | None = None, *, dst: str = "", epoch: str = "",
+                   src: str = "") -> tuple[bytes, dict]:
+    """(body bytes, headers) for one RPC to node `dst` in its `epoch`."""
+    data = pack(body)
+    pre = {"v": PROTOCOL_VERSION, "op": op, "ts": time.time() if ts is None else ts, "nonce": nonce or new_nonce(),
+           "dst": dst, "ep": epoch, "len": len(data), "sha": hashlib.sha256(data).digest(), "src": src}
     if mh is not None:
-        env["mh"] = mh
-    data = pack(env)
-    return data, {AUTH_HEADER: sign(key, data), "Content-Type": CONTENT_TYPE}
+        pre["mh"] = mh
+    raw = pack(pre)
+    return data, {PREAMBLE_HEADER: base64.urlsafe_b64encode(raw).decode(), AUTH_HEADER: sign(key, b"req:" + raw),
+                  "Content-Type": CONTENT_TYPE}
 
 
-def decode_request(key: bytes, data: bytes, signature: str | None, path_op: str,
-                   guard: ReplayGuard | None = None) -> Request:
-    """Verify, decode and schema-check one request; raise WireError otherwise."""
-    if len(data) > max_bytes(path_op):
-        raise WireError(413, "too_large", f"request is {len(data)} bytes; the limit for '{path_op}' is {max_bytes(path_op)}")
-    if not verify(key, data, signature):
+def check_length(path_op: str, content_length: int | None) -> None:
+    """Before anything else: a body past the op's limit is never read (413)."""
+    if content_length is not None and content_length > max_bytes(path_op):
+        raise WireError(413, "too_large", f"request is {content_length} bytes; "
+                                          f"the limit for '{path_op}' is {max_bytes(path_op)}")
+
+
+def open_preamble(key: bytes, headers, path_op: str, dst: str, epoch: str,
+                  guard: ReplayGuard | None = None, content_length: int | None = None) -> Preamble:
+    """Authenticate a request from its headers alone (a mapping with .get);
+    raise WireError otherwise. Reads nothing of the body."""
+    check_length(path_op, content_length)
+    text, sig = headers.get(PREAMBLE_HEADER), headers.get(AUTH_HEADER)
+    if not text or len(text) > MAX_PREAMBLE_CHARS or not sig:
         raise WireError(401, "unauthorized", "unauthorized")
-    env = unpack(data)
-    if not isinstance(env, dict):
-        raise WireError(400, "malformed", "envelope must be a msgpack map")
-    v = env.get("v")
+    try:
+        raw = base64.urlsafe_b64decode(text.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise WireError(401, "unauthorized", "unauthorized") from None
+    if not verify(key, b"req:" + raw, sig):
+        raise WireError(401, "unauthorized", "unauthorized")
+    pre = unpack(raw)
+    if not isinstance(pre, dict):
+        raise WireError(400, "malformed", "preamble must be a msgpack map")
+    v = pre.get("v")
     if isinstance(v, int) and not isinstance(v, bool) and v != PROTOCOL_VERSION:
         raise WireError(426, "version", f"field 'v': protocol {v} is not supported; this node speaks {PROTOCOL_VERSION}", "v")
-    check_schema(env, ENVELOPE_SCHEMA, "envelope")
-    if env["op"] not in OP_SCHEMAS:
-        raise WireError(400, "unknown_op", f"field 'op': unknown op {env['op']!r}; known: {', '.join(OPS)}", "op")
-    if env["op"] != path_op:
-        raise WireError(400, "op_mismatch", f"field 'op': {env['op']!r} does not match the URL's op {path_op!r}", "op")
-    if not 8 <= len(env["nonce"]) <= 64:
-        raise WireError(400, "schema", "field 'envelope.nonce': must be 8..64 characters", "envelope.nonce")
-    (guard or ReplayGuard()).check(float(env["ts"]), env["nonce"])
-    check_schema(env["body"], OP_SCHEMAS[env["op"]], "body")
-    _check_values(env["op"], env["body"])
-    return Request(env["op"], env["body"], float(env["ts"]), env["nonce"], env.get("mh"))
+    check_schema(pre, PREAMBLE_SCHEMA, "preamble")
+    if pre["op"] not in OP_SCHEMAS:
+        raise WireError(400, "unknown_op", f"field 'op': unknown op {pre['op'][:40]!r}; known: {', '.join(OPS)}", "op")
+    if pre["op"] != path_op:
+        raise WireError(400, "op_mismatch", f"field 'op': {pre['op']!r} does not match the URL's op {path_op[:40]!r}", "op")
+    if not 8 <= len(pre["nonce"]) <= 64:
+        raise WireError(400, "schema", "field 'preamble.nonce': must be 8..64 characters", "preamble.nonce")
+    if pre["dst"] != dst:
+        raise WireError(401, "destination", f"field 'dst': this request is for node {pre['dst'][:80]!r}, "
+                                            f"this is {dst!r} (ask /hello)", "dst")
+    if pre["ep"] != epoch:
+        raise WireError(401, "epoch", "field 'ep': this request is for another run of this node "
+                                      "(it restarted; ask /hello)", "ep")
+    (guard or ReplayGuard()).check(float(pre["ts"]), pre["nonce"])
+    if not 0 <= pre["len"] <= max_bytes(path_op) or len(pre["sha"]) != 32:
+        raise WireError(400, "schema", "field 'len': must be 0..the op's limit, with a 32-byte sha", "len")
+    if content_length != pre["len"]:
+        raise WireError(400, "length", f"Content-Length {content_length} is not the signed length {pre['len']}", "len")
+    return Preamble(pre["op"], float(pre["ts"]), pre["nonce"], pre["len"], pre["sha"], pre.get("mh"), pre.get("src", ""))
+
+
+def open_body(pre: Preamble, data: bytes, digest: bytes | None = None) -> Request:
+    """The body a verified preamble announced: sha256 (401), then schema (400)."""
+    digest = hashlib.sha256(data).digest() if digest is None else digest
+    if len(data) != pre.length or not hmac.compare_digest(digest, pre.sha):
+        raise WireError(401, "body_digest", "the body is not the one the signed headers announce (altered in transit?)")
+    body = unpack(data)
+    check_schema(body, OP_SCHEMAS[pre.op], "body")
+    _check_values(pre.op, body)
+    return Request(pre.op, body, pre.ts, pre.nonce, pre.mh, pre.src)
+
+
+def decode_request(key: bytes, headers, data: bytes, path_op: str, dst: str = "", epoch: str = "",
+                   guard: ReplayGuard | None = None) -> Request:
+    """open_preamble + open_body for a body already in memory (tests, tools)."""
+    pre = open_preamble(key, headers, path_op, dst, epoch, guard, len(data))
+    return open_body(pre, data)
+
+
+def hello_response(node: str, epoch: str) -> bytes:
+    return pack({"node": node, "epoch": epoch, "protocol": PROTOCOL_VERSION})
+
+
+def open_hello(data: bytes) -> tuple[str, str]:
+    """(node, epoch) from a /hello answer; WireError (status 0) if malformed.
+    Unsigned on purpose: a lie only gets our next request refused."""
+    try:
+        h = unpack(data)
+    except WireError:
+        h = None
+    if not (isinstance(h, dict) and isinstance(h.get("node"), str) and isinstance(h.get("epoch"), str)):
+        raise WireError(0, "bad_response", "malformed /hello answer (not an mlxmoe node of this protocol?)")
+    return h["node"], h["epoch"]
+
+
+# Refusals after which the caller asks /hello again and retries once: the
+# request did nothing, and the node's name or run changed.
+REHELLO_CODES = ("destination", "epoch")
 
 
 def ok_response(body: Any) -> bytes:
@@ -391,8 +547,9 @@ def refusal(data: bytes) -> dict:
 
 
 def stream_unpacker() -> msgpack.Unpacker:
-    """Feed it a generate stream's bytes; iterate it for frames."""
-    return msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME_BYTES)
+    """Feed it a generate stream's bytes; iterate it for [frame, mac] items
+    (StreamVerifier.open each)."""
+    return msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=MAX_FRAME_BYTES, ext_hook=_no_ext)
 
 
 # ---------------------------------------------------------------- tensors

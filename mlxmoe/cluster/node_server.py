@@ -13,7 +13,9 @@ router can try another node.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import time
 from typing import Callable
 
@@ -30,6 +32,16 @@ RETRY_AFTER_S = 2
 MAX_STREAMS = 8  # streams decoded at once (round-robin, one token each); later ones wait in order
 MAX_QUEUE = 8  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
 INFO_WAIT_S = 0.2  # how long info waits for a fresh engine answer before serving the snapshot
+SESSION_TTL_S = 3600.0  # idle sessions are closed after this (mlxmoe node --session-ttl)
+HELD_GRACE_S = 60.0  # a session its router does not list is closed only once idle this long
+# HTTP limits (docs/SECURITY.md). aiohttp's keep-alive timer also runs from
+# the connection's start until a request's headers are complete, so it is the
+# header timeout too; the body timeout is ours.
+KEEPALIVE_S = 15.0
+BODY_TIMEOUT_S = 120.0  # 256 MiB import_session at ~2 MB/s
+MAX_CONNECTIONS = 256
+# lingering_time 0: a refused body is never read, not even to be discarded
+HTTP_LIMITS = {"max_line_size": 4096, "max_field_size": 4096, "max_headers": 32, "lingering_time": 0}
 
 
 def engine_identity(engine: Engine) -> dict:
@@ -64,7 +76,11 @@ class NodeServer:
         self._fresh: asyncio.Future | None = None  # the one engine-info refresh in flight
         self.guard = wire.ReplayGuard()
         self.identity = identity  # filled by init_identity() from the engine if None
-        self.sessions: set[str] = set()
+        self.sessions: dict[str, tuple[str, float]] = {}  # id -> (owner: the preamble's src, last used)
+        self._busy: dict[str, int] = {}  # session id -> open generate streams
+        self.session_ttl = SESSION_TTL_S
+        self.epoch = os.urandom(8).hex()  # per process: a request signed for an earlier run is refused
+        self.body_timeout = BODY_TIMEOUT_S
         self.active = 0
         self.bytes_in = self.bytes_out = 0
         self.on_change: Callable[[], None] | None = None  # e.g. refresh Bonjour TXT
@@ -94,7 +110,12 @@ class NodeServer:
         # client_max_size is ours to enforce per op (streamed read below)
         app = web.Application(client_max_size=max(wire.OP_MAX_BYTES.values()) + 1)
         app.router.add_post("/rpc/{op}", self.handle)
+        app.router.add_get("/hello", self.hello)
         return app
+
+    async def hello(self, request: web.Request) -> web.Response:
+        """Unauthenticated: the name and epoch a signed request must name."""
+        return web.Response(body=wire.hello_response(self.name, self.epoch), content_type=wire.CONTENT_TYPE)
 
     def stats(self) -> dict:
         return self._last_load or self._load({})
@@ -144,45 +165,60 @@ class NodeServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = request.match_info["op"]
         await self.init_identity()
+        nonce = None
         try:
-            data = await self._read(request, op)
+            pre = wire.open_preamble(self.key, request.headers, op, self.name, self.epoch, self.guard,
+                                     request.content_length)
+            nonce = pre.nonce
+            data, digest = await asyncio.wait_for(self._read(request, pre), self.body_timeout)
             self.bytes_in += len(data)
-            req = wire.decode_request(self.key, data, request.headers.get(wire.AUTH_HEADER), op, self.guard)
+            req = wire.open_body(pre, data, digest)
             if req.mh is not None and req.mh != self.identity["manifest_hash"]:
                 raise wire.WireError(409, "manifest_mismatch",
                                      f"field 'mh': caller expects manifest {req.mh}, this node serves "
                                      f"{self.identity['manifest_hash']} (another model revision)", "mh")
+        except asyncio.TimeoutError:
+            return self._refuse(request, wire.WireError(408, "timeout", f"body not received in {self.body_timeout:.0f}s"),
+                                nonce)
         except wire.WireError as e:
-            return self._error(e, None)
+            return self._refuse(request, e, nonce)
         try:
             if op == "generate":
                 return await self._generate(request, req)
-            body = await getattr(self, "_op_" + op)(req.body)
+            body = await getattr(self, "_op_" + op)(req.body, req.src)
             return self._reply(wire.ok_response(body), req.nonce)
         except wire.WireError as e:
             return self._error(e, req.nonce)
         except Exception as e:  # engine errors become clear RPC errors, never a crash
             return self._error(self._engine_error(e, op), req.nonce)
 
-    async def _read(self, request: web.Request, op: str) -> bytes:
-        limit = wire.max_bytes(op)
-        if request.content_length is not None and request.content_length > limit:
-            raise wire.WireError(413, "too_large", f"request is {request.content_length} bytes; "
-                                                   f"the limit for '{op}' is {limit}")
-        chunks, n = [], 0
-        while True:
-            chunk = await request.content.read(1 << 16)
+    def _refuse(self, request: web.Request, e: wire.WireError, nonce: str | None) -> web.Response:
+        """Answer a refused request; close the connection if its body is unread,
+        so aiohttp does not read (linger on) what we refused to read."""
+        resp = self._error(e, nonce if e.status != 401 else None)
+        if not request.content.is_eof():
+            resp.force_close()
+        return resp
+
+    async def _read(self, request: web.Request, pre: wire.Preamble) -> tuple[bytes, bytes]:
+        """Exactly the signed length (open_preamble matched Content-Length to
+        it), hashing as it arrives."""
+        chunks, n, h = [], 0, hashlib.sha256()
+        while n < pre.length:
+            chunk = await request.content.read(min(1 << 16, pre.length - n))
             if not chunk:
                 break
             n += len(chunk)
-            if n > limit:
-                raise wire.WireError(413, "too_large", f"request exceeds the {limit}-byte limit for '{op}'")
+            h.update(chunk)
             chunks.append(chunk)
-        return b"".join(chunks)
+        return b"".join(chunks), h.digest()
 
     def _engine_error(self, e: Exception, op: str) -> wire.WireError:
         status, code = classify(e)
         msg = str(e) or type(e).__name__
+        if isinstance(e, KeyError) and op == "import_session":  # wire checked the outline; a cache's insides failed
+            return wire.WireError(400, "schema", f"field 'body.state.caches': malformed session state "
+                                                 f"(missing {str(e)[:60]})", "body.state.caches")
         if isinstance(e, KeyError):
             msg = f"unknown session {e.args[0]!r}" if e.args else "unknown session"
         if status == 500:
@@ -205,7 +241,9 @@ class NodeServer:
         return self._reply(wire.error_response(e), nonce, e.status, headers)
 
     # ---- ops
-    async def _op_info(self, body: dict) -> dict:
+    async def _op_info(self, body: dict, src: str) -> dict:
+        if "held" in body:
+            await self.close_unheld(src, set(body["held"]))
         return await self.health()
 
     # ---- health: answered on the event loop, never queued behind decoding
@@ -221,6 +259,8 @@ class NodeServer:
         out["info_age_s"] = max(0.0, time.time() - self.worker.snapshot_at) if self.worker.snapshot_at else None
         out["protocol"] = wire.PROTOCOL_VERSION
         out["node_name"] = self.name
+        out["epoch"] = self.epoch
+        out["session_ttl_s"] = self.session_ttl
         out["uptime_s"] = time.time() - self.started
         return out
 
@@ -258,29 +298,55 @@ class NodeServer:
         err.retry_after = RETRY_AFTER_S
         return err
 
-    async def _op_prefill(self, body: dict) -> dict:
+    async def _op_prefill(self, body: dict, src: str) -> dict:
         sid, prompt = body["session"], body["prompt"]
         await self.worker.call(self.engine.prefill, sid, prompt)
-        self.sessions.add(sid)
+        self._touch(sid, src)
         self._changed()
         return {"session": sid, "prompt_tokens": len(prompt)}
 
-    async def _op_close(self, body: dict) -> dict:
+    async def _op_close(self, body: dict, src: str) -> dict:
         closed = bool(await self.worker.call(self.engine.close_session, body["session"]))
-        self.sessions.discard(body["session"])
+        self.sessions.pop(body["session"], None)
         self._changed()
         return {"closed": closed}
 
-    async def _op_export_session(self, body: dict) -> dict:
+    async def _op_export_session(self, body: dict, src: str) -> dict:
         return await self.worker.call(self.engine.export_session, body["session"])
 
-    async def _op_import_session(self, body: dict) -> dict:
+    async def _op_import_session(self, body: dict, src: str) -> dict:
         sid = await self.worker.call(self.engine.import_session, body["state"])
-        self.sessions.add(sid)
+        self._touch(sid, src)
         self._changed()
         return {"session": sid}
 
-    async def _op_experts(self, body: dict) -> dict:
+    # ---- session expiry (docs/SECURITY.md: nodes expire idle sessions and close the ones their router forgets)
+    def _touch(self, sid: str, src: str) -> None:
+        self.sessions[sid] = (src, time.time())
+
+    async def _close_all(self, sids: list[str]) -> None:
+        for sid in sids:
+            self.sessions.pop(sid, None)
+            try:
+                await self.worker.call(self.engine.close_session, sid)
+            except Exception:  # best effort: the engine may have evicted it already
+                log.exception("closing expired session %s failed", sid)
+        if sids:
+            self._changed()
+
+    async def expire_idle(self, now: float | None = None) -> list[str]:
+        """Close sessions idle longer than the TTL (a router restart, a lost close)."""
+        gone = expired_sessions(self.sessions, self._busy, now or time.time(), self.session_ttl)
+        await self._close_all(gone)
+        return gone
+
+    async def close_unheld(self, src: str, held: set[str], now: float | None = None) -> list[str]:
+        """`src` says which sessions it holds here: close its other idle ones."""
+        gone = unheld_sessions(self.sessions, self._busy, src, held, now or time.time(), HELD_GRACE_S)
+        await self._close_all(gone)
+        return gone
+
+    async def _op_experts(self, body: dict, src: str) -> dict:
         layer, x = body["layer"], body["x"]
         spec = self._experts_spec or (await self.worker.call(self.engine.info))["experts_op"]
         if spec is None:
@@ -308,13 +374,19 @@ class NodeServer:
             raise full
         stream = self.worker.stream(lambda: self.engine.generate(sid, prompt, params))
         self.active += 1
-        self.sessions.add(sid)
+        self._busy[sid] = self._busy.get(sid, 0) + 1
+        self._touch(sid, req.src)
         self._changed()
         try:
             return await self._pump(request, req, stream, len(prompt))
         finally:
             stream.cancel()
             self.active -= 1
+            self._busy[sid] -= 1
+            if not self._busy[sid]:
+                del self._busy[sid]
+            if sid in self.sessions:
+                self._touch(sid, self.sessions[sid][0])
             self._changed()
 
     async def _pump(self, request, req, stream, n_prompt) -> web.StreamResponse:
@@ -328,29 +400,65 @@ class NodeServer:
         resp = web.StreamResponse(headers={"Content-Type": wire.CONTENT_TYPE,
                                            wire.AUTH_HEADER: wire.stream_mac(self.key, req.nonce)})
         await resp.prepare(request)
+        signer = wire.StreamSigner(self.key, req.nonce)
         n, finish = 0, None
         try:
             ev = first
             while ev is not None:
                 n += 1
                 finish = ev.finish_reason
-                await self._write(resp, {"t": "tok", "token": int(ev.token), "text": ev.text,
+                await self._write(resp, signer, {"t": "tok", "token": int(ev.token), "text": ev.text,
                                          "logprob": float(ev.logprob), "finish_reason": ev.finish_reason})
                 ev = await _next_or_none(it)
-            await self._write(resp, {"t": "end", "prompt_tokens": n_prompt, "completion_tokens": n,
+            await self._write(resp, signer, {"t": "end", "prompt_tokens": n_prompt, "completion_tokens": n,
                                      "finish_reason": finish or "length"})
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the router went away; `finally` in _generate cancels the stream
         except Exception as e:
             err = self._engine_error(e, "generate")
-            await self._write(resp, {"t": "err", "status": err.status, "code": err.code, "message": err.message})
+            await self._write(resp, signer, {"t": "err", "status": err.status, "code": err.code, "message": err.message})
         await resp.write_eof()
         return resp
 
-    async def _write(self, resp: web.StreamResponse, frame: dict) -> None:
-        data = wire.pack(frame)
+    async def _write(self, resp: web.StreamResponse, signer: wire.StreamSigner, frame: dict) -> None:
+        data = signer.frame(frame)
         self.bytes_out += len(data)
         await resp.write(data)
+
+
+def expired_sessions(sessions: dict, busy: dict, now: float, ttl: float) -> list[str]:
+    """Ids idle (not streaming) for longer than `ttl` seconds."""
+    return [sid for sid, (_, last) in sessions.items() if sid not in busy and now - last > ttl]
+
+
+def unheld_sessions(sessions: dict, busy: dict, src: str, held: set, now: float, grace: float) -> list[str]:
+    """Ids `src` made here but no longer holds, idle for longer than `grace`
+    (so a session it is opening right now, after it listed the others, stays)."""
+    return [sid for sid, (owner, last) in sessions.items()
+            if owner == src and sid not in held and sid not in busy and now - last > grace]
+
+
+async def _expire_every(server: NodeServer) -> None:
+    while True:
+        await asyncio.sleep(min(60.0, max(0.05, server.session_ttl / 4)))
+        try:
+            await server.expire_idle()
+        except Exception:  # never let the loop die
+            log.exception("session expiry")
+
+
+def cap_connections(runner: web.AppRunner, cap: int) -> None:
+    """Refuse connections past `cap` at once (aiohttp has no option for it):
+    a flood of idle sockets cannot starve the router's own connections for long,
+    and each costs one file descriptor at most until the keep-alive timer."""
+    srv = runner.server
+    made = srv.connection_made
+
+    def connection_made(handler, transport) -> None:
+        made(handler, transport)
+        if len(srv.connections) > cap:
+            transport.abort()
+    srv.connection_made = connection_made
 
 
 async def _next_or_none(it) -> TokenEvent | None:
@@ -376,6 +484,7 @@ class RunningNode:
                  tls: bool = False):
         self.server, self.runner, self.host, self.port, self.advertiser = server, runner, host, port, advertiser
         self.tls = tls
+        self.expirer: asyncio.Task | None = None
 
     @property
     def url(self) -> str:
@@ -383,6 +492,8 @@ class RunningNode:
         return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     async def stop(self) -> None:
+        if self.expirer is not None:
+            self.expirer.cancel()
         if self.server.refresher is not None:
             self.server.refresher.cancel()
         if self.advertiser is not None:
@@ -393,6 +504,8 @@ class RunningNode:
     async def kill(self) -> None:
         """Vanish like a crashed Mac: no goodbye, connections dropped."""
         self.server.abort_connections()
+        if self.expirer is not None:
+            self.expirer.cancel()
         if self.server.refresher is not None:
             self.server.refresher.cancel()
         if self.advertiser is not None and self.advertiser.azc is not None:
@@ -405,7 +518,9 @@ class RunningNode:
 async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, identity: dict | None = None,
                      name: str | None = None, factory: Callable | None = None,
-                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE, tls=None) -> RunningNode:
+                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE, tls=None,
+                     session_ttl: float = SESSION_TTL_S, keepalive_timeout: float = KEEPALIVE_S,
+                     max_connections: int = MAX_CONNECTIONS) -> RunningNode:
     """Start serving `engine` (or the engine `factory()` builds on the engine thread).
     `tls` (a cluster.tls.Identity): serve mutual TLS only, and sign this
     node's calls to peers with the same certificate; None: plain HTTP (tests,
@@ -420,9 +535,12 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
         peers.set_client_context(cluster_tls.client_context(tls))  # one identity per process
 
     server = NodeServer(engine, key, identity, factory, max_streams, max_queue)
+    server.session_ttl = float(session_ttl)
     ident = await server.init_identity()
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                           keepalive_timeout=keepalive_timeout, **HTTP_LIMITS)
     await runner.setup()
+    cap_connections(runner, max_connections)
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     port = runner.addresses[0][1]
@@ -434,16 +552,19 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
         server.on_change = lambda: adv.update(props())
         server.refresher = asyncio.ensure_future(_refresh_every(server, TXT_REFRESH_S))
     server.name = adv.name if adv else (name or default_name(ident["groups"], port))
-    return RunningNode(server, runner, host, port, adv, tls=tls is not None)
+    node = RunningNode(server, runner, host, port, adv, tls=tls is not None)
+    node.expirer = asyncio.ensure_future(_expire_every(server))
+    return node
 
 
 async def serve_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
-                     factory: Callable | None = None, tls=None) -> None:
+                     factory: Callable | None = None, tls=None, session_ttl: float = SESSION_TTL_S) -> None:
     """Run a node until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
-    node = await start_node(engine, key, host, port, advertise, interface, factory=factory, tls=tls)
+    node = await start_node(engine, key, host, port, advertise, interface, factory=factory, tls=tls,
+                            session_ttl=session_ttl)
     ident = node.server.identity
     print(f"mlxmoe node: {ident['model']} groups {ident['groups']} (manifest {ident['manifest_hash'][:12]}) "
           f"serving on {node.url}" + (f", advertised as {node.advertiser.name}" if node.advertiser else

@@ -7,6 +7,21 @@ import click
 from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, load_tls, parse_size,
                                      run_server, setup_logging, tls_option, verbose_option)
 
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> float:
+    """'90', '90s', '30m', '1h', '2d' -> seconds (> 0)."""
+    t = text.strip().lower()
+    unit = _SECONDS.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if unit else t) * (unit or 1)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise click.BadParameter(f"{text!r}: use seconds or a number with s, m, h or d, e.g. 30m", param_hint=option)
+    return value
+
 
 @click.command("node")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
@@ -23,13 +38,15 @@ from mlxmoe.commands.options import (interface_option, key_option, kv_options, l
 @click.option("--kv-budget", default=None, metavar="SIZE",
               help="Memory for KV caches of all sessions, e.g. 2GB (10^9 bytes) or 2GiB. When full, idle sessions are evicted; "
                    "if none is idle, new sessions are refused (the router tries another Mac).")
+@click.option("--session-ttl", default="1h", show_default=True, metavar="DURATION",
+              help="Close sessions idle this long, e.g. 30m or 2h (a router that restarted never closes them).")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Announce this node on the local network with Bonjour.")
 @interface_option
 @tls_option
 @verbose_option
-def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, advertise, interface,
-             plain_http, verbose):
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, session_ttl, advertise,
+             interface, plain_http, verbose):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -43,6 +60,7 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     import socket
     tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac", host)
     budget = parse_size(kv_budget, "--kv-budget")
+    ttl = parse_duration(session_ttl, "--session-ttl")
     from mlxmoe.cluster.node_server import serve_node
 
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
@@ -52,4 +70,4 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
 
     run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,
-                           tls=tls))
+                           tls=tls, session_ttl=ttl))

@@ -136,6 +136,7 @@ def test_client_rejects_unsigned_answers():
     async def main():
         app = web.Application()
         app.router.add_post("/rpc/{op}", lambda r: web.Response(body=wire.ok_response({"groups": [0]})))
+        app.router.add_get("/hello", lambda r: web.Response(body=wire.hello_response("n", "e")))  # anyone can say hello
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -153,16 +154,25 @@ def test_client_rejects_unsigned_answers():
 
 # ---------------------------------------------------------------- raw HTTP
 
-def _post(url, path, data, headers=None):
+def _post(url, path, data, headers=None, method="POST"):
     u = urllib.parse.urlparse(url)
     conn = (http.client.HTTPSConnection(u.hostname, u.port, timeout=10, context=fakes.client_context())
             if u.scheme == "https" else http.client.HTTPConnection(u.hostname, u.port, timeout=10))
     try:
-        conn.request("POST", path, body=data, headers=headers or {})
+        conn.request(method, path, body=data, headers=headers or {})
         r = conn.getresponse()
         return r.status, dict(r.getheaders()), r.read()
     finally:
         conn.close()
+
+
+def hello(url) -> dict:
+    return msgpack.unpackb(_post(url, "/hello", None, method="GET")[2])
+
+
+def signed(url, op, body, key=KEY, **kw):
+    h = hello(url)
+    return wire.encode_request(key, op, body, dst=h["node"], epoch=h["epoch"], **kw)
 
 
 @pytest.fixture(scope="module")
@@ -176,21 +186,40 @@ def test_http_status_codes(node_url):
     assert st_ == 401 and wire.AUTH_HEADER not in h
     assert msgpack.unpackb(body)["error"]["message"] == "unauthorized"
     assert _post(node_url, "/rpc/info", b"\x80", {wire.AUTH_HEADER: "\xe9" * 64})[0] == 401
-    st_, _, _ = _post(node_url, "/rpc/generate", b"\x00" * (wire.DEFAULT_MAX_BYTES + 1))
-    assert st_ == 413
-    data = b"\xc1"  # never valid msgpack
-    st_, _, body = _post(node_url, "/rpc/info", data, {wire.AUTH_HEADER: wire.sign(KEY, data)})
-    assert st_ == 400 and "msgpack" in msgpack.unpackb(body)["error"]["message"]
-    env = {"v": 7, "op": "info", "ts": time.time(), "nonce": os.urandom(8).hex(), "body": {}}
-    data = msgpack.packb(env)
-    st_, _, _ = _post(node_url, "/rpc/info", data, {wire.AUTH_HEADER: wire.sign(KEY, data)})
-    assert st_ == 426
-    data, headers = wire.encode_request(KEY, "info", {})
+    # 413 from the headers alone: the node answers before any body byte is sent (and
+    # closes, reading none of it: a client still sending then sees a reset instead)
+    u = urllib.parse.urlparse(node_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn.putrequest("POST", "/rpc/generate")
+    conn.putheader("Content-Length", str(wire.DEFAULT_MAX_BYTES + 1))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and msgpack.unpackb(r.read())["error"]["code"] == "too_large"
+    conn.close()
+    data, headers = signed(node_url, "info", {})
+    st_, _, body = _post(node_url, "/rpc/info", b"\xc1\xc1", headers)  # not the signed length
+    assert st_ == 400 and "Content-Length" in msgpack.unpackb(body)["error"]["message"]
+    data, headers = signed(node_url, "info", {})
+    st_, _, body = _post(node_url, "/rpc/info", b"\xc1", headers)  # the signed length, another body
+    assert st_ == 401 and msgpack.unpackb(body)["error"]["code"] == "body_digest"
+    data, headers = signed(node_url, "info", {})
+    headers[wire.PREAMBLE_HEADER] = headers[wire.PREAMBLE_HEADER][:-4] + "AAAA"
+    assert _post(node_url, "/rpc/info", data, headers)[0] == 401  # a preamble the HMAC does not cover
+    h = hello(node_url)
+    pre = {"v": 7, "op": "info", "ts": time.time(), "nonce": os.urandom(8).hex(), "body": {}}
+    raw = msgpack.packb(pre)
+    headers = {wire.PREAMBLE_HEADER: __import__("base64").urlsafe_b64encode(raw).decode(),
+               wire.AUTH_HEADER: wire.sign(KEY, b"req:" + raw)}
+    assert _post(node_url, "/rpc/info", b"", headers)[0] == 426
+    data, headers = signed(node_url, "info", {})
     assert _post(node_url, "/rpc/info", data, headers)[0] == 200
     assert _post(node_url, "/rpc/info", data, headers)[0] == 401  # replayed
-    data, headers = wire.encode_request(KEY, "nosuch", {})
+    data, headers = signed(node_url, "nosuch", {})
     st_, _, body = _post(node_url, "/rpc/nosuch", data, headers)
     assert st_ == 400 and "unknown op" in msgpack.unpackb(body)["error"]["message"]
+    data, headers = wire.encode_request(KEY, "info", {}, dst="another-node", epoch=h["epoch"])
+    st_, _, body = _post(node_url, "/rpc/info", data, headers)
+    assert st_ == 401 and msgpack.unpackb(body)["error"]["code"] == "destination"
 
 
 bodies = st.fixed_dictionaries({}, optional={
@@ -208,7 +237,7 @@ bodies = st.fixed_dictionaries({}, optional={
 @settings(max_examples=120, deadline=None)
 @given(op=st.sampled_from(wire.OPS), body=bodies, sign=st.booleans())
 def test_fuzz_http_never_5xx(node_url, op, body, sign):
-    data, headers = wire.encode_request(KEY if sign else b"q" * 32, op, body)
+    data, headers = signed(node_url, op, body, KEY if sign else b"q" * 32)
     status, _, raw = _post(node_url, f"/rpc/{op}", data, headers)
     if not sign:
         assert status == 401

@@ -4,6 +4,8 @@ answer, the tensor codec, and the cluster key."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import stat
 import subprocess
@@ -24,88 +26,132 @@ pytestmark = pytest.mark.timeout(60)
 KEY = b"x" * 32
 
 
+DST, EP = "node-a", "e0"
+
+
 def _req(op="generate", body=None, key=KEY, **kw):
     body = body if body is not None else {"session": "s1", "prompt": [1, 2, 3], "params": {"max_tokens": 4}}
-    data, headers = wire.encode_request(key, op, body, **kw)
-    return data, headers[wire.AUTH_HEADER]
+    return wire.encode_request(key, op, body, dst=kw.pop("dst", DST), epoch=kw.pop("epoch", EP), **kw)
 
 
-def _raises(status, fn, *a, field=None):
+def _dec(data, headers, op="generate", guard=None, dst=DST, epoch=EP):
+    return wire.decode_request(KEY, headers, data, op, dst, epoch, guard)
+
+
+def _signed_preamble(pre: dict, key=KEY) -> dict:
+    raw = msgpack.packb(pre, use_bin_type=True)
+    return {wire.PREAMBLE_HEADER: base64.urlsafe_b64encode(raw).decode(), wire.AUTH_HEADER: wire.sign(key, b"req:" + raw)}
+
+
+def _preamble(data=b"\x80", **change) -> dict:
+    pre = {"v": wire.PROTOCOL_VERSION, "op": "info", "ts": time.time(), "nonce": os.urandom(8).hex(), "dst": DST,
+           "ep": EP, "len": len(data), "sha": hashlib.sha256(data).digest(), "src": "t"}
+    pre.update(change)
+    return pre
+
+
+def _raises(status, fn, *a, field=None, code=None):
     with pytest.raises(WireError) as ei:
         fn(*a)
     assert ei.value.status == status, ei.value.message
     if field:
         assert field in ei.value.message and ei.value.field == field
+    if code:
+        assert ei.value.code == code
     return ei.value
 
 
 def test_round_trip():
-    data, sig = _req(mh="abc")
-    r = wire.decode_request(KEY, data, sig, "generate")
-    assert r.op == "generate" and r.mh == "abc"
+    data, headers = _req(mh="abc", src="router@x")
+    r = _dec(data, headers)
+    assert r.op == "generate" and r.mh == "abc" and r.src == "router@x"
     assert r.body == {"session": "s1", "prompt": [1, 2, 3], "params": {"max_tokens": 4}}
     assert abs(r.ts - time.time()) < 5 and len(r.nonce) == 32
+    assert len(headers[wire.PREAMBLE_HEADER]) < 400  # a few hundred bytes of headers carry the proof
 
 
 def test_hmac_required_and_checked():
-    data, sig = _req()
-    e = _raises(401, wire.decode_request, KEY, data, None, "generate")
+    data, headers = _req()
+    e = _raises(401, _dec, data, {})
     assert e.message == "unauthorized"  # nothing else for a sender without the key
-    _raises(401, wire.decode_request, b"y" * 32, data, sig, "generate")
+    _raises(401, wire.decode_request, b"y" * 32, headers, data, "generate", DST, EP)
+    pre = bytearray(base64.urlsafe_b64decode(headers[wire.PREAMBLE_HEADER]))
+    pre[-1] ^= 1
+    _raises(401, _dec, data, {**headers, wire.PREAMBLE_HEADER: base64.urlsafe_b64encode(bytes(pre)).decode()})
+    for sig in ("zz", "é" * 64, None):
+        _raises(401, _dec, data, {**headers, wire.AUTH_HEADER: sig})
+    _raises(401, _dec, data, {**headers, wire.PREAMBLE_HEADER: "é" * 10})
+    _raises(401, _dec, data, {**headers, wire.PREAMBLE_HEADER: "A" * (wire.MAX_PREAMBLE_CHARS + 1)})
     tampered = bytearray(data)
     tampered[-1] ^= 1
-    _raises(401, wire.decode_request, KEY, bytes(tampered), sig, "generate")
-    _raises(401, wire.decode_request, KEY, data, "zz", "generate")
-    _raises(401, wire.decode_request, KEY, data, "é" * 64, "generate")
+    _raises(401, _dec, bytes(tampered), headers, code="body_digest")  # the body is covered through its sha256
 
 
 def test_unsigned_garbage_gets_401_not_400():
-    _raises(401, wire.decode_request, KEY, b"\xc1garbage", None, "info")
+    _raises(401, _dec, b"\xc1garbage", {wire.PREAMBLE_HEADER: "garbage", wire.AUTH_HEADER: "0" * 64}, "info")
 
 
 def test_replay_and_stale():
     guard = wire.ReplayGuard(window_s=30)
-    data, sig = _req()
-    wire.decode_request(KEY, data, sig, "generate", guard)
-    _raises(401, wire.decode_request, KEY, data, sig, "generate", guard, field="nonce")
-    data, sig = _req(ts=time.time() - 120)
-    e = _raises(401, wire.decode_request, KEY, data, sig, "generate", guard, field="ts")
-    assert "clock" in e.message
-    data, sig = _req(ts=time.time() + 120)
-    _raises(401, wire.decode_request, KEY, data, sig, "generate", guard, field="ts")
+    data, headers = _req()
+    _dec(data, headers, "generate", guard)
+    _raises(401, _dec, data, headers, "generate", guard, field="nonce")
+    for ts in (time.time() - 120, time.time() + 120, float("nan"), float("inf"), float("-inf")):
+        data, headers = _req(ts=ts)
+        e = _raises(401, _dec, data, headers, "generate", guard, field="ts")
+        assert "clock" in e.message
 
 
-def test_replay_guard_forgets_old_nonces():
-    g = wire.ReplayGuard(window_s=10)
-    for i in range(10005):
-        g.check(100.0, f"n{i}", now=100.0)
-    g.check(200.0, "fresh", now=200.0)  # triggers pruning
-    assert len(g._seen) == 1
+def test_destination_and_epoch_are_bound():
+    """A request signed for one node's run is refused by another node and by the same node after a restart."""
+    data, headers = _req()
+    _raises(401, _dec, data, headers, "generate", None, "node-b", EP, field="dst", code="destination")
+    _raises(401, _dec, data, headers, "generate", None, DST, "e1", field="ep", code="epoch")
+    assert {"destination", "epoch"} == set(wire.REHELLO_CODES)
+    data, headers = _req(dst="*", epoch="*")  # no wildcard
+    _raises(401, _dec, data, headers, code="destination")
+
+
+def test_hello_answer():
+    assert wire.open_hello(wire.hello_response("n", "e")) == ("n", "e")
+    for bad in (b"\xc1", wire.pack({"node": 1, "epoch": "e"}), wire.pack([1])):
+        with pytest.raises(WireError):
+            wire.open_hello(bad)
 
 
 def test_size_limits_before_auth():
-    big = b"\x00" * (wire.DEFAULT_MAX_BYTES + 1)
-    _raises(413, wire.decode_request, KEY, big, None, "generate")
+    _raises(413, wire.open_preamble, KEY, {}, "generate", DST, EP, None, wire.DEFAULT_MAX_BYTES + 1)
     assert wire.max_bytes("import_session") == 256 * wire.MiB
-    state = {"state": {"kv": b"\x00" * (wire.DEFAULT_MAX_BYTES + 10)}}
-    data, sig = _req("import_session", state)
-    assert wire.decode_request(KEY, data, sig, "import_session").op == "import_session"
-    _raises(413, wire.decode_request, KEY, data, sig, "generate")
+    state = {"state": {"id": "s", "tokens": [1], "manifest": "m",
+                       "caches": [{"type": "KVCache", "state": b"\x00" * (wire.DEFAULT_MAX_BYTES + 10)}]}}
+    data, headers = _req("import_session", state)
+    assert _dec(data, headers, "import_session").op == "import_session"
+    _raises(413, _dec, data, headers, "generate")
+    data = b"\x80"
+    pre = _preamble(data, len=wire.DEFAULT_MAX_BYTES + 1)  # signed, but more than the op allows
+    _raises(400, _dec, data, _signed_preamble(pre), "info", field="len")
 
 
-def test_version_op_and_envelope_checks():
-    data, sig = _req()
-    env = msgpack.unpackb(data)
-    for change, status, field in [({"v": 2}, 426, "v"), ({"op": "nope"}, 400, "op"), ({"op": "info"}, 400, "op"),
-                                  ({"extra": 1}, 400, "envelope.extra"), ({"nonce": "short"}, 400, "envelope.nonce"),
-                                  ({"ts": "now"}, 400, "envelope.ts")]:
-        e2 = {**env, **change, "nonce": change.get("nonce", os.urandom(8).hex())}
-        d = msgpack.packb(e2)
-        _raises(status, wire.decode_request, KEY, d, wire.sign(KEY, d), "generate", field=field)
-    d = msgpack.packb([1, 2])
-    _raises(400, wire.decode_request, KEY, d, wire.sign(KEY, d), "generate")
-    d = msgpack.packb(env) + b"\x00"  # trailing bytes
-    _raises(400, wire.decode_request, KEY, d, wire.sign(KEY, d), "generate")
+def test_content_length_must_be_the_signed_length():
+    data, headers = _req("info", {})
+    _raises(400, wire.open_preamble, KEY, headers, "info", DST, EP, None, None, field="len")  # chunked
+    _raises(400, wire.open_preamble, KEY, headers, "info", DST, EP, None, len(data) + 1, field="len")
+    _raises(401, wire.open_body, wire.open_preamble(KEY, headers, "info", DST, EP, None, len(data)), b"\x81")
+
+
+def test_version_op_and_preamble_checks():
+    for change, status, field in [({"v": 1}, 426, "v"), ({"op": "nope"}, 400, "op"), ({"op": "generate"}, 400, "op"),
+                                  ({"extra": 1}, 400, "preamble.extra"), ({"nonce": "short"}, 400, "preamble.nonce"),
+                                  ({"ts": "now"}, 400, "preamble.ts"), ({"sha": b"x"}, 400, "len"),
+                                  ({"len": -1}, 400, "len"), ({"dst": 5}, 400, "preamble.dst")]:
+        _raises(status, _dec, b"\x80", _signed_preamble(_preamble(**change)), "info", field=field)
+    for pre in ([1, 2], "x"):
+        _raises(400, _dec, b"\x80", _signed_preamble(pre), "info")
+    raw = msgpack.packb(_preamble()) + b"\x00"  # trailing bytes
+    h = {wire.PREAMBLE_HEADER: base64.urlsafe_b64encode(raw).decode(), wire.AUTH_HEADER: wire.sign(KEY, b"req:" + raw)}
+    _raises(400, _dec, b"\x80", h, "info")
+    data = msgpack.packb({}) + b"\x00"  # a body with trailing bytes
+    _raises(400, _dec, data, _signed_preamble(_preamble(data)), "info")
 
 
 @pytest.mark.parametrize("body,field", [
@@ -123,14 +169,27 @@ def test_version_op_and_envelope_checks():
     ({"session": "", "prompt": [1], "params": {"max_tokens": 1}}, "body.session"),
 ])
 def test_schema_errors_name_the_field(body, field):
-    data, sig = _req("generate", body)
-    _raises(400, wire.decode_request, KEY, data, sig, "generate", field=field)
+    data, headers = _req("generate", body)
+    _raises(400, _dec, data, headers, "generate", field=field)
+
+
+@pytest.mark.parametrize("state,field", [
+    ({"type": "KVCache"}, "body.state.type"),
+    ({"tokens": [1], "manifest": "m", "caches": []}, "body.state.id"),
+    ({"id": "s", "tokens": [1], "manifest": "m", "caches": [{"state": 1}]}, "body.state.caches.0.type"),
+    ({"id": "s", "tokens": [1], "manifest": "m", "caches": [1]}, "body.state.caches"),
+    ({"id": "s", "tokens": [-1], "manifest": "m", "caches": []}, "body.state.tokens"),
+    ({"id": "", "tokens": [], "manifest": "m", "caches": []}, "body.state.id"),
+])
+def test_junk_import_state_names_the_field(state, field):
+    data, headers = _req("import_session", {"state": state})
+    _raises(400, _dec, data, headers, "import_session", field=field)
 
 
 def test_ext_types_refused():
-    d = msgpack.packb({"v": 1, "op": "info", "ts": time.time(), "nonce": "a" * 16,
-                       "body": {}, "mh": msgpack.ExtType(5, b"x")})
-    _raises(400, wire.decode_request, KEY, d, wire.sign(KEY, d), "info")
+    _raises(400, _dec, b"\x80", _signed_preamble(_preamble(mh=msgpack.ExtType(5, b"x"))), "info")
+    data = msgpack.packb({"held": [msgpack.ExtType(5, b"x")]})
+    _raises(400, _dec, data, _signed_preamble(_preamble(data)), "info")
 
 
 msgpack_values = st.recursive(
@@ -144,10 +203,11 @@ msgpack_values = st.recursive(
 @given(op=st.sampled_from(wire.OPS + ("bogus",)), body=msgpack_values, extra=st.dictionaries(
     st.sampled_from(["v", "op", "ts", "nonce", "mh", "zz"]), msgpack_values, max_size=3))
 def test_fuzz_decoder_only_wire_errors(op, body, extra):
-    env = {"v": 1, "op": op, "ts": time.time(), "nonce": os.urandom(8).hex(), "body": body, **extra}
-    data = msgpack.packb(env, use_bin_type=True)
+    data = msgpack.packb(body, use_bin_type=True)
+    pre = _preamble(data, op=op)
+    pre.update({k if k != "zz" else "zz": v for k, v in extra.items()})
     try:
-        r = wire.decode_request(KEY, data, wire.sign(KEY, data), op)
+        r = _dec(data, _signed_preamble(pre), op)
     except WireError as e:
         assert 400 <= e.status < 500 and e.message
     else:
@@ -158,7 +218,7 @@ def test_fuzz_decoder_only_wire_errors(op, body, extra):
 @given(data=st.binary(max_size=200), op=st.sampled_from(wire.OPS))
 def test_fuzz_raw_bytes_signed(data, op):
     try:
-        wire.decode_request(KEY, data, wire.sign(KEY, data), op)
+        _dec(data, _signed_preamble(_preamble(data, op=op)), op)
     except WireError as e:
         assert 400 <= e.status < 500
 
@@ -190,12 +250,35 @@ def test_refusal_reads_an_error_answer_or_nothing():
 
 def test_stream_frames_split_anywhere_come_out_whole():
     frames = [{"t": "tok", "token": i} for i in range(3)] + [{"t": "end"}]
-    data = b"".join(wire.pack(f) for f in frames)
-    u, got = wire.stream_unpacker(), []
+    signer = wire.StreamSigner(KEY, "n1234567")
+    data = b"".join(signer.frame(f) for f in frames)
+    u, v, got = wire.stream_unpacker(), wire.StreamVerifier(KEY, "n1234567"), []
     for i in range(0, len(data), 3):
         u.feed(data[i:i + 3])
-        got += list(u)
+        got += [v.open(item) for item in u]
     assert got == frames
+
+
+def _items(frames, nonce="n1234567", key=KEY):
+    signer = wire.StreamSigner(key, nonce)
+    return [wire.unpack(signer.frame(f)) for f in frames]
+
+
+def test_stream_frames_cannot_be_altered_dropped_reordered_or_spliced():
+    frames = [{"t": "tok", "token": i, "text": str(i)} for i in range(4)] + [{"t": "end"}]
+    items = _items(frames)
+    altered = [list(i) for i in items]
+    altered[1][0] = wire.pack({"t": "tok", "token": 9, "text": "9"})
+    foreign = _items(frames, nonce="n7654321")
+    for bad, at in [(altered, 1), (items[:1] + items[2:], 1), ([items[1], items[0]] + items[2:], 0),
+                    (items[:2] + foreign[2:], 2), (_items(frames, key=b"y" * 32), 0),
+                    (items[:1] + [[items[1][0]]], 1), (items[:1] + [None], 1)]:
+        v = wire.StreamVerifier(KEY, "n1234567")
+        for item in bad[:at]:
+            v.open(item)
+        with pytest.raises(WireError) as ei:
+            v.open(bad[at])
+        assert ei.value.status == 0 and ei.value.code in ("unauthenticated", "bad_response")
 
 
 # ---------------------------------------------------------------- tensors

@@ -131,7 +131,7 @@ class Router:
     async def probe(self, p: Peer) -> None:
         timeout = max(2.0, self.probe_interval * 2)
         try:
-            info = await self.client(p).call("info", timeout=timeout)
+            info = await self.client(p).call("info", {"held": self.held_on(p)}, timeout=timeout)
         except RpcError as e:
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
@@ -158,6 +158,12 @@ class Router:
         if p.state == "up":
             self.peers.mark_down(p, f"no first token within {self.first_token_timeout:.0f}s")
         return False
+
+    def held_on(self, p: Peer) -> list[str]:
+        """The sessions this router pins to `p`: each probe tells the node, which
+        closes our other idle sessions there (after a router restart: all of
+        them; node_server.close_unheld, docs/SECURITY.md)."""
+        return [s.id for s in self.sessions if s.peer == p.name]
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""

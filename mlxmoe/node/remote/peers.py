@@ -85,35 +85,62 @@ class PeerLink:
         self.name, self.context = name or self.url, context
         self._https, self._host, self._port = u.scheme == "https", u.hostname, u.port
         self.conn: http.client.HTTPConnection | None = None
+        self.dst: tuple[str, str] | None = None  # (node name, epoch) from /hello
+        self.src = f"node@{os.getpid()}"  # we hold no sessions there: `held` never names us
 
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
 
-    def call(self, op: str, body: dict) -> tuple[dict, int]:
-        """(answer body, HTTP bytes sent + received). One retry on a fresh
-        connection if a kept-alive one turns out closed (ops are pure)."""
+    def _connect(self) -> http.client.HTTPConnection:
+        if self.conn is None:
+            self.conn = self._new_connection()
+        return self.conn
+
+    def _exchange(self, method: str, path: str, data: bytes | None, headers: dict, wait: bool):
+        """One request on the kept-alive connection, retried once on a fresh
+        one if the kept-alive one turns out closed (ops are pure)."""
         for attempt in (0, 1):
             reused = self.conn is not None
-            nonce = wire.new_nonce()
-            data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce)
             try:
-                if self.conn is None:
-                    self.conn = self._connect()
-                self.conn.request("POST", f"/rpc/{op}", body=data, headers=headers)
-                self._wait()
+                self._connect().request(method, path, body=data, headers=headers)
+                if wait:
+                    self._wait()
                 resp = self.conn.getresponse()
                 raw = resp.read()
                 break
             except (http.client.HTTPException, OSError) as e:
                 self.close()
                 if not reused or attempt or isinstance(e, TimeoutError):  # a silent peer gets no second wait
-                    raise PeerError(f"peer {self.name}: '{op}' failed: {type(e).__name__}: {e}", self.name) from None
+                    what = path.rsplit("/", 1)[-1]  # the op, or "hello"
+                    raise PeerError(f"peer {self.name}: '{what}' failed: {type(e).__name__}: {e}", self.name) from None
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
+        return resp, raw
+
+    def _hello(self) -> tuple[str, str]:
+        resp, raw = self._exchange("GET", "/hello", None, {}, False)
+        try:
+            self.dst = wire.open_hello(raw)
+        except wire.WireError as e:
+            raise PeerError(f"peer {self.name}: {e.message}", self.name) from None
+        return self.dst
+
+    def call(self, op: str, body: dict) -> tuple[dict, int]:
+        """(answer body, HTTP bytes sent + received of the call itself)."""
+        for attempt in (0, 1):
+            node, epoch = self.dst or self._hello()
+            nonce = wire.new_nonce()
+            data, headers = wire.encode_request(self.key, op, body, self.mh, nonce=nonce, dst=node, epoch=epoch,
+                                                src=self.src)
+            resp, raw = self._exchange("POST", f"/rpc/{op}", data, headers, True)
+            err = wire.refusal(raw) if resp.status != 200 else {}
+            if resp.status == 401 and err.get("code") in wire.REHELLO_CODES and not attempt:
+                self.dst = None  # the peer restarted: ask again, once
+                continue
+            break
         if resp.status != 200:
-            err = wire.refusal(raw)
             raise PeerError(f"peer {self.name}: '{op}' refused (HTTP {resp.status} {err.get('code', '')}): "
                             f"{err.get('message', '')}", self.name)
         try:
@@ -123,7 +150,7 @@ class PeerLink:
         host = self._host if self._port is None else f"{self._host}:{self._port}"
         return body, _http_bytes(op, data, headers, host, resp, raw)
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _new_connection(self) -> http.client.HTTPConnection:
         if not self._https:  # a TLS router hands out only https:// peers (discovery.PeerTable)
             return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
         ctx = self.context or _client_context
