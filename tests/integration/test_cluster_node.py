@@ -154,10 +154,14 @@ def test_client_rejects_unsigned_answers():
 
 # ---------------------------------------------------------------- raw HTTP
 
-def _post(url, path, data, headers=None, method="POST"):
+def _connect(url):
     u = urllib.parse.urlparse(url)
-    conn = (http.client.HTTPSConnection(u.hostname, u.port, timeout=10, context=fakes.client_context())
+    return (http.client.HTTPSConnection(u.hostname, u.port, timeout=10, context=fakes.client_context())
             if u.scheme == "https" else http.client.HTTPConnection(u.hostname, u.port, timeout=10))
+
+
+def _post(url, path, data, headers=None, method="POST"):
+    conn = _connect(url)
     try:
         conn.request(method, path, body=data, headers=headers or {})
         r = conn.getresponse()
@@ -188,8 +192,7 @@ def test_http_status_codes(node_url):
     assert _post(node_url, "/rpc/info", b"\x80", {wire.AUTH_HEADER: "\xe9" * 64})[0] == 401
     # 413 from the headers alone: the node answers before any body byte is sent (and
     # closes, reading none of it: a client still sending then sees a reset instead)
-    u = urllib.parse.urlparse(node_url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn = _connect(node_url)
     conn.putrequest("POST", "/rpc/generate")
     conn.putheader("Content-Length", str(wire.DEFAULT_MAX_BYTES + 1))
     conn.endheaders()

@@ -91,8 +91,10 @@ def _post(url, path, data, headers):
 
 @pytest.fixture(scope="module")
 def cluster():
+    # plain HTTP: the signed envelope on its own, as under --insecure-plain-http (raw sockets
+    # read its bytes); TLS in front of it is tests/integration/test_tls.py
     with LocalCluster([FakeEngine(group=0, max_context=64), FakeEngine(group=1, max_context=64)], key=KEY,
-                      probe_interval=3600) as c:  # no probes in the byte counts
+                      probe_interval=3600, tls=None) as c:  # no probes in the byte counts
         yield c
 
 

@@ -89,18 +89,20 @@ def _other_ca_cert() -> tuple[bytes, bytes]:
     return tls.issue_cert(ca, ca_key, "mallory", ["127.0.0.1"])
 
 
-def _signed_info() -> bytes:
-    data, headers = wire.encode_request(KEY, "info", {}, HASH, nonce=wire.new_nonce())
+def _signed_info(n) -> bytes:
+    """A signed `info` for node `n` in its current run (its name and epoch, as /hello gives them)."""
+    data, headers = wire.encode_request(KEY, "info", {}, HASH, nonce=wire.new_nonce(), dst=n.server.name,
+                                        epoch=n.server.epoch)
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     return (f"POST /rpc/info HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n{head}\r\n").encode() + data
 
 
-def _exchange(port: int, ctx: ssl.SSLContext | None) -> bytes:
-    """Send a correctly signed `info` request; everything that came back (b"" or an exception name)."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+def _exchange(n, ctx: ssl.SSLContext | None) -> bytes:
+    """Send node `n` a correctly signed `info` request; everything that came back (b"" or an exception name)."""
+    raw = socket.create_connection(("127.0.0.1", n.port), timeout=5)
     try:
         s = ctx.wrap_socket(raw) if ctx else raw
-        s.sendall(_signed_info())
+        s.sendall(_signed_info(n))
         got = b""
         while len(got) < 1 << 16:
             chunk = s.recv(4096)
@@ -132,7 +134,7 @@ def test_a_peer_without_a_cluster_certificate_gets_nothing(node, who, tmp_path):
            "another CA's certificate": lambda: _ctx(_other_ca_cert(), tmp_path),
            "plain HTTP": lambda: None}[who]()
     before = n.server.bytes_in
-    got = _exchange(n.port, ctx)
+    got = _exchange(n, ctx)
     assert b"HTTP/" not in got, got[:200]  # not even a 401: the handshake failed first
     assert n.server.bytes_in == before  # the request never reached the RPC handler
 
@@ -140,7 +142,7 @@ def test_a_peer_without_a_cluster_certificate_gets_nothing(node, who, tmp_path):
 def test_a_member_works_and_the_router_refuses_a_node_of_another_ca(node, tmp_path):
     c, n = node
     assert n.url.startswith("https://")
-    assert b"HTTP/1.1 200" in _exchange(n.port, tls.client_context(fakes.test_identity()))
+    assert b"HTTP/1.1 200" in _exchange(n, tls.client_context(fakes.test_identity()))
 
     async def rpc(ctx):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as http:
