@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from mlxmoe.modes import ROUTER_MODES  # noqa: E402
+from mlxmoe.cluster.router.sessions import session_ref  # noqa: E402
 PORT_NODE, PORT_PROXY, PORT_ROUTER = 7420, 7421, 8000
 # the reference model's S(g) spread is small (groups within ~0.05): a small margin, the default debounce,
 # and a short re-scoring window so a change of topic shows
@@ -145,7 +146,7 @@ def _status(url: str) -> dict:
 async def _turn(http, url: str, messages: list[dict], headers: dict, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first, n, text = None, 0, []
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "stream": True}
+    body = {"model": _status(url)["model"], "messages": messages, "max_tokens": max_tokens, "stream": True}
     async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
         if r.status != 200:
             raise SystemExit(f"HTTP {r.status}: {await r.text()}")
@@ -180,7 +181,7 @@ async def run_mode(url: str, mode: str, scripts: list[list[str]], max_tokens: in
                 r["turn"] = t
                 turns.append(r)
                 msgs.append({"role": "assistant", "content": r["text"]})
-            sessions.append(turns[-1]["session"])
+            sessions.append(session_ref(turns[-1]["session"]))  # /status shows ids as refs
     st = _status(url)
     after = st["traffic"]
     ss = [s for s in st["sessions"] if s["id"] in sessions]
