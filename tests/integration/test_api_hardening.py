@@ -428,3 +428,15 @@ def test_real_frontend_refuses_bad_ids_and_long_prompts_fast(real):
     assert figures["rss_growth_mb"] < 500
     st_, _, out = post(u, COMP, {"prompt": [5, 6, 7], "max_tokens": 2})  # the node (a FakeEngine) runs ids < 256
     assert st_ == 200, out
+
+
+def test_scoring_sees_at_most_the_window(cluster):
+    fe, seen = cluster.frontend, []
+    score = fe.score
+    fe.score = lambda tokens: seen.append(len(tokens)) or score(tokens)
+    try:
+        cluster.router.score_window = 100
+        st_, _, out = post(cluster.api_url, COMP, {"prompt": [97] * 5000, "max_tokens": 2})
+    finally:
+        fe.score, cluster.router.score_window = score, 4096
+    assert st_ == 200 and out["usage"]["prompt_tokens"] == 5000 and seen == [100]

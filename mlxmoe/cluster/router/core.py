@@ -29,6 +29,7 @@ log = logging.getLogger("mlxmoe.router")
 def new_session_id() -> str:
     """192 random bits: a session id cannot be guessed (SECURITY.md)."""
     return "s-" + secrets.token_urlsafe(24)
+SCORE_WINDOW = 4096  # tokens the front end scores at most (the end of the prompt: nearest to what comes next)
 COUNTERS = ("requests", "failovers", "rejected", "migrations", "races")
 
 
@@ -38,7 +39,8 @@ class Router:
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
                  first_token_timeout: float = 300.0, tie_margin: float = 0.02, session_ttl: float = 1800.0,
                  max_failovers: int = 3, mobility: Mobility | dict | None = None,
-                 api_keys: list[str] = (), vocab_size: int | None = None, context_limit: int | None = None):
+                 api_keys: list[str] = (), vocab_size: int | None = None, context_limit: int | None = None,
+                 score_window: int = SCORE_WINDOW):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
@@ -55,6 +57,7 @@ class Router:
         self.sessions = SessionIndex()
         self.api_keys = [k for k in api_keys if k]  # empty: no API key (serve allows that on loopback only)
         self.vocab_override, self.context_override = vocab_size, context_limit
+        self.score_window = score_window
         self.node_context: dict[str, int] = {}  # node name -> the context_limit its info reports
         self.last_placement: dict | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)  # read-only outside: count() bumps them
@@ -268,7 +271,10 @@ class Router:
 
     # ---------------------------------------------------------------- sessions
     async def score(self, tokens: list[int]) -> tuple[Any, float]:
-        """S(g) of `tokens` on the trunk front end: (PlacementScores, ms)."""
+        """S(g) of `tokens` on the trunk front end: (PlacementScores, ms).
+        Only the last `score_window` tokens: the front end's memory grows with
+        the square of the length, and must stay bounded (SECURITY.md)."""
+        tokens = tokens[-self.score_window:]
         t0 = time.perf_counter()
         sc = await self.worker.call(self.frontend.score, tokens)
         return sc, getattr(sc, "elapsed_ms", 0.0) or (time.perf_counter() - t0) * 1000
