@@ -149,10 +149,18 @@ def test_router_never_scores_a_prompt_past_the_context(cluster):
 # ---------------------------------------------------------------- 3: bodies
 
 def test_body_in_two_writes_and_large_valid_bodies(cluster):
-    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-    assert len(body) < 100
-    status, _, out = raw(cluster.api_url, request("POST", CHAT, body), parts=2, pause=0.2)
-    assert status == 200, out
+    body = json.dumps({"messages": [{"role": "user", "content": "hi" + "x" * 24}], "max_tokens": 2}).encode()
+    assert len(body) == 90
+    s = socket.create_connection(_addr(cluster.api_url), timeout=20)
+    try:  # the headers and half the body, then the rest in a second TCP write
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(request("POST", CHAT, body)[:-45])
+        time.sleep(0.3)
+        s.sendall(body[-45:])
+        status, _, out = _read_response(s)
+    finally:
+        s.close()
+    assert status == 200 and json.loads(out)["usage"]["completion_tokens"] == 2, out
     padded = body[:-1] + b" " * (3 << 20) + b"}"  # a valid 3 MiB body
     status, _, out = raw(cluster.api_url, request("POST", CHAT, padded), parts=8, pause=0)
     assert status == 200, out

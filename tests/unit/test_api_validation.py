@@ -16,6 +16,13 @@ def _err(fn, *a):
     return e.value
 
 
+def test_check_messages_fit():
+    oa.check_messages_fit([{"role": "user", "content": "x" * 100}] * 10, 2048)
+    assert _err(oa.check_messages_fit, [{"role": "user", "content": ""}] * 2048, 2048).code == "context_length_exceeded"
+    assert _err(oa.check_messages_fit, [{"role": "user", "content": "x" * 70000}] * 2, 2048).param == "messages"
+    oa.check_messages_fit([{"role": "user", "content": "x"}] * 5000, None)
+
+
 def test_check_tokens():
     oa.check_tokens([0, 4095], 4096, 2048, "prompt")
     assert _err(oa.check_tokens, [1, 4096], 4096, 2048, "prompt").param == "prompt"
@@ -67,6 +74,15 @@ def test_api_keys_and_bind(tmp_path):
     check_bind("0.0.0.0", ["k"])
     with pytest.raises(click.ClickException, match="API key"):
         check_bind("0.0.0.0", [])
+
+
+def test_serve_refuses_an_open_host_without_a_key(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxmoe.commands.serve import serve_cmd
+    monkeypatch.delenv("MLXMOE_API_KEY", raising=False)
+    r = CliRunner().invoke(serve_cmd, [str(tmp_path), "--host", "0.0.0.0"])
+    assert r.exit_code != 0 and "API key" in r.output and "--api-key" in r.output
 
 
 def test_session_index_is_per_owner():

@@ -104,7 +104,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     logprobs = oa.chat_logprobs(body)
     include_usage = oa.include_usage(body)
     hint, mode = oa.session_hint(request.headers, body), oa.requested_mode(request.headers, body)
-    oa.check_chars(sum(len(m["content"]) for m in messages), router.context_limit, "messages")
+    oa.check_messages_fit(messages, router.context_limit)
     tokens = await router.encode_chat(messages)  # once: the same ids are scored and sent
     s = await _session(router, tokens, "messages", hint, messages, mode, owner)
     turn = await _open(router, s, tokens, params)

@@ -234,6 +234,16 @@ def check_tokens(tokens: list[int], vocab: int | None, context: int | None, wher
                             "(prompt and at least one generated token)", where, "context_length_exceeded")
 
 
+def check_messages_fit(messages: list[dict], context: int | None) -> None:
+    """Messages that cannot fit (each costs at least one token, and no token
+    holds more than MAX_CHARS_PER_TOKEN characters) are refused before the
+    chat template and the tokenizer run."""
+    if context is not None and len(messages) >= context:
+        raise ApiError(400, f"'messages' has {len(messages)} entries; the context limit is {context} tokens",
+                       "messages", "context_length_exceeded")
+    check_chars(sum(len(m["content"]) for m in messages), context, "messages")
+
+
 def check_chars(n_chars: int, context: int | None, where: str) -> None:
     """Text far longer than the context can hold is refused before it is tokenized."""
     if context is not None and n_chars > context * MAX_CHARS_PER_TOKEN:
