@@ -42,9 +42,9 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def client_of(request: web.Request, required: bool = True) -> str | None:
-    """The client's identity: its API key's hash ("" when the router has no keys).
-    A missing or wrong key is 401 (`required`) or None."""
+def client_of(request: web.Request) -> str:
+    """The client's identity: its API key's hash ("" when the router has no
+    keys); a missing or wrong key is 401, before the body is read."""
     keys = request.app[ROUTER_KEY].api_keys
     if not keys:
         return ""
@@ -56,8 +56,6 @@ def client_of(request: web.Request, required: bool = True) -> str | None:
             match = k
     if match is not None:
         return key_hash(match)
-    if not required:
-        return None
     raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None, "invalid_api_key",
                    headers={"WWW-Authenticate": "Bearer"})
 
