@@ -195,7 +195,7 @@ def client_main(argv: list[str]) -> None:
     msgs = [{"role": "user", "content": a.prompt}]
     text, chunks, finish, usage = "", 0, None, None  # chunks: one per token (a token's text may be empty)
     with cl.chat.completions.with_streaming_response.create(
-            model="fake-moe", messages=msgs, max_tokens=a.max_tokens, stream=True,
+            model=st["model"], messages=msgs, max_tokens=a.max_tokens, stream=True,
             stream_options={"include_usage": True}) as resp:
         first_group = int(resp.headers["x-mlxmoe-group"])
         out["first_node"] = resp.headers["x-mlxmoe-node"]
