@@ -127,9 +127,13 @@ class NetnsLab:
 
 # ---------------------------------------------------------------- client (runs inside the router's namespace)
 
+API_KEY = "netns-api-key"  # `mlxmoe serve` on a namespace address needs one (a keyless router ignores it)
+
+
 def _status(url: str) -> dict:
     import urllib.request
-    with urllib.request.urlopen(url + "/status", timeout=5) as r:
+    req = urllib.request.Request(url + "/status", headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
         return json.loads(r.read())
 
 
@@ -187,11 +191,11 @@ def client_main(argv: list[str]) -> None:
     out["discovered_s"] = t
     out["peers_before"] = st["peers"]
 
-    cl = openai.OpenAI(base_url=a.url + "/v1", api_key="unused", max_retries=0, timeout=30.0)
+    cl = openai.OpenAI(base_url=a.url + "/v1", api_key=API_KEY, max_retries=0, timeout=30.0)
     msgs = [{"role": "user", "content": a.prompt}]
     text, chunks, finish, usage = "", 0, None, None  # chunks: one per token (a token's text may be empty)
     with cl.chat.completions.with_streaming_response.create(
-            model="m", messages=msgs, max_tokens=a.max_tokens, stream=True,
+            model=st["model"], messages=msgs, max_tokens=a.max_tokens, stream=True,
             stream_options={"include_usage": True}) as resp:
         first_group = int(resp.headers["x-mlxmoe-group"])
         out["first_node"] = resp.headers["x-mlxmoe-node"]

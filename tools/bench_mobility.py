@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from mlxmoe.modes import ROUTER_MODES  # noqa: E402
 PORT_NODE, PORT_PROXY, PORT_ROUTER = 7420, 7421, 8000
+API_KEY = "bench-api-key"  # `mlxmoe serve` on a namespace address needs one
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # the reference model's S(g) spread is small (groups within ~0.05): a small margin, the default debounce,
 # and a short re-scoring window so a change of topic shows
 ROUTER_CONF = {"margin": 0.01, "checks": 2, "window": 128, "race_tokens": 8, "race_candidates": 3}
@@ -138,15 +140,15 @@ def netem_available() -> tuple[bool, str]:
 
 def _status(url: str) -> dict:
     import urllib.request
-    with urllib.request.urlopen(url + "/status", timeout=20) as r:
+    with urllib.request.urlopen(urllib.request.Request(url + "/status", headers=AUTH), timeout=20) as r:
         return json.loads(r.read())
 
 
 async def _turn(http, url: str, messages: list[dict], headers: dict, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     first, n, text = None, 0, []
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "stream": True}
-    async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+    body = {"model": _status(url)["model"], "messages": messages, "max_tokens": max_tokens, "stream": True}
+    async with http.post(url + "/v1/chat/completions", json=body, headers={**AUTH, **headers}) as r:
         if r.status != 200:
             raise SystemExit(f"HTTP {r.status}: {await r.text()}")
         session = r.headers.get("X-MLXMoE-Session")
@@ -253,7 +255,7 @@ def quality(bundle: str, per_domain: int) -> dict:
 def start_router(lab, bundle, key, conf, mdns: bool):
     rip = lab.ips[0]
     argv = [sys.executable, "-m", "mlxmoe.cli", "serve", str(bundle), "--host", rip, "--port", str(PORT_ROUTER),
-            "--key", key, "--interface", rip, "--peers", str(conf)] + ([] if mdns else ["--no-mdns"])
+            "--key", key, "--interface", rip, "--peers", str(conf), "--api-key", API_KEY] + ([] if mdns else ["--no-mdns"])
     return lab.spawn(0, argv, f"router-{time.time():.0f}.log")
 
 

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
+
 import click
 
 from mlxmoe.commands.options import (interface_option, key_option, load_key, load_tls, mode_option, run_server,
                                      setup_logging, tls_option, verbose_option)
+
+
+def api_keys(value: str | None) -> list[str]:
+    """--api-key: a path to a file of keys (one a line, # comments), or the key itself."""
+    if not value:
+        return []
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise click.ClickException(f"--api-key: {value} holds no key")
+        return keys
+    return [value.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve anywhere
+
+
+def check_bind(host: str, keys: list[str]) -> None:
+    """An API reachable from the network needs a key (SECURITY.md)."""
+    if not keys and not is_loopback(host):
+        raise click.ClickException(f"--host {host} opens the API to the network: give it an API key "
+                                   "(--api-key KEY|FILE or MLXMOE_API_KEY), or keep --host 127.0.0.1")
 
 
 @click.command("serve")
@@ -13,6 +45,10 @@ from mlxmoe.commands.options import (interface_option, key_option, load_key, loa
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address for the API. The default keeps it on this Mac; 0.0.0.0 opens it to your network.")
 @click.option("--port", default=8000, show_default=True, help="Port for the API.")
+@click.option("--api-key", "api_key", envvar="MLXMOE_API_KEY", default=None, metavar="KEY|FILE",
+              help="Require 'Authorization: Bearer KEY' on /v1 and /status: the key, or a file of keys (one a line; "
+                   "each client's sessions are its own). Required with a --host other than loopback. "
+                   "Env: MLXMOE_API_KEY.")
 @key_option
 @click.option("--peers", "peers_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML file listing nodes to use without Bonjour ([[peers]] url = \"http://IP:PORT\"); "
@@ -30,8 +66,8 @@ from mlxmoe.commands.options import (interface_option, key_option, load_key, loa
               help="soft/hard: also re-score every N generated tokens (default 0: turn boundaries only).")
 @tls_option
 @verbose_option
-def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every, plain_http,
-              verbose):
+def serve_cmd(bundle, host, port, api_key, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every,
+              plain_http, verbose):
     """Run the router: an OpenAI-compatible API for the whole cluster.
 
     Loads only the trunk and tokenizer of BUNDLE (to score which expert group
@@ -42,6 +78,8 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
     Point any OpenAI client at it: base_url=http://127.0.0.1:8000/v1
     """
     setup_logging(verbose)
+    keys = api_keys(api_key)
+    check_bind(host, keys)
     key = load_key(key_file)
     from mlxmoe.cluster.discovery import load_static_peers
     from mlxmoe.cluster.mobility import Mobility, load_router_config
@@ -62,7 +100,7 @@ def serve_cmd(bundle, host, port, key_file, peers_file, mdns, interface, mode, r
     import socket
     tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac")  # one certificate per Mac
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
-                    mobility=mobility, tls=tls)
+                    mobility=mobility, tls=tls, api_keys=keys)
     from mlxmoe.ui.status_page import render
 
     run_server(serve_router(router, host, port, page=render))

@@ -10,6 +10,7 @@ works and the status line simply shows timing only.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -218,7 +219,8 @@ def status_summary(status: dict, session_id: str | None) -> list[str]:
         reason = f" ({p['reason']})" if p.get("reason") else ""
         lines.append(f"  {p.get('name', '?')}: {p.get('state', '?')}{reason} · group {groups} · "
                      f"{p.get('active_sessions', '?')} sessions")
-    mine = next((s for s in status.get("sessions") or [] if s.get("id") == session_id), None)
+    ref = "ref-" + hashlib.sha256(session_id.encode()).hexdigest()[:16] if session_id else None  # /status shows ids as refs
+    mine = next((s for s in status.get("sessions") or [] if s.get("id") in (session_id, ref)), None)
     if mine:
         scores = ", ".join(f"g{g}={v:.2f}" for g, v in sorted((mine.get("scores") or {}).items(), key=lambda kv: int(kv[0])))
         margin = mine.get("margin")

@@ -21,6 +21,7 @@ import pytest
 import fakes
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster.mobility import Mobility, load_router_config
+from mlxmoe.cluster.router.sessions import session_ref
 
 pytestmark = pytest.mark.timeout(90)
 REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
@@ -57,7 +58,8 @@ def client(c, **kw) -> openai.OpenAI:
 
 
 def chat(cl, messages, **kw):
-    r = cl.chat.completions.with_raw_response.create(model="m", messages=messages, **kw)
+    model = cl.models.list().data[0].id  # the router refuses other names (404 model_not_found)
+    r = cl.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
     return r.headers, r.parse()
 
 
@@ -112,7 +114,7 @@ def test_malformed_mode_is_400_naming_the_field(body, header, param):
     with cluster([Engine(group=g) for g in range(3)]) as c:
         for path, extra in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                             ("/v1/completions", {"prompt": "hi"})):
-            req = urllib.request.Request(c.api_url + path, data=json.dumps({"model": "m", **extra, **body}).encode(),
+            req = urllib.request.Request(c.api_url + path, data=json.dumps({"model": "fake-moe", **extra, **body}).encode(),
                                          headers={"Content-Type": "application/json",
                                                   **({"X-Mlxmoe-Mode": header} if header else {})})
             with pytest.raises(urllib.error.HTTPError) as ei:
@@ -339,7 +341,7 @@ def test_race_pins_best_mean_logprob_streams_its_tokens_and_closes_losers():
     with cluster(engines, race_tokens=4) as c:
         msgs = [{"role": "user", "content": "race me"}]
         stream = client(c, default_headers={"X-Mlxmoe-Mode": "race", "X-Session-Id": "r"}).chat.completions.create(
-            model="m", messages=msgs, max_tokens=12, stream=True, logprobs=True)
+            model="fake-moe", messages=msgs, max_tokens=12, stream=True, logprobs=True)
         text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
         assert text == expected_text(encode_chat(msgs), 12)  # every token exactly once
         (st,) = c.router.status()["sessions"]
@@ -496,14 +498,15 @@ def test_real_soft_and_hard_migration_continue_identically_and_onehop_counts_cal
         (hs, s1, s2), (hh, h1, h2) = outs["soft"], outs["hard"]
         assert s1 == h1 and s2 == h2
         assert hs["x-mlxmoe-node"] == c.peer_name(0) and hh["x-mlxmoe-node"] == c.peer_name(1)
-        st = {s["id"]: s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"]}
-        soft = st[hs["x-mlxmoe-session"]]
+        st = {s["id"]: s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"]}  # ids as their refs
+        soft = st[session_ref(hs["x-mlxmoe-session"])]
         assert soft["routing"] == "group" and soft["remote_calls"] > 0 and soft["remote_bytes"] > 0
-        assert st[hh["x-mlxmoe-session"]]["remote_calls"] == 0
+        assert st[session_ref(hh["x-mlxmoe-session"])]["remote_calls"] == 0
         c.force = None
         h, _ = chat(client(c, default_headers={"X-Mlxmoe-Mode": "onehop"}), [{"role": "user", "content": "Der"}],
                     max_tokens=4, extra_body={"user": "oh"})
-        oh = next(s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"] if s["id"] == h["x-mlxmoe-session"])
+        oh = next(s for s in json.loads(urlopen(c.api_url + "/status"))["sessions"]
+                  if s["id"] == session_ref(h["x-mlxmoe-session"]))
         assert oh["mode"] == "onehop" and oh["routing"] == "onehop" and oh["remote_calls"] >= 0
 
 

@@ -109,7 +109,7 @@ def test_real_nodes_mdns_failover(bundle, tmp_path):
         lambda g, ip, key: [*cli, "node", str(bundle), "--group", str(g), "--host", ip, "--port", str(PORT_NODE),
                             "--key", key, "--interface", ip],
         lambda ip, key: [*cli, "serve", str(bundle), "--host", ip, "--port", str(PORT_ROUTER), "--key", key,
-                         "--interface", ip],
+                         "--interface", ip, "--api-key", netns.API_KEY],
         "Write Python code: def parse_args(argv):", 150)  # a prompt the reference model answers at length on every group and MoE path
     _check_cluster_behaviour(out)
     sc = out["last_placement"]["scores"]  # placed on the best group (or one tied with it within tie_margin)

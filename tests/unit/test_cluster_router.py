@@ -129,7 +129,7 @@ def test_failover_when_node_errors_mid_stream():
     engines = [FakeEngine(group=0), FakeEngine(group=1, fail_after=5), FakeEngine(group=2)]
     with LocalCluster(engines) as c:
         msgs = [{"role": "user", "content": "topic1 go"}]
-        stream = client(c).chat.completions.create(model="m", messages=msgs, max_tokens=20, stream=True,
+        stream = client(c).chat.completions.create(model="fake-moe", messages=msgs, max_tokens=20, stream=True,
                                                    stream_options={"include_usage": True})
         text, usage, finish = "", None, None
         for ch in stream:
@@ -150,7 +150,7 @@ def test_failover_when_node_errors_mid_stream():
 def test_failover_when_node_killed_mid_stream():
     with LocalCluster(three(delay=0.02)) as c:
         msgs = [{"role": "user", "content": "topic2 story"}]
-        stream = client(c).chat.completions.create(model="m", messages=msgs, max_tokens=40, stream=True)
+        stream = client(c).chat.completions.create(model="fake-moe", messages=msgs, max_tokens=40, stream=True)
         text, n = "", 0
         for ch in stream:
             for choice in ch.choices:
@@ -213,7 +213,7 @@ def test_client_disconnect_mid_stream_frees_the_node_session():
     with LocalCluster(three(delay=0.02)) as c:
         u = urllib.parse.urlparse(c.api_url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "topic0"}], "max_tokens": 500,
+        body = json.dumps({"model": "fake-moe", "messages": [{"role": "user", "content": "topic0"}], "max_tokens": 500,
                            "stream": True})
         conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json",
                                                                           "X-Session-Id": "gone"})

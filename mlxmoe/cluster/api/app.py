@@ -1,11 +1,15 @@
 """The router's HTTP app: POST /v1/chat/completions, POST /v1/completions
-(SSE streaming or not), GET /v1/models, GET /status (JSON), GET / (status
-page). Every refused request gets a 4xx in OpenAI's error shape."""
+(SSE streaming or not), GET /v1/models[/{id}], GET /status (JSON), GET /
+(status page). Every refused request gets a 4xx in OpenAI's error shape,
+and every prompt is checked (ids, length) before any work (SECURITY.md)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -13,11 +17,62 @@ from mlxmoe.cluster.api import openai as oa
 from mlxmoe.cluster.api import sse
 from mlxmoe.cluster.api.openai import ApiError
 from mlxmoe.cluster.router import Rejected, Router, Session, Turn
-from mlxmoe.errors import RpcError
+from mlxmoe.errors import MlxMoeError, RpcError, classify
 
 log = logging.getLogger("mlxmoe.api")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The router's HTTP limits (aiohttp's own knobs; SECURITY.md)."""
+    idle_timeout: float = 15.0  # aiohttp's keepalive_timeout: also closes a connection whose headers never complete
+    body_timeout: float = 30.0  # a whole body, once the headers are in
+    max_connections: int = 256  # past this, a new connection is closed at once
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 64
+
+
 ROUTER_KEY = web.AppKey("router", Router)
 PAGE_KEY = web.AppKey("page", object)  # render(status) -> HTML, passed in by the command (ui sits above cluster)
+LIMITS_KEY = web.AppKey("limits", HttpLimits)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def client_of(request: web.Request) -> str:
+    """The client's identity: its API key's hash ("" when the router has no
+    keys); a missing or wrong key is 401, before the body is read."""
+    keys = request.app[ROUTER_KEY].api_keys
+    if not keys:
+        return ""
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    match = None
+    for k in keys:  # every key compared, in constant time
+        if hmac.compare_digest(given.encode(), k.encode()) and given:
+            match = k
+    if match is not None:
+        return key_hash(match)
+    raise ApiError(401, "a valid API key is required: send 'Authorization: Bearer KEY'", None, "invalid_api_key",
+                   headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _body(request: web.Request) -> tuple[str, dict]:
+    owner = client_of(request)  # before reading the body
+    body = await oa.read_json(request, request.app[LIMITS_KEY].body_timeout)
+    return owner, body
+
+
+async def _session(router: Router, tokens: list[int], where: str, hint, messages, mode, owner: str) -> Session:
+    oa.check_tokens(tokens, router.vocab_size, router.context_limit, where)
+    try:
+        return await router.session_for(tokens, hint, messages, mode, owner=owner)
+    except MlxMoeError as e:
+        status, code = classify(e)
+        raise ApiError(status if status < 500 else 400, str(e)[:300], where, code) from None
 
 
 def _usage(turn: Turn) -> dict:
@@ -40,14 +95,16 @@ async def _send_error(resp: web.StreamResponse, e: RpcError) -> None:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
-    body = await oa.read_json(request)
+    owner, body = await _body(request)
     messages, params = oa.parse_messages(body), oa.gen_params(body)
+    oa.check_model(body, router.model_names())
     stream = oa.flag(body, "stream")
     logprobs = oa.chat_logprobs(body)
     include_usage = oa.include_usage(body)
     hint, mode = oa.session_hint(request.headers, body), oa.requested_mode(request.headers, body)
-    tokens = await router.encode_chat(messages)
-    s = await router.session_for(tokens, hint, messages, mode)
+    oa.check_messages_fit(messages, router.context_limit)
+    tokens = await router.encode_chat(messages)  # once: the same ids are scored and sent
+    s = await _session(router, tokens, "messages", hint, messages, mode, owner)
     turn = await _open(router, s, tokens, params)
     base = {"id": oa.new_id("chatcmpl"), "created": int(time.time()), "model": router.model}
     if stream:
@@ -92,16 +149,19 @@ async def _stream_chat(request, router, turn, messages, base, logprobs, include_
 
 async def completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
-    body = await oa.read_json(request)
+    owner, body = await _body(request)
     prompt, params = oa.parse_prompt(body), oa.gen_params(body)
+    oa.check_model(body, router.model_names())
     stream = oa.flag(body, "stream")
     n_lp = oa.completion_logprobs(body)
     include_usage = oa.include_usage(body)
     hint, mode = oa.session_hint(request.headers, body), oa.requested_mode(request.headers, body)
+    if isinstance(prompt, str):
+        oa.check_chars(len(prompt), router.context_limit, "prompt")
     tokens = prompt if isinstance(prompt, list) else await router.encode(prompt)
     if not tokens:
         raise ApiError(400, "'prompt' is empty", "prompt", "invalid_value")
-    s = await router.session_for(tokens, hint, None, mode)
+    s = await _session(router, tokens, "prompt", hint, None, mode, owner)
     turn = await _open(router, s, tokens, params)
     base = {"id": oa.new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": router.model}
     if stream:
@@ -140,22 +200,34 @@ async def _stream_completion(request, router, turn, base, n_lp, include_usage) -
         await turn.close()
 
 
+def _model(router: Router) -> dict:
+    return {"id": router.model, "object": "model", "created": int(router.started), "owned_by": "mlxmoe"}
+
+
 async def models(request: web.Request) -> web.Response:
-    router: Router = request.app[ROUTER_KEY]
-    return web.json_response({"object": "list", "data": [
-        {"id": router.model, "object": "model", "created": int(router.started), "owned_by": "mlxmoe"}]})
+    client_of(request)
+    return web.json_response({"object": "list", "data": [_model(request.app[ROUTER_KEY])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    client_of(request)
+    router = request.app[ROUTER_KEY]
+    oa.check_model({"model": request.match_info["id"]}, router.model_names())
+    return web.json_response(_model(router))
 
 
 async def status(request: web.Request) -> web.Response:
+    owner = client_of(request)
     router = request.app[ROUTER_KEY]
     await router.refresh_remote()
-    return web.json_response(router.status())
+    return web.json_response(router.status(owner if router.api_keys else None))
 
 
 async def status_page(request: web.Request) -> web.Response:
+    """Open to anyone: it shows no session ids (their short hashes only) and no keys."""
     router = request.app[ROUTER_KEY]
     await router.refresh_remote()
-    return web.Response(text=request.app[PAGE_KEY](router.status()), content_type="text/html")
+    return web.Response(text=request.app[PAGE_KEY](router.status(None)), content_type="text/html")
 
 
 @web.middleware
@@ -177,13 +249,14 @@ async def errors_middleware(request: web.Request, handler):
         return ApiError(500, f"internal error: {type(e).__name__}: {e}"[:300]).response()
 
 
-def make_app(router: Router, page=None) -> web.Application:
+def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits()) -> web.Application:
     """The router's HTTP app; `page(status) -> HTML` serves the status page at /."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=oa.MAX_BODY + 1)
-    app[ROUTER_KEY] = router
+    app = web.Application(middlewares=[errors_middleware], client_max_size=oa.MAX_BODY)
+    app[ROUTER_KEY], app[LIMITS_KEY] = router, limits
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{id:.+}", model)
     app.router.add_get("/status", status)
     if page is not None:
         app[PAGE_KEY] = page
@@ -205,19 +278,39 @@ class RunningRouter:
         await self.router.stop()
 
 
-async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None) -> RunningRouter:
+def cap_connections(server: web.Server, limit: int) -> None:
+    """Close a new connection at once while `limit` are open (aiohttp has no
+    cap of its own; its Server tracks the open ones)."""
+    made = server.connection_made
+
+    def connection_made(handler, transport) -> None:
+        made(handler, transport)
+        if len(server.connections) > limit:
+            handler.force_close()
+            transport.close()
+
+    server.connection_made = connection_made
+
+
+async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None,
+                       limits: HttpLimits = HttpLimits()) -> RunningRouter:
     await router.start()
-    runner = web.AppRunner(make_app(router, page), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(make_app(router, page, limits), access_log=None, handle_signals=False,
+                           shutdown_timeout=2.0, keepalive_timeout=limits.idle_timeout,
+                           max_line_size=limits.max_line_size, max_field_size=limits.max_field_size,
+                           max_headers=limits.max_headers)
     await runner.setup()
+    cap_connections(runner.server, limits.max_connections)
     await web.TCPSite(runner, host, port).start()
     return RunningRouter(router, runner, host, runner.addresses[0][1])
 
 
-async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None) -> None:
+async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None,
+                       limits: HttpLimits = HttpLimits()) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
-    running = await start_router(router, host, port, page)
+    running = await start_router(router, host, port, page, limits)
     live = len(router.peers.live())
     print(f"mlxmoe router: {router.model} (manifest {router.manifest_hash[:12]}) on {running.url}/v1 "
           f"- status page {running.url}/ - {live} node(s) up so far", flush=True)

@@ -4,7 +4,9 @@ responses, chunks and errors ({"error": {"message", "type", "param",
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 from typing import Any
 
@@ -16,6 +18,11 @@ from mlxmoe.modes import ROUTER_MODES
 MAX_BODY = 8 << 20
 MAX_TOKENS_DEFAULT = 512
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_MESSAGES = 10000
+MAX_CHARS_PER_TOKEN = 64  # text longer than context * this cannot fit: refused before it is tokenized
+SEED_LIMIT = 1 << 64  # nodes seed with an unsigned 64-bit integer
+BODY_TIMEOUT = 30.0  # seconds to receive a whole body once the headers are in
+SESSION_HEADERS = ("X-Mlxmoe-Session", "X-Session-Id")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 EXTENSION_FIELDS = ("mode",)  # the "mlxmoe" object of a request body
 MODE_HEADER = "X-Mlxmoe-Mode"
@@ -59,6 +66,27 @@ def opt(body: dict, name: str, kinds: tuple, what: str, default: Any = None) -> 
     return v
 
 
+def number(body: dict, name: str, default: float) -> float:
+    """A finite number (json.loads accepts NaN, Infinity and ints too big for a float)."""
+    v = opt(body, name, (int, float), "a number", default)
+    try:
+        v = float(v)
+    except OverflowError:
+        v = math.inf
+    if not math.isfinite(v):
+        raise ApiError(400, f"'{name}' must be a finite number", name, "invalid_value")
+    return v
+
+
+def text(v: str, where: str) -> str:
+    """A string that can travel as UTF-8 (JSON may carry lone surrogates like "\\ud800")."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{where}' is not valid Unicode (a lone surrogate)", where, "invalid_value") from None
+    return v
+
+
 def check_range(name: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
     if (v <= lo if lo_open else v < lo) or v > hi:
         raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}", name,
@@ -78,21 +106,24 @@ def gen_params(body: dict) -> dict:
     name = "max_completion_tokens" if mt is not None else "max_tokens"
     max_tokens = opt(body, name, (int,), "an integer", MAX_TOKENS_DEFAULT)
     check_range(name, max_tokens, 1, MAX_TOKENS_LIMIT)
-    temperature = float(opt(body, "temperature", (int, float), "a number", 0.0))
+    temperature = number(body, "temperature", 0.0)
     check_range("temperature", temperature, 0.0, 2.0)
-    top_p = float(opt(body, "top_p", (int, float), "a number", 1.0))
+    top_p = number(body, "top_p", 1.0)
     check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     stop = opt(body, "stop", (str, list), "a string or a list of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop",
                        "invalid_value")
+    stop = [text(x, "stop") for x in stop]
     seed = opt(body, "seed", (int,), "an integer")
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise ApiError(400, f"'seed' must be an integer in 0..2**64-1", "seed", "invalid_value")
     n = opt(body, "n", (int,), "an integer", 1)
     if n != 1:
         raise ApiError(400, "'n' must be 1 (one completion per request)", "n", "unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
-        check_range(name, float(opt(body, name, (int, float), "a number", 0.0)), -2.0, 2.0)
+        check_range(name, number(body, name, 0.0), -2.0, 2.0)
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed}
 
 
@@ -101,15 +132,15 @@ def parse_messages(body: dict) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
                        "invalid_type" if "messages" in body else "missing_required_parameter")
-    if len(msgs) > 10000:
-        raise ApiError(400, "'messages' has more than 10000 entries", "messages", "invalid_value")
+    if len(msgs) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' has more than {MAX_MESSAGES} entries", "messages", "invalid_value")
     out = []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}"[:300],
                            f"{where}.role", "invalid_value")
         out.append({"role": role, "content": _content(m.get("content"), f"{where}.content", role)})
@@ -123,14 +154,14 @@ def _content(c: Any, where: str, role: str) -> str:
     if c is None and role == "assistant":
         return ""
     if isinstance(c, str):
-        return c
+        return text(c, where)
     if isinstance(c, list):
         parts = []
         for j, p in enumerate(c):
             if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
                 raise ApiError(400, f"'{where}[{j}]' must be {{\"type\": \"text\", \"text\": string}} "
                                     "(only text content is supported)", f"{where}[{j}]", "invalid_value")
-            parts.append(p["text"])
+            parts.append(text(p["text"], f"{where}[{j}].text"))
         return "".join(parts)
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", where, "invalid_type")
 
@@ -140,9 +171,9 @@ def parse_prompt(body: dict) -> str | list[int]:
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
         p = p[0]
     if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in p):
-        return p
+        return text(p, "prompt")
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        return p  # ids are checked against the vocabulary by check_tokens
     raise ApiError(400, "'prompt' must be a string (or a list of one string, or a list of token ids)", "prompt",
                    "invalid_type" if "prompt" in body else "missing_required_parameter")
 
@@ -166,14 +197,58 @@ def chat_logprobs(body: dict) -> bool:
 
 
 def session_hint(headers, body: dict) -> str | None:
-    for v, name in ((headers.get("X-Session-Id"), "X-Session-Id"), (body.get("session_id"), "session_id"),
-                    (body.get("user"), "user")):
+    found = [(headers.get(h), h) for h in SESSION_HEADERS]
+    for v, name in found + [(body.get("session_id"), "session_id"), (body.get("user"), "user")]:
         if v is None or v == "":
             continue
         if not isinstance(v, str) or len(v) > 256:
             raise ApiError(400, f"'{name}' must be a string of at most 256 characters", name, "invalid_value")
-        return v
+        return text(v, name)
     return None
+
+
+def check_model(body: dict, names: tuple[str, ...]) -> None:
+    """`model`, when given, must name the one model this router serves (404 model_not_found)."""
+    m = body.get("model")
+    if m is None:
+        return
+    if not isinstance(m, str):
+        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
+    if m not in names:
+        raise ApiError(404, f"the model {m!r} does not exist; this router serves {names[0]!r}"[:300], "model",
+                       "model_not_found")
+
+
+def check_tokens(tokens: list[int], vocab: int | None, context: int | None, where: str) -> None:
+    """Token ids in the vocabulary and the prompt shorter than the context,
+    before anything (scoring, placement) spends time or memory on it."""
+    if vocab is not None:
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"'{where}': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"[:300],
+                           where, "invalid_value")
+    elif any(not 0 <= t < 1 << 31 for t in tokens):
+        raise ApiError(400, f"'{where}': token ids must be in 0..2**31-1", where, "invalid_value")
+    if context is not None and len(tokens) >= context:
+        raise ApiError(400, f"'{where}' is {len(tokens)} tokens; the context limit is {context} tokens "
+                            "(prompt and at least one generated token)", where, "context_length_exceeded")
+
+
+def check_messages_fit(messages: list[dict], context: int | None) -> None:
+    """Messages that cannot fit (each costs at least one token, and no token
+    holds more than MAX_CHARS_PER_TOKEN characters) are refused before the
+    chat template and the tokenizer run."""
+    if context is not None and len(messages) >= context:
+        raise ApiError(400, f"'messages' has {len(messages)} entries; the context limit is {context} tokens",
+                       "messages", "context_length_exceeded")
+    check_chars(sum(len(m["content"]) for m in messages), context, "messages")
+
+
+def check_chars(n_chars: int, context: int | None, where: str) -> None:
+    """Text far longer than the context can hold is refused before it is tokenized."""
+    if context is not None and n_chars > context * MAX_CHARS_PER_TOKEN:
+        raise ApiError(400, f"'{where}' has {n_chars} characters, far more than the context limit of {context} "
+                            "tokens can hold", where, "context_length_exceeded")
 
 
 def requested_mode(headers, body: dict) -> str | None:
@@ -204,13 +279,21 @@ def requested_mode(headers, body: dict) -> str | None:
     return mode
 
 
-async def read_json(request: web.Request) -> dict:
+async def read_json(request: web.Request, timeout: float = BODY_TIMEOUT) -> dict:
+    """The whole body (however many writes it came in), up to MAX_BODY
+    (the app's client_max_size): 413 past it, chunked or not; 408 if it
+    does not arrive within `timeout` seconds."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {MAX_BODY}", None,
                        "request_too_large")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"request body exceeds the {MAX_BODY}-byte limit", None, "request_too_large")
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body exceeds the {MAX_BODY}-byte limit", None, "request_too_large",
+                       headers={"Connection": "close"}) from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"request body did not arrive within {timeout:g} s", None, "request_timeout",
+                       headers={"Connection": "close"}) from None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as e:

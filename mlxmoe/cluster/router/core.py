@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
+import secrets
 import time
 from typing import Any
 
@@ -17,13 +17,19 @@ from mlxmoe.cluster.client import NodeClient
 from mlxmoe.cluster.discovery import Browser, Peer, PeerTable
 from mlxmoe.cluster.mobility import Mobility
 from mlxmoe.cluster.router import migration, placement
-from mlxmoe.cluster.router.sessions import Session, SessionIndex
+from mlxmoe.cluster.router.sessions import Session, SessionIndex, session_ref
 from mlxmoe.cluster.router.turn import Rejected, Turn
 from mlxmoe.cluster.worker import EngineWorker
-from mlxmoe.errors import RpcError
+from mlxmoe.errors import ContextOverflow, RpcError
 from mlxmoe.modes import MIGRATING, PER_LAYER
 
 log = logging.getLogger("mlxmoe.router")
+
+
+def new_session_id() -> str:
+    """192 random bits: a session id cannot be guessed (SECURITY.md)."""
+    return "s-" + secrets.token_urlsafe(24)
+SCORE_WINDOW = 4096  # tokens the front end scores at most (the end of the prompt: nearest to what comes next)
 COUNTERS = ("requests", "failovers", "rejected", "migrations", "races")
 
 
@@ -32,7 +38,9 @@ class Router:
                  static_peers: list[str] = (), mdns: bool = True,
                  interface: str | None = None, probe_interval: float = 2.0, token_timeout: float = 60.0,
                  first_token_timeout: float = 300.0, tie_margin: float | None = None, session_ttl: float = 1800.0,
-                 max_failovers: int = 3, mobility: Mobility | dict | None = None, tls: Any = None):
+                 max_failovers: int = 3, mobility: Mobility | dict | None = None, tls: Any = None,
+                 api_keys: list[str] = (), vocab_size: int | None = None, context_limit: int | None = None,
+                 score_window: int = SCORE_WINDOW):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
@@ -49,6 +57,10 @@ class Router:
         self.tie_margin = self.mob.tie_margin if tie_margin is None else tie_margin
         self.tls = tls  # a cluster.tls.Identity: dial nodes with mutual TLS only (docs/SECURITY.md)
         self.sessions = SessionIndex()
+        self.api_keys = [k for k in api_keys if k]  # empty: no API key (serve allows that on loopback only)
+        self.vocab_override, self.context_override = vocab_size, context_limit
+        self.score_window = score_window
+        self.node_context: dict[str, int] = {}  # node name -> the context_limit its info reports
         self.last_placement: dict | None = None
         self.counters = dict.fromkeys(COUNTERS, 0)  # read-only outside: count() bumps them
         self.tokens_streamed = 0
@@ -144,6 +156,8 @@ class Router:
         p.streams, p.queued = _count(info.get("streams")), _count(info.get("queued"))
         if p.state == "up" and placement.stalled(info.get("stalled_s"), self.first_token_timeout):
             self.peers.mark_down(p, f"its engine has made no progress for {info['stalled_s']:.0f}s")
+        if isinstance(info.get("context_limit"), int) and not isinstance(info["context_limit"], bool):
+            self.node_context[p.name] = info["context_limit"]
         self._harvest(p, info)
 
     async def first_token_late(self, p: Peer) -> bool:
@@ -259,9 +273,38 @@ class Router:
             log.warning("session %s: no live node serves expert group %s; decoding locally", s.id, eg)
         return params
 
+    # ---------------------------------------------------------------- limits
+    def _config(self) -> dict:
+        model = getattr(self.frontend.manifest, "model", None) if self.frontend is not None else None
+        cfg = model.get("config") if isinstance(model, dict) else None
+        return cfg if isinstance(cfg, dict) else {}
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids must be below this (the bundle's config), None if unknown."""
+        v = self.vocab_override or self._config().get("vocab_size")
+        return int(v) if v else None
+
+    @property
+    def context_limit(self) -> int | None:
+        """The smallest context known: the bundle's max_position_embeddings and
+        what each live node reports; a prompt must be shorter than it."""
+        known = [self.context_override, self._config().get("max_position_embeddings")]
+        live = {p.name for p in self.peers.live()}
+        known += [c for n, c in self.node_context.items() if n in live]
+        known = [int(c) for c in known if c]
+        return min(known) if known else None
+
+    def model_names(self) -> tuple[str, ...]:
+        """Names a request may give as `model`: the manifest's model id, and its last path part."""
+        return tuple(dict.fromkeys([self.model, self.model.rsplit("/", 1)[-1]]))
+
     # ---------------------------------------------------------------- sessions
     async def score(self, tokens: list[int]) -> tuple[Any, float]:
-        """S(g) of `tokens` on the trunk front end: (PlacementScores, ms)."""
+        """S(g) of `tokens` on the trunk front end: (PlacementScores, ms).
+        Only the last `score_window` tokens: the front end's memory grows with
+        the square of the length, and must stay bounded (SECURITY.md)."""
+        tokens = tokens[-self.score_window:]
         t0 = time.perf_counter()
         sc = await self.worker.call(self.frontend.score, tokens)
         return sc, getattr(sc, "elapsed_ms", 0.0) or (time.perf_counter() - t0) * 1000
@@ -272,19 +315,35 @@ class Router:
     async def encode(self, text: str) -> list[int]:
         return await self.worker.call(self.frontend.encode, text)
 
+    def prompt_problem(self, tokens: list[int]) -> str | None:
+        """Why `tokens` must not reach the front end (None: fine). The API
+        refuses such prompts first (openai.check_tokens); this is the last guard."""
+        vocab, ctx = self.vocab_size, self.context_limit
+        if not tokens:
+            return "the prompt has no tokens"
+        if vocab is not None and any(not 0 <= t < vocab for t in tokens):
+            return f"token ids outside the vocabulary (0..{vocab - 1})"
+        if ctx is not None and len(tokens) >= ctx:
+            return f"{len(tokens)} tokens do not fit the context limit of {ctx} tokens"
+        return None
+
     async def session_for(self, tokens: list[int], hint: str | None = None,
-                          messages: list[dict] | None = None, mode: str | None = None) -> Session:
-        """The existing session this request continues, or a new one placed now.
-        `mode` (None: the session's own, or the router's default for a new one)."""
-        s = self.sessions.find(hint, messages)
+                          messages: list[dict] | None = None, mode: str | None = None, owner: str = "") -> Session:
+        """The existing session of `owner` this request continues, or a new one
+        placed now. `mode` (None: the session's own, or the router's default
+        for a new one). A session id of another owner is unknown (SessionIndex.find)."""
+        s = self.sessions.find(hint, messages, owner)
         if s is not None:
             if mode is not None and mode != s.mode:
                 s.set_mode(mode)
             return s
+        problem = self.prompt_problem(tokens)
+        if problem is not None:  # never score what no node can run (SECURITY.md: validate before any work)
+            raise ContextOverflow(f"prompt: {problem}")
         sc, ms = await self.score(tokens)
-        s = Session(id="s-" + os.urandom(8).hex(), scores=dict(sc.scores), ranked=list(sc.ranked),
+        s = Session(id=new_session_id(), scores=dict(sc.scores), ranked=list(sc.ranked),
                     margin=float(sc.margin), ephemeral=hint is None and messages is None,
-                    mode=mode or self.mob.mode)
+                    mode=mode or self.mob.mode, owner=owner)
         self.sessions.add(s, hint)
         self.last_placement = {"session": s.id, "scores": {str(g): v for g, v in sc.scores.items()},
                                "margin": float(sc.margin), "best": int(sc.best), "layers": list(sc.layers),
@@ -332,12 +391,19 @@ class Router:
                 "X-MLXMoE-Scores": json.dumps({str(g): round(v, 4) for g, v in s.scores.items()})}
 
     # ---------------------------------------------------------------- status
-    def status(self) -> dict:
+    def status(self, owner: str | None = "") -> dict:
+        """The router's state; session ids only for the sessions of `owner`
+        (an API key's hash, "" without keys; None: nobody's), the others by
+        their short hash (sessions.session_ref)."""
+        def show(sid: str) -> str:
+            s = self.sessions.get(sid)
+            return sid if owner is not None and s is not None and s.owner == owner else session_ref(sid)
+        lp = self.last_placement
         return {"model": self.model, "manifest_hash": self.manifest_hash, "uptime_s": time.time() - self.started,
                 "peers": [self._peer_status(d) for d in self.peers.status()],
-                "sessions": [s.status() for s in sorted(self.sessions, key=lambda s: s.created)
-                             if not s.ephemeral],
-                "last_placement": self.last_placement, "counters": dict(self.counters),
+                "sessions": [{**s.status(), "id": show(s.id)}
+                             for s in sorted(self.sessions, key=lambda s: s.created) if not s.ephemeral],
+                "last_placement": lp and {**lp, "session": show(lp["session"])}, "counters": dict(self.counters),
                 "mobility": self.mob.to_dict(), "traffic": self.traffic()}
 
     def _peer_status(self, d: dict) -> dict:

@@ -37,6 +37,12 @@ class Session:
     migrations: list[dict] = field(default_factory=list)
     race: dict | None = None
     remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
+    owner: str = ""  # the client that made it: its API key's hash ("" without API keys)
+
+    @property
+    def ref(self) -> str:
+        """A short hash of the id, to show where the id itself must not be (it does not resume the session)."""
+        return session_ref(self.id)
 
     @property
     def routing(self) -> str:
@@ -62,7 +68,7 @@ class Session:
             self.lock.release()
 
     def status(self) -> dict:
-        return {"id": self.id, "node": self.peer, "group": self.group,
+        return {"id": self.id, "ref": self.ref, "node": self.peer, "group": self.group,
                 "scores": {str(g): s for g, s in self.scores.items()}, "margin": self.margin,
                 "mode": self.mode, "routing": self.routing,
                 "expert_group": self.group if self.expert_group is None else self.expert_group,
@@ -72,6 +78,11 @@ class Session:
                 "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),
                 "turns": self.turns, "tokens": self.tokens,
                 "created": self.created, "last_used": self.last_used}
+
+
+def session_ref(sid: str) -> str:
+    """A short hash of a session id: shown where the id must not be; it does not resume the session."""
+    return "ref-" + hashlib.sha256(sid.encode()).hexdigest()[:16]
 
 
 def _text(content: Any) -> str:
@@ -95,6 +106,11 @@ def before_last_user(messages: list[dict]) -> list[dict] | None:
     return head if any(m.get("role") == "assistant" for m in head) else None
 
 
+def _scoped(kind: str, owner: str, key: str) -> str:
+    """An index key of one owner (clients with different API keys never share hints or prefixes)."""
+    return f"{kind}{owner}:{key}" if owner else kind + key
+
+
 class SessionIndex:
     """Sessions by id, and the keys (hints "h:...", prefix hashes "p:...") that lead to them."""
 
@@ -111,26 +127,29 @@ class SessionIndex:
     def get(self, sid: str) -> Session | None:
         return self.by_id.get(sid)
 
-    def find(self, hint: str | None, messages: list[dict] | None) -> Session | None:
-        """The session a request continues: by hint (the session's own id, or
-        a client id), else by the messages before the last user turn."""
+    def find(self, hint: str | None, messages: list[dict] | None, owner: str = "") -> Session | None:
+        """The session of `owner` a request continues: by hint (the session's
+        own id, or a client id), else by the messages before the last user
+        turn. Keys are per owner, and another owner's session id finds nothing."""
         sid = None
         if hint:
-            sid = hint if hint in self.by_id else self.by_key.get("h:" + hint)
+            s = self.by_id.get(hint)
+            sid = hint if s is not None and s.owner == owner else self.by_key.get(_scoped("h:", owner, hint))
         elif messages is not None:
             head = before_last_user(messages)
             if head is not None:
-                sid = self.by_key.get(prefix_key(head))
-        return self.by_id.get(sid) if sid is not None else None
+                sid = self.by_key.get(_scoped("", owner, prefix_key(head)))
+        s = self.by_id.get(sid) if sid is not None else None
+        return s if s is not None and s.owner == owner else None
 
     def add(self, s: Session, hint: str | None = None) -> None:
         if hint:
-            self._key(s, "h:" + hint)
+            self._key(s, _scoped("h:", s.owner, hint))
         self.by_id[s.id] = s
 
     def remember_turn(self, s: Session, messages: list[dict], reply: str) -> None:
         """After a completed chat turn: the next turn's prefix leads here."""
-        self._key(s, prefix_key(messages + [{"role": "assistant", "content": reply}]))
+        self._key(s, _scoped("", s.owner, prefix_key(messages + [{"role": "assistant", "content": reply}])))
 
     def _key(self, s: Session, k: str) -> None:
         self.by_key[k] = s.id
