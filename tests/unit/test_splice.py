@@ -167,3 +167,61 @@ def test_failover_with_a_stop_string_across_the_splice():
         text, finish, failovers = stream_text(c, MSGS, 40, stop=[stop])
     assert (text, finish, failovers) == (one_node_text(40, [stop]), "stop", 1)
     assert text == whole[:whole.find(stop)]
+
+
+class Shifting(FakeFrontend):
+    """Group 1 wins once the transcript is `at` tokens past the prompt."""
+
+    base = at = None
+
+    def score(self, tokens):
+        sc = super().score(tokens)
+        if self.base is not None and len(tokens) >= self.base + self.at:
+            sc.scores = {0: 0.2, 1: 0.7, 2: 0.1}
+        return sc
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("where", ["space", "inside"])
+def test_migration_mid_turn_is_exact(mode, where):
+    msgs = [{"role": "user", "content": "tell me a story"}]
+    toks = tokens(40, encode_chat(msgs))
+    at = next(k for k in range(4, 40) if (toks[k] == 32 if where == "space" else 0x80 <= toks[k] < 0xC0))
+    front = Shifting(fixed={0: 0.8, 1: 0.11, 2: 0.1})
+    front.base, front.at = len(encode_chat(msgs)), at
+    engines = [FakeEngine(group=g, spm=True, unicode=True) for g in range(3)]
+    with LocalCluster(engines, frontend=front, probe_interval=60.0,
+                      mobility={"mode": mode, "checks": 1, "check_every": 1}) as c:
+        cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="unused", max_retries=0, timeout=20)
+        out = cl.chat.completions.create(model="m", messages=msgs, max_tokens=40)
+        (s,) = c.router.status()["sessions"]
+    (m,) = s["migrations"]
+    assert m["kind"] == mode and m["ok"] and m["at"] == f"token {at}"
+    evs = FakeEngine(spm=True, unicode=True).generate(None, encode_chat(msgs), GenParams(max_tokens=40))
+    assert out.choices[0].message.content == "".join(e.text for e in evs)
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"resume": 99}, "params.resume"), ({"resume": -1}, "params.resume"), ({"resume_chars": 5}, "params.resume_chars"),
+    ({"resume": 2, "resume_chars": -3}, "params.resume_chars"), ({"resume": "2"}, "body.params.resume"),
+    ({"resume_chars": 2.5}, "body.params.resume_chars"), ({"resume": 1 << 62}, "params.resume")])
+def test_hostile_resume_over_the_wire_is_a_clear_400(params, field):
+    import aiohttp
+
+    from mlxmoe.cluster.client import NodeClient
+    from mlxmoe.errors import RpcError
+
+    async def call(c):
+        async with aiohttp.ClientSession() as http:
+            n = NodeClient(http, c.node_url(0), c.key, c.router.manifest_hash)
+            try:
+                return [f async for f in n.generate("s1", [1, 2, 3, 4], {"max_tokens": 3, **params})]
+            except RpcError as e:
+                return e
+            finally:
+                assert [f async for f in n.generate("s2", [1, 2, 3], {"max_tokens": 2})][-1]["t"] == "end"
+
+    with LocalCluster([FakeEngine()]) as c:
+        e = c.run(call(c))
+        assert c.engines[0].generated == 2  # only the good request after it ran
+    assert getattr(e, "status", None) == 400 and field in e.message, e
