@@ -232,7 +232,7 @@ class FakeEngine:
             turn = ctx[len(ctx) - params.resume:]  # a continued turn's tokens so far (exact splice)
             detok = spm_detokenizer() if self.spm else ByteDetokenizer()
             yield from text_events(self._steps(ctx, max_tokens), detok, set(), params.stop, max_tokens,
-                                   turn, params.resume_chars)
+                                   turn, params.resume_chars, params.open_end and max_tokens == params.max_tokens)
         finally:
             self.busy.discard(session_id)
 

@@ -29,6 +29,7 @@ class GenParams:
     # this turn's output so far, of whose text the client already has `resume_chars` characters
     resume: int = 0
     resume_chars: int = 0
+    open_end: bool = False  # max_tokens ends this call, not the turn (race): nothing held back is flushed
 
     def to_dict(self) -> dict:
         return asdict(self)

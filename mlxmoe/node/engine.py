@@ -194,7 +194,8 @@ class Node(Tokens):
             pairs = ((int(t), chosen.popleft().item()) for t, _ in steps)
             detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
             turn = prompt[len(prompt) - params.resume:]  # a continued turn's tokens so far (exact splice)
-            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars):
+            open_end = params.open_end and max_tokens == params.max_tokens  # not the context limit: the turn goes on
+            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end):
                 out.append(ev.token)
                 yield ev
         finally:

@@ -51,11 +51,14 @@ def check_resume(prompt: list[int], resume: int, resume_chars: int) -> None:
 
 
 def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops: list[str],
-                max_tokens: int, resume: Iterable[int] = (), sent: int = 0) -> Iterator[TokenEvent]:
+                max_tokens: int, resume: Iterable[int] = (), sent: int = 0,
+                open_end: bool = False) -> Iterator[TokenEvent]:
     """steps: (token, logprob) pairs from the model. Yields one TokenEvent per
     token; the last one carries finish_reason ("stop" or "length").
     resume: the turn's tokens already streamed (by this or another node),
-    of whose text `sent` characters were delivered."""
+    of whose text `sent` characters were delivered. open_end: max_tokens ends
+    this call, not the turn (a race's first tokens), so text held back at the
+    last token stays held for the call that continues the turn."""
     stops = [s for s in stops if s]
     detokenizer.reset()
     for token in resume:
@@ -73,10 +76,12 @@ def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops
         if hit >= 0:
             yield TokenEvent(token, text[sent:hit], logprob, "stop")
             return
-        if n >= max_tokens:
+        if n >= max_tokens and not open_end:
             detokenizer.finalize()
             yield TokenEvent(token, detokenizer.text[sent:], logprob, "length")
             return
         safe = len(text) - _holdback(text, stops)
-        yield TokenEvent(token, text[sent:safe], logprob)
+        yield TokenEvent(token, text[sent:safe], logprob, "length" if n >= max_tokens else None)
+        if n >= max_tokens:
+            return
         sent = max(sent, safe)

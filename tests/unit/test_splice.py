@@ -225,3 +225,31 @@ def test_hostile_resume_over_the_wire_is_a_clear_400(params, field):
         e = c.run(call(c))
         assert c.engines[0].generated == 2  # only the good request after it ran
     assert getattr(e, "status", None) == 400 and field in e.message, e
+
+
+def test_open_end_holds_back_what_a_final_call_would_flush():
+    toks = encode("ab cd") + [0xE2, 0x82, 0xAC] + encode(" ef")  # "ab cd€ ef"
+    for k in range(1, len(toks)):
+        first = list(text_events(((t, 0.0) for t in toks[:k]), spm_detokenizer(), set(), [" cx"], k, open_end=True))
+        a = "".join(e.text for e in first)
+        assert first[-1].finish_reason == "length" and len(first) == k
+        b, _, _ = run(toks[k:], [" cx"], len(toks) - k, toks[:k], len(a))
+        assert a + b == "ab cd€ ef", k
+
+
+@pytest.mark.parametrize("where", ["space", "inside"])
+def test_race_continuation_is_exact(where):
+    msgs = [{"role": "user", "content": "tell me a story"}]
+    toks = tokens(30, encode_chat(msgs))
+    k = next(i for i in range(2, 30) if (toks[i] == 32 if where == "space" else 0x80 <= toks[i] < 0xC0))
+    engines = [FakeEngine(group=g, spm=True, unicode=True) for g in range(3)]
+    with LocalCluster(engines, frontend=FakeFrontend(fixed={0: 0.5, 1: 0.45, 2: 0.1}), probe_interval=60.0,
+                      mobility={"race_tokens": k}) as c:
+        cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="unused", max_retries=0, timeout=20)
+        text = ""
+        for ch in cl.chat.completions.create(model="m", messages=msgs, max_tokens=30, stream=True,
+                                             extra_body={"mlxmoe": {"mode": "race"}}):
+            text += "".join(choice.delta.content or "" for choice in ch.choices)
+        assert c.router.status()["counters"]["races"] == 1
+    evs = FakeEngine(spm=True, unicode=True).generate(None, encode_chat(msgs), GenParams(max_tokens=30))
+    assert text == "".join(e.text for e in evs)
