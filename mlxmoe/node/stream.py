@@ -63,6 +63,7 @@ def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops
     detokenizer.reset()
     for token in resume:
         detokenizer.add_token(token)
+        _ = detokenizer.text  # read after each token, as the first node did (the naive one flushes lines on reads)
     n = 0
     for token, logprob in steps:
         n += 1

@@ -204,7 +204,8 @@ def test_migration_mid_turn_is_exact(mode, where):
 @pytest.mark.parametrize("params,field", [
     ({"resume": 99}, "params.resume"), ({"resume": -1}, "params.resume"), ({"resume_chars": 5}, "params.resume_chars"),
     ({"resume": 2, "resume_chars": -3}, "params.resume_chars"), ({"resume": "2"}, "body.params.resume"),
-    ({"resume_chars": 2.5}, "body.params.resume_chars"), ({"resume": 1 << 62}, "params.resume")])
+    ({"resume_chars": 2.5}, "body.params.resume_chars"), ({"resume": 1 << 62}, "params.resume"),
+    ({"open_end": 1}, "body.params.open_end")])
 def test_hostile_resume_over_the_wire_is_a_clear_400(params, field):
     import aiohttp
 
