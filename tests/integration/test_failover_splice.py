@@ -229,3 +229,22 @@ def test_hard_migration_mid_turn_is_exact(bundles, tmp_path):
                                                   set(tokenizer.eos_token_ids), [], 20))
         assert (text, finish) == (one, "length")
         assert (g0, r0, g1, r1, turn, len(rest)) == (0, 0, 1, 8, out0[:8], 12)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_every_kill_point_is_exact(bundles):
+    """Slow: a kill after every k of both answers (CODE 1..23, JSON 1..39)."""
+    exact, bad = 0, []
+    for prompt, max_tokens in ((CODE, 24), (JSON, 40)):
+        ks = list(range(1, max_tokens))
+        for pair in (ks[i:i + 2] for i in range(0, len(ks), 2)):
+            with ReplicaCluster(bundles / "g1", probe_interval=60.0) as c:
+                whole = complete(c, prompt, max_tokens, [])
+                for k in pair:
+                    before, c.plan.k = len(c.plan.resumes), k
+                    if complete(c, prompt, max_tokens, []) == whole and c.plan.resumes[before:] == [0, k]:
+                        exact += 1
+                    else:
+                        bad.append((prompt[:12], k))
+    assert not bad and exact == 62, bad
