@@ -194,6 +194,7 @@ PARAMS_SCHEMA = {
     "routing": "str",
     "expert_group": "int?",
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router
+    "resume": "int", "resume_chars": "int", "open_end": "bool",  # exact splice (node/stream.py text_events)
 }
 MAX_PEERS = 256
 

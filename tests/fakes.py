@@ -23,7 +23,7 @@ from mlxmoe.errors import AdmissionError, ContextOverflow, MlxMoeError, PeerErro
 from mlxmoe.model.placement import PlacementScores
 from mlxmoe.node.contract import GenParams, TokenEvent
 from mlxmoe.node.remote.peers import Inbox
-from mlxmoe.node.stream import text_events
+from mlxmoe.node.stream import check_resume, text_events
 
 MODEL = "fake-moe"
 HASH = "fakehash0001"
@@ -74,6 +74,26 @@ def next_token(ctx: list[int]) -> int:
     return ALPHABET[h % len(ALPHABET)]
 
 
+# FakeEngine(unicode=True) picks characters (1, 2 and 3 UTF-8 bytes, and spaces) rather than bytes, one
+# byte token at a time, so streams hold partial characters and tokens that start with a space
+UNICODE = ["a", "b", " ", "c", "ж", " ", "€", "d", "ü", "e", " ", "\n"]
+_LEADS = {c.encode()[0]: c.encode() for c in UNICODE}
+
+
+def next_token_unicode(ctx: list[int]) -> int:
+    """Complete a partial UTF-8 character at the end of `ctx`, else start a new one."""
+    k = 0
+    while k < 3 and k < len(ctx) and 0x80 <= ctx[-1 - k] < 0xC0:
+        k += 1
+    lead = ctx[-1 - k] if k < len(ctx) else 0
+    if lead >= 0xC0:
+        ch = _LEADS.get(lead) or bytes([lead]) + b"\xa9" * (1 + (lead >= 0xE0) + (lead >= 0xF0))
+        if k + 1 < len(ch):
+            return ch[k + 1]
+    h = sum(ctx[-4:]) * 31 + len(ctx) * 7
+    return UNICODE[h % len(UNICODE)].encode()[0]
+
+
 def expected_text(prompt: list[int], n: int) -> str:
     """What any FakeEngine generates for `prompt` with max_tokens=n (no stops)."""
     ctx = list(prompt)
@@ -102,6 +122,23 @@ class ByteDetokenizer:
         return decode(self.tokens)
 
 
+class ByteSpmTokenizer:
+    """The byte tokens in SentencePiece spelling (space = U+2581, other non-printable bytes as <0xXX>),
+    so mlx-lm's SPMStreamingDetokenizer runs over FakeEngine's tokens: like a real tokenizer's, it
+    drops the turn's leading space and holds back a partial UTF-8 character."""
+
+    def __len__(self):
+        return 256
+
+    def convert_ids_to_tokens(self, ids):
+        return ["\u2581" if b == 32 else chr(b) if 33 <= b < 127 else f"<0x{b:02X}>" for b in ids]
+
+
+def spm_detokenizer():
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+    return SPMStreamingDetokenizer(ByteSpmTokenizer())
+
+
 class FakeEngine:
     """Implements mlxmoe.node.contract.Engine (tests/contract/ checks it
     against the real node): same errors, context rule, stop-string rule and
@@ -113,15 +150,17 @@ class FakeEngine:
     a stream; peer_fail_after: a remote-experts peer fails (PeerError) there
     instead; max_context: the context limit; free_kv: KV budget left, as
     info() reports it; hold: a threading.Event each stream's first token
-    waits for (the engine thread busy, as in a long prefill; at most 30 s).
-    Records prefix reuse in `reused` for tests."""
+    waits for (the engine thread busy, as in a long prefill; at most 30 s);
+    spm: detokenize with mlx-lm's SPMStreamingDetokenizer (ByteSpmTokenizer)
+    instead of plain bytes; unicode: generate UNICODE characters
+    (next_token_unicode). Records prefix reuse in `reused` for tests."""
 
     VOCAB = 256
 
     def __init__(self, group: int = 0, n_groups: int = 3, model_id: str = MODEL, manifest_hash: str = HASH,
                  delay: float = 0.0, max_sessions: int | None = None, fail_after: int | None = None,
                  peer_fail_after: int | None = None, max_context: int = 8192, free_kv: int | None = None,
-                 hold: threading.Event | None = None):
+                 hold: threading.Event | None = None, spm: bool = False, unicode: bool = False):
         self.manifest = SimpleNamespace(model_id=model_id, hash=manifest_hash, n_groups=n_groups)
         self.group = group
         self.inbox = Inbox()
@@ -129,6 +168,7 @@ class FakeEngine:
         self.fail_after, self.peer_fail_after = fail_after, peer_fail_after
         self.max_context, self.free_kv = max_context, free_kv
         self.hold = hold
+        self.spm, self.next_token = spm, next_token_unicode if unicode else next_token
         self.sessions: dict[str, list[int]] = {}  # session -> tokens in its cache ([] once evicted)
         self.busy: set[str] = set()
         self.reused: list[tuple[str, int]] = []  # (session, cached prefix length) per generate/prefill call
@@ -187,6 +227,7 @@ class FakeEngine:
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
         self.threads.add(threading.current_thread().name)
         self._check(prompt, params.max_tokens)
+        check_resume(prompt, params.resume, params.resume_chars)
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         sid = session_id or uuid.uuid4().hex
         self._open(sid, prompt)
@@ -204,7 +245,7 @@ class FakeEngine:
                 raise PeerError(f"fake peer failure after {i} tokens", peer="http://fake-peer")
             if self.delay:
                 time.sleep(self.delay)
-            tok = next_token(ctx)
+            tok = self.next_token(ctx)
             ctx.append(tok)
             self.generated += 1
             yield tok, -0.1 * (tok % 7 + 1)
@@ -212,7 +253,10 @@ class FakeEngine:
     def _gen(self, session_id: str, ctx: list[int], params: GenParams, max_tokens: int) -> Iterator[TokenEvent]:
         self.busy.add(session_id)
         try:
-            yield from text_events(self._steps(ctx, max_tokens), ByteDetokenizer(), set(), params.stop, max_tokens)
+            turn = ctx[len(ctx) - params.resume:]  # a continued turn's tokens so far (exact splice)
+            detok = spm_detokenizer() if self.spm else ByteDetokenizer()
+            yield from text_events(self._steps(ctx, max_tokens), detok, set(), params.stop, max_tokens,
+                                   turn, params.resume_chars, params.open_end and max_tokens == params.max_tokens)
         finally:
             self.busy.discard(session_id)
 

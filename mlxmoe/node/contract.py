@@ -25,6 +25,11 @@ class GenParams:
     routing: str = "local"
     expert_group: int | None = None  # routing="group": the group computing every MoE layer
     peers: dict[str, str] = field(default_factory=dict)  # str(group) -> node URL
+    # a turn continued after a failover/migration (node/stream.py): the prompt's last `resume` tokens are
+    # this turn's output so far, of whose text the client already has `resume_chars` characters
+    resume: int = 0
+    resume_chars: int = 0
+    open_end: bool = False  # max_tokens ends this call, not the turn (race): nothing held back is flushed
 
     def to_dict(self) -> dict:
         return asdict(self)

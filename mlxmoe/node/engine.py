@@ -16,7 +16,7 @@ from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node.contract import GenParams, TokenEvent
 from mlxmoe.node.kvstate import export_caches, import_caches
-from mlxmoe.node.stream import NullDetokenizer, text_events
+from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_tokenizer
 from mlxmoe.model.moe import state_of
 from mlxmoe.node.remote.route import Remote, routed_local
@@ -144,6 +144,7 @@ class Node(Tokens):
         from mlx_lm.sample_utils import make_sampler
 
         self.check_prompt(prompt, params)
+        check_resume(prompt, params.resume, params.resume_chars)
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:
@@ -192,7 +193,9 @@ class Node(Tokens):
         try:
             pairs = ((int(t), chosen.popleft().item()) for t, _ in steps)
             detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
-            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens):
+            turn = prompt[len(prompt) - params.resume:]  # a continued turn's tokens so far (exact splice)
+            open_end = params.open_end and max_tokens == params.max_tokens  # not the context limit: the turn goes on
+            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end):
                 out.append(ev.token)
                 yield ev
         finally:

@@ -1,11 +1,18 @@
 """Turning a token stream into text events: incremental detokenisation, stop
 strings (text that might begin a stop string is held back until it cannot),
-EOS and max_tokens."""
+EOS and max_tokens.
+
+A turn continued on another node (failover, migration: docs/ARCHITECTURE.md,
+"Exact splice") resumes rather than restarts: the detokenizer is primed with
+the turn's tokens so far and the characters already delivered are skipped, so
+the text is what one node would have streamed (the leading space of the next
+token, a held-back space or stop-string prefix, a partial UTF-8 character)."""
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator
 
+from mlxmoe.errors import MlxMoeError
 from mlxmoe.node.contract import TokenEvent
 
 
@@ -35,13 +42,28 @@ class NullDetokenizer:
         pass
 
 
+def check_resume(prompt: list[int], resume: int, resume_chars: int) -> None:
+    """The resume fields of GenParams against the prompt (before any work)."""
+    if not isinstance(resume, int) or not 0 <= resume < len(prompt):
+        raise MlxMoeError(f"params.resume: must be 0..{len(prompt) - 1} (turn tokens at the end of the prompt)")
+    if not isinstance(resume_chars, int) or resume_chars < 0 or (resume == 0 and resume_chars):
+        raise MlxMoeError("params.resume_chars: must be >= 0, and 0 unless params.resume > 0")
+
+
 def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops: list[str],
-                max_tokens: int) -> Iterator[TokenEvent]:
+                max_tokens: int, resume: Iterable[int] = (), sent: int = 0,
+                open_end: bool = False) -> Iterator[TokenEvent]:
     """steps: (token, logprob) pairs from the model. Yields one TokenEvent per
-    token; the last one carries finish_reason ("stop" or "length")."""
+    token; the last one carries finish_reason ("stop" or "length").
+    resume: the turn's tokens already streamed (by this or another node),
+    of whose text `sent` characters were delivered. open_end: max_tokens ends
+    this call, not the turn (a race's first tokens), so text held back at the
+    last token stays held for the call that continues the turn."""
     stops = [s for s in stops if s]
     detokenizer.reset()
-    sent = 0
+    for token in resume:
+        detokenizer.add_token(token)
+        _ = detokenizer.text  # read after each token, as the first node did (the naive one flushes lines on reads)
     n = 0
     for token, logprob in steps:
         n += 1
@@ -55,10 +77,12 @@ def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops
         if hit >= 0:
             yield TokenEvent(token, text[sent:hit], logprob, "stop")
             return
-        if n >= max_tokens:
+        if n >= max_tokens and not open_end:
             detokenizer.finalize()
             yield TokenEvent(token, detokenizer.text[sent:], logprob, "length")
             return
         safe = len(text) - _holdback(text, stops)
-        yield TokenEvent(token, text[sent:safe], logprob)
+        yield TokenEvent(token, text[sent:safe], logprob, "length" if n >= max_tokens else None)
+        if n >= max_tokens:
+            return
         sent = max(sent, safe)

@@ -88,6 +88,23 @@ def test_stop_string_ends_before_it(make):
     assert cut[-1].finish_reason == "stop"
 
 
+def test_resumed_turn_continues_the_text_exactly(make):
+    """A turn continued from its first k tokens (resume, resume_chars: the
+    exact splice of a failover; open_end: a race's first tokens) streams the
+    rest of the one-call text, for every k."""
+    e = make()
+    p = prompt_of(e, "say something long")
+    whole = run(e, None, p, max_tokens=12)
+    text = "".join(ev.text for ev in whole)
+    for k in range(1, len(whole)):
+        for head in (whole[:k], run(e, None, p, max_tokens=k, open_end=True)):
+            sent = "".join(ev.text for ev in head)
+            rest = run(e, None, p + [ev.token for ev in head], max_tokens=12 - k, resume=k, resume_chars=len(sent))
+            assert sent + "".join(ev.text for ev in rest) == text, k
+    with pytest.raises(MlxMoeError, match="params.resume"):
+        run(e, None, p, max_tokens=2, resume=len(p))
+
+
 def test_context_limit(make):
     e = make()
     p = prompt_of(e)

@@ -29,7 +29,8 @@ async def race(r: Router, s: Session, prompt: list[int], params: dict) -> tuple[
         return None
     k = min(r.mob.race_tokens, params["max_tokens"])
     t0 = time.perf_counter()
-    runs = await asyncio.gather(*(run_one(r, s, p, prompt, {**params, "max_tokens": k}) for p in cands))
+    capped = {**params, "max_tokens": k, **({"open_end": True} if k < params["max_tokens"] else {})}  # exact splice
+    runs = await asyncio.gather(*(run_one(r, s, p, prompt, capped) for p in cands))
     means = [sum(f["logprob"] for f in toks) / len(toks) if toks else None for toks, _ in runs]
     ok = [i for i, m in enumerate(means) if m is not None]
     w = max(ok, key=lambda j: means[j]) if ok else None  # first (best-scored) wins a tie

@@ -2,7 +2,12 @@
 connects to the session's best candidate, streams token frames, fails over
 mid-stream from the transcript (prompt + tokens already sent, with the
 remaining max_tokens: the client sees every token exactly once), and, in
-soft/hard mode, re-checks the session's group every `check_every` tokens."""
+soft/hard mode, re-checks the session's group every `check_every` tokens.
+
+Every continuation (failover, migration, after a race) is an exact splice
+(docs/ARCHITECTURE.md): the node is told how many of the prompt's tokens are
+this turn's output and how many characters of their text were delivered, and
+resumes the turn's detokenizer and stop strings from there (node/stream.py)."""
 
 from __future__ import annotations
 
@@ -32,12 +37,22 @@ class Rejected(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
+def splice_params(params: dict, n_generated: int, sent_chars: int) -> dict:
+    """Generate params continuing a turn of which `n_generated` tokens (and
+    `sent_chars` characters of their text) already reached the client."""
+    out = {**params, "max_tokens": params["max_tokens"] - n_generated}
+    if n_generated:  # only continuations carry the fields: a first connect is what it always was
+        out.update(resume=n_generated, resume_chars=sent_chars)
+    return out
+
+
 class Turn:
     """One request's generation, possibly spanning nodes after failovers."""
 
     def __init__(self, router: Router, s: Session, prompt: list[int], params: dict):
         self.r, self.s, self.prompt, self.params = router, s, list(prompt), dict(params)
         self.generated: list[int] = []
+        self.sent_chars = 0  # characters of text delivered for `generated` (the splice point)
         self.finish_reason: str | None = None
         self.tried: set[str] = set()
         self.failovers = 0
@@ -53,8 +68,7 @@ class Turn:
 
     async def connect(self, first: bool = False, migrated: bool = False) -> None:
         r, s = self.r, self.s
-        remaining = self.params["max_tokens"] - len(self.generated)
-        params = {**self.params, "max_tokens": remaining}
+        params = splice_params(self.params, len(self.generated), self.sent_chars)
         prompt = self.prompt + self.generated
         retry_after, last_err = None, None
         for p in r.candidates(s, self.tried):
@@ -124,6 +138,7 @@ class Turn:
         toks, end = won
         self._queued = toks
         self.generated = [int(f["token"]) for f in toks]
+        self.sent_chars = sum(len(f.get("text") or "") for f in toks)
         self.finish_reason = end or toks[-1].get("finish_reason")
         if self.finish_reason == "length" and len(self.generated) < self.params["max_tokens"]:
             self.finish_reason = None  # only the race's K tokens ran out: the answer goes on
@@ -147,6 +162,7 @@ class Turn:
                             self.finish_reason = f.get("finish_reason") or self.finish_reason or "length"
                             return
                         self.generated.append(int(f["token"]))
+                        self.sent_chars += len(f.get("text") or "")
                         self.r.count_token()
                         self.finish_reason = f.get("finish_reason")
                         yield f
