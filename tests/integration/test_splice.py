@@ -11,6 +11,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+import fakes
 from fakes import (ByteDetokenizer, FakeEngine, FakeFrontend, LocalCluster, encode, encode_chat,
                    next_token_unicode, spm_detokenizer)
 from mlxmoe import wire
@@ -128,7 +129,7 @@ def test_resume_past_the_text_delivers_nothing_twice():
 def stream_text(c, msgs, max_tokens, **kw):
     cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="unused", max_retries=0, timeout=20)
     text, finish = "", None
-    for ch in cl.chat.completions.create(model="m", messages=msgs, max_tokens=max_tokens, stream=True, **kw):
+    for ch in cl.chat.completions.create(model="fake-moe", messages=msgs, max_tokens=max_tokens, stream=True, **kw):
         for choice in ch.choices:
             text += choice.delta.content or ""
             finish = choice.finish_reason or finish
@@ -193,7 +194,7 @@ def test_migration_mid_turn_is_exact(mode, where):
     with LocalCluster(engines, frontend=front, probe_interval=60.0,
                       mobility={"mode": mode, "checks": 1, "check_every": 1}) as c:
         cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="unused", max_retries=0, timeout=20)
-        out = cl.chat.completions.create(model="m", messages=msgs, max_tokens=40)
+        out = cl.chat.completions.create(model="fake-moe", messages=msgs, max_tokens=40)
         (s,) = c.router.status()["sessions"]
     (m,) = s["migrations"]
     assert m["kind"] == mode and m["ok"] and m["at"] == f"token {at}"
@@ -213,7 +214,7 @@ def test_hostile_resume_over_the_wire_is_a_clear_400(params, field):
     from mlxmoe.errors import RpcError
 
     async def call(c):
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=fakes.client_context())) as http:
             n = NodeClient(http, c.node_url(0), c.key, c.router.manifest_hash)
             try:
                 return [f async for f in n.generate("s1", [1, 2, 3, 4], {"max_tokens": 3, **params})]
@@ -248,7 +249,7 @@ def test_race_continuation_is_exact(where):
                       mobility={"race_tokens": k}) as c:
         cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="unused", max_retries=0, timeout=20)
         text = ""
-        for ch in cl.chat.completions.create(model="m", messages=msgs, max_tokens=30, stream=True,
+        for ch in cl.chat.completions.create(model="fake-moe", messages=msgs, max_tokens=30, stream=True,
                                              extra_body={"mlxmoe": {"mode": "race"}}):
             text += "".join(choice.delta.content or "" for choice in ch.choices)
         assert c.router.status()["counters"]["races"] == 1
