@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 
-from mlxmoe.ui import DEFAULT_URL, base_url, fetch_status, human_bytes
+from mlxmoe.ui import DEFAULT_URL, base_url, demo_url, fetch_status, human_bytes
 
 MIN_FREE_BYTES = 8 * 2**30  # below this even the trunk of a small MoE will not fit
 
@@ -128,7 +128,7 @@ def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
     """Peers and manifest agreement from the router's /status. An unreachable
     router is a warning at the default address (maybe none runs yet) and a
     failure at an address the user named."""
-    target = base_url(url or DEFAULT_URL)
+    target = base_url(url or demo_url() or DEFAULT_URL)  # a running demo's router, else the default
     try:
         status = fetch_status(target)
     except (OSError, ValueError) as e:
