@@ -353,7 +353,12 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
     from mlxmoe.cluster.discovery import Advertiser, txt_props
 
     server = NodeServer(engine, key, identity, factory)
-    ident = await server.init_identity()
+    try:
+        ident = await server.init_identity()
+    except BaseException:  # e.g. the bundle fails to load: no engine thread may outlive us (MLX aborts at exit)
+        server.worker.stop()
+        await asyncio.to_thread(server.worker.join, 10)
+        raise
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

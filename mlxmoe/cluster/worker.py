@@ -72,6 +72,10 @@ class EngineWorker:
         self._stopped = True
         self._jobs.put(("stop",))
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after stop())."""
+        self._thread.join(timeout)
+
     @property
     def active_streams(self) -> int:
         return len(self._streams)

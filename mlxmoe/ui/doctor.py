@@ -124,6 +124,14 @@ def check_key() -> Check:
     return Check("cluster key", "ok", f"{path} (mode 600)")
 
 
+def _node_log_hint() -> str:
+    """This system's log place first; the peer may be the other kind."""
+    from mlxmoe.ui import service
+
+    mac, linux = service.log_hint("node", "darwin"), service.log_hint("node", "linux")
+    return f"{linux}; on a Mac {mac}" if sys.platform.startswith("linux") else f"{mac}; on Linux {linux}"
+
+
 def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
     """Peers and manifest agreement from the router's /status. An unreachable
     router is a warning at the default address (maybe none runs yet) and a
@@ -144,7 +152,7 @@ def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
         if p.get("state") != "up":
             checks.append(Check(f"peer {p.get('name', '?')}", "warn",
                                 f"{p.get('state', '?')}: {p.get('reason') or 'no reason given'}",
-                                "see that Mac's log (~/Library/Logs/mlxmoe/node.err.log) or run `mlxmoe doctor` there"))
+                                f"see that machine's node log ({_node_log_hint()}) or run `mlxmoe doctor` there"))
     want = status.get("manifest_hash")
     odd = [p.get("name", "?") for p in peers if want and p.get("manifest_hash") not in (None, want)]
     if odd:

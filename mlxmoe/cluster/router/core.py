@@ -58,6 +58,7 @@ class Router:
         self.busy_until: dict[str, float] = {}  # node name -> until when it said "full" (429/503)
         self._tasks: set[asyncio.Task] = set()
         self._probe_task: asyncio.Task | None = None
+        self._key_warned: set[str] = set()  # peer URLs already logged as refusing our key
 
     def _bind(self, frontend: Any) -> None:
         self.frontend = frontend
@@ -74,6 +75,7 @@ class Router:
             self.browser = Browser(self._on_mdns, self.interface)
             await self.browser.start()
         await self.probe_all()
+        self._spawn(self._warn_if_alone())
         self._probe_task = asyncio.ensure_future(self._probe_loop())
 
     async def stop(self) -> None:
@@ -127,6 +129,7 @@ class Router:
         try:
             info = await self.client(p).call("info", timeout=max(2.0, self.probe_interval * 2))
         except RpcError as e:
+            self._log_key_refusal(p, e)
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
             elif p.state == "up" or (p.state == "down" and p.reason == "not probed yet"):
@@ -134,6 +137,25 @@ class Router:
             return
         self.peers.from_info(p, info)
         self._harvest(p, info)
+
+    def _log_key_refusal(self, p: Peer, e: RpcError) -> None:
+        """A peer with another cluster key is only `down` in /status: say it in
+        the log too, once per peer."""
+        if (e.status == 401 or e.code in ("unauthorized", "unauthenticated")) and p.url not in self._key_warned:
+            self._key_warned.add(p.url)
+            log.warning("peer %s (%s) refuses our cluster key or answers with another: %s", p.name, p.url, e.message)
+
+    async def _warn_if_alone(self, browse_s: float = 5.0) -> None:
+        """After the first probe round (with Bonjour, a few seconds of browsing
+        later) warn when no node is up, naming the peers tried."""
+        if self.mdns:
+            await asyncio.sleep(browse_s)
+        if self.peers.live():
+            return
+        tried = [f"{p.url} ({p.reason or p.state})" for p in self.peers.peers.values()]
+        where = ("tried " + "; ".join(tried)) if tried else (
+            "no peers listed" + (" and none found over Bonjour" if self.mdns else " (--peers) and Bonjour is off"))
+        log.warning("no node is up: %s. Chats fail until one is; start `mlxmoe node BUNDLE --group N`", where)
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""
