@@ -210,3 +210,6 @@ def test_chat_and_doctor_find_the_demo(tmp_path):
         r = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "doctor", "--json"], env=env,
                            capture_output=True, text=True, timeout=120)
         assert srv.url in r.stdout
+        r = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "menubar", "--print"], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "not reachable" not in r.stdout and "fake-moe-235b" in r.stdout, r.stdout
