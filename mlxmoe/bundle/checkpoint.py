@@ -235,7 +235,7 @@ def resolve(source: str) -> tuple[Path, str, str | None]:
     except Exception:
         raise CheckpointError(
             f"{source}: not in the local Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}). "
-            f"mlxmoe does not download models: run `huggingface-cli download {source}` on a machine with network, "
+            f"mlxmoe does not download models: run `hf download {source}` on a machine with network, "
             "or pass a local directory.") from None
     return Path(local), source, Path(local).name
 

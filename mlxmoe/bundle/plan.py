@@ -129,6 +129,19 @@ def node_bytes(k: Counts, n_groups: int, *, bits=4, trunk_bits=8, group_size=64,
     return b
 
 
+def human_count(n: float) -> str:
+    """A parameter count as people say it: 235.1B, 30.5M, 12.3K, 512."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def size_unit(nbytes: float) -> tuple[str, float]:
+    """GB for real models, MB below 1 GB (a small model's sizes read 0.00 GB)."""
+    return ("GB", GB) if nbytes >= GB else ("MB", 1e6)
+
+
 def parse_nodes(spec: str) -> list[float]:
     """'3x64GB' | '64GB,128GB' | '2x64GB,1x96GB' -> bytes per node."""
     out = []

@@ -536,7 +536,12 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
 
     server = NodeServer(engine, key, identity, factory, max_streams, max_queue)
     server.session_ttl = float(session_ttl)
-    ident = await server.init_identity()
+    try:
+        ident = await server.init_identity()
+    except BaseException:  # e.g. the bundle fails to load: no engine thread may outlive us (MLX aborts at exit)
+        server.worker.stop()
+        await asyncio.to_thread(server.worker.join, 10)
+        raise
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
                            keepalive_timeout=keepalive_timeout, **HTTP_LIMITS)
     await runner.setup()

@@ -109,6 +109,10 @@ class EngineWorker:
             self.snapshot_at = time.time()
         return self.snapshot
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end (after stop())."""
+        self._thread.join(timeout)
+
     @property
     def active_streams(self) -> int:
         return len(self._streams)

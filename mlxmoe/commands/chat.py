@@ -30,8 +30,9 @@ def chat_cmd(url, model, system, once, as_json, api_key):
       mlxmoe chat --once "Why is the sky blue?"
       mlxmoe chat --url http://localhost:1234 --model qwen3   # LM Studio
     """
-    from mlxmoe.ui import chat
+    from mlxmoe.ui import base_url, chat
 
+    url = base_url(url)  # once: no --url / $MLXMOE_URL means a running demo's router, else the default
     if once is not None:
         sys.exit(chat.run_once(url, once, model=model, system=system, as_json=as_json, api_key=api_key))
     if as_json:

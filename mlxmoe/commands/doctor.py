@@ -11,7 +11,8 @@ from mlxmoe.ui import DEFAULT_URL
 
 @click.command("doctor")
 @click.option("--url", default=None, envvar="MLXMOE_URL",
-              help=f"Router to check (default {DEFAULT_URL}; only a warning if none runs there). Env: MLXMOE_URL.")
+              help=f"Router to check (default: a running `mlxmoe demo`'s router, else {DEFAULT_URL}; "
+                   "only a warning if none runs there). Env: MLXMOE_URL.")
 @click.option("--bundle", type=click.Path(file_okay=False, path_type=str), help="Bundle directory to check.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 def doctor_cmd(url, bundle, as_json):

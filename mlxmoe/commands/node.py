@@ -55,6 +55,9 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
 
     Example: mlxmoe node ~/models/qwen3-bundle --group 1
     """
+    from mlxmoe.commands.run import check_group
+
+    check_group(bundle, group)  # before MLX and the engine thread start
     setup_logging(verbose)
     key = load_key(key_file)
     import socket

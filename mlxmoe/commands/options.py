@@ -110,8 +110,9 @@ def clean_errors(fn, *args, **kw):
 def url_option(what: str = "The mlxmoe router"):
     from mlxmoe.ui import DEFAULT_URL
 
-    return click.option("--url", default=DEFAULT_URL, show_default=True, envvar="MLXMOE_URL",
-                        help=f"{what}. Env: MLXMOE_URL.")
+    # None: mlxmoe.ui.base_url() resolves it (a running demo's router, else DEFAULT_URL).
+    return click.option("--url", default=None, envvar="MLXMOE_URL",
+                        help=f"{what} (default: a running `mlxmoe demo`'s router, else {DEFAULT_URL}). Env: MLXMOE_URL.")
 
 
 def setup_logging(verbose: bool) -> None:

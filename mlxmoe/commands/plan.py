@@ -30,22 +30,25 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
 
         mlxmoe plan qwen3-235b-a22b --nodes 3x128GB --context 32768
     """
-    from mlxmoe.bundle.plan import GB, parse_nodes, plan
+    from mlxmoe.bundle.plan import GB, human_count, parse_nodes, plan, size_unit
 
     bits_, tb, kv = (bits_or_none(x) for x in (bits, trunk_bits, kv_bits))
     try:
         r = plan(source, parse_nodes(nodes), headroom=headroom, bits=bits_, trunk_bits=tb, group_size=int(group_size),
                  overlay_per_layer=overlay_per_layer, context=context, kv_bits=kv)
-    except (MlxMoeError, KeyError) as e:
-        raise click.ClickException(f"{source}: {e}")
+    except MlxMoeError as e:  # its message names the source already
+        raise click.ClickException(str(e)) from None
+    except KeyError as e:
+        raise click.ClickException(f"{source}: config.json has no {e}") from None
     if as_json:
         click.echo(json.dumps(r))
         return
     b = r["per_node"]
-    click.echo(f"{source}: {r['params_total'] / 1e9:.1f}B parameters ({r['params_active'] / 1e9:.1f}B active per token), from {r['basis']}")
-    click.echo(f"{r['n_groups']} groups, one per node; per node (GB):")
+    click.echo(f"{source}: {human_count(r['params_total'])} parameters ({human_count(r['params_active'])} active per token), from {r['basis']}")
+    unit, scale = size_unit(b["total"])
+    click.echo(f"{r['n_groups']} groups, one per node; per node ({unit}):")
     for k in ("trunk", "group", "overlay", "kv", "total"):
-        click.echo(f"  {k:8s} {b[k] / GB:9.2f}")
+        click.echo(f"  {k:8s} {b[k] / scale:9.2f}")
     for i, n in enumerate(r["nodes"]):
         verdict = "fits" if n["fits"] else "does NOT fit"
         click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}")

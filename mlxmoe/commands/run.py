@@ -10,6 +10,26 @@ import click
 from mlxmoe.commands.options import KV_BITS, GROUP_SIZES, clean_errors
 
 
+def check_group(bundle: str, group) -> None:
+    """--group against the bundle's manifest, before MLX or any thread starts
+    (an error raised with MLX's threads running could end in an abort)."""
+    from mlxmoe.bundle.manifest import Manifest
+    from mlxmoe.errors import MlxMoeError
+
+    if group in ("auto", "all"):
+        return
+    try:
+        g = int(group)
+    except (TypeError, ValueError):
+        raise click.BadParameter(f"{group!r}: expected a group number, 'auto' or 'all'", param_hint="--group") from None
+    try:
+        n = Manifest.load(bundle).n_groups
+    except MlxMoeError as e:
+        raise click.ClickException(str(e)) from None
+    if not 0 <= g < n:
+        raise click.BadParameter(f"{g}: this bundle has groups 0..{n - 1}", param_hint="--group")
+
+
 @click.command("run")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--group", default="auto", show_default=True, help="Expert group to load: a number, 'auto' (best placement score for the prompt) or 'all' (the full model).")
@@ -41,6 +61,7 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
             click.echo(ev.text, nl=False)
             sys.stdout.flush()
 
+    check_group(bundle, group)
     params = GenParams(max_tokens=max_tokens, temperature=temp, top_p=top_p, stop=list(stop), seed=seed)
     stats, events, scores = clean_errors(
         generate_local, bundle, group, prompt, params, system=system, raw=raw,

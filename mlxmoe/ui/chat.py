@@ -261,7 +261,8 @@ def run_once(url: str, question: str, *, model: str | None, system: str | None, 
     return 0
 
 
-HELP = """Enter sends · Esc Enter (or Alt-Enter) adds a new line · Ctrl-C stops an answer · Ctrl-D quits
+HELP = """Enter sends · Esc Enter (or Alt-Enter) adds a new line · Ctrl-C stops an answer, clears a line,
+  or quits at an empty prompt · Ctrl-D quits · keys typed while an answer streams are dropped
   /new          start a new conversation (new session: it may be placed on another Mac)
   /system TEXT  set the system prompt (empty: none) and start a new conversation
   /status       show the cluster's peers and where this conversation is pinned
@@ -272,6 +273,61 @@ HELP = """Enter sends · Esc Enter (or Alt-Enter) adds a new line · Ctrl-C stop
 def history_path() -> Path:
     base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return base / "mlxmoe" / "chat_history"
+
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+class Spinner:
+    """An animated line on stderr until the first token (or the end)."""
+
+    def __init__(self, out=None, label: str = "thinking"):
+        self.out, self.label = out or sys.stderr, label
+        self.task = asyncio.ensure_future(self._spin())
+
+    async def _spin(self) -> None:
+        for i in range(10**9):
+            self.out.write(f"\r{SPINNER[i % len(SPINNER)]} {self.label}…")
+            self.out.flush()
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        """Cancel and erase it now (idempotent), before the answer is printed."""
+        if not self.task.done():
+            self.task.cancel()
+            self.out.write("\r\x1b[K")  # carriage return + erase line: the answer starts clean
+            self.out.flush()
+
+
+class QuietInput:
+    """While an answer streams nobody reads the keyboard: turn the terminal's
+    echo off so typed keys do not land inside the answer, and drop them at the
+    end so they are not sent as the next message (docs/ARCHITECTURE.md, ui).
+    Ctrl-C still signals (ISIG stays on). A no-op without a terminal."""
+
+    def __init__(self, fd: int | None = None):
+        self.fd = sys.stdin.fileno() if fd is None else fd
+        self.saved = None
+
+    def __enter__(self):
+        try:
+            import termios
+            self.saved = termios.tcgetattr(self.fd)
+            quiet = termios.tcgetattr(self.fd)
+            quiet[3] &= ~(termios.ECHO | termios.ICANON)
+            termios.tcsetattr(self.fd, termios.TCSANOW, quiet)
+        except (ImportError, OSError, ValueError):
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            import termios
+            try:
+                termios.tcflush(self.fd, termios.TCIFLUSH)  # the typed-ahead keys go
+                termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+            except (OSError, termios.error):
+                pass
 
 
 def run_interactive(url: str, *, model: str | None, system: str | None, api_key: str | None = None) -> int:
@@ -291,6 +347,14 @@ def run_interactive(url: str, *, model: str | None, system: str | None, api_key:
     @keys.add("escape", "enter")
     def _newline(event):
         event.current_buffer.insert_text("\n")
+
+    @keys.add("c-c")
+    def _interrupt(event):
+        buf = event.current_buffer
+        if buf.text:
+            buf.reset()  # Ctrl-C on a half-typed message clears it, as shells do
+        else:
+            event.app.exit(exception=EOFError())  # at an empty prompt: quit
 
     path = history_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,20 +395,33 @@ def run_interactive(url: str, *, model: str | None, system: str | None, api_key:
                     else:
                         console.print(f"[yellow]unknown command {cmd}; /help lists them[/yellow]")
                     continue
-                task = asyncio.ensure_future(conv.ask(http, text, on_token=lambda t: console.print(t, end="", markup=False)))
-                # Ctrl-C while streaming stops this answer only (the prompt handles its own Ctrl-C).
-                aloop = asyncio.get_running_loop()
-                aloop.add_signal_handler(signal.SIGINT, task.cancel)
+                await answer(http, text)
+
+    async def answer(http, text: str) -> None:
+        spinner = Spinner()
+
+        def show(t: str) -> None:
+            spinner.stop()
+            console.print(t, end="", markup=False)
+
+        task = asyncio.ensure_future(conv.ask(http, text, on_token=show))
+        # Ctrl-C while streaming stops this answer only (the prompt handles its own Ctrl-C).
+        aloop = asyncio.get_running_loop()
+        aloop.add_signal_handler(signal.SIGINT, task.cancel)
+        try:
+            with QuietInput():
                 try:
                     _, stats = await task
-                    console.print()
-                    console.print(f"[dim]{stats.line()}[/dim]")
-                except ChatError as e:
-                    console.print(f"\n[red]{e}[/red]")
-                except asyncio.CancelledError:
-                    console.print("\n[dim](stopped; this turn is not kept)[/dim]")
                 finally:
-                    aloop.remove_signal_handler(signal.SIGINT)
+                    spinner.stop()
+            console.print()
+            console.print(f"[dim]{stats.line()}[/dim]")
+        except ChatError as e:
+            console.print(f"\n[red]{e}[/red]")
+        except asyncio.CancelledError:
+            console.print("\n[dim](stopped; this turn is not kept)[/dim]")
+        finally:
+            aloop.remove_signal_handler(signal.SIGINT)
 
     try:
         asyncio.run(loop())

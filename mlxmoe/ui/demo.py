@@ -86,25 +86,168 @@ def wait_ready(url: str, n_nodes: int, procs: list, timeout: float = 120) -> dic
     raise MlxMoeError(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", *cmd], stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+# --- children: started in their own process group, stopped with their parent -------------
+# Three ways a child learns that the demo is gone (docs/ARCHITECTURE.md, ui):
+#  1. the demo's SIGINT/SIGTERM/SIGHUP handler kills every child's process group;
+#  2. Linux: prctl(PR_SET_PDEATHSIG, SIGTERM), set between fork and exec, so even
+#     SIGKILL of the demo sends the children SIGTERM;
+#  3. everywhere (macOS has no PDEATHSIG): each child holds the read end of a pipe
+#     whose only write end the demo holds; a watchdog thread in the child reads it,
+#     and EOF (the demo exited, however) makes the child SIGTERM itself.
+PARENT_PIPE_ENV = "MLXMOE_PARENT_PIPE"
+PR_SET_PDEATHSIG = 1
+# Run by each child before the command line: start the watchdog, then `mlxmoe ...`.
+CHILD_BOOT = ("import sys, runpy; from mlxmoe.ui.demo import watch_parent; watch_parent(); "
+              "sys.argv[0] = 'mlxmoe'; runpy.run_module('mlxmoe.cli', run_name='__main__')")
 
 
-def stop(procs: list):
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
+def watch_parent() -> None:
+    """In a child: if $MLXMOE_PARENT_PIPE names a pipe, SIGTERM ourselves when
+    it reaches EOF (the parent died), and exit hard if SIGTERM did not end us."""
+    import threading
+
+    fd = os.environ.pop(PARENT_PIPE_ENV, None)
+    if not fd or not fd.isdigit():
+        return
+
+    def watch():
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            while os.read(int(fd), 1):
+                pass
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mlxmoe-parent-watch", daemon=True).start()
 
 
-def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode: str) -> int:
-    """Start `groups` nodes and a router on loopback, then chat (or ask once);
-    returns the exit code. Everything started is stopped on the way out."""
+def _pdeathsig(parent: int):
+    """preexec_fn (Linux): SIGTERM when the parent dies; exit if it already has."""
+    import ctypes
+
+    try:  # looked up here: between fork and exec nothing may import or allocate much
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+class Children:
+    """The demo's child processes, each in its own process group."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        self._r, self._w = os.pipe()  # the demo holds the only write end
+
+    def start(self, cmd: list[str], log: Path) -> subprocess.Popen:
+        env = {**os.environ, PARENT_PIPE_ENV: str(self._r)}
+        with open(log, "w") as out:
+            p = subprocess.Popen([sys.executable, "-c", CHILD_BOOT, *cmd], stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env, pass_fds=(self._r,),
+                                 preexec_fn=_pdeathsig(os.getpid()) if sys.platform.startswith("linux") else None)
+        self.procs.append(p)
+        return p
+
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM every child's group, SIGKILL what is left after `grace` s."""
+        for p in self.procs:
+            _killpg(p, signal.SIGTERM)
+        end = time.monotonic() + grace
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _killpg(p, signal.SIGKILL)
+                p.wait()
+        for fd in (self._r, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._r = self._w = -1
+
+
+def _killpg(p: subprocess.Popen, sig) -> None:
+    try:
+        os.killpg(p.pid, sig)  # its own group: whatever it started goes too
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def on_signals(cleanup) -> None:
+    """SIGTERM and SIGHUP (terminal closed) clean up, then exit 128+N; SIGINT
+    stays KeyboardInterrupt (the chat stops an answer with it)."""
+    def handler(signum, frame):
+        cleanup()
+        raise SystemExit(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+# --- the router's port, and where other commands find it -----------------------------
+
+PREFERRED_PORT = 8000  # what chat, doctor and menubar try when no demo state is found
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the router binds: TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def router_port(asked: int) -> int:
+    """--port if given, else 8000 when free, else any free port."""
+    if asked:
+        return asked
+    return PREFERRED_PORT if port_free(PREFERRED_PORT) else free_port()
+
+
+def write_state(url: str) -> Path:
+    from mlxmoe.ui import demo_state_path
+
+    path = demo_state_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    tmp.replace(path)
+    return path
+
+
+def clear_state(url: str) -> None:
+    """Remove the state file if it is still ours (a newer demo may own it)."""
+    from mlxmoe.ui import demo_state_path
+
+    path = demo_state_path()
+    try:
+        st = json.loads(path.read_text())
+        if st.get("pid") == os.getpid() and st.get("url") == url:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def serve_forever(url: str) -> int:
+    """--serve: keep the cluster up until a signal; chat from another terminal."""
+    print(f"serving until Ctrl-C; in another terminal: mlxmoe chat (finds {url})", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode: str, serve: bool = False) -> int:
+    """Start `groups` nodes and a router on loopback, then chat (or ask once,
+    or with `serve` just keep them up); returns the exit code. Everything
+    started is stopped on the way out, on SIGTERM and SIGHUP too."""
     from mlxmoe.ui.chat import run_interactive, run_once
 
     root_p = Path(root).expanduser()
@@ -115,26 +258,38 @@ def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode:
     ports = [free_port() for _ in range(groups)]
     peers = root_p / "peers.toml"
     peers.write_text("".join(f'[[peers]]\nurl = "https://127.0.0.1:{p}"\n\n' for p in ports))
-    port = port or free_port()
+    port = router_port(port)
     url = f"http://127.0.0.1:{port}"
-    procs = []
+    children = Children()
+    done = []
+
+    def cleanup():
+        if not done:
+            done.append(True)
+            clear_state(url)
+            children.stop()
+
+    on_signals(cleanup)
     try:
         for g, p in enumerate(ports):
-            procs.append(start(["node", str(bundle), "--group", str(g), "--host", "127.0.0.1", "--port", str(p),
-                                "--key", str(key), "--no-advertise"], root_p / "logs" / f"node-{g}.log"))
-        procs.append(start(["serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--key", str(key),
-                            "--peers", str(peers), "--no-mdns", "--mode", mode], root_p / "logs" / "router.log"))
+            children.start(["node", str(bundle), "--group", str(g), "--host", "127.0.0.1", "--port", str(p),
+                            "--key", str(key), "--no-advertise"], root_p / "logs" / f"node-{g}.log")
+        children.start(["serve", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--key", str(key),
+                        "--peers", str(peers), "--no-mdns", "--mode", mode], root_p / "logs" / "router.log")
         if not quiet:
             print(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", file=sys.stderr)
-        wait_ready(url, groups, procs)
+        wait_ready(url, groups, children.procs)
+        write_state(url)
         if not quiet:
-            print(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", file=sys.stderr)
+            print(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", file=sys.stderr, flush=True)
         if ask:
             rc = run_once(url, ask, model=None, system=None, as_json=as_json)
+        elif serve:
+            rc = serve_forever(url)
         else:
             rc = run_interactive(url, model=None, system=None)
     except KeyboardInterrupt:
         rc = 130
     finally:
-        stop(procs)
+        cleanup()
     return rc

@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import asdict, dataclass
 
-from mlxmoe.ui import DEFAULT_URL, base_url, fetch_status, human_bytes
+from mlxmoe.ui import DEFAULT_URL, base_url, demo_url, fetch_status, human_bytes
 
 MIN_FREE_BYTES = 8 * 2**30  # below this even the trunk of a small MoE will not fit
 
@@ -162,11 +162,19 @@ def check_cert(soon_days: int = 30) -> Check:
     return Check(name, "ok", f"{ident.cert}: {tls.cert_name(ident.cert.read_bytes())}, signed by the cluster CA")
 
 
+def _node_log_hint() -> str:
+    """This system's log place first; the peer may be the other kind."""
+    from mlxmoe.ui import service
+
+    mac, linux = service.log_hint("node", "darwin"), service.log_hint("node", "linux")
+    return f"{linux}; on a Mac {mac}" if sys.platform.startswith("linux") else f"{mac}; on Linux {linux}"
+
+
 def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
     """Peers and manifest agreement from the router's /status. An unreachable
     router is a warning at the default address (maybe none runs yet) and a
     failure at an address the user named."""
-    target = base_url(url or DEFAULT_URL)
+    target = base_url(url or demo_url() or DEFAULT_URL)  # a running demo's router, else the default
     try:
         status = fetch_status(target)
     except (OSError, ValueError) as e:
@@ -182,7 +190,7 @@ def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
         if p.get("state") != "up":
             checks.append(Check(f"peer {p.get('name', '?')}", "warn",
                                 f"{p.get('state', '?')}: {p.get('reason') or 'no reason given'}",
-                                "see that Mac's log (~/Library/Logs/mlxmoe/node.err.log) or run `mlxmoe doctor` there"))
+                                f"see that machine's node log ({_node_log_hint()}) or run `mlxmoe doctor` there"))
     want = status.get("manifest_hash")
     odd = [p.get("name", "?") for p in peers if want and p.get("manifest_hash") not in (None, want)]
     if odd:

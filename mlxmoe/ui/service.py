@@ -50,13 +50,26 @@ def log_dir() -> Path:
     return Path.home() / "Library" / "Logs" / "mlxmoe"
 
 
-def command(role: str, bundle: str, group: int | None = None) -> list[str]:
-    """The argv the service runs: `mlxmoe node BUNDLE --group G` or
-    `mlxmoe serve BUNDLE` (the router loads the bundle's trunk to place chats)."""
+def log_hint(role: str, platform: str | None = None) -> str:
+    """Where a service's log is read on this system."""
+    if is_macos(platform):
+        return f"~/Library/Logs/mlxmoe/{role}.err.log"
+    return f"journalctl --user -u mlxmoe-{role}"
+
+
+def command(role: str, bundle: str, group: int | None = None, port: int | None = None,
+            peers: str | None = None) -> list[str]:
+    """The argv the service runs: `mlxmoe node BUNDLE --group G [--port P]` or
+    `mlxmoe serve BUNDLE [--port P] [--peers FILE]` (the router loads the
+    bundle's trunk to place chats)."""
     argv = [sys.executable, "-m", "mlxmoe.cli", "node" if role == "node" else "serve",
             str(Path(bundle).expanduser().resolve())]
     if role == "node":
         argv += ["--group", str(group)]
+    if port is not None:
+        argv += ["--port", str(port)]
+    if peers is not None and role == "router":
+        argv += ["--peers", str(Path(peers).expanduser().resolve())]  # the service starts in $HOME
     return argv
 
 
@@ -100,8 +113,9 @@ def systemd_unit(role: str, argv: list[str]) -> str:
             f"[Install]\nWantedBy=default.target\n")
 
 
-def render(role: str, bundle: str, group: int | None = None, platform: str | None = None) -> bytes:
-    argv = command(role, bundle, group)
+def render(role: str, bundle: str, group: int | None = None, platform: str | None = None,
+           port: int | None = None, peers: str | None = None) -> bytes:
+    argv = command(role, bundle, group, port, peers)
     return launchd_plist(role, argv) if is_macos(platform) else systemd_unit(role, argv).encode()
 
 
@@ -147,9 +161,13 @@ def stop(role: str) -> str | None:
 
 
 def install(role: str, *, bundle: str | None = None, group: int | None = None, dry_run: bool = False,
-            start_now: bool = True) -> list[str]:
-    """Write (and start) the service file(s); return lines to show the user."""
+            start_now: bool = True, ports: dict[str, int] | None = None, peers: str | None = None) -> list[str]:
+    """Write (and start) the service file(s); return lines to show the user.
+    `ports`: role -> the port it listens on; `peers`: the router's --peers file."""
     out = []
+    ports = ports or {}
+    if peers is not None and "router" not in roles(role):
+        raise MlxMoeError("--peers is the router's: use it with --role router or both")
     for r in roles(role):
         if not bundle:
             raise MlxMoeError(f"the {r} service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
@@ -157,7 +175,7 @@ def install(role: str, *, bundle: str | None = None, group: int | None = None, d
             raise MlxMoeError(f"bundle directory not found: {bundle}")
         if r == "node" and group is None:
             raise MlxMoeError("the node service needs --group G (which expert group of the bundle this Mac serves)")
-        path, content = unit_path(r), render(r, bundle, group)
+        path, content = unit_path(r), render(r, bundle, group, port=ports.get(r), peers=peers)
         if dry_run:
             out += [f"# would write {path}", content.decode()]
             if start_now:

@@ -209,3 +209,30 @@ def test_interactive_session(tmp_path):
         _, code = os.waitpid(t.pid, 0)
         assert code == 0
     assert "+line two" in (tmp_path / ".config" / "mlxmoe" / "chat_history").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+def test_interactive_spinner_typeahead_and_ctrl_c_quits(tmp_path):
+    import time
+    with FakeRouter(tokens=["Hello"] + [" more"] * 30, token_delay=0.1) as srv:
+        env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": "", "PROMPT_TOOLKIT_NO_CPR": "1",
+               "PYTHONPATH": ROOT, "TERM": "xterm"}
+        t = Pty([sys.executable, "-m", "mlxmoe.cli", "chat", "--url", srv.url], env)
+        t.expect(">")
+        t.send("first\r")
+        before = t.expect("Hello")
+        assert "thinking…" in before.split("first")[-1]  # the spinner ran before the first token
+        t.send("typed ahead\r")  # while the answer streams
+        out = before + t.expect("tokens")
+        assert "typed ahead" not in out  # not echoed into the answer
+        assert "Hello" + " more" * 30 in out.replace("\r\n", "")
+        time.sleep(1.0)
+        assert len(srv.requests) == 1  # ... and not sent either: typed-ahead keys are dropped
+        t.send("half a line")
+        t.expect("half a line")
+        t.send("\x03")  # Ctrl-C with text clears the line, the program stays
+        time.sleep(0.5)
+        t.send("\x03")  # Ctrl-C at an empty prompt quits
+        _, code = os.waitpid(t.pid, 0)
+        assert os.WIFEXITED(code) and os.WEXITSTATUS(code) == 0
+        assert len(srv.requests) == 1

@@ -73,6 +73,7 @@ class Router:
         self.streaming_at: dict[str, float] = {}  # node name -> when one of our streams last got a frame
         self._tasks: set[asyncio.Task] = set()
         self._probe_task: asyncio.Task | None = None
+        self._key_warned: set[str] = set()  # peer URLs already logged as refusing our key
 
     def _bind(self, frontend: Any) -> None:
         self.frontend = frontend
@@ -91,6 +92,7 @@ class Router:
             self.browser = Browser(self._on_mdns, self.interface)
             await self.browser.start()
         await self.probe_all()
+        self._spawn(self._warn_if_alone())
         self._probe_task = asyncio.ensure_future(self._probe_loop())
 
     async def stop(self) -> None:
@@ -145,6 +147,7 @@ class Router:
         try:
             info = await self.client(p).call("info", {"held": self.held_on(p)}, timeout=timeout)
         except RpcError as e:
+            self._log_key_refusal(p, e)
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
             elif not placement.down_after_failed_probe(e.code, self.streaming_at.get(p.name), time.time(), timeout):
@@ -178,6 +181,25 @@ class Router:
         closes our other idle sessions there (after a router restart: all of
         them; node_server.close_unheld, docs/SECURITY.md)."""
         return [s.id for s in self.sessions if s.peer == p.name]
+
+    def _log_key_refusal(self, p: Peer, e: RpcError) -> None:
+        """A peer with another cluster key is only `down` in /status: say it in
+        the log too, once per peer."""
+        if (e.status == 401 or e.code in ("unauthorized", "unauthenticated")) and p.url not in self._key_warned:
+            self._key_warned.add(p.url)
+            log.warning("peer %s (%s) refuses our cluster key or answers with another: %s", p.name, p.url, e.message)
+
+    async def _warn_if_alone(self, browse_s: float = 5.0) -> None:
+        """After the first probe round (with Bonjour, a few seconds of browsing
+        later) warn when no node is up, naming the peers tried."""
+        if self.mdns:
+            await asyncio.sleep(browse_s)
+        if self.peers.live():
+            return
+        tried = [f"{p.url} ({p.reason or p.state})" for p in self.peers.peers.values()]
+        where = ("tried " + "; ".join(tried)) if tried else (
+            "no peers listed" + (" and none found over Bonjour" if self.mdns else " (--peers) and Bonjour is off"))
+        log.warning("no node is up: %s. Chats fail until one is; start `mlxmoe node BUNDLE --group N`", where)
 
     def _harvest(self, p: Peer, info: dict) -> None:
         """Per-session remote-call counters from a node's info (mode != pin)."""
