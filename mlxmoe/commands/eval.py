@@ -129,7 +129,7 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
 
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
                                 f"{report['passages']} passages"))
     for mode in ("onehop", "split"):

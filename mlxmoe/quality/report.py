@@ -26,7 +26,8 @@ def table(report: dict, title: str = "masked routing vs full model"):
               if "passage_use" in report else None)
     for col in ("config", "placement", "MB/node", "x plain", "capture", "KL", "agree", "ppl x", "worst ppl x",
                 "worst agree", "regret"):
-        t.add_column(col, justify="left" if col in ("config", "placement") else "right")
+        t.add_column(col, justify="left" if col in ("config", "placement") else "right",
+                     no_wrap=col in ("KL", "agree", "ppl x", "regret"))  # a mean and its interval stay on one line
     for r in report["results"]:
         mean, worst, ci = r["mean"], r["worst"], r.get("intervals", {})
         t.add_row(r["config"], r["placement"], f"{r['node_bytes'] / 1e6:.2f}", f"{r['mem_ratio']:.2f}",
