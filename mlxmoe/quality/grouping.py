@@ -249,7 +249,7 @@ def set_size_for_budget(budget: tuple, n_experts: int, n_groups: int, expert_byt
         least = (trunk_bytes + overlay_bytes + need * per_layer)
         raise MlxMoeError(f"--set-budget {budget_text(budget)}: fits {max(size, 0)} experts per layer, fewer than the "
                           f"{need} that {n_groups} sets need to hold all {n_experts}; give at least "
-                          f"{least / 1e9:.3g} GB or {least / plain:.2f}x")
+                          f"{budget_text(('bytes', least))} or {least / plain:.2f}x")
     return size
 
 
@@ -262,7 +262,11 @@ def set_mem_ratio(size: int, n_experts: int, n_groups: int, expert_bytes: float,
 
 def budget_text(budget: tuple) -> str:
     kind, value = budget
-    return f"{value:g}x" if kind == "ratio" else f"{value / 1e9:.3g}GB"
+    if kind == "ratio":
+        return f"{value:g}x"
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1)):
+        if value >= f or unit == "B":
+            return f"{value / f:.3g}{unit}"
 
 
 def check_set_domains(domains, n_groups: int) -> None:
