@@ -10,6 +10,22 @@ from mlxmoe.commands.options import clean_errors, parse_size
 from mlxmoe.quality import grouping as gr
 
 
+def parse_budget(text: str | None) -> tuple | None:
+    """'1.5x' -> ("ratio", 1.5); '2GB' -> ("bytes", 2e9) (options.parse_size)."""
+    if text is None:
+        return None
+    t = text.strip().lower()
+    if t.endswith("x"):
+        try:
+            r = float(t[:-1])
+        except ValueError:
+            r = 0.0
+        if not r > 0:
+            raise click.BadParameter(f"{text!r}: a ratio is a positive number and x, e.g. 1.5x", param_hint="--set-budget")
+        return ("ratio", r)
+    return ("bytes", parse_size(text, "--set-budget"))
+
+
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--suite", "suites", multiple=True, help="Prompt suite: 'builtin' (default), a .jsonl of {domain, text} lines, or a .txt file. Repeatable.")
@@ -21,13 +37,15 @@ from mlxmoe.quality import grouping as gr
               help="Also regroup the experts (default: keep the bundle's grouping). domain-sets: overlapping "
                    "per-node sets by domain (the best measured on the reference model, docs/QUALITY.md).")
 @click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
+@click.option("--set-budget", help="domain-sets: memory per node instead of --set-size: bytes for the node's weights "
+              "(trunk + overlay + its set, e.g. 2GB) or a ratio of a plain node's (trunk + 1/N of the experts, e.g. 1.5x).")
 @click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
 @click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
 @click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, n_groups, source,
-                  out, no_super_check, as_json):
+def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, set_budget,
+                  n_groups, source, out, no_super_check, as_json):
     """Measure gate statistics on a prompt suite and write an overlay (and,
     with --grouping, a grouping) into BUNDLE.
 
@@ -35,11 +53,16 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     """
     if overlay_per_layer is not None and overlay_bytes is not None:
         raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
+    if set_size is not None and set_budget is not None:
+        raise click.UsageError("give --set-size or --set-budget, not both")
+    from mlxmoe.commands.eval import warn_builtin
     from mlxmoe.quality.calibrate import calibrate
 
     size = parse_size(overlay_bytes, "--overlay-bytes")
+    budget = parse_budget(set_budget)
+    warn_builtin(bundle, [("--suite", suites)])
     r = clean_errors(calibrate, bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
-                     not no_super_check, "json" if as_json else "bar", set_size)
+                     not no_super_check, "json" if as_json else "bar", set_size, budget)
     if as_json:
         click.echo(json.dumps(r))
         return
@@ -48,4 +71,8 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     click.echo(f"  tokens: {sum(c['tokens'].values())} over {len(c['tokens'])} domains ({', '.join(c['suites'])})")
     click.echo(f"  overlay: {c['overlay_per_layer']} experts/layer by {c['overlay_rule']}, "
                f"{c['overlay_bytes_per_node'] / 1e6:.1f} MB per node; grouping: {c['grouping']}")
+    if "set_size" in c:
+        click.echo(f"  sets: {c['set_size']} experts per node per layer"
+                   + (f" (budget {c['set_budget']})" if c.get("set_budget") else "")
+                   + f", x{c['mem_ratio']:.2f} the memory of a plain node")
     click.echo(f"  super experts: {c['super_experts'] or 'none found'}")

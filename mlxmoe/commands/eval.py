@@ -29,10 +29,41 @@ def parse_names(s: str, allowed, what: str) -> list[str]:
     return out
 
 
+def warn_builtin(bundle, given) -> None:
+    """Once, on stderr: the builtin suites were written for the bundled model."""
+    from mlxmoe.bundle.manifest import Manifest
+    from mlxmoe.errors import MlxMoeError
+    from mlxmoe.quality.suites import builtin_warning
+
+    missing = [opt for opt, v in given if not v]
+    if not missing:
+        return
+    try:
+        model = Manifest.load(bundle).model
+    except MlxMoeError:
+        return  # the run itself says what is wrong with the bundle
+    w = builtin_warning(model, " / ".join(missing))
+    if w:
+        click.echo(w, err=True)
+
+
+def check_blas(mode: str) -> dict:
+    """Time a float32 matmul; on a slow Linux CPU BLAS say how to fix it
+    (stderr, unless quiet). The result goes into the report."""
+    from mlxmoe.quality import blas
+
+    r = blas.measure()
+    status, detail, fix = blas.verdict(r)
+    if status != "ok" and mode != "quiet":
+        click.echo(f"warning: {detail}; this eval will be slow. Fix: {fix}", err=True)
+    return {**r, "status": status, "detail": detail, "fix": fix}
+
+
 @click.command("eval")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--suite", "suites", multiple=True, default=["builtin"], show_default=True,
-              help="Held-out text: 'builtin' (shipped heldout.jsonl), a .jsonl of {domain, text} lines, or a .txt file.")
+@click.option("--suite", "suites", multiple=True,
+              help="Held-out text: 'builtin' (shipped heldout.jsonl, the default; written for the bundled reference "
+                   "model), a .jsonl of {domain, text} lines, or a .txt file.")
 @click.option("--groups", default=None, help="Group counts to try, e.g. 2,3,4 (default: the bundle's).")
 @click.option("--strategies", default="bundle", show_default=True,
               help=f"Comma list of: bundle (the bundle's own grouping + overlay), {', '.join(gr.STRATEGIES)}.")
@@ -44,15 +75,17 @@ def parse_names(s: str, allowed, what: str) -> list[str]:
 @click.option("--passages", "per_domain", type=int, help="At most this many passages per domain.")
 @click.option("--prompt-tokens", type=int, default=32, show_default=True, help="Prompt length placement sees; the rest is scored.")
 @click.option("--race-tokens", type=int, default=16, show_default=True, help="Prompt tokens whose log-prob the race compares.")
-@click.option("--calib-suite", "calib_suites", multiple=True, default=["builtin"], show_default=True,
-              help="Suite for the statistics that coactivation/domain groupings and overlays need.")
+@click.option("--calib-suite", "calib_suites", multiple=True,
+              help="Suite for the statistics that coactivation/domain groupings and overlays need (default: builtin).")
 @click.option("--onehop", is_flag=True, help="Also evaluate one-hop routing (per MoE layer and token, the group with "
               "the most top-k mass: local or one remote node) on the bundle's groups.")
 @click.option("--split", is_flag=True, help="Also evaluate split routing (top-k over the node's experts and ONE other "
               "group's; the chosen experts run where they are held).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG of quality vs memory per node (needs matplotlib).")
-@click.option("--progress", "progress_mode", type=click.Choice(["bar", "quiet", "json"]), default="bar", show_default=True)
+@click.option("--progress", "progress_mode", type=click.Choice(["bar", "quiet", "json"]),
+              help="Progress on stderr (stdout stays the report): bar (default), json lines, or quiet "
+                   "(the default with --json).")
 def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placements, per_domain, prompt_tokens,
              race_tokens, calib_suites, onehop, split, as_json, plot, progress_mode):
     """Measure how far masked routing is from the full model on held-out text.
@@ -74,10 +107,16 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
     from mlxmoe.quality.eval import run_eval
     from mlxmoe.quality.report import onehop_table, table, write_plot
 
+    mode = progress_mode or ("quiet" if as_json else "bar")
+    needs_calib = any(s in ("coactivation", "domain") for s in strategies_) or any(overlays_)
+    warn_builtin(bundle, [("--suite", suites)] + ([("--calib-suite", calib_suites)] if needs_calib else []))
+
     def go():
-        report = run_eval(bundle, suites, groups_, strategies_, overlays_, rules_, placements_, per_domain,
-                          prompt_tokens, race_tokens, calib_suites, "quiet" if as_json else progress_mode,
+        blas = check_blas(mode)
+        report = run_eval(bundle, suites or ("builtin",), groups_, strategies_, overlays_, rules_, placements_,
+                          per_domain, prompt_tokens, race_tokens, calib_suites or ("builtin",), mode,
                           onehop=onehop, split=split)
+        report["blas"] = blas
         if plot:
             write_plot(report, plot)
         return report
@@ -90,7 +129,7 @@ def eval_cmd(bundle, suites, groups, strategies, overlays, overlay_rules, placem
 
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table(report, f"{report['model']}: {sum(report['tokens'].values())} scored tokens, "
                                 f"{report['passages']} passages"))
     for mode in ("onehop", "split"):

@@ -129,7 +129,9 @@ def _save_rows(path: Path, full: dict, rows_for):
 def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay_bytes: int | None = None,
               rule: str = "mass", strategy: str | None = None, source: str | None = None, out=None,
               n_groups: int | None = None, super_check: bool = True, progress_mode: str = "quiet",
-              set_size: int | None = None) -> dict:
+              set_size: int | None = None, set_budget: tuple | None = None) -> dict:
+    """`set_budget`: ("bytes", n) or ("ratio", r) per node, for domain-sets
+    instead of `set_size` (grouping.set_size_for_budget)."""
     from mlxmoe.model.load import load_bundle, load_tokenizer
     from mlxmoe.progress import progress
 
@@ -140,8 +142,19 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
     if strategy is not None and strategy not in gr.STRATEGIES + gr.SET_STRATEGIES:
         raise MlxMoeError(f"--grouping {strategy!r}: choose from {', '.join(gr.STRATEGIES + gr.SET_STRATEGIES)}")
     names, passages = load_suites(suites, "calibration")
+    m = Manifest.load(bundle)
+    groups = n_groups or m.n_groups
+    if strategy in gr.SET_STRATEGIES:  # fail before the statistics pass, not after
+        gr.check_set_domains([p.domain for p in passages], groups)
+        known_ov = m.expert_bytes() * len(m.moe_layers) * (overlay_per_layer or 0) if overlay_bytes is None else overlay_bytes
+        dims = (m.n_experts, groups, m.expert_bytes(), len(m.moe_layers), m.files[TRUNK_FILE]["size"])
+        if set_budget is not None:
+            gr.set_size_for_budget(set_budget, *dims, int(known_ov))
+        elif set_size is not None:
+            gr.check_set_size(set_size, groups, m.n_experts, m.top_k)
+    elif set_size is not None or set_budget is not None:
+        raise MlxMoeError("--set-size / --set-budget size domain-sets: give them with --grouping domain-sets")
     loaded = load_bundle(bundle)
-    m = loaded.manifest
     items = tokenize(load_tokenizer(bundle), passages)
     with progress(sum(len(i) for _, i in items), "calibrate", progress_mode, unit="items") as p:
         stats = collect(loaded, items, p.advance)
@@ -153,9 +166,16 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
     if overlay_per_layer is None:
         overlay_per_layer = max(len(v) for v in sup["experts"].values()) if sup["experts"] else 0
     ov = gr.overlay(stats, overlay_per_layer, rule)
-    groups = n_groups or m.n_groups
+    ov_bytes = int(round(per_expert * sum(len(v) for v in ov.values())))
+    sets_info = {}
     if strategy in gr.SET_STRATEGIES:
-        gmap = gr.set_grouping(stats, groups, set_size or gr.default_set_size(m.n_experts, groups))
+        dims = (m.n_experts, groups, per_expert, len(m.moe_layers), m.files[TRUNK_FILE]["size"])
+        if set_budget is not None:
+            set_size = gr.set_size_for_budget(set_budget, *dims, ov_bytes)
+        set_size = set_size or gr.default_set_size(m.n_experts, groups)
+        gmap = gr.set_grouping(stats, groups, set_size)
+        sets_info = {"set_size": set_size, "set_budget": gr.budget_text(set_budget) if set_budget else None,
+                     "mem_ratio": round(gr.set_mem_ratio(set_size, *dims, ov_bytes), 4)}
     elif strategy:
         gmap = gr.grouping(strategy, groups, m.moe_layers, m.n_experts, stats, ov)
     else:
@@ -165,8 +185,8 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
         "suites": names, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokens": dict(stats.tokens), "passages": len(items),
         "overlay_rule": rule, "overlay_per_layer": overlay_per_layer,
-        "overlay_bytes_per_node": int(round(per_expert * sum(len(v) for v in ov.values()))),
-        "grouping": gmap["strategy"],
+        "overlay_bytes_per_node": ov_bytes,
+        "grouping": gmap["strategy"], **sets_info,
         "super_experts": {str(l): v for l, v in sup["experts"].items()}, "super_expert_checks": sup["checked"],
         "overlay_mass_share": {str(l): round(float(share[i, ov[l]].sum()), 4) for i, l in enumerate(m.moe_layers)},
         "stats": stats.summary(),

@@ -42,6 +42,7 @@ import numpy as np
 
 from mlxmoe.quality import grouping as gr
 from mlxmoe.quality.stats import collect
+from mlxmoe.quality import intervals as ci
 from mlxmoe.quality.metrics import ONEHOP_METRICS, aggregate, capture, logp_of, ref_nll_of, token_metrics
 from mlxmoe.quality.suites import load_suites, tokenize
 from mlxmoe.errors import MlxMoeError
@@ -87,18 +88,50 @@ class Runs:
 
 # ------------------------------------------------------------------ setup
 
-def make_items(tokenizer, passages, per_domain: int | None = None, prompt_tokens: int = 32) -> list[Item]:
-    """Tokenized passages (at most `per_domain` each, in suite order) long
-    enough to leave a continuation of at least 8 tokens."""
-    items, count = [], {}
-    for dom, ids in tokenize(tokenizer, passages):
-        if len(ids) < prompt_tokens + 8 or (per_domain and count.get(dom, 0) >= per_domain):
+MIN_CONTINUATION = 8  # scored tokens a passage keeps at the full prompt length
+MIN_TOKENS = 4  # below this a passage has no prompt of 2 and continuation of 2
+
+
+def prompt_split(n_tokens: int, prompt_tokens: int) -> int | None:
+    """Prompt length for a passage of `n_tokens`: `prompt_tokens` when that
+    leaves MIN_CONTINUATION tokens to score, else half the passage (at least
+    2, so the race has a prompt token to score); None when too short."""
+    if n_tokens >= prompt_tokens + MIN_CONTINUATION:
+        return prompt_tokens
+    if n_tokens < MIN_TOKENS:
+        return None
+    return max(2, min(prompt_tokens, n_tokens // 2))
+
+
+def select_items(tokenizer, passages, per_domain: int | None = None, prompt_tokens: int = 32) -> tuple[list, dict]:
+    """Tokenized passages (at most `per_domain` each, in suite order) and what
+    happened to every passage: {"given", "used", "short_prompt" (scored with a
+    shorter prompt split), "skipped": {reason: count}}."""
+    items, count, info = [], {}, {"given": len(passages), "used": 0, "short_prompt": 0, "skipped": {}}
+    skip = info["skipped"]
+    toks = tokenize(tokenizer, passages)
+    if len(toks) < len(passages):
+        skip["fewer than 2 tokens"] = len(passages) - len(toks)
+    for dom, ids in toks:
+        p = prompt_split(len(ids), prompt_tokens)
+        if p is None:
+            skip[f"fewer than {MIN_TOKENS} tokens"] = skip.get(f"fewer than {MIN_TOKENS} tokens", 0) + 1
+            continue
+        if per_domain and count.get(dom, 0) >= per_domain:
+            skip["over --passages per domain"] = skip.get("over --passages per domain", 0) + 1
             continue
         count[dom] = count.get(dom, 0) + 1
-        items.append(Item(dom, ids, prompt_tokens))
+        info["short_prompt"] += p < prompt_tokens
+        items.append(Item(dom, ids, p))
+    info["used"] = len(items)
     if not items:
-        raise MlxMoeError(f"no passage has more than {prompt_tokens + 8} tokens; use longer text or fewer --prompt-tokens")
-    return items
+        raise MlxMoeError(f"no passage has {MIN_TOKENS} tokens or more; use longer text")
+    return items, info
+
+
+def make_items(tokenizer, passages, per_domain: int | None = None, prompt_tokens: int = 32) -> list[Item]:
+    """select_items without the account."""
+    return select_items(tokenizer, passages, per_domain, prompt_tokens)[0]
 
 
 def reference(loaded, items: list[Item], advance=lambda n: None):
@@ -182,34 +215,63 @@ def placement_scores(m: Manifest, it: Item, cfg: Config, mode: str, runs: Runs, 
     return np.array([s.scores[g] for g in range(len(cfg.sets))])
 
 
-
-
-def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str, ref_nll: np.ndarray) -> dict:
-    """Per-domain metrics of `cfg` placed by `mode`."""
+def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str, ref_nll: np.ndarray,
+              detail: dict | None = None) -> dict:
+    """Per-domain metrics of `cfg` placed by `mode`. With `detail` (a dict),
+    also fills its "passages" (per-passage results) and "intervals"
+    (bootstrap 95% intervals of the domain-balanced means)."""
     n_tok = np.array([len(it.ids) - it.prompt for it in items], dtype=np.float64)
     placed = np.array([int(np.argmax(placement_scores(m, it, cfg, mode, runs, i))) for i, it in enumerate(items)])
     oracle = np.argmin(runs.nll, axis=1)
     rows = np.arange(len(items))
     caps = np.array([capture(m, it.gates, cfg.sets) for it in items])
+    kl, agree, nll = runs.kl[rows, placed], runs.agree[rows, placed], runs.nll[rows, placed]
+    regret, regret_nats = (placed != oracle).astype(np.float64), (nll - runs.nll[rows, oracle]) / n_tok
     out = {}
     for dom in sorted({it.domain for it in items}):
         sel = np.array([it.domain == dom for it in items])
         t = n_tok[sel].sum()
-        nll = runs.nll[rows, placed][sel].sum()
         out[dom] = {
             "capture": float(caps[sel].mean()),
-            "kl": float(runs.kl[rows, placed][sel].sum() / t),
-            "agreement": float(runs.agree[rows, placed][sel].sum() / t),
-            "ppl_ratio": float(math.exp((nll - ref_nll[sel].sum()) / t)),
-            "regret": float((placed != oracle)[sel].mean()),
-            "regret_nats": float(((runs.nll[rows, placed] - runs.nll[rows, oracle]) / n_tok)[sel].mean()),
+            "kl": float(kl[sel].sum() / t),
+            "agreement": float(agree[sel].sum() / t),
+            "ppl_ratio": float(math.exp((nll[sel].sum() - ref_nll[sel].sum()) / t)),
+            "regret": float(regret[sel].mean()),
+            "regret_nats": float(regret_nats[sel].mean()),
             "tokens": int(t), "passages": int(sel.sum()),
         }
+    if detail is not None:
+        doms = [it.domain for it in items]
+        detail["intervals"] = mean_intervals(doms, n_tok, {"capture": caps, "kl": kl, "agreement": agree,
+                                                           "regret": regret, "regret_nats": regret_nats},
+                                             nll, ref_nll)
+        detail["passages"] = per_passage(items, n_tok, placed, kl, agree, nll, ref_nll)
     return out
 
 
+# per-token metrics (sum over a domain's passages / its tokens) vs per-passage ones (mean over passages)
+TOKEN_MEANS = ("kl", "agreement", "remote_share")
 
 
+def mean_intervals(domains, n_tok, sums: dict, nll=None, ref_nll=None) -> dict:
+    """Bootstrap 95% interval of every domain-balanced mean: `sums` holds per
+    passage sums (TOKEN_MEANS, over tokens) or values (the rest); ppl_ratio
+    from the masked and reference NLL sums."""
+    draws = ci.resample_indices(domains)
+    ones = np.ones(len(n_tok))
+    out = {k: ci.interval(ci.ratio_of_sums(v, n_tok if k in TOKEN_MEANS else ones, draws).mean(1))
+           for k, v in sums.items()}
+    if nll is not None:
+        out["ppl_ratio"] = ci.interval(np.exp(ci.ratio_of_sums(nll - ref_nll, n_tok, draws)).mean(1))
+    return out
+
+
+def per_passage(items, n_tok, node, kl, agree, nll, ref_nll) -> list[dict]:
+    """One JSON-ready row per passage: the sums it contributed."""
+    return [{"domain": it.domain, "tokens": int(n_tok[i]), "prompt": it.prompt, "node": int(node[i]),
+             "kl": round(float(kl[i]), 6), "agreement": round(float(agree[i] / n_tok[i]), 6),
+             "logp_ref": round(float(-ref_nll[i]), 6), "logp": round(float(-nll[i]), 6)}
+            for i, it in enumerate(items)]
 
 
 # ------------------------------------------------------------- one-hop routing
@@ -272,10 +334,16 @@ def evaluate_onehop(bundle, suites=("builtin",), per_domain=None, prompt_tokens=
         if not all(it.ref_logp is not None for it in items):
             reference(loaded, items, p.advance)
         runs, share = run_onehop(loaded, items, p.advance, split)
-    doms = onehop_summary(items, runs, share, ref_nll_of(items))
+    ref_nll = ref_nll_of(items)
+    doms = onehop_summary(items, runs, share, ref_nll)
     mean, worst = aggregate(doms, ONEHOP_METRICS)
+    n_tok = np.array([len(it.ids) - it.prompt for it in items], dtype=np.float64)
+    cis = mean_intervals([it.domain for it in items], n_tok, {"kl": runs.kl[:, 0], "agreement": runs.agree[:, 0],
+                                                              "remote_share": share * n_tok}, runs.nll[:, 0], ref_nll)
     return {"mode": "split" if split else "onehop", "n_groups": loaded.manifest.n_groups, "passages": len(items),
-            "mean": mean, "worst": worst, "domains": doms}
+            "mean": mean, "worst": worst, "intervals": cis, "domains": doms,
+            "per_passage": per_passage(items, n_tok, np.zeros(len(items)), runs.kl[:, 0], runs.agree[:, 0],
+                                       runs.nll[:, 0], ref_nll)}
 
 
 def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENTS, race_tokens: int = 16,
@@ -288,12 +356,14 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
     for cfg in cfgs:
         runs = run_config(loaded, items, cfg, race_tokens, advance)
         for mode in placements:
-            doms = summarize(m, items, cfg, runs, mode, ref_nll)
+            detail = {}
+            doms = summarize(m, items, cfg, runs, mode, ref_nll, detail)
             mean, worst = aggregate(doms)
             results.append({"config": cfg.name, "n_groups": cfg.n_groups, "strategy": cfg.strategy,
                             "overlay_rule": cfg.overlay_rule, "overlay": cfg.overlay, "placement": mode,
                             "node_bytes": cfg.node_bytes, "mem_ratio": round(cfg.mem_ratio, 4),
-                            "mean": mean, "worst": worst, "domains": doms})
+                            "mean": mean, "intervals": detail["intervals"], "worst": worst, "domains": doms,
+                            "per_passage": detail["passages"]})
     n_tok = {}
     for it in items:
         n_tok[it.domain] = n_tok.get(it.domain, 0) + len(it.ids) - it.prompt
@@ -305,16 +375,6 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
 def work_units(items, cfgs) -> int:
     per = sum(len(it.ids) for it in items)
     return per * (1 + sum(len(c.sets) for c in cfgs))
-
-
-
-
-
-
-
-
-
-
 
 
 def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), overlays=(0,), rules=("mass",),
@@ -338,7 +398,7 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
     if "bundle" in strategies and m.n_groups not in groups:
         raise MlxMoeError(f"strategy 'bundle' evaluates the bundle's own {m.n_groups} groups; include {m.n_groups} in --groups")
     tok = load_tokenizer(bundle)
-    items = make_items(tok, passages, per_domain, prompt_tokens)
+    items, used = select_items(tok, passages, per_domain, prompt_tokens)
     stats, calib_names = None, []
     needs_stats = any(s in ("coactivation", "domain") for s in strategies) or any(overlays) or extra_configs
     if needs_stats:
@@ -356,7 +416,7 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
         report["onehop"] = evaluate_onehop(bundle, loaded=loaded, items=items, progress_mode=progress_mode)
     if split:
         report["split"] = evaluate_onehop(bundle, loaded=loaded, items=items, progress_mode=progress_mode, split=True)
-    report.update({"bundle": str(bundle), "manifest_hash": m.hash, "model": m.model_id, "suites": names,
+    report.update({"passage_use": used, "bundle": str(bundle), "manifest_hash": m.hash, "model": m.model_id, "suites": names,
                    "calibration_suites": calib_names, "prompt_tokens": prompt_tokens, "race_tokens": race_tokens,
                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - t0, 1),
                    "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}, mlx {mx.__version__} ({mx.default_device()})",

@@ -213,19 +213,70 @@ def set_grouping(stats: Stats, n_groups: int, size: int) -> dict:
     if len(stats.domains) < n_groups:
         raise MlxMoeError(f"domain-sets: {n_groups} groups need at least {n_groups} domains in the suite, "
                           f"got {len(stats.domains)} ({', '.join(stats.domains)})")
-    if not stats.top_k <= size <= stats.n_experts:
-        raise MlxMoeError(f"--set-size {size}: must be between top_k={stats.top_k} and {stats.n_experts}")
-    if size * n_groups < stats.n_experts:
-        raise MlxMoeError(f"--set-size {size}: {n_groups} sets of {size} cannot hold all {stats.n_experts} experts")
+    check_set_size(size, n_groups, stats.n_experts, stats.top_k)
     clusters = cluster_domains(stats, n_groups)
     sets = domain_sets(stats, clusters, size)
     return {"strategy": "domain-sets", "overlap": True, "domains": clusters,
             "layers": {str(l): [s[l] for s in sets] for l in stats.layers}}
 
 
+def check_set_size(size: int, n_groups: int, n_experts: int, top_k: int) -> None:
+    if not top_k <= size <= n_experts:
+        raise MlxMoeError(f"--set-size {size}: must be between top_k={top_k} and {n_experts}")
+    if size * n_groups < n_experts:
+        raise MlxMoeError(f"--set-size {size}: {n_groups} sets of {size} cannot hold all {n_experts} experts")
+
+
 def default_set_size(n_experts: int, n_groups: int) -> int:
     """1.5x a plain 1/N share of the experts (the budget docs/QUALITY.md measures)."""
     return min(n_experts, -(-3 * n_experts // (2 * n_groups)))
+
+
+def set_size_for_budget(budget: tuple, n_experts: int, n_groups: int, expert_bytes: float, n_layers: int,
+                        trunk_bytes: int, overlay_bytes: int = 0) -> int:
+    """domain-sets: experts per node per layer that fit a memory budget per
+    node. `budget` is ("bytes", n): the node's weights (trunk + overlay + its
+    set), or ("ratio", r): r x a plain node (trunk + n_experts / n_groups
+    experts per layer). Raises if the budget cannot hold sets covering
+    every expert."""
+    kind, value = budget
+    per_layer = expert_bytes * n_layers  # one more expert in every MoE layer
+    plain = trunk_bytes + per_layer * n_experts / n_groups
+    total = value * plain if kind == "ratio" else value
+    size = min(n_experts, int((total - trunk_bytes - overlay_bytes) // per_layer))
+    need = -(-n_experts // n_groups)  # the sets must cover every expert
+    if size < need:
+        least = (trunk_bytes + overlay_bytes + need * per_layer)
+        raise MlxMoeError(f"--set-budget {budget_text(budget)}: fits {max(size, 0)} experts per layer, fewer than the "
+                          f"{need} that {n_groups} sets need to hold all {n_experts}; give at least "
+                          f"{budget_text(('bytes', least))} or {least / plain:.2f}x")
+    return size
+
+
+def set_mem_ratio(size: int, n_experts: int, n_groups: int, expert_bytes: float, n_layers: int, trunk_bytes: int,
+                  overlay_bytes: int = 0) -> float:
+    """Node memory with sets of `size` (plus overlay) / a plain node's."""
+    per_layer = expert_bytes * n_layers
+    return (trunk_bytes + overlay_bytes + size * per_layer) / (trunk_bytes + per_layer * n_experts / n_groups)
+
+
+def budget_text(budget: tuple) -> str:
+    kind, value = budget
+    if kind == "ratio":
+        return f"{value:g}x"
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1)):
+        if value >= f or unit == "B":
+            return f"{value / f:.3g}{unit}"
+
+
+def check_set_domains(domains, n_groups: int) -> None:
+    """domain-sets clusters the suite's domains into one set per group: say so
+    before any statistics are collected when there are too few."""
+    domains = sorted(set(domains))
+    if len(domains) < n_groups:
+        raise MlxMoeError(f"--grouping domain-sets: {n_groups} groups need at least {n_groups} domains in the suite, "
+                          f"it has {len(domains)} ({', '.join(domains)}); use a suite with more domains "
+                          f"(the \"domain\" field of a .jsonl, one .txt file per domain) or --groups {len(domains)}")
 
 
 def cluster_domains(stats: Stats, n: int) -> list[list[str]]:

@@ -6,19 +6,34 @@ from mlxmoe.errors import MlxMoeError
 from mlxmoe.quality import grouping as gr
 
 
+def with_ci(value: float, ci=None, fmt: str = ".3f") -> str:
+    """`1.320 [1.280, 1.370]`: a mean and its bootstrap 95% interval."""
+    return f"{value:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+
+def passage_line(use: dict) -> str:
+    """What happened to the suite's passages, for a table caption."""
+    skipped = ", ".join(f"{n} {why}" for why, n in use.get("skipped", {}).items() if n)
+    return (f"passages: {use['used']} of {use['given']} used"
+            + (f", {use['short_prompt']} short ones with a shorter prompt" if use.get("short_prompt") else "")
+            + (f"; skipped: {skipped}" if skipped else ""))
+
+
 def table(report: dict, title: str = "masked routing vs full model"):
     from rich.table import Table
 
-    t = Table(title=title)
+    t = Table(title=title, caption=(passage_line(report["passage_use"]) + "; [95% bootstrap intervals]")
+              if "passage_use" in report else None)
     for col in ("config", "placement", "MB/node", "x plain", "capture", "KL", "agree", "ppl x", "worst ppl x",
                 "worst agree", "regret"):
-        t.add_column(col, justify="left" if col in ("config", "placement") else "right")
+        t.add_column(col, justify="left" if col in ("config", "placement") else "right",
+                     no_wrap=col in ("KL", "agree", "ppl x", "regret"))  # a mean and its interval stay on one line
     for r in report["results"]:
-        mean, worst = r["mean"], r["worst"]
+        mean, worst, ci = r["mean"], r["worst"], r.get("intervals", {})
         t.add_row(r["config"], r["placement"], f"{r['node_bytes'] / 1e6:.2f}", f"{r['mem_ratio']:.2f}",
-                  f"{mean['capture']:.3f}", f"{mean['kl']:.3f}", f"{mean['agreement']:.3f}",
-                  f"{mean['ppl_ratio']:.3f}", f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}",
-                  f"{mean['regret']:.2f}")
+                  f"{mean['capture']:.3f}", with_ci(mean["kl"], ci.get("kl")),
+                  with_ci(mean["agreement"], ci.get("agreement")), with_ci(mean["ppl_ratio"], ci.get("ppl_ratio")),
+                  f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}", with_ci(mean["regret"], ci.get("regret"), ".2f"))
     return t
 
 
@@ -28,8 +43,13 @@ def onehop_table(r: dict):
     t = Table(title=f"{r['mode']} routing over the bundle's {r['n_groups']} groups vs full model")
     for col in ("domain", "KL", "agree", "ppl x", "remote share"):
         t.add_column(col, justify="left" if col == "domain" else "right")
-    for name, d in [*r["domains"].items(), ("mean", r["mean"]), ("worst", r["worst"])]:
+    for name, d in r["domains"].items():
         t.add_row(name, f"{d['kl']:.3f}", f"{d['agreement']:.3f}", f"{d['ppl_ratio']:.3f}", f"{d['remote_share']:.2f}")
+    mean, ci, worst = r["mean"], r.get("intervals", {}), r["worst"]
+    t.add_row("mean", *(with_ci(mean[k], ci.get(k), ".2f" if k == "remote_share" else ".3f")
+                        for k in ("kl", "agreement", "ppl_ratio", "remote_share")))
+    t.add_row("worst", f"{worst['kl']:.3f}", f"{worst['agreement']:.3f}", f"{worst['ppl_ratio']:.3f}",
+              f"{worst['remote_share']:.2f}")
     return t
 
 

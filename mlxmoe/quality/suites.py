@@ -66,3 +66,30 @@ def tokenize(tokenizer, passages: list[Passage]) -> list[tuple[str, list[int]]]:
         if len(ids) >= 2:
             out.append((p.domain, ids))
     return out
+
+
+REFERENCE = ASSETS / "reference-moe"  # the bundled model the builtin suites were written for
+
+
+def is_reference_model(model: dict) -> bool:
+    """Whether a manifest's "model" field is the bundled reference model: its
+    id names it, or its config is the shipped one."""
+    if Path(str(model.get("id", ""))).name == REFERENCE.name:
+        return True
+    try:
+        ref = json.loads((REFERENCE / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    cfg = model.get("config") or {}
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_experts", "vocab_size", "intermediate_size")
+    return all(cfg.get(k) == ref.get(k) for k in keys)
+
+
+def builtin_warning(model: dict, option: str) -> str | None:
+    """The warning to print when `option` was left at 'builtin' for a model
+    the builtin text was not written for (None when it fits)."""
+    if is_reference_model(model):
+        return None
+    return (f"warning: no {option} given: using the builtin suite, a few short English/code/French passages "
+            f"written for the bundled reference model, not for {model.get('id', 'this model')}; pass {option} "
+            f"FILE (.jsonl of {{\"domain\", \"text\"}} lines or .txt) with text like your users'")

@@ -62,6 +62,17 @@ def check_moe_path() -> Check:
     return Check("moe path", "ok", detail)
 
 
+def check_cpu_blas() -> Check:
+    """On a Linux CPU, whether MLX's float32 matmuls run on a fast BLAS."""
+    try:
+        from mlxmoe.quality import blas
+
+        status, detail, fix = blas.verdict(blas.measure())
+    except Exception as e:  # mlx missing or broken: check_mlx says so
+        return Check("cpu blas", "warn", f"cannot tell ({e})", "fix the mlx check above first")
+    return Check("cpu blas", status, detail, fix)
+
+
 def mx_has_gpu() -> bool:
     import mlx.core as mx
 
@@ -225,7 +236,7 @@ def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
 
 
 def run_checks(url: str | None = None, bundle: str | None = None) -> list[Check]:
-    checks = [check_mlx(), check_moe_path(), check_memory(), check_mdns(), check_key(), check_cert()]
+    checks = [check_mlx(), check_moe_path(), check_cpu_blas(), check_memory(), check_mdns(), check_key(), check_cert()]
     cluster, status = check_cluster(url)
     checks += cluster
     if bundle:

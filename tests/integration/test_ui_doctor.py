@@ -152,7 +152,7 @@ def test_bundle_checks(tmp_path):
 
 
 def all_ok(monkeypatch):
-    for name in ("check_mlx", "check_memory", "check_mdns", "check_key", "check_cert"):
+    for name in ("check_mlx", "check_cpu_blas", "check_memory", "check_mdns", "check_key", "check_cert"):
         monkeypatch.setattr(doctor, name, lambda n=name: doctor.Check(n, "ok", "fine"))
 
 

@@ -158,3 +158,55 @@ def test_super_experts_found_when_one_expert_dominates(src):
     st.super_experts = found["experts"]
     from mlxmoe.quality import grouping as gr
     assert e in gr.overlay(st, 1)[l0]
+
+
+# ------------------------------------------------ domain-sets: up-front checks, memory budget
+
+def test_set_size_for_budget_bytes_and_ratio():
+    from mlxmoe.quality import grouping as gr
+
+    # 48 experts, 3 groups, 1 byte per expert per layer, 1 layer, trunk 16: a plain node is 16 + 16 = 32
+    assert gr.set_size_for_budget(("ratio", 1.5), 48, 3, 1.0, 1, 16) == 32
+    assert gr.set_size_for_budget(("bytes", 40), 48, 3, 1.0, 1, 16) == 24
+    assert gr.set_size_for_budget(("bytes", 40), 48, 3, 1.0, 1, 16, overlay_bytes=4) == 20  # overlay counts
+    assert gr.set_size_for_budget(("ratio", 9.0), 48, 3, 1.0, 1, 16) == 48  # never more than every expert
+    assert gr.set_mem_ratio(32, 48, 3, 1.0, 1, 16) == 1.5
+    assert gr.budget_text(("bytes", 2e9)) == "2GB" and gr.budget_text(("ratio", 1.5)) == "1.5x"
+    with pytest.raises(MlxMoeError, match=r"--set-budget 0.9x: fits 12 experts per layer, fewer than the 16 .* give at least 32B or 1.00x"):
+        gr.set_size_for_budget(("ratio", 0.9), 48, 3, 1.0, 1, 16)
+    with pytest.raises(MlxMoeError, match="give at least"):
+        gr.set_size_for_budget(("bytes", 20), 48, 3, 1.0, 1, 16)
+
+
+def test_domain_sets_with_too_few_domains_fails_before_statistics(src, tmp_path, monkeypatch):
+    _, b, suite = src
+    monkeypatch.setattr(cal, "collect", lambda *a, **k: pytest.fail("statistics ran before the check"))
+    with pytest.raises(MlxMoeError, match=r"--grouping domain-sets: 3 groups need at least 3 domains in the suite, "
+                                          r"it has 2 \(code, prose\)"):
+        cal.calibrate(b, [str(suite)], strategy="domain-sets", n_groups=3, out=tmp_path / "x", super_check=False)
+    with pytest.raises(MlxMoeError, match="cannot hold all 8 experts"):
+        cal.calibrate(b, [str(suite)], strategy="domain-sets", set_size=3, out=tmp_path / "x", super_check=False)
+    with pytest.raises(MlxMoeError, match="--set-budget 0.5x: fits"):
+        cal.calibrate(b, [str(suite)], strategy="domain-sets", set_budget=("ratio", 0.5), out=tmp_path / "x",
+                      super_check=False)
+    with pytest.raises(MlxMoeError, match="give them with --grouping domain-sets"):
+        cal.calibrate(b, [str(suite)], set_size=5, out=tmp_path / "x", super_check=False)
+
+
+def test_calibrate_set_budget_reports_set_size_and_memory_ratio(src, tmp_path):
+    _, b, suite = src
+    m = Manifest.load(b)
+    trunk, per_layer = m.files["trunk.safetensors"]["size"], m.expert_bytes() * len(m.moe_layers)
+    budget = int(trunk + 6 * per_layer) + 1  # room for 6 of the 8 experts per layer
+    r = CliRunner().invoke(main, ["calibrate", str(b), "--suite", str(suite), "--grouping", "domain-sets",
+                                  "--set-budget", f"{budget}", "--overlay-per-layer", "0", "--no-super-check",
+                                  "--out", str(tmp_path / "s"), "--json"])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.stdout.strip().splitlines()[-1])["calibration"]
+    assert c["set_size"] == 6 and abs(c["mem_ratio"] - (trunk + 6 * per_layer) / (trunk + 4 * per_layer)) < 1e-3
+    assert all(len(Manifest.load(tmp_path / "s").group_experts(l, 0)) == 6 for l in m.moe_layers)
+    for args, msg in [(["--set-size", "5", "--set-budget", "1.5x"], "not both"),
+                      (["--set-budget", "-1x"], "a ratio is a positive number"),
+                      (["--set-budget", "lots"], "--set-budget")]:
+        r = CliRunner().invoke(main, ["calibrate", str(b), "--grouping", "domain-sets", "--out", str(tmp_path / "x"), *args])
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)

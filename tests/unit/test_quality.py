@@ -3,6 +3,7 @@ give valid balanced partitions, overlays respect their budget, `mlxmoe eval`
 reports every metric per domain and refuses bad input clearly."""
 
 import json
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -232,3 +233,73 @@ def test_suite_errors_name_the_file_and_line(tmp_path):
     txt.write_text("first passage\n\nsecond passage\n")
     name, ps = load_suite(str(txt))
     assert [(p.domain, p.text) for p in ps] == [("notes", "first passage"), ("notes", "second passage")]
+
+
+# ------------------------------------------------ short passages, intervals, progress
+
+def test_prompt_split_keeps_short_passages_with_a_shorter_prompt():
+    assert q.prompt_split(40, 32) == 32  # leaves 8 to score: as before
+    assert q.prompt_split(39, 32) == 19  # a fortune of 39 tokens: half is prompt
+    assert q.prompt_split(10, 8) == 5 and q.prompt_split(4, 32) == 2
+    assert q.prompt_split(3, 32) is None
+
+
+def test_select_items_accounts_for_every_passage():
+    from mlxmoe.quality.suites import Passage
+
+    class Tok:
+        def encode(self, text):
+            return list(range(len(text.split())))
+
+    ps = [Passage("a", "w " * 50), Passage("a", "w " * 20), Passage("a", "w " * 30), Passage("b", "w w w"),
+          Passage("b", "w")]
+    items, use = q.select_items(Tok(), ps, per_domain=2, prompt_tokens=32)
+    assert [(it.domain, len(it.ids), it.prompt) for it in items] == [("a", 50, 32), ("a", 20, 10)]
+    assert use == {"given": 5, "used": 2, "short_prompt": 1,
+                   "skipped": {"fewer than 2 tokens": 1, "fewer than 4 tokens": 1, "over --passages per domain": 1}}
+    with pytest.raises(MlxMoeError, match="no passage has 4 tokens"):
+        q.select_items(Tok(), ps[3:], prompt_tokens=32)
+
+
+def test_eval_json_short_passages_per_passage_rows_intervals_and_progress(bundle):
+    b, suite = bundle
+    r = CliRunner().invoke(main, ["eval", str(b), "--suite", str(suite), "--prompt-tokens", "64",
+                                  "--placement", "first,oracle", "--onehop", "--json", "--progress", "json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)  # stdout: the report only
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert events and all(e["event"] == "progress" for e in events) and events[-1]["finished"]
+    use = rep["passage_use"]
+    assert use["given"] == 6 and use["used"] + sum(use["skipped"].values()) == 6 and use["short_prompt"] > 0
+    assert rep["passages"] == use["used"] and rep["blas"]["status"] in ("ok", "warn")
+    for x in rep["results"]:
+        assert len(x["per_passage"]) == use["used"]
+        for row in x["per_passage"]:
+            assert {"domain", "tokens", "kl", "agreement", "logp_ref", "logp"} <= set(row) and row["tokens"] >= 2
+        for k in ("kl", "agreement", "ppl_ratio", "capture", "regret"):
+            lo, hi = x["intervals"][k]
+            assert lo - 1e-9 <= x["mean"][k] <= hi + 1e-9, (k, x["mean"][k], lo, hi)
+    oh = rep["onehop"]
+    assert set(oh["intervals"]) == {"kl", "agreement", "ppl_ratio", "remote_share"} and len(oh["per_passage"]) == use["used"]
+
+
+def test_eval_table_shows_intervals_and_passage_use(bundle):
+    b, suite = bundle
+    r = CliRunner().invoke(main, ["eval", str(b), "--suite", str(suite), "--prompt-tokens", "64",
+                                  "--placement", "first", "--progress", "quiet"], terminal_width=240)
+    assert r.exit_code == 0, r.output
+    assert "passages: 6 of 6 used" in r.stdout and "shorter prompt" in r.stdout
+    assert re.search(r"\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]", r.stdout), r.stdout
+
+
+def test_builtin_suite_warns_once_for_another_model(bundle):
+    from mlxmoe.quality.suites import REFERENCE, builtin_warning, is_reference_model
+
+    b, _ = bundle
+    r = CliRunner().invoke(main, ["eval", str(b), "--placement", "first", "--progress", "quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.count("warning: no --suite given") == 1 and "builtin" in r.stderr
+    json.loads(r.stdout)
+    ref = json.loads((REFERENCE / "config.json").read_text())
+    assert is_reference_model({"id": "x/reference-moe"}) and is_reference_model({"id": "local", "config": ref})
+    assert builtin_warning({"id": "Qwen/Qwen3-30B-A3B", "config": {}}, "--suite").startswith("warning: no --suite")
