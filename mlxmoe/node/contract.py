@@ -25,6 +25,9 @@ class GenParams:
     routing: str = "local"
     expert_group: int | None = None  # routing="group": the group computing every MoE layer
     peers: dict[str, str] = field(default_factory=dict)  # str(group) -> node URL
+    # constrained decoding (node/grammar.py): {"type": "json_object"} | {"type": "json_schema", "schema": ...}
+    # | {"type": "tool_call", "tools": [...], "choice": "required" | {"name": ...}}; None: free text
+    grammar: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ import numpy as np
 
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
+from mlxmoe.node import grammar
 from mlxmoe.node.contract import GenParams, TokenEvent
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, text_events
@@ -144,6 +145,7 @@ class Node(Tokens):
         from mlx_lm.sample_utils import make_sampler
 
         self.check_prompt(prompt, params)
+        constrained = grammar.processor(params.grammar, self.tokenizer, self.vocab_size)  # bad specs raise here
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:
@@ -155,6 +157,7 @@ class Node(Tokens):
             mx.random.seed(params.seed)
         sampler, chosen = _logprob_sampler(make_sampler(temp=params.temperature, top_p=params.top_p))
         steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=[constrained] if constrained else None,
                               prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
                               quantized_kv_start=self.kv_start)
         if route is not None:
