@@ -115,3 +115,13 @@ def test_no_spec_no_processor(tok):
 def test_bad_specs_name_the_field(tok, spec, field):
     with pytest.raises(MlxMoeError, match=field.replace("[", r"\[").replace("]", r"\]")):
         grammar.processor(spec, tok, VOCAB)
+
+
+def test_grammar_crosses_the_wire_in_gen_params():
+    import msgpack
+
+    from mlxmoe.node.contract import GenParams
+
+    spec = {"type": "tool_call", "tools": TOOLS, "choice": {"name": "add"}}
+    back = GenParams.from_dict(msgpack.unpackb(msgpack.packb(GenParams(grammar=spec).to_dict())))
+    assert back.grammar == spec and GenParams().grammar is None
