@@ -61,7 +61,7 @@ def grammar_text(spec: dict) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
     if kind == "json_schema":
         schema = spec.get("schema")
-        if not isinstance(schema, (dict, bool)):
+        if not isinstance(schema, dict):
             raise MlxMoeError("response_format.json_schema.schema: expected a JSON schema object")
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
     if kind == "tool_call":
@@ -96,7 +96,11 @@ class Constrained:
         import llguidance
 
         self.vocab_size = vocab_size
-        self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), grammar_text(spec))
+        try:
+            text = grammar_text(spec)
+        except (ValueError, TypeError) as e:  # llguidance on a schema it cannot read
+            raise MlxMoeError(f"grammar: {e}") from None
+        self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), text)
         if self.matcher.is_error():
             raise MlxMoeError(f"grammar: {self.matcher.get_error()}")
         self.started = False
