@@ -30,6 +30,9 @@ class GenParams:
     resume: int = 0
     resume_chars: int = 0
     open_end: bool = False  # max_tokens ends this call, not the turn (race): nothing held back is flushed
+    # constrained decoding (node/grammar.py): {"type": "json_object"} | {"type": "json_schema", "schema": ...}
+    # | {"type": "tool_call", "tools": [...], "choice": "required" | {"name": ...}}; None: free text
+    grammar: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ import numpy as np
 
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
+from mlxmoe.node import grammar
 from mlxmoe.node.contract import GenParams, TokenEvent
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
@@ -145,6 +146,7 @@ class Node(Tokens):
 
         self.check_prompt(prompt, params)
         check_resume(prompt, params.resume, params.resume_chars)
+        constrained = grammar.processor(params.grammar, self.tokenizer, self.vocab_size)  # bad specs raise here
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:
@@ -156,6 +158,7 @@ class Node(Tokens):
             mx.random.seed(params.seed)
         sampler, chosen = _logprob_sampler(make_sampler(temp=params.temperature, top_p=params.top_p))
         steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
+                              logits_processors=[constrained] if constrained else None,
                               prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
                               quantized_kv_start=self.kv_start)
         if route is not None:

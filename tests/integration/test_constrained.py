@@ -1,0 +1,76 @@
+"""Constrained decoding end to end on the bundled reference model (one node, greedy and
+sampled): tool_choice="required" gives a valid call of a declared function, json_schema
+output validates, json_object output parses. The small model would not manage unaided."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from mlxmoe.bundle.split import split
+from mlxmoe.cluster.api import tools
+from mlxmoe.errors import MlxMoeError
+from mlxmoe.node.contract import GenParams
+from mlxmoe.node.engine import Node
+
+pytestmark = pytest.mark.timeout(300)
+REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 999}},
+       "required": ["a", "b"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    out = tmp_path_factory.mktemp("constrained") / "b"
+    split(str(REFERENCE), out, 2)
+    return Node.load(str(out), 0)
+
+
+def answer(node, messages, grammar, **kw):
+    events = list(node.generate(None, node.encode_chat(messages), GenParams(max_tokens=120, grammar=grammar, **kw)))
+    assert events[-1].finish_reason == "stop"  # ended by the grammar's end token, not max_tokens
+    return "".join(e.text for e in events)
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (1.0, 3)])
+def test_required_tool_choice_gives_a_valid_call(node, temperature, seed):
+    msgs, kw = tools.render([{"role": "user", "content": "What is the weather in Paris?"}], TOOLS, "required",
+                            template_tools=tools.template_supports_tools(node.tokenizer.chat_template))
+    assert kw == {}  # the reference template has no tools: they are declared in a system message
+    text = answer(node, msgs, tools.tool_grammar(TOOLS, "required"), temperature=temperature, seed=seed)
+    content, calls = tools.parse_tool_calls(text)
+    assert content == "" and len(calls) == 1, text
+    fn = calls[0]["function"]
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}[fn["name"]]
+    jsonschema.validate(json.loads(fn["arguments"]), schema)
+
+
+def test_named_tool_choice(node):
+    msgs, _ = tools.render([{"role": "user", "content": "Add 2 and 3."}], TOOLS, "required", template_tools=False)
+    text = answer(node, msgs, tools.tool_grammar(TOOLS, {"type": "function", "function": {"name": "add"}}))
+    (call,) = tools.parse_tool_calls(text)[1]
+    assert call["function"]["name"] == "add"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), ADD)
+
+
+def test_json_schema_output_validates(node):
+    rf = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+    text = answer(node, [{"role": "user", "content": "Weather in Oslo as JSON."}], tools.response_format_grammar(rf))
+    jsonschema.validate(json.loads(text), WEATHER)
+
+
+def test_json_object_output_parses(node):
+    text = answer(node, [{"role": "user", "content": "Say {} in JSON."}], tools.response_format_grammar({"type": "json_object"}))
+    assert isinstance(json.loads(text), dict)
+
+
+def test_bad_grammar_is_refused_before_generation(node):
+    with pytest.raises(MlxMoeError, match="grammar.type"):
+        node.generate(None, [1, 2, 3], GenParams(grammar={"type": "yaml"}))
+    assert node.info()["active_sessions"] == 0
