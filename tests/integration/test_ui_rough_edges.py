@@ -86,8 +86,10 @@ def test_node_on_a_broken_bundle_exits_cleanly(tmp_path, bundle):
     (bad / "trunk.safetensors").unlink()
     (bad / "trunk.safetensors").write_bytes(b"\0" * 100)
     from mlxmoe.cluster.keys import create_key
+    from mlxmoe.cluster.tls import create_ca
     key = tmp_path / "k"
     create_key(key)
+    create_ca(tmp_path)  # beside the key, as `mlxmoe init` leaves it: only the bundle is wrong
     r = cli("node", str(bad), "--group", "0", "--key", str(key), "--no-advertise", "--host", "127.0.0.1")
     assert r.returncode == 1 and "trunk.safetensors" in r.stderr and "terminate called" not in r.stderr
 
@@ -115,7 +117,8 @@ def test_router_warns_once_about_a_node_with_another_key(caplog):
         with fakes.LocalCluster([fakes.FakeEngine(group=0)]) as c:
             async def other_key():
                 from mlxmoe.cluster.node_server import start_node
-                n = await start_node(fakes.FakeEngine(group=1), b"x" * 32, "127.0.0.1", 0, advertise=False)
+                n = await start_node(fakes.FakeEngine(group=1), b"x" * 32, "127.0.0.1", 0, advertise=False,
+                                     tls=fakes.test_identity())  # a member's certificate, another cluster key
                 c.router.peers.add_static(n.url)
                 for _ in range(3):
                     await c.router.probe_all()
