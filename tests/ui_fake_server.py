@@ -153,6 +153,7 @@ class FakeRouter:
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/status", self.get_status)
+        app.router.add_get("/status/public", self.get_status)  # the page refreshes from the public view
         app.router.add_get("/", self.index)
         return app
 

@@ -63,9 +63,19 @@ def base_url(url: str | None) -> str:
 
 
 def fetch_status(url: str, timeout: float = 2.0) -> dict:
-    """GET the router's /status JSON. Raises OSError (unreachable, HTTP error)
-    or ValueError (not JSON, e.g. a plain OpenAI server's 404 page)."""
-    with urllib.request.urlopen(base_url(url) + "/status", timeout=timeout) as r:
+    """GET the router's /status JSON: with $MLXMOE_API_KEY, the full view of
+    this key's sessions; without one, or refused (401), the public view a
+    router that asks for a key gives anyone. Raises OSError (unreachable, HTTP
+    error) or ValueError (not JSON, e.g. a plain OpenAI server's 404 page)."""
+    key = os.environ.get("MLXMOE_API_KEY", "").strip()
+    req = urllib.request.Request(base_url(url) + "/status", headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        r = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            raise
+        r = urllib.request.urlopen(base_url(url) + "/status/public", timeout=timeout)
+    with r:
         data = json.loads(r.read().decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError("/status did not return a JSON object")

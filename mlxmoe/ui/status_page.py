@@ -3,7 +3,7 @@
 `render(status)` returns one self-contained HTML document: inline CSS, a small
 inline script, no external assets (the page must work on a LAN with no
 internet). The script is the only renderer: it draws from the JSON embedded in
-the page, then re-fetches `/status` every 2 s and redraws. Keeping a single
+the page, then re-fetches `/status/public` (what anyone may see) every 2 s and redraws. Keeping a single
 renderer means the first paint and the refreshes can never disagree.
 
 Untrusted text (peer names, reasons, session ids) only ever reaches the DOM
@@ -187,7 +187,7 @@ JS = r"""
   }
 
   function refresh() {
-    fetch("/status", {cache: "no-store"}).then(function (r) {
+    fetch("/status/public", {cache: "no-store"}).then(function (r) {
       if (!r.ok) throw new Error("HTTP " + r.status);
       return r.json();
     }).then(function (s) { status = s; document.getElementById("stale").style.display = "none"; draw(s); })

@@ -448,3 +448,20 @@ def test_scoring_sees_at_most_the_window(cluster):
     finally:
         fe.score, cluster.router.score_window = score, 4096
     assert st_ == 200 and out["usage"]["prompt_tokens"] == 5000 and seen == [100]
+
+
+def test_a_keyed_router_still_serves_the_public_status_to_its_page_and_tools(keyed, monkeypatch):
+    from mlxmoe.ui import fetch_status
+
+    u = keyed.api_url
+    st_, h, _ = post(u, CHAT, {"messages": USER, "max_tokens": 2}, _bearer("alice-key"))
+    sid = h["x-mlxmoe-session"]
+    status, _, body = get(u, "/status/public")
+    assert status == 200 and sid not in body.decode() and session_ref(sid) in body.decode()
+    monkeypatch.delenv("MLXMOE_API_KEY", raising=False)
+    public = fetch_status(u)  # the menu bar, doctor, chat's /status: no key, the public view
+    assert sid not in json.dumps(public) and session_ref(sid) in [s["id"] for s in public["sessions"]]
+    monkeypatch.setenv("MLXMOE_API_KEY", "alice-key")
+    assert sid in [s["id"] for s in fetch_status(u)["sessions"]]  # with the key: its own sessions' ids
+    monkeypatch.setenv("MLXMOE_API_KEY", "wrong")
+    assert sid not in json.dumps(fetch_status(u))  # refused: falls back to the public view

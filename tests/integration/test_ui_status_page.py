@@ -36,7 +36,7 @@ def test_render_is_self_contained_and_embeds_status():
     assert page.startswith("<!doctype html>")
     assert not re.search(r'(src|href)=["\']?(https?:)?//', page), "no external assets"
     assert embedded(page)["peers"][0]["name"] == "mac-0"
-    assert 'fetch("/status"' in page
+    assert 'fetch("/status/public"' in page
 
 
 def test_render_escapes_untrusted_text():

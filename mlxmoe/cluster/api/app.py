@@ -223,6 +223,15 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(router.status(owner if router.api_keys else None))
 
 
+async def public_status(request: web.Request) -> web.Response:
+    """/status as anyone may see it (what the status page shows: session refs,
+    never ids or keys), for the page's refresh, the menu bar and doctor on a
+    router that asks for an API key."""
+    router = request.app[ROUTER_KEY]
+    await router.refresh_remote()
+    return web.json_response(router.status(None))
+
+
 async def status_page(request: web.Request) -> web.Response:
     """Open to anyone: it shows no session ids (their short hashes only) and no keys."""
     router = request.app[ROUTER_KEY]
@@ -258,6 +267,7 @@ def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits()) -> we
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id:.+}", model)
     app.router.add_get("/status", status)
+    app.router.add_get("/status/public", public_status)
     if page is not None:
         app[PAGE_KEY] = page
         app.router.add_get("/", status_page)
