@@ -564,12 +564,13 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
 
 async def serve_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", port: int = 0, advertise: bool = True,
                      interface: str | None = None, ready: Callable[[RunningNode], None] | None = None,
-                     factory: Callable | None = None, tls=None, session_ttl: float = SESSION_TTL_S) -> None:
+                     factory: Callable | None = None, tls=None, session_ttl: float = SESSION_TTL_S,
+                     max_streams: int | None = MAX_STREAMS, max_queue: int = MAX_QUEUE) -> None:
     """Run a node until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
     node = await start_node(engine, key, host, port, advertise, interface, factory=factory, tls=tls,
-                            session_ttl=session_ttl)
+                            session_ttl=session_ttl, max_streams=max_streams, max_queue=max_queue)
     ident = node.server.identity
     print(f"mlxmoe node: {ident['model']} groups {ident['groups']} (manifest {ident['manifest_hash'][:12]}) "
           f"serving on {node.url}" + (f", advertised as {node.advertiser.name}" if node.advertiser else

@@ -40,13 +40,18 @@ def parse_duration(text: str, option: str) -> float:
                    "if none is idle, new sessions are refused (the router tries another Mac).")
 @click.option("--session-ttl", default="1h", show_default=True, metavar="DURATION",
               help="Close sessions idle this long, e.g. 30m or 2h (a router that restarted never closes them).")
+@click.option("--max-streams", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Chats decoded at once (round-robin); more wait in order, holding no KV cache.")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Chats that may wait beyond --max-streams; past that a new chat gets 429 with Retry-After "
+                   "(the router tries another Mac first).")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Announce this node on the local network with Bonjour.")
 @interface_option
 @tls_option
 @verbose_option
-def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, session_ttl, advertise,
-             interface, plain_http, verbose):
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, session_ttl, max_streams,
+             max_queue, advertise, interface, plain_http, verbose):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -73,4 +78,4 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
 
     run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,
-                           tls=tls, session_ttl=ttl))
+                           tls=tls, session_ttl=ttl, max_streams=max_streams, max_queue=max_queue))

@@ -31,3 +31,9 @@ def test_library_packages_import_no_click():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             bad += [f"{f.relative_to(PKG)}: {n}" for n in names if n.split(".")[0] == "click"]
     assert bad == []
+
+
+def test_node_stream_limits_are_checked_before_anything_loads(tmp_path):
+    for args in (["--max-streams", "0"], ["--max-queue", "-1"], ["--max-streams", "many"]):
+        r = CliRunner().invoke(main, ["node", str(tmp_path), "--group", "0", *args])
+        assert r.exit_code == 2 and args[0] in r.output
