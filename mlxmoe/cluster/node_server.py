@@ -25,6 +25,7 @@ from mlxmoe.node.contract import Engine, GenParams, TokenEvent
 
 from mlxmoe import wire
 from mlxmoe.errors import Unsupported, classify
+from mlxmoe.cluster.limits import cap_connections
 from mlxmoe.cluster.worker import EngineWorker
 
 log = logging.getLogger("mlxmoe.node")
@@ -447,20 +448,6 @@ async def _expire_every(server: NodeServer) -> None:
             log.exception("session expiry")
 
 
-def cap_connections(runner: web.AppRunner, cap: int) -> None:
-    """Refuse connections past `cap` at once (aiohttp has no option for it):
-    a flood of idle sockets cannot starve the router's own connections for long,
-    and each costs one file descriptor at most until the keep-alive timer."""
-    srv = runner.server
-    made = srv.connection_made
-
-    def connection_made(handler, transport) -> None:
-        made(handler, transport)
-        if len(srv.connections) > cap:
-            transport.abort()
-    srv.connection_made = connection_made
-
-
 async def _next_or_none(it) -> TokenEvent | None:
     try:
         return await it.__anext__()
@@ -545,7 +532,7 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
                            keepalive_timeout=keepalive_timeout, **HTTP_LIMITS)
     await runner.setup()
-    cap_connections(runner, max_connections)
+    cap_connections(runner.server, max_connections)
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     port = runner.addresses[0][1]

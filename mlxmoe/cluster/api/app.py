@@ -16,6 +16,7 @@ from aiohttp import web
 from mlxmoe.cluster.api import openai as oa
 from mlxmoe.cluster.api import sse
 from mlxmoe.cluster.api.openai import ApiError
+from mlxmoe.cluster.limits import cap_connections
 from mlxmoe.cluster.router import Rejected, Router, Session, Turn
 from mlxmoe.errors import MlxMoeError, RpcError, classify
 
@@ -286,20 +287,6 @@ class RunningRouter:
     async def stop(self) -> None:
         await self.runner.cleanup()
         await self.router.stop()
-
-
-def cap_connections(server: web.Server, limit: int) -> None:
-    """Close a new connection at once while `limit` are open (aiohttp has no
-    cap of its own; its Server tracks the open ones)."""
-    made = server.connection_made
-
-    def connection_made(handler, transport) -> None:
-        made(handler, transport)
-        if len(server.connections) > limit:
-            handler.force_close()
-            transport.close()
-
-    server.connection_made = connection_made
 
 
 async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None,
