@@ -311,3 +311,12 @@ def test_node_resume_consumes_the_turn_so_far(tmp_path):
     bad = node.encode("hello")  # not how a JSON object starts
     with pytest.raises(MlxMoeError, match="params.resume"):
         node.generate(None, prompt + bad, GenParams(max_tokens=8, grammar=g, resume=len(bad)))
+
+
+def test_template_tools_get_earlier_arguments_as_objects():
+    """As mlx-lm's server: a template that renders tools gets earlier calls' arguments as objects."""
+    msgs = USER + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]}]
+    out, kw = tl.render(msgs, TOOLS, "auto", template_tools=True)
+    assert kw == {"tools": TOOLS} and out[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
+    assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1, "b": 2}'  # the caller's list is untouched
