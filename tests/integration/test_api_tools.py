@@ -320,3 +320,14 @@ def test_template_tools_get_earlier_arguments_as_objects():
     out, kw = tl.render(msgs, TOOLS, "auto", template_tools=True)
     assert kw == {"tools": TOOLS} and out[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
     assert msgs[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1, "b": 2}'  # the caller's list is untouched
+
+
+def test_oversized_tool_history_is_refused_before_the_template():
+    huge = "x" * 70_000
+    msgs = USER + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": huge}}]}]
+    with LocalCluster([Scripted(max_context=1000)]) as c:
+        c.router.context_override = 1000
+        status, out = post(c, {"messages": msgs, "tools": TOOLS})
+        assert (status, out["error"]["param"], out["error"]["code"]) == (400, "messages", "context_length_exceeded")
+        assert c.engines[0].prompts == []

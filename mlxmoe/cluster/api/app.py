@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -145,6 +146,8 @@ def _structured(router: Router, body: dict, messages: list[dict]) -> Structured:
     rf = oa.parse_response_format(body)
     template = getattr(getattr(router.frontend, "tokenizer", None), "chat_template", None)
     msgs, kw = tl.render(messages, ts, choice, tl.template_supports_tools(template))
+    n_chars = sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or "")) for m in msgs)
+    oa.check_chars(n_chars + len(json.dumps(kw)), router.context_limit, "messages")  # before the template runs
     grammar = (tl.tool_grammar(ts, choice) if ts else None) or rf  # a forced call wins over response_format
     return Structured(msgs, kw, grammar, bool(ts) and tl.check_tool_choice(ts, choice) != "none")
 
