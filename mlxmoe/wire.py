@@ -195,6 +195,7 @@ PARAMS_SCHEMA = {
     "expert_group": "int?",
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router
     "resume": "int", "resume_chars": "int", "open_end": "bool",  # exact splice (node/stream.py text_events)
+    "grammar": "dict?",  # constrained decoding (node/grammar.py), checked by the node; the op's size limit bounds it
 }
 MAX_PEERS = 256
 

@@ -57,8 +57,10 @@ def decode(tokens: list[int]) -> str:
     return bytes(t & 0xFF for t in tokens).decode("utf-8", errors="replace")
 
 
-def encode_chat(messages: list[dict]) -> list[int]:
+def encode_chat(messages: list[dict], tools: list | None = None) -> list[int]:
     text = "".join(f"<{m['role']}>{_content(m)}\n" for m in messages) + "<assistant>"
+    if tools:  # a template that renders tools itself
+        text = "".join(f"<tool>{t['function']['name']}\n" for t in tools) + text
     return encode(text)
 
 
@@ -184,8 +186,8 @@ class FakeEngine:
                 "active_sessions": len(self.busy), "free_kv": self.free_kv, "context_limit": self.max_context,
                 "kv_bits": None, "backend": "fake", "experts_op": None, "uptime_s": time.time() - self.started}
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return encode_chat(messages)
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        return encode_chat(messages, **template_kwargs)
 
     def encode(self, text: str) -> list[int]:
         return encode(text)
@@ -304,8 +306,8 @@ class FakeFrontend:
         self.fixed = fixed
         self.score_calls = 0
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return encode_chat(messages)
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        return encode_chat(messages, **template_kwargs)
 
     def encode(self, text: str) -> list[int]:
         return encode(text)

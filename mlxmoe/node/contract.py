@@ -73,8 +73,9 @@ class Engine(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text."""
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of OpenAI-style messages with the generation prompt appended."""
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of OpenAI-style messages with the generation prompt appended; template_kwargs
+        (e.g. `tools=`) go to the chat template."""
 
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
         """Stream TokenEvents continuing `prompt` in session `session_id` (a new one if unknown or None),
@@ -117,8 +118,9 @@ class Frontend(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text."""
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of OpenAI-style messages with the generation prompt appended."""
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """Token ids of OpenAI-style messages with the generation prompt appended; template_kwargs
+        (e.g. `tools=`) go to the chat template."""
 
     def score(self, tokens: list[int]) -> PlacementScores:
         """How well each group suits `tokens`. MlxMoeError: no tokens."""

@@ -146,7 +146,8 @@ class Node(Tokens):
 
         self.check_prompt(prompt, params)
         check_resume(prompt, params.resume, params.resume_chars)
-        constrained = grammar.processor(params.grammar, self.tokenizer, self.vocab_size)  # bad specs raise here
+        constrained = grammar.processor(params.grammar, self.tokenizer, self.vocab_size,  # bad specs raise here
+                                        prompt[len(prompt) - params.resume:] if params.resume else ())
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         s = self.sessions.get(session_id or uuid.uuid4().hex)
         if s.busy:

@@ -129,10 +129,17 @@ class Constrained:
         return mx.where(mx.array(mask[: logits.shape[-1]]), logits, mx.array(-float("inf"), dtype=logits.dtype))
 
 
-def processor(spec: dict | None, tokenizer, vocab_size: int) -> Constrained | None:
-    """The logits processor of a grammar spec (None: unconstrained)."""
+def processor(spec: dict | None, tokenizer, vocab_size: int, resume: list[int] = ()) -> Constrained | None:
+    """The logits processor of a grammar spec (None: unconstrained). resume: the turn's tokens
+    so far when it continues on this node (failover, migration, after a race: GenParams.resume),
+    consumed first so the constraint goes on from where the other node left it."""
     if spec is None:
         return None
     if tokenizer is None:
         raise MlxMoeError("grammar: this node has no tokenizer")
-    return Constrained(spec, tokenizer, vocab_size)
+    c = Constrained(spec, tokenizer, vocab_size)
+    for t in resume:
+        if not c.matcher.consume_token(int(t)):
+            raise MlxMoeError(f"params.resume: token {t} of the resumed turn does not fit the grammar "
+                              f"({c.matcher.get_error()})")
+    return c

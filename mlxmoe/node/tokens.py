@@ -9,8 +9,10 @@ class Tokens:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """template_kwargs go to the chat template (`tools=` for templates that render them)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  **template_kwargs)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, tokens: list[int]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from mlxmoe.cluster.api import openai as oa
 from mlxmoe.cluster.api import sse
+from mlxmoe.cluster.api import tools as tl
 from mlxmoe.cluster.api.openai import ApiError
 from mlxmoe.cluster.limits import cap_connections
 from mlxmoe.cluster.router import Rejected, Router, Session, Turn
@@ -104,12 +106,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = oa.include_usage(body)
     hint, mode = oa.session_hint(request.headers, body), oa.requested_mode(request.headers, body)
     oa.check_messages_fit(messages, router.context_limit)
-    tokens = await router.encode_chat(messages)  # once: the same ids are scored and sent
+    st = _structured(router, body, messages)
+    params = {**params, "grammar": st.grammar} if st.grammar else params
+    tokens = await router.encode_chat(st.messages, **st.template_kwargs)  # once: the same ids are scored and sent
     s = await _session(router, tokens, "messages", hint, messages, mode, owner)
     turn = await _open(router, s, tokens, params)
     base = {"id": oa.new_id("chatcmpl"), "created": int(time.time()), "model": router.model}
     if stream:
-        return await _stream_chat(request, router, turn, messages, base, logprobs, include_usage)
+        return await _stream_chat(request, router, turn, messages, base, logprobs, include_usage, st.parse)
     text, lps = [], []
     try:
         async for f in turn.events():
@@ -117,32 +121,79 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             lps.append(oa.chat_lp(f))
     except RpcError as e:
         raise oa.rpc_api_error(e)
-    reply = "".join(text)
+    reply, calls = "".join(text), []
+    if st.parse:
+        reply, calls = tl.parse_tool_calls(reply)
     router.remember_turn(s, messages, reply)
-    out = oa.chat_completion(base, reply, lps if logprobs else None, turn.finish_reason or "length", _usage(turn))
+    out = oa.chat_completion(base, reply, lps if logprobs else None, _finish(turn, bool(calls)), _usage(turn))
+    if calls:
+        out["choices"][0]["message"].update(content=reply or None, tool_calls=calls)
     return web.json_response(out, headers=router.headers(s))
 
 
-async def _stream_chat(request, router, turn, messages, base, logprobs, include_usage) -> web.StreamResponse:
+# ---------------------------------------------------------------- tools and structured output
+
+@dataclass(frozen=True)
+class Structured:
+    """What tools / response_format make of a chat request (api/tools.py)."""
+    messages: list  # as the chat template gets them
+    template_kwargs: dict  # `tools=` for templates that render tools
+    grammar: dict | None  # GenParams.grammar: the tool grammar under required/named, else response_format's
+    parse: bool  # the answer may hold tool calls: parse them into tool_calls
+
+
+def _structured(router: Router, body: dict, messages: list[dict]) -> Structured:
+    ts, choice = oa.parse_tools(body)
+    rf = oa.parse_response_format(body)
+    template = getattr(getattr(router.frontend, "tokenizer", None), "chat_template", None)
+    msgs, kw = tl.render(messages, ts, choice, tl.template_supports_tools(template))
+    n_chars = sum(len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or "")) for m in msgs)
+    oa.check_chars(n_chars + len(json.dumps(kw)), router.context_limit, "messages")  # before the template runs
+    grammar = (tl.tool_grammar(ts, choice) if ts else None) or rf  # a forced call wins over response_format
+    return Structured(msgs, kw, grammar, bool(ts) and tl.check_tool_choice(ts, choice) != "none")
+
+
+def _finish(turn: Turn, calls: bool) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the answer ended (not cut off) with calls."""
+    reason = turn.finish_reason or "length"
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _tool_deltas(events: list[dict]) -> list[dict]:
+    """ToolCallParser events as chat chunk deltas (a call whole in one delta, as mlx-lm's server sends it)."""
+    return [{"content": e["content"]} if "content" in e else {"tool_calls": [e["tool_call"]]} for e in events]
+
+
+async def _stream_chat(request, router, turn, messages, base, logprobs, include_usage,
+                       parse: bool = False) -> web.StreamResponse:
     s = turn.s
     try:
         resp = await sse.open_stream(request, router.headers(s))
         chunk = {**base, "object": "chat.completion.chunk"}
         await sse.send(resp, oa.chat_chunk(chunk, {"role": "assistant", "content": ""}))
-        text = []
+        text, parser, calls = [], tl.ToolCallParser() if parse else None, 0
         try:
             async for f in turn.events():
                 text.append(f["text"])
-                await sse.send(resp, oa.chat_chunk(chunk, {"content": f["text"]},
-                                                   {"content": [oa.chat_lp(f)]} if logprobs else None))
+                lp = {"content": [oa.chat_lp(f)]} if logprobs else None
+                if parser is None:
+                    await sse.send(resp, oa.chat_chunk(chunk, {"content": f["text"]}, lp))
+                    continue
+                deltas = _tool_deltas(parser.feed(f["text"])) or ([{"content": ""}] if lp else [])
+                for i, d in enumerate(deltas):  # the token's logprob once, with its first delta
+                    calls += "tool_calls" in d
+                    await sse.send(resp, oa.chat_chunk(chunk, d, lp if i == 0 else None))
         except RpcError as e:
             await _send_error(resp, e)
             return resp
-        await sse.send(resp, oa.chat_chunk(chunk, {}, None, turn.finish_reason or "length"))
+        for d in _tool_deltas(parser.finish() if parser else []):
+            calls += "tool_calls" in d
+            await sse.send(resp, oa.chat_chunk(chunk, d))
+        await sse.send(resp, oa.chat_chunk(chunk, {}, None, _finish(turn, calls > 0)))
         if include_usage:
             await sse.send(resp, {**chunk, "choices": [], "usage": _usage(turn)})
         await sse.done(resp)
-        router.remember_turn(s, messages, "".join(text))
+        router.remember_turn(s, messages, tl.parse_tool_calls("".join(text))[0] if parse else "".join(text))
         return resp
     finally:
         await turn.close()
@@ -153,6 +204,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     owner, body = await _body(request)
     prompt, params = oa.parse_prompt(body), oa.gen_params(body)
     oa.check_model(body, router.model_names())
+    grammar = oa.completion_grammar(body)
+    params = {**params, "grammar": grammar} if grammar else params
     stream = oa.flag(body, "stream")
     n_lp = oa.completion_logprobs(body)
     include_usage = oa.include_usage(body)

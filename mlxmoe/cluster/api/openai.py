@@ -10,9 +10,11 @@ import math
 import os
 from typing import Any
 
+import llguidance
 from aiohttp import web
 
-from mlxmoe.errors import RpcError
+from mlxmoe.cluster.api import tools as tl
+from mlxmoe.errors import MlxMoeError, RpcError
 from mlxmoe.modes import ROUTER_MODES
 
 MAX_BODY = 8 << 20
@@ -143,7 +145,8 @@ def parse_messages(body: dict) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}"[:300],
                            f"{where}.role", "invalid_value")
-        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content", role)})
+        out.append({"role": role, "content": _content(m.get("content"), f"{where}.content", role),
+                    **tool_message_fields(m, where, role)})
     if not any(m["role"] == "user" for m in out):
         raise ApiError(400, "'messages' must contain at least one message with role 'user'", "messages",
                        "invalid_value")
@@ -151,7 +154,7 @@ def parse_messages(body: dict) -> list[dict]:
 
 
 def _content(c: Any, where: str, role: str) -> str:
-    if c is None and role == "assistant":
+    if c is None and role in ("assistant", "tool"):
         return ""
     if isinstance(c, str):
         return text(c, where)
@@ -164,6 +167,131 @@ def _content(c: Any, where: str, role: str) -> str:
             parts.append(text(p["text"], f"{where}[{j}].text"))
         return "".join(parts)
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", where, "invalid_type")
+
+
+# ---------------------------------------------------------------- tools and structured output
+
+MAX_TOOLS = 128
+
+
+def tool_message_fields(m: dict, where: str, role: str) -> dict:
+    """A message's tool fields: an assistant's `tool_calls` (arguments as JSON text), a tool
+    result's `tool_call_id` (required, as OpenAI requires it)."""
+    if role == "tool":
+        tid = m.get("tool_call_id")
+        if not isinstance(tid, str) or not tid:
+            raise ApiError(400, f"'{where}.tool_call_id' is required for a message with role 'tool'",
+                           f"{where}.tool_call_id", "missing_required_parameter" if tid is None else "invalid_type")
+        return {"tool_call_id": text(tid, f"{where}.tool_call_id")}
+    calls = m.get("tool_calls")
+    if calls is None or role != "assistant":
+        return {}
+    if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+        raise ApiError(400, f"'{where}.tool_calls' must be a list of up to {MAX_TOOLS} calls", f"{where}.tool_calls",
+                       "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        w = f"{where}.tool_calls[{j}]"
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ApiError(400, f"'{w}.function.name' must be a non-empty string", f"{w}.function.name",
+                           "invalid_value")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            raise ApiError(400, f"'{w}.function.arguments' must be a string of JSON", f"{w}.function.arguments",
+                           "invalid_type")
+        cid = c.get("id")
+        out.append({"id": cid if isinstance(cid, str) else "", "type": "function",
+                    "function": {"name": text(fn["name"], f"{w}.function.name"),
+                                 "arguments": text(args, f"{w}.function.arguments")}})
+    return {"tool_calls": out}
+
+
+def parse_tools(body: dict) -> tuple[list | None, Any]:
+    """`tools` and `tool_choice`, checked (api/tools.py check_tool_choice): ([{type, function: {name,
+    description, parameters}}] or None, tool_choice as given)."""
+    ts = body.get("tools")
+    if ts is not None:
+        if not isinstance(ts, list) or len(ts) > MAX_TOOLS:
+            raise ApiError(400, f"'tools' must be a list of up to {MAX_TOOLS} functions", "tools", "invalid_type")
+        ts = [_tool(t, f"tools[{i}]") for i, t in enumerate(ts)] or None
+        names = [t["function"]["name"] for t in ts or []]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "'tools' declares a function name twice", "tools", "invalid_value")
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type", "function") != "function":
+        raise ApiError(400, "'tool_choice.type' must be 'function'", "tool_choice.type", "invalid_value")
+    opt(body, "parallel_tool_calls", (bool,), "true or false")  # accepted; under "required" one call is made
+    try:
+        tl.check_tool_choice(ts, choice)
+        return ts, choice
+    except MlxMoeError as e:
+        raise ApiError(400, str(e)[:300], "tool_choice", "invalid_value") from None
+
+
+def _tool(t: Any, where: str) -> dict:
+    if not isinstance(t, dict) or t.get("type", "function") != "function":
+        raise ApiError(400, f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}", f"{where}.type",
+                       "invalid_value")
+    fn = t.get("function")
+    if not isinstance(fn, dict):
+        raise ApiError(400, f"'{where}.function' must be an object with a 'name'", f"{where}.function", "invalid_type")
+    name = fn.get("name")
+    if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
+        raise ApiError(400, f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'",
+                       f"{where}.function.name", "invalid_value")
+    desc = fn.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise ApiError(400, f"'{where}.function.description' must be a string", f"{where}.function.description",
+                       "invalid_type")
+    params = fn.get("parameters", {"type": "object", "properties": {}})
+    _schema(params, f"{where}.function.parameters")
+    return {"type": "function", "function": {"name": name, **({"description": text(desc, f"{where}.function.description")}
+                                                               if desc else {}), "parameters": params}}
+
+
+def _schema(s: Any, where: str) -> None:
+    """A JSON schema object that llguidance can compile (checked here, so a bad one is a 400 naming the field
+    before any node is asked)."""
+    if not isinstance(s, dict):
+        raise ApiError(400, f"'{where}' must be a JSON schema object", where, "invalid_type")
+    try:
+        bad, why = llguidance.LLMatcher.validate_grammar_with_warnings(llguidance.LLMatcher.grammar_from_json_schema(s))
+        err = "; ".join(why)
+    except (ValueError, TypeError, RecursionError) as e:
+        bad, err = True, str(e)
+    if bad:
+        raise ApiError(400, f"'{where}' is not a JSON schema this server can enforce: {err}"[:300], where,
+                       "invalid_value")
+
+
+def parse_response_format(body: dict) -> dict | None:
+    """`response_format` as a grammar spec (node/grammar.py), or None for free text."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise ApiError(400, "'response_format' must be an object like {\"type\": \"json_object\"}", "response_format",
+                       "invalid_type")
+    kind = rf.get("type")
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise ApiError(400, "'response_format.json_schema' must be an object {name, schema, strict}",
+                           "response_format.json_schema", "invalid_type")
+        _schema(js.get("schema"), "response_format.json_schema.schema")
+    elif kind not in ("text", "json_object"):
+        raise ApiError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}"[:300],
+                       "response_format.type", "invalid_value")
+    return tl.response_format_grammar(rf)
+
+
+def completion_grammar(body: dict) -> dict | None:
+    """/v1/completions: response_format as for chats; tools need a chat (400 naming them)."""
+    for name in ("tools", "tool_choice"):
+        if body.get(name) is not None:
+            raise ApiError(400, f"'{name}' is supported on /v1/chat/completions only", name, "unsupported_parameter")
+    return parse_response_format(body)
 
 
 def parse_prompt(body: dict) -> str | list[int]:

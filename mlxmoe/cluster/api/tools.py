@@ -107,12 +107,21 @@ def _call_json(call: dict) -> dict:
     return {"name": fn.get("name"), "arguments": args}
 
 
+def _dict_args(m: dict) -> dict:
+    """Earlier calls' arguments as objects, as mlx-lm's server hands them to templates (some apply tojson)."""
+    if not m.get("tool_calls"):
+        return m
+    calls = [{**c, "function": {**c.get("function", {}), "arguments": _call_json(c)["arguments"]}}
+             for c in m["tool_calls"]]
+    return {**m, "tool_calls": calls}
+
+
 def render(messages: list[dict], tools, tool_choice, template_tools: bool) -> tuple[list[dict], dict]:
     """(messages, extra apply_chat_template kwargs) for a request with tools.
     template_tools: the chat template renders tools (template_supports_tools)."""
     choice = check_tool_choice(tools, tool_choice)
     if template_tools:
-        return messages, ({"tools": tools} if tools and choice != "none" else {})
+        return [_dict_args(m) for m in messages], ({"tools": tools} if tools and choice != "none" else {})
     messages = [_as_text(m) for m in messages]
     if not tools or choice == "none":
         return messages, {}

@@ -331,8 +331,9 @@ class Router:
         sc = await self.worker.call(self.frontend.score, tokens)
         return sc, getattr(sc, "elapsed_ms", 0.0) or (time.perf_counter() - t0) * 1000
 
-    async def encode_chat(self, messages: list[dict]) -> list[int]:
-        return await self.worker.call(self.frontend.encode_chat, messages)
+    async def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
+        """template_kwargs: the chat template's extra arguments (`tools=`: api/tools.py render)."""
+        return await self.worker.call(lambda: self.frontend.encode_chat(messages, **template_kwargs))
 
     async def encode(self, text: str) -> list[int]:
         return await self.worker.call(self.frontend.encode, text)
