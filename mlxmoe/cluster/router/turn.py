@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, AsyncIterator
 
 from mlxmoe.cluster.discovery import Peer
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from mlxmoe.cluster.router.core import Router
 
 log = logging.getLogger("mlxmoe.router")
+BUSY_WAIT_S = 5.0  # how long a reconnect waits for our own stream on that node to wind down
 
 
 class Rejected(Exception):
@@ -115,7 +117,8 @@ class Turn:
         """Start generating on `p`: (frames, first frame or None). A failed
         remote-expert peer gets one retry on the same node, routed without it."""
         r, s = self.r, self.s
-        for attempt in range(2):
+        attempt, busy_until = 0, time.monotonic() + BUSY_WAIT_S
+        while True:
             frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
             try:
                 return frames, await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
@@ -123,8 +126,14 @@ class Turn:
                 return frames, None
             except RpcError as e:
                 await frames.aclose()
+                if e.code == "session_busy" and time.monotonic() < busy_until:
+                    # our own stream on that node is still winding down (a soft switch or a
+                    # reconnect right after we closed it): its cache settles in a moment
+                    await asyncio.sleep(0.05)
+                    continue
                 if e.code != "peer_failed" or attempt:
                     raise
+                attempt += 1
                 await migration.peer_failed(r, s, e)
             except asyncio.TimeoutError:
                 await frames.aclose()
