@@ -7,7 +7,8 @@ fetch() and parses the SSE itself, and sends the session id the router gave
 (`X-Mlxmoe-Session`) back with each turn, so every turn stays on one node.
 Under each answer: node, group, mode (the router's X-MLXMoE-* headers) and
 tok/s. An API key, when the router needs one, is kept in sessionStorage only.
-`?q=TEXT` sends TEXT once the page loads (scripts and the Chromium test).
+`?q=TEXT` sends TEXT once the page loads, `?q=A&q=B` two turns (scripts and the
+Chromium test).
 
 Model text only reaches the DOM through `textContent`.
 """
@@ -70,7 +71,9 @@ JS = r"""
     if (m) parts.push(m);
     parts.push(n + " tokens");
     if (tFirst) parts.push("first token " + ((tFirst - t0) / 1000).toFixed(2) + " s");
-    if (tFirst && n > 1 && tEnd > tFirst) parts.push((1000 * (n - 1) / (tEnd - tFirst)).toFixed(1) + " tok/s");
+    // decode rate after the first token; when the tokens came in one read, over the whole answer
+    var rate = n > 1 && tEnd - tFirst > 50 ? 1000 * (n - 1) / (tEnd - tFirst) : tEnd > t0 ? 1000 * n / (tEnd - t0) : null;
+    if (tFirst && rate) parts.push(rate.toFixed(1) + " tok/s");
     el.textContent = parts.join(" \u00b7 ");
   }
   async function readStream(r, onData) {
@@ -135,8 +138,10 @@ JS = r"""
   fetch("/v1/models", {headers: headers()}).then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
     if (j && j.data && j.data[0]) document.getElementById("model").textContent = j.data[0].id;
   }).catch(function () {});
-  var q = new URLSearchParams(location.search).get("q");
-  if (q) ask(q);
+  (async function () {  // ?q=...: send each on load, one turn after another (scripts, tests)
+    var qs = new URLSearchParams(location.search).getAll("q");
+    for (var i = 0; i < qs.length; i++) await ask(qs[i]);
+  })();
 })();
 """
 
