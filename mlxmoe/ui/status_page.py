@@ -59,7 +59,7 @@ th { color:var(--muted); font-weight:500; font-size:12px; }
 # text nodes, so untrusted values are never parsed as HTML.
 JS = r"""
 (function () {
-  var REFRESH = __REFRESH_MS__, KEPT_SHOWN = 10;
+  var REFRESH = __REFRESH_MS__, KEPT_SHOWN = 5;
   var status = JSON.parse(document.getElementById("initial-status").textContent);
 
   function el(tag, attrs) {

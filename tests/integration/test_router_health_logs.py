@@ -168,3 +168,32 @@ def test_chat_page_route_is_open_and_static():
         assert re.search(rb'<option value="split">', body)
     with LocalCluster([FakeEngine(group=0)], chat_page=False) as c:
         assert get(c.api_url + "/chat")[0] == 404
+
+
+def test_json_access_lines_for_a_streamed_completion():
+    import io
+
+    from mlxmoe.cluster.api.access import JsonFormatter
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    lg = logging.getLogger("mlxmoe.access")
+    lg.addHandler(handler)
+    old = lg.level
+    lg.setLevel(logging.INFO)
+    try:
+        with LocalCluster([FakeEngine(group=0)]) as c:
+            s = client(c).completions.create(model="fake-moe", prompt="once upon", max_tokens=4, stream=True)
+            assert len("".join(ch.choices[0].text for ch in s if ch.choices)) > 0
+            time.sleep(0.3)
+    finally:
+        lg.removeHandler(handler)
+        lg.setLevel(old)
+    lines = [json.loads(ln) for ln in buf.getvalue().splitlines()]  # every line is one JSON object
+    router = [d for d in lines if d.get("path") == "/v1/completions"]
+    node = [d for d in lines if d.get("op") == "generate"]
+    assert len(router) == 1 and len(node) == 1
+    r, n = router[0], node[0]
+    assert r["status"] == 200 and r["completion_tokens"] == 4 and r["prompt_tokens"] > 0 and r["node"] == "node0"
+    assert r["session"].startswith("ref-") and r["session"] == n["session"] and r["level"] == "info"
+    assert n["completion_tokens"] == 4 and n["tok_s"] > 0 and isinstance(n["ttft_s"], float)
