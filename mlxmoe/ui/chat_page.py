@@ -3,11 +3,12 @@
 `render()` returns one self-contained HTML document (inline CSS and script,
 no external assets: a LAN may have no internet). The script keeps the
 conversation client-side, streams each answer from /v1/chat/completions with
-fetch() and parses the SSE itself, and sends the session id the router gave
-(`X-Mlxmoe-Session`) back with each turn, so every turn stays on one node.
+fetch() and parses the SSE itself, and sends a session id (`X-Mlxmoe-Session`:
+its own at first, then the one the router answers with) with each turn, so
+every turn stays on one node.
 Under each answer: node, group, mode (the router's X-MLXMoE-* headers) and
 tok/s. An API key, when the router needs one, is kept in sessionStorage only.
-`?q=TEXT` sends TEXT once the page loads, `?q=A&q=B` two turns (scripts and the
+`?q=TEXT` sends TEXT once the page loads, `?q=A&q=B` two turns, `&max_tokens=N` caps each answer (scripts and the
 Chromium test).
 
 Model text only reaches the DOM through `textContent`.
@@ -42,7 +43,10 @@ button:disabled { opacity:.5; }
 
 JS = r"""
 (function () {
-  var messages = [], session = null, busy = false;
+  // our own id from the first turn (as `mlxmoe chat` does): a chat with an id is kept 30 min, not 2
+  function newId() { return "web-" + Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 12); }
+  var messages = [], session = newId(), busy = false;
+  var maxTokens = parseInt(new URLSearchParams(location.search).get("max_tokens") || "", 10) || null;
   var log = document.getElementById("log"), input = document.getElementById("input");
   var send = document.getElementById("send"), mode = document.getElementById("mode");
   var keyField = document.getElementById("key");
@@ -100,7 +104,7 @@ JS = r"""
     var reply = "", n = 0, t0 = performance.now(), tFirst = null, r;
     try {
       r = await fetch("/v1/chat/completions", {method: "POST", headers: headers(),
-        body: JSON.stringify({messages: messages, stream: true})});
+        body: JSON.stringify(Object.assign({messages: messages, stream: true}, maxTokens ? {max_tokens: maxTokens} : {}))});
       if (!r.ok) {
         var e = await r.json().catch(function () { return {}; });
         throw new Error("HTTP " + r.status + ": " + ((e.error && e.error.message) || r.statusText));
@@ -133,7 +137,7 @@ JS = r"""
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); document.getElementById("form").requestSubmit(); }
   });
   document.getElementById("new").addEventListener("click", function () {
-    messages = []; session = null; log.replaceChildren();
+    messages = []; session = newId(); log.replaceChildren();
   });
   fetch("/v1/models", {headers: headers()}).then(function (r) { return r.ok ? r.json() : null; }).then(function (j) {
     if (j && j.data && j.data[0]) document.getElementById("model").textContent = j.data[0].id;

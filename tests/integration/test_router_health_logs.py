@@ -197,3 +197,17 @@ def test_json_access_lines_for_a_streamed_completion():
     assert r["status"] == 200 and r["completion_tokens"] == 4 and r["prompt_tokens"] > 0 and r["node"] == "node0"
     assert r["session"].startswith("ref-") and r["session"] == n["session"] and r["level"] == "info"
     assert n["completion_tokens"] == 4 and n["tok_s"] > 0 and isinstance(n["ttft_s"], float)
+
+
+def test_api_session_continued_by_its_id_is_kept():
+    with LocalCluster([FakeEngine(group=0)]) as c:
+        cl = client(c)
+        r = cl.chat.completions.with_raw_response.create(model="fake-moe", messages=MSGS, max_tokens=3)
+        sid = r.headers["x-mlxmoe-session"]
+        assert [s["api"] for s in c.router.status()["sessions"]] == [True]
+        msgs = MSGS + [{"role": "assistant", "content": r.parse().choices[0].message.content},
+                       {"role": "user", "content": "more"}]
+        r2 = cl.chat.completions.with_raw_response.create(model="fake-moe", messages=msgs, max_tokens=3,
+                                                          extra_headers={"X-Mlxmoe-Session": sid})
+        assert r2.headers["x-mlxmoe-session"] == sid
+        assert [(s["api"], s["turns"]) for s in c.router.status()["sessions"]] == [(False, 2)]

@@ -359,6 +359,8 @@ class Router:
         for a new one). A session id of another owner is unknown (SessionIndex.find)."""
         s = self.sessions.find(hint, messages, owner)
         if s is not None:
+            if hint is not None:
+                s.ttl = None  # continued by its id: the client keeps it, not a one-shot request
             if mode is not None and mode != s.mode:
                 s.set_mode(mode)
             return s
