@@ -211,3 +211,21 @@ def test_api_session_continued_by_its_id_is_kept():
                                                           extra_headers={"X-Mlxmoe-Session": sid})
         assert r2.headers["x-mlxmoe-session"] == sid
         assert [(s["api"], s["turns"]) for s in c.router.status()["sessions"]] == [(False, 2)]
+
+
+def test_one_shot_completion_shows_only_while_it_streams():
+    go = threading.Event()
+    with LocalCluster([FakeEngine(group=0, hold=go)]) as c:
+        done: list[str] = []
+        t = threading.Thread(target=lambda: done.extend(
+            ch.choices[0].text for ch in client(c).completions.create(model="fake-moe", prompt="once", max_tokens=3,
+                                                                       stream=True) if ch.choices))
+        t.start()
+        deadline, sess = time.time() + 10, []
+        while time.time() < deadline and not sess:
+            sess = json.loads(get(c.api_url + "/status")[2])["sessions"]
+            time.sleep(0.05)
+        assert len(sess) == 1 and sess[0]["generating"] and sess[0]["api"]
+        go.set()
+        t.join(20)
+        assert done and json.loads(get(c.api_url + "/status")[2])["sessions"] == []

@@ -429,7 +429,8 @@ class Router:
             return sid if owner is not None and s is not None and s.owner == owner else session_ref(sid)
         lp = self.last_placement
         now = time.time()
-        shown = [{**s.status(now, ACTIVE_S), "id": show(s.id)} for s in session_order(self.sessions) if not s.ephemeral]
+        shown = [{**s.status(now, ACTIVE_S), "id": show(s.id)} for s in session_order(self.sessions)
+                 if not s.ephemeral or s.streaming]  # a one-shot completion shows while it streams
         return {"model": self.model, "manifest_hash": self.manifest_hash, "uptime_s": time.time() - self.started,
                 "peers": [self._peer_status(d) for d in self.peers.status()],
                 "sessions": shown,
