@@ -366,9 +366,11 @@ class LocalCluster(LoopThread):
     """
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
-                 names: list[str] | None = None, tls="test", **router_kw):
-        """tls: "test" (default: mutual TLS with the test CA), an Identity, or None (plain HTTP)."""
+                 names: list[str] | None = None, tls="test", chat_page: bool = True, **router_kw):
+        """tls: "test" (default: mutual TLS with the test CA), an Identity, or None (plain HTTP).
+        chat_page: serve the web chat page at /chat."""
         super().__init__()
+        self.chat_page = chat_page
         self.engines, self.key = engines, key
         self.tls = test_identity() if tls == "test" else tls
         self.names = names or [f"node{i}" for i in range(len(engines))]
@@ -387,7 +389,9 @@ class LocalCluster(LoopThread):
                                                tls=self.tls))
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
                         tls=self.tls, **self.router_kw)
-        self.running = await start_router(router, "127.0.0.1", 0, page=render)
+        from mlxmoe.ui import chat_page
+        self.running = await start_router(router, "127.0.0.1", 0, page=render,
+                                          chat_page=chat_page.render if self.chat_page else None)
 
     async def _stop(self):
         if self.running:

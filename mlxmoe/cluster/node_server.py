@@ -27,8 +27,11 @@ from mlxmoe import wire
 from mlxmoe.errors import Unsupported, classify
 from mlxmoe.cluster.limits import cap_connections
 from mlxmoe.cluster.worker import EngineWorker
+from mlxmoe.cluster.api import access
+from mlxmoe.cluster.router.sessions import session_ref, tok_s
 
 log = logging.getLogger("mlxmoe.node")
+ACCESS = web.RequestKey("mlxmoe_access", dict)  # request key: this RPC's access-line fields (session ref, tokens, TTFT, tok/s)
 RETRY_AFTER_S = 2
 MAX_STREAMS = 8  # streams decoded at once (round-robin, one token each); later ones wait in order
 MAX_QUEUE = 8  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
@@ -157,11 +160,17 @@ class NodeServer:
         t = request.transport
         if t is not None:
             self._transports.add(t)
+        t0, status = time.perf_counter(), 499  # 499: the caller went away first
         try:
-            return await self._handle(request)
+            resp = await self._handle(request)
+            status = resp.status
+            return resp
         finally:
             if t is not None:
                 self._transports.discard(t)
+            d = {"op": request.match_info.get("op"), "status": status, **request.get(ACCESS, {})}
+            d["ms"] = round((time.perf_counter() - t0) * 1000, 1)
+            access.emit(d, quiet=d["op"] == "info")  # info is the router's probe, every few seconds
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = request.match_info["op"]
@@ -174,6 +183,9 @@ class NodeServer:
             data, digest = await asyncio.wait_for(self._read(request, pre), self.body_timeout)
             self.bytes_in += len(data)
             req = wire.open_body(pre, data, digest)
+            sid = req.body.get("session") if isinstance(req.body, dict) else None
+            if isinstance(sid, str):
+                request[ACCESS] = {"session": session_ref(sid)}
             if req.mh is not None and req.mh != self.identity["manifest_hash"]:
                 raise wire.WireError(409, "manifest_mismatch",
                                      f"field 'mh': caller expects manifest {req.mh}, this node serves "
@@ -391,6 +403,7 @@ class NodeServer:
             self._changed()
 
     async def _pump(self, request, req, stream, n_prompt) -> web.StreamResponse:
+        t_start = time.time()
         it = stream.__aiter__()
         try:
             first = await it.__anext__()
@@ -402,17 +415,21 @@ class NodeServer:
                                            wire.AUTH_HEADER: wire.stream_mac(self.key, req.nonce)})
         await resp.prepare(request)
         signer = wire.StreamSigner(self.key, req.nonce)
-        n, finish = 0, None
+        n, finish, t_first = 0, None, time.time()
+        line = request.setdefault(ACCESS, {})
+        line.update(prompt_tokens=n_prompt, completion_tokens=0, ttft_s=round(t_first - t_start, 4))
         try:
             ev = first
             while ev is not None:
                 n += 1
+                line.update(completion_tokens=n, tok_s=tok_s(n, t_first, time.time()))
                 finish = ev.finish_reason
                 await self._write(resp, signer, {"t": "tok", "token": int(ev.token), "text": ev.text,
                                          "logprob": float(ev.logprob), "finish_reason": ev.finish_reason})
                 ev = await _next_or_none(it)
             await self._write(resp, signer, {"t": "end", "prompt_tokens": n_prompt, "completion_tokens": n,
                                      "finish_reason": finish or "length"})
+            line["finish_reason"] = finish or "length"
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the router went away; `finally` in _generate cancels the stream
         except Exception as e:

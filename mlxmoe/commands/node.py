@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, load_tls, parse_size,
-                                     run_server, setup_logging, tls_option, verbose_option)
+                                     run_server, setup_logging, tls_option, log_options)
 
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -49,9 +49,9 @@ def parse_duration(text: str, option: str) -> float:
               help="Announce this node on the local network with Bonjour.")
 @interface_option
 @tls_option
-@verbose_option
+@log_options
 def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, session_ttl, max_streams,
-             max_queue, advertise, interface, plain_http, verbose):
+             max_queue, advertise, interface, plain_http, verbose, log_level, log_json):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -63,7 +63,7 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     from mlxmoe.commands.run import check_group
 
     check_group(bundle, group)  # before MLX and the engine thread start
-    setup_logging(verbose)
+    setup_logging(verbose, log_level, log_json)
     key = load_key(key_file)
     import socket
     tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac", host)

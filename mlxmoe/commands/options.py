@@ -69,6 +69,19 @@ def verbose_option(f):
     return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
 
 
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def log_options(f):
+    """-v, --log-level and --log-json (servers: `serve`, `node`), passed as
+    verbose, log_level, log_json."""
+    f = click.option("--log-json", is_flag=True,
+                     help="Log one JSON object per line (access lines carry their fields as keys).")(f)
+    f = click.option("--log-level", type=click.Choice(LOG_LEVELS), default="info", show_default=True,
+                     help="Least severe log level shown; info shows one access line per request.")(f)
+    return verbose_option(f)
+
+
 def progress_option():
     """`--progress [bar|quiet|json]` (passed as `progress_mode`), default bar."""
     return click.option("--progress", "progress_mode", type=click.Choice(progress.MODES), default="bar", show_default=True,
@@ -115,12 +128,19 @@ def url_option(what: str = "The mlxmoe router"):
                         help=f"{what} (default: a running `mlxmoe demo`'s router, else {DEFAULT_URL}). Env: MLXMOE_URL.")
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, level: str = "info", as_json: bool = False) -> None:
+    """Logs on stderr; -v is --log-level debug."""
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    handler = logging.StreamHandler()
+    if as_json:
+        from mlxmoe.cluster.api.access import JsonFormatter
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else getattr(logging, level.upper()), handlers=[handler],
+                        force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # our own access lines replace aiohttp's
 
 
 def load_key(path: str | None) -> bytes:

@@ -8,7 +8,7 @@ import os
 import click
 
 from mlxmoe.commands.options import (interface_option, key_option, load_key, load_tls, mode_option, run_server,
-                                     setup_logging, tls_option, verbose_option)
+                                     setup_logging, tls_option, log_options)
 
 
 def api_keys(value: str | None) -> list[str]:
@@ -65,19 +65,19 @@ def check_bind(host: str, keys: list[str]) -> None:
 @click.option("--migrate-every", type=click.IntRange(0), default=None,
               help="soft/hard: also re-score every N generated tokens (default 0: turn boundaries only).")
 @tls_option
-@verbose_option
+@log_options
 def serve_cmd(bundle, host, port, api_key, key_file, peers_file, mdns, interface, mode, race_tokens, migrate_every,
-              plain_http, verbose):
+              plain_http, verbose, log_level, log_json):
     """Run the router: an OpenAI-compatible API for the whole cluster.
 
     Loads only the trunk and tokenizer of BUNDLE (to score which expert group
     fits each new chat), finds the nodes (Bonjour and/or --peers), and serves
     http://HOST:PORT/v1 (chat/completions, completions, models), /status
-    (JSON) and a status page at /.
+    (JSON), /health, a status page at / and a web chat page at /chat.
 
     Point any OpenAI client at it: base_url=http://127.0.0.1:8000/v1
     """
-    setup_logging(verbose)
+    setup_logging(verbose, log_level, log_json)
     keys = api_keys(api_key)
     check_bind(host, keys)
     key = load_key(key_file)
@@ -101,6 +101,7 @@ def serve_cmd(bundle, host, port, api_key, key_file, peers_file, mdns, interface
     tls = load_tls(key_file, plain_http, socket.gethostname().split(".")[0] or "mac")  # one certificate per Mac
     router = Router(None, key, frontend_factory=load, static_peers=static, mdns=mdns, interface=interface,
                     mobility=mobility, tls=tls, api_keys=keys)
+    from mlxmoe.ui import chat_page
     from mlxmoe.ui.status_page import render
 
-    run_server(serve_router(router, host, port, page=render))
+    run_server(serve_router(router, host, port, page=render, chat_page=chat_page.render))

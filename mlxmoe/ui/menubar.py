@@ -30,6 +30,16 @@ class MenuItem:
     action: str | None = None  # what the click does; None for info lines
 
 
+def session_counts(sessions: list[dict]) -> dict:
+    """The router's sessions counted as the status page counts them:
+    generating now; active (generating, or used within the router's active
+    window: its `active` flag); kept (idle, kept for a later turn). A router
+    without the flag counts every session as active."""
+    active = sum(bool(x.get("active", True)) for x in sessions)
+    return {"generating": sum(bool(x.get("generating")) for x in sessions), "active": active,
+            "kept": len(sessions) - active}
+
+
 def _is_mine(peer_name: str, node_name: str) -> bool:
     """Nodes advertise as `<host>-g<groups>-<port>` (mlxmoe.cluster.discovery);
     accept that, the bare host name, and Bonjour's `.local` forms, any case."""
@@ -50,7 +60,9 @@ class MenubarState:
     node_state: str | None = None  # best state of this Mac's node(s): "up", "ignored", "down"; None: none
     node_groups: list[int] = field(default_factory=list)
     node_reason: str | None = None
-    active_sessions: int = 0
+    active_sessions: int = 0  # generating now or used in the last minute (session_counts)
+    kept_sessions: int = 0  # idle, kept for a later turn
+    generating: int = 0
     service_installed: bool = False
 
     @classmethod
@@ -66,7 +78,8 @@ class MenubarState:
         st.model = status.get("model")
         st.peers_total = len(peers)
         st.peers_up = sum(p.get("state") == "up" for p in peers)
-        st.active_sessions = len(status.get("sessions") or [])
+        counts = session_counts(status.get("sessions") or [])
+        st.active_sessions, st.kept_sessions, st.generating = counts["active"], counts["kept"], counts["generating"]
         if mine:  # one Mac may run several nodes (groups): show them together
             states = [p.get("state") for p in mine]
             st.node_state = next((x for x in ("up", "ignored", "down") if x in states), states[0])
@@ -98,7 +111,10 @@ class MenubarState:
             groups = ", ".join(map(str, self.node_groups)) or "-"
             reason = f" ({self.node_reason})" if self.node_reason else ""
             node = f"This Mac: group {groups}, {self.node_state}{reason}"
-        info += [MenuItem(node, False), MenuItem(f"Active sessions: {self.active_sessions}", False)]
+        info += [MenuItem(node, False), MenuItem(f"Active sessions: {self.active_sessions}", False),
+                 MenuItem(f"Kept sessions: {self.kept_sessions}", False)]
+        if self.generating:
+            info.append(MenuItem(f"Generating now: {self.generating}", False))
         # Start/Stop drive the login service, so without one there is nothing to start.
         hint = "" if self.service_installed else " (run `mlxmoe service install` first)"
         controls = [MenuItem("Start node" + hint, self.service_installed and not self.node_running, "start"),

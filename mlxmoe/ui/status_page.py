@@ -51,6 +51,7 @@ th { color:var(--muted); font-weight:500; font-size:12px; }
         vertical-align:middle; margin-right:4px; }
 .mini > span { display:block; height:100%; background:var(--bar); }
 .counters span { margin-right:18px; } .warn { color:var(--down); }
+.sstate.generating { color:var(--best); font-weight:600; } .sstate.kept { color:var(--muted); }
 #stale { display:none; color:var(--down); margin-left:8px; }
 """
 
@@ -58,7 +59,7 @@ th { color:var(--muted); font-weight:500; font-size:12px; }
 # text nodes, so untrusted values are never parsed as HTML.
 JS = r"""
 (function () {
-  var REFRESH = __REFRESH_MS__;
+  var REFRESH = __REFRESH_MS__, KEPT_SHOWN = 5;
   var status = JSON.parse(document.getElementById("initial-status").textContent);
 
   function el(tag, attrs) {
@@ -148,14 +149,32 @@ JS = r"""
     return t.join(" \u00b7 ");
   }
 
+  function counts(list) {  // as mlxmoe.ui.menubar.session_counts
+    var g = 0, a = 0;
+    list.forEach(function (x) { if (x.generating) g++; if (x.active !== false) a++; });
+    return {generating: g, active: a, kept: list.length - a};
+  }
+  function stateOf(x) {
+    if (x.generating) return el("span", {"class": "sstate generating"}, "generating" +
+      (typeof x.tok_s === "number" ? " \u00b7 " + x.tok_s.toFixed(1) + " tok/s" : ""));
+    return el("span", {"class": "sstate " + (x.active === false ? "kept" : "active")}, x.active === false ? "kept" : "active");
+  }
   function sessions(s) {
-    var rows = (s.sessions || []).map(function (x) {
-      return [el("span", {"class": "mono session-id"}, x.id), x.node, "group " + x.group, modeText(x),
+    var list = (s.sessions || []).slice().sort(function (a, b) {  // in-flight chats first, then the latest used
+      return (b.generating ? 1 : 0) - (a.generating ? 1 : 0) || (b.last_used || 0) - (a.last_used || 0);
+    });
+    var n = counts(list), shown = list.filter(function (x, i) { return x.active !== false || i < n.active + KEPT_SHOWN; });
+    var rows = shown.map(function (x) {
+      return [el("span", {"class": "mono session-id"}, x.id), stateOf(x), x.node, "group " + x.group, modeText(x),
               num(x.margin, 3), miniScores(x.scores), String(x.turns), String(x.tokens), ago(x.last_used)];
     });
-    return el("div", {"class": "card", id: "sessions"}, el("h2", {}, "Sessions (" + rows.length + ")"),
-      table(["Session", "Node", "Pinned to", "Mode", "Margin", "Scores", "Turns", "Tokens", "Last used"], rows,
-            "No sessions yet. Start one with `mlxmoe chat`."));
+    var head = "Sessions: " + n.active + " active" + (n.generating ? " (" + n.generating + " generating)" : "") +
+      " \u00b7 " + n.kept + " kept";
+    var more = list.length - shown.length;
+    return el("div", {"class": "card", id: "sessions"}, el("h2", {id: "session-counts"}, head),
+      more > 0 ? el("p", {"class": "muted"}, "The " + shown.length + " most recent shown; " + more + " more kept.") : null,
+      table(["Session", "State", "Node", "Pinned to", "Mode", "Margin", "Scores", "Turns", "Tokens", "Last used"], rows,
+            "No sessions yet. Start one with `mlxmoe chat` or the web chat."));
   }
 
   function placement(s) {
@@ -181,7 +200,7 @@ JS = r"""
     document.getElementById("summary").textContent = up + "/" + (s.peers || []).length + " peers up \u00b7 manifest " +
       short(s.manifest_hash) + " \u00b7 up " + dur(s.uptime_s);
     var app = document.getElementById("app");
-    app.replaceChildren(placement(s), peers(s), sessions(s),
+    app.replaceChildren(sessions(s), placement(s), peers(s),
       el("div", {"class": "card counters", id: "counters"}, el("span", {}, "Requests: " + (c.requests || 0)),
          el("span", {}, "Failovers: " + (c.failovers || 0)), el("span", {}, "Rejected: " + (c.rejected || 0))));
   }
@@ -209,7 +228,7 @@ def render(status: dict) -> str:
 <style>{CSS}</style></head>
 <body>
 <h1 id="model">{title}</h1>
-<div class="sub"><span id="summary"></span><span id="stale">· router unreachable, retrying…</span></div>
+<div class="sub"><span id="summary"></span> · <a href="/chat">web chat</a><span id="stale">· router unreachable, retrying…</span></div>
 <div id="app"></div>
 <noscript><pre>{html.escape(json.dumps(status, indent=2, sort_keys=True, default=str))}</pre></noscript>
 <script type="application/json" id="initial-status">{_script_json(status)}</script>

@@ -123,3 +123,45 @@ def test_empty_cluster_in_chromium(tmp_path):
     body = dom[dom.index("<body"):dom.index("<noscript>")]
     assert "No peers yet" in body and "No sessions yet" in body and "No session has been placed yet" in body
     assert "0/0 peers up" in body
+
+
+def live_status():
+    """sample_status with a chat generating now, one active and 12 kept ones."""
+    st = sample_status()
+    base = st["sessions"][0]
+    now = __import__("time").time()
+    kept = [{**base, "id": f"ref-kept{i:02d}", "generating": False, "active": False, "tok_s": None,
+             "last_used": now - 600 - i} for i in range(12)]
+    live = {**base, "id": "ref-streaming", "generating": True, "active": True, "turn_tokens": 40, "tok_s": 12.34,
+            "turns": 3, "tokens": 95, "last_used": now}
+    st["sessions"] = kept + [{**base, "generating": False, "active": True, "last_used": now - 5}, live]
+    return st
+
+
+def test_menubar_counts_as_the_page_does():
+    from mlxmoe.ui.menubar import MenubarState
+    st = MenubarState.from_status(live_status(), url="http://127.0.0.1:8000", node_name="mac-1")
+    assert (st.active_sessions, st.kept_sessions, st.generating) == (2, 12, 1)
+    titles = [it.title for it in st.items()]
+    assert "Active sessions: 2" in titles and "Kept sessions: 12" in titles and "Generating now: 1" in titles
+
+
+@needs_chromium
+def test_generating_sessions_first_with_counts(tmp_path):
+    st = live_status()
+    with FakeRouter(status=st) as srv:
+        dom = chromium(tmp_path, "--dump-dom", srv.url + "/")
+        shot = ARTIFACTS / "status_page_live.png"
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot.unlink(missing_ok=True)
+        chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,900", srv.url + "/")
+    assert shot.stat().st_size > 10_000
+    body = dom[dom.index("<body"):dom.index("<noscript>")]
+    sessions = text_of(body, "sessions")
+    assert "Sessions: 2 active (1 generating) · 12 kept" in sessions
+    ids = re.findall(r'<span class="mono session-id">([^<]*)</span>', body)
+    assert ids[:2] == ["ref-streaming", st["sessions"][12]["id"]]  # in flight first, then the latest used
+    assert len(ids) == 7 and "The 7 most recent shown; 7 more kept." in sessions  # 2 active + 5 kept
+    assert "generating · 12.3 tok/s" in sessions and 'class="sstate kept"' in body
+    assert body.index('id="sessions"') < body.index('id="peers"')  # above the fold
+    assert 'href="/chat"' in body

@@ -1,10 +1,12 @@
 """The router's HTTP app: POST /v1/chat/completions, POST /v1/completions
 (SSE streaming or not), GET /v1/models[/{id}], GET /status (JSON), GET /
-(status page). Every refused request gets a 4xx in OpenAI's error shape,
+(status page), GET /chat (the web chat page), GET /health (open, no secrets).
+Every request gets one access line (access.py). Every refused request gets a 4xx in OpenAI's error shape,
 and every prompt is checked (ids, length) before any work (SECURITY.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from mlxmoe.cluster.api import access
 from mlxmoe.cluster.api import openai as oa
 from mlxmoe.cluster.api import sse
 from mlxmoe.cluster.api import tools as tl
@@ -39,6 +42,8 @@ class HttpLimits:
 ROUTER_KEY = web.AppKey("router", Router)
 PAGE_KEY = web.AppKey("page", object)  # render(status) -> HTML, passed in by the command (ui sits above cluster)
 LIMITS_KEY = web.AppKey("limits", HttpLimits)
+CHAT_PAGE_KEY = web.AppKey("chat_page", object)  # render() -> HTML of the web chat page, passed in like PAGE_KEY
+TURN = web.RequestKey("mlxmoe_turn", object)  # request key: the request's Turn, for its access line
 
 
 def key_hash(key: str) -> str:
@@ -111,6 +116,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     tokens = await router.encode_chat(st.messages, **st.template_kwargs)  # once: the same ids are scored and sent
     s = await _session(router, tokens, "messages", hint, messages, mode, owner)
     turn = await _open(router, s, tokens, params)
+    request[TURN] = turn
     base = {"id": oa.new_id("chatcmpl"), "created": int(time.time()), "model": router.model}
     if stream:
         return await _stream_chat(request, router, turn, messages, base, logprobs, include_usage, st.parse)
@@ -217,6 +223,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "'prompt' is empty", "prompt", "invalid_value")
     s = await _session(router, tokens, "prompt", hint, None, mode, owner)
     turn = await _open(router, s, tokens, params)
+    request[TURN] = turn
     base = {"id": oa.new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": router.model}
     if stream:
         return await _stream_completion(request, router, turn, base, n_lp, include_usage)
@@ -293,6 +300,48 @@ async def status_page(request: web.Request) -> web.Response:
     return web.Response(text=request.app[PAGE_KEY](router.status(None)), content_type="text/html")
 
 
+async def health(request: web.Request) -> web.Response:
+    """Open to anyone (load balancers, scripts): counts only, no ids, no keys.
+    200 while at least one node is up, else 503, in the same shape."""
+    router = request.app[ROUTER_KEY]
+    body = health_body(router.model, len(router.peers.live()), len(router.peers.peers), len(router.sessions),
+                       time.time() - router.started)
+    return web.json_response(body, status=200 if body["nodes_up"] else 503)
+
+
+def health_body(model: str, up: int, known: int, sessions: int, uptime_s: float) -> dict:
+    return {"status": "ok" if up else "unavailable", "nodes_up": up, "nodes_known": known, "model": model,
+            "sessions": sessions, "uptime_s": round(uptime_s, 1)}
+
+
+async def web_chat(request: web.Request) -> web.Response:
+    """The web chat page: static HTML; it calls /v1 with the user's own key, if any."""
+    return web.Response(text=request.app[CHAT_PAGE_KEY](), content_type="text/html")
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler):
+    """One access line per request, when it is over (for a stream: when the stream ends)."""
+    t0, status = time.perf_counter(), 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = 499  # the client went away
+        raise
+    finally:
+        d = {"method": request.method, "path": request.path, "status": status}
+        turn = request.get(TURN)
+        if turn is not None:
+            d.update(turn.stats())
+        d["ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        access.emit(d, quiet=request.method == "GET" and request.path in access.QUIET_PATHS)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler):
     try:
@@ -312,9 +361,10 @@ async def errors_middleware(request: web.Request, handler):
         return ApiError(500, f"internal error: {type(e).__name__}: {e}"[:300]).response()
 
 
-def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits()) -> web.Application:
-    """The router's HTTP app; `page(status) -> HTML` serves the status page at /."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=oa.MAX_BODY)
+def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits(), chat_page=None) -> web.Application:
+    """The router's HTTP app; `page(status) -> HTML` serves the status page at /,
+    `chat_page() -> HTML` the web chat page at /chat."""
+    app = web.Application(middlewares=[access_middleware, errors_middleware], client_max_size=oa.MAX_BODY)
     app[ROUTER_KEY], app[LIMITS_KEY] = router, limits
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -322,9 +372,13 @@ def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits()) -> we
     app.router.add_get("/v1/models/{id:.+}", model)
     app.router.add_get("/status", status)
     app.router.add_get("/status/public", public_status)
+    app.router.add_get("/health", health)
     if page is not None:
         app[PAGE_KEY] = page
         app.router.add_get("/", status_page)
+    if chat_page is not None:
+        app[CHAT_PAGE_KEY] = chat_page
+        app.router.add_get("/chat", web_chat)
     return app
 
 
@@ -343,9 +397,9 @@ class RunningRouter:
 
 
 async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None,
-                       limits: HttpLimits = HttpLimits()) -> RunningRouter:
+                       limits: HttpLimits = HttpLimits(), chat_page=None) -> RunningRouter:
     await router.start()
-    runner = web.AppRunner(make_app(router, page, limits), access_log=None, handle_signals=False,
+    runner = web.AppRunner(make_app(router, page, limits, chat_page), access_log=None, handle_signals=False,
                            shutdown_timeout=2.0, keepalive_timeout=limits.idle_timeout,
                            max_line_size=limits.max_line_size, max_field_size=limits.max_field_size,
                            max_headers=limits.max_headers)
@@ -356,13 +410,14 @@ async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000
 
 
 async def serve_router(router: Router, host: str = "127.0.0.1", port: int = 8000, page=None,
-                       limits: HttpLimits = HttpLimits()) -> None:
+                       limits: HttpLimits = HttpLimits(), chat_page=None) -> None:
     """Run the router until SIGINT/SIGTERM."""
     from mlxmoe.cluster.worker import until_signalled
 
-    running = await start_router(router, host, port, page, limits)
+    running = await start_router(router, host, port, page, limits, chat_page)
     live = len(router.peers.live())
+    chat = f" - web chat {running.url}/chat" if chat_page is not None else ""
     print(f"mlxmoe router: {router.model} (manifest {router.manifest_hash[:12]}) on {running.url}/v1 "
-          f"- status page {running.url}/ - {live} node(s) up so far", flush=True)
+          f"- status page {running.url}/{chat} - {live} node(s) up so far", flush=True)
     await until_signalled()
     await running.stop()

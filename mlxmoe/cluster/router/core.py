@@ -30,6 +30,8 @@ def new_session_id() -> str:
     """192 random bits: a session id cannot be guessed (SECURITY.md)."""
     return "s-" + secrets.token_urlsafe(24)
 SCORE_WINDOW = 4096  # tokens the front end scores at most (the end of the prompt: nearest to what comes next)
+API_SESSION_TTL = 120.0  # idle seconds kept for a chat the client gave no session id (one-shot API requests)
+ACTIVE_S = 60.0  # a session used this recently counts as active on the status page, else as kept
 COUNTERS = ("requests", "failovers", "rejected", "migrations", "races")
 
 
@@ -40,7 +42,7 @@ class Router:
                  first_token_timeout: float = 300.0, tie_margin: float | None = None, session_ttl: float = 1800.0,
                  max_failovers: int = 3, mobility: Mobility | dict | None = None, tls: Any = None,
                  api_keys: list[str] = (), vocab_size: int | None = None, context_limit: int | None = None,
-                 score_window: int = SCORE_WINDOW):
+                 score_window: int = SCORE_WINDOW, api_session_ttl: float = API_SESSION_TTL):
         # frontend_factory() runs on the frontend's thread (MLX streams are per thread)
         self.frontend, self.key, self.frontend_factory = frontend, key, frontend_factory
         self.model, self.manifest_hash, self.n_groups = "", "", 0
@@ -53,6 +55,7 @@ class Router:
         self.probe_interval, self.token_timeout = probe_interval, token_timeout
         self.first_token_timeout = first_token_timeout
         self.session_ttl, self.max_failovers = session_ttl, max_failovers
+        self.api_session_ttl = min(api_session_ttl, session_ttl)
         self.mob = mobility if isinstance(mobility, Mobility) else Mobility.from_dict(mobility or {})
         self.tie_margin = self.mob.tie_margin if tie_margin is None else tie_margin
         self.tls = tls  # a cluster.tls.Identity: dial nodes with mutual TLS only (docs/SECURITY.md)
@@ -357,6 +360,8 @@ class Router:
         for a new one). A session id of another owner is unknown (SessionIndex.find)."""
         s = self.sessions.find(hint, messages, owner)
         if s is not None:
+            if hint is not None:
+                s.ttl = None  # continued by its id: the client keeps it, not a one-shot request
             if mode is not None and mode != s.mode:
                 s.set_mode(mode)
             return s
@@ -366,7 +371,8 @@ class Router:
         sc, ms = await self.score(tokens)
         s = Session(id=new_session_id(), scores=dict(sc.scores), ranked=list(sc.ranked),
                     margin=float(sc.margin), ephemeral=hint is None and messages is None,
-                    mode=mode or self.mob.mode, owner=owner)
+                    mode=mode or self.mob.mode, owner=owner,
+                    ttl=self.api_session_ttl if hint is None else None)
         self.sessions.add(s, hint)
         self.last_placement = {"session": s.id, "scores": {str(g): v for g, v in sc.scores.items()},
                                "margin": float(sc.margin), "best": int(sc.best), "layers": list(sc.layers),
@@ -393,6 +399,7 @@ class Router:
             if not turn.done:
                 await turn.connect(first=True)
         except BaseException as e:
+            s.streaming = False  # no turn streams after all
             s.lock.release()
             if isinstance(e, (Rejected, RpcError)) and not s.placed:
                 self.forget(s)
@@ -422,10 +429,12 @@ class Router:
             s = self.sessions.get(sid)
             return sid if owner is not None and s is not None and s.owner == owner else session_ref(sid)
         lp = self.last_placement
+        now = time.time()
+        shown = [{**s.status(now, ACTIVE_S), "id": show(s.id)} for s in session_order(self.sessions)
+                 if not s.ephemeral or s.streaming]  # a one-shot completion shows while it streams
         return {"model": self.model, "manifest_hash": self.manifest_hash, "uptime_s": time.time() - self.started,
                 "peers": [self._peer_status(d) for d in self.peers.status()],
-                "sessions": [{**s.status(), "id": show(s.id)}
-                             for s in sorted(self.sessions, key=lambda s: s.created) if not s.ephemeral],
+                "sessions": shown,
                 "last_placement": lp and {**lp, "session": show(lp["session"])}, "counters": dict(self.counters),
                 "mobility": self.mob.to_dict(), "traffic": self.traffic()}
 
@@ -443,6 +452,11 @@ class Router:
         return {"bytes_out": sum(c.bytes_out for c in self.clients.values()),
                 "bytes_in": sum(c.bytes_in for c in self.clients.values()),
                 "tokens": self.tokens_streamed}
+
+
+def session_order(sessions) -> list[Session]:
+    """Generating first (in-flight chats above the fold), then oldest first."""
+    return sorted(sessions, key=lambda s: (not s.streaming, s.created))
 
 
 def _count(v: Any) -> int:

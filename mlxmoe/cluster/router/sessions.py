@@ -1,6 +1,7 @@
 """The router's sessions: one per conversation, found again by the client's
 session id (hint) or by the hash of its messages before the last user turn,
-and forgotten after `session_ttl` idle seconds."""
+and forgotten after `session_ttl` idle seconds (sessions the client named
+none for, i.e. one-shot API requests, after their shorter `ttl`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ class Session:
     race: dict | None = None
     remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
     owner: str = ""  # the client that made it: its API key's hash ("" without API keys)
+    ttl: float | None = None  # idle seconds before it is forgotten (None: the router's session_ttl)
+    # the turn streaming now (Turn updates these per frame; /status shows them live)
+    streaming: bool = False
+    turn_tokens: int = 0  # tokens generated so far in this turn
+    turn_prompt: int = 0
+    turn_started: float | None = None
+    turn_first: float | None = None  # when its first token arrived
 
     @property
     def ref(self) -> str:
@@ -58,8 +66,19 @@ class Session:
         if mode not in MIGRATING:
             self.expert_group, self.streak = None, (None, 0)  # decode local again
 
+    def start_turn(self, n_prompt: int) -> None:
+        self.streaming, self.turn_tokens, self.turn_prompt = True, 0, n_prompt
+        self.turn_started, self.turn_first = time.time(), None
+
+    def got_token(self) -> None:
+        self.turn_tokens += 1
+        if self.turn_first is None:
+            self.turn_first = time.time()
+        self.last_used = time.time()
+
     def end_turn(self, context: list[int]) -> None:
         """Bookkeeping after a turn (completed, failed or cancelled); releases the lock."""
+        self.streaming = False
         self.turns += 1
         self.tokens = len(context)
         self.context = list(context)
@@ -67,8 +86,17 @@ class Session:
         if self.lock.locked():
             self.lock.release()
 
-    def status(self) -> dict:
-        return {"id": self.id, "ref": self.ref, "node": self.peer, "group": self.group,
+    def live(self, now: float) -> dict:
+        """The turn streaming now: generating, its tokens so far and their rate."""
+        return {"generating": self.streaming, "turn_tokens": self.turn_tokens if self.streaming else 0,
+                "tok_s": tok_s(self.turn_tokens, self.turn_first, now) if self.streaming else None}
+
+    def status(self, now: float | None = None, active_s: float = 60.0) -> dict:
+        now = time.time() if now is None else now
+        turns = self.turns + (1 if self.streaming else 0)  # the streaming turn counts from its start
+        tokens = self.turn_prompt + self.turn_tokens if self.streaming else self.tokens
+        return {**self.live(now), "active": self.streaming or now - self.last_used <= active_s,
+                "api": self.ttl is not None, "id": self.id, "ref": self.ref, "node": self.peer, "group": self.group,
                 "scores": {str(g): s for g, s in self.scores.items()}, "margin": self.margin,
                 "mode": self.mode, "routing": self.routing,
                 "expert_group": self.group if self.expert_group is None else self.expert_group,
@@ -76,8 +104,15 @@ class Session:
                 "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
                 "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
                 "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),
-                "turns": self.turns, "tokens": self.tokens,
+                "turns": turns, "tokens": tokens,
                 "created": self.created, "last_used": self.last_used}
+
+
+def tok_s(n: int, first: float | None, now: float) -> float | None:
+    """Decode rate after the first token (TTFT is prefill, not decode); None until there are two."""
+    if first is None or n < 2 or now <= first:
+        return None
+    return round((n - 1) / (now - first), 2)
 
 
 def session_ref(sid: str) -> str:
@@ -162,5 +197,6 @@ class SessionIndex:
                 del self.by_key[k]
 
     def expired(self, now: float, ttl: float) -> list[Session]:
-        """Idle past `ttl` and not in a turn."""
-        return [s for s in self.by_id.values() if now - s.last_used > ttl and not s.lock.locked()]
+        """Idle past their own ttl (else `ttl`) and not in a turn."""
+        return [s for s in self.by_id.values()
+                if now - s.last_used > (ttl if s.ttl is None else s.ttl) and not s.lock.locked()]

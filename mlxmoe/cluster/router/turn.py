@@ -20,7 +20,7 @@ from mlxmoe.cluster.discovery import Peer
 from mlxmoe.cluster.router import migration
 from mlxmoe.cluster.router.placement import GONE
 from mlxmoe.cluster.router.race import race
-from mlxmoe.cluster.router.sessions import Session
+from mlxmoe.cluster.router.sessions import Session, tok_s
 from mlxmoe.errors import RpcError
 from mlxmoe.modes import MIGRATING
 
@@ -63,6 +63,10 @@ class Turn:
         self._first: dict | None = None
         self._queued: list[dict] = []  # race winner's frames, already in `generated`
         self._closed = False
+        self.started = time.time()
+        self.first_at: float | None = None  # first token's arrival (TTFT = first_at - started)
+        self.ended_at: float | None = None
+        s.start_turn(len(self.prompt))
 
     @property
     def done(self) -> bool:
@@ -157,6 +161,7 @@ class Turn:
         try:
             for f in self._queued:  # race winner: already counted in `generated`
                 self.r.count_token()
+                self._got()
                 yield f
             self._queued = []
             while True:
@@ -173,6 +178,7 @@ class Turn:
                         self.generated.append(int(f["token"]))
                         self.sent_chars += len(f.get("text") or "")
                         self.r.count_token()
+                        self._got()
                         self.finish_reason = f.get("finish_reason")
                         yield f
                         if await self._maybe_recheck():
@@ -202,6 +208,20 @@ class Turn:
                                        f"other node could continue: {rej.message}") from None
         finally:
             await self.close()
+
+    def _got(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.time()
+        self.s.got_token()
+
+    def stats(self) -> dict:
+        """This turn for the access log: session ref, node, group, tokens, TTFT, tok/s."""
+        end = self.ended_at or time.time()
+        ttft = None if self.first_at is None else round(self.first_at - self.started, 4)
+        return {"session": self.s.ref, "node": self.s.peer, "group": self.s.group, "mode": self.s.mode,
+                "prompt_tokens": len(self.prompt), "completion_tokens": len(self.generated), "ttft_s": ttft,
+                "tok_s": tok_s(len(self.generated), self.first_at, end), "finish_reason": self.finish_reason,
+                "failovers": self.failovers}
 
     async def _maybe_recheck(self) -> bool:
         """Every `check_every` tokens (soft/hard): re-score; if the session
@@ -244,5 +264,6 @@ class Turn:
         if self._closed:
             return
         self._closed = True
+        self.ended_at = time.time()
         await self._close_frames()
         self.r.end_turn(self.s, self.prompt + self.generated)
