@@ -63,7 +63,7 @@ def test_status_page_served_by_router(cluster):
     import urllib.request
     with urllib.request.urlopen(cluster.api_url + "/") as r:
         page = r.read().decode()
-    assert 'id="initial-status"' in page and 'fetch("/status"' in page
+    assert 'id="initial-status"' in page and 'fetch("/status/public"' in page
 
 
 def test_status_page_in_chromium_with_real_status(cluster, tmp_path):
