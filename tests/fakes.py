@@ -228,6 +228,9 @@ class FakeEngine:
         self.threads.add(threading.current_thread().name)
         self._check(prompt, params.max_tokens)
         check_resume(prompt, params.resume, params.resume_chars)
+        bad = [k for k in params.logit_bias if not str(k).isdigit() or int(k) >= self.VOCAB]
+        if bad:  # the node's rule (node.engine.check_sampling)
+            raise MlxMoeError(f"logit_bias: token id {str(bad[0])[:20]!r} is outside the vocabulary (0..{self.VOCAB - 1})")
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         sid = session_id or uuid.uuid4().hex
         self._open(sid, prompt)

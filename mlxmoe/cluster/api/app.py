@@ -97,6 +97,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
     owner, body = await _body(request)
     messages, params = oa.parse_messages(body), oa.gen_params(body)
+    oa.check_logit_bias(params, router.vocab_size)
     oa.check_model(body, router.model_names())
     stream = oa.flag(body, "stream")
     logprobs = oa.chat_logprobs(body)
@@ -151,6 +152,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
     owner, body = await _body(request)
     prompt, params = oa.parse_prompt(body), oa.gen_params(body)
+    oa.check_logit_bias(params, router.vocab_size)
     oa.check_model(body, router.model_names())
     stream = oa.flag(body, "stream")
     n_lp = oa.completion_logprobs(body)

@@ -179,6 +179,14 @@ def logit_bias(body: dict) -> dict[str, float]:
     return out
 
 
+def check_logit_bias(params: dict, vocab: int | None) -> None:
+    """logit_bias ids inside the vocabulary, when the router knows it (else the node refuses them)."""
+    bad = [k for k in params.get("logit_bias") or {} if vocab is not None and int(k) >= vocab]
+    if bad:
+        raise ApiError(400, f"'logit_bias': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "logit_bias",
+                       "invalid_value")
+
+
 def top_logprobs_count(body: dict) -> int:
     """Alternatives per token: chat's top_logprobs (with logprobs: true), or completions' logprobs N."""
     lp = body.get("logprobs")
