@@ -119,9 +119,12 @@ class Engine(Protocol):
 
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
         """Stream TokenEvents continuing `prompt` in session `session_id` (a new one if unknown or None),
-        reusing its cached prefix; the last event has finish_reason "stop" (EOS or a stop string, whose
-        text is not sent) or "length" (max_tokens, or the context limit reached). Raised before the
-        first event: MlxMoeError (bad prompt: empty, ids outside the vocabulary; max_tokens < 1),
+        reusing its cached prefix; the last event has finish_reason "stop" (an end token or a stop string,
+        whose text is not sent) or "length" (max_tokens, or the context limit reached); special tokens add
+        no text; with params.top_logprobs = N each event carries its N best alternatives. Sampling fields
+        left None take the model's defaults (model_defaults). Raised before the
+        first event: MlxMoeError (bad prompt: empty, ids outside the vocabulary; max_tokens < 1; logit_bias
+        ids outside the vocabulary),
         ContextOverflow (len(prompt) >= context_limit, or more KV than the whole budget),
         AdmissionError (KV budget full of busy sessions), SessionBusy (the session is streaming).
         Mid-stream: PeerError when a remote-experts peer failed, anything else when the node did."""
