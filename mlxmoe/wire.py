@@ -186,8 +186,8 @@ class ReplayGuard:
 PARAMS_SCHEMA = {
     "_required": ["max_tokens"],
     "max_tokens": "int",
-    "temperature": "num",
-    "top_p": "num",
+    "temperature": "num?",  # nil: the model's default (node/contract.py resolve)
+    "top_p": "num?",
     "stop": "list[str]",
     "seed": "int?",
     # routing modes (node/remote/): where each MoE layer's routed experts run
@@ -196,7 +196,11 @@ PARAMS_SCHEMA = {
     "peers": "dict[str,str]",  # str(group) -> node URL, from the router
     "resume": "int", "resume_chars": "int", "open_end": "bool",  # exact splice (node/stream.py text_events)
     "grammar": "dict?",  # constrained decoding (node/grammar.py), checked by the node; the op's size limit bounds it
+    # sampling (node/engine.py; nil: the model's default)
+    "top_k": "int?", "min_p": "num?", "repetition_penalty": "num?",
+    "presence_penalty": "num", "frequency_penalty": "num", "logit_bias": "dict[str,num]", "top_logprobs": "int",
 }
+MAX_LOGIT_BIAS = 1024  # entries of params.logit_bias
 MAX_PEERS = 256
 
 # An activation tensor: raw little-endian bytes of `shape` in `dtype`.
@@ -253,6 +257,9 @@ def _type_ok(value: Any, spec: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     if spec == "dict[str,str]":
         return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    if spec == "dict[str,num]":
+        return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               for k, v in value.items())
     if spec == "bytes":
         return isinstance(value, bytes)
     if spec == "any":
@@ -268,6 +275,7 @@ def _type_ok(value: Any, spec: str) -> bool:
 _SPEC_WORDS = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true/false",
                "dict": "a map", "list[str]": "a list of strings", "list[int]": "a list of integers",
                "dict[str,str]": "a map of strings to strings", "bytes": "binary data",
+               "dict[str,num]": "a map of strings to numbers",
                "list[dict]": "a list of maps",
                "tokens": f"a list of token ids (integers 0..{MAX_TOKEN_ID}, at most {MAX_PROMPT_TOKENS})"}
 
@@ -296,10 +304,11 @@ def _check_values(op: str, body: dict) -> None:
     if p is not None:
         if not 0 <= p["max_tokens"] <= 1 << 20:
             raise WireError(400, "schema", "field 'body.params.max_tokens': must be 0..1048576", "body.params.max_tokens")
-        if not 0.0 <= p.get("temperature", 0.0) <= 100.0:
+        if not 0.0 <= _or(p.get("temperature"), 0.0) <= 100.0:
             raise WireError(400, "schema", "field 'body.params.temperature': must be 0..100", "body.params.temperature")
-        if not 0.0 < p.get("top_p", 1.0) <= 1.0:
+        if not 0.0 < _or(p.get("top_p"), 1.0) <= 1.0:
             raise WireError(400, "schema", "field 'body.params.top_p': must be in (0, 1]", "body.params.top_p")
+        _check_sampling(p)
         _check_routing(p)
     if "x" in body:
         shape = check_tensor(body["x"], "body.x")
@@ -315,6 +324,30 @@ def _check_values(op: str, body: dict) -> None:
     sess = body.get("session")
     if sess is not None and not 1 <= len(sess) <= 256:
         raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
+
+
+def _or(v, default):
+    return default if v is None else v
+
+
+_SAMPLING_BOUNDS = {"top_k": (0, 1 << 24), "min_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0),
+                    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0), "top_logprobs": (0, 20)}
+
+
+def _check_sampling(p: dict) -> None:
+    """Bounds of the sampling fields (the API's, node/engine.py check_sampling's)."""
+    for k, (lo, hi) in _SAMPLING_BOUNDS.items():
+        v = p.get(k)
+        if v is not None and not lo <= v <= hi:
+            raise WireError(400, "schema", f"field 'body.params.{k}': must be {lo}..{hi}", f"body.params.{k}")
+    bias = p.get("logit_bias") or {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise WireError(400, "schema", f"field 'body.params.logit_bias': at most {MAX_LOGIT_BIAS} entries",
+                        "body.params.logit_bias")
+    for k, v in bias.items():
+        if not k.isdigit() or len(k) > 9 or not -100 <= v <= 100:
+            raise WireError(400, "schema", f"field 'body.params.logit_bias': {k[:20]!r} must be a token id with a "
+                            "bias in -100..100", "body.params.logit_bias")
 
 
 def _check_routing(p: dict) -> None:

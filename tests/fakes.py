@@ -230,6 +230,9 @@ class FakeEngine:
         self.threads.add(threading.current_thread().name)
         self._check(prompt, params.max_tokens)
         check_resume(prompt, params.resume, params.resume_chars)
+        bad = [k for k in params.logit_bias if not str(k).isdigit() or int(k) >= self.VOCAB]
+        if bad:  # the node's rule (node.engine.check_sampling)
+            raise MlxMoeError(f"logit_bias: token id {str(bad[0])[:20]!r} is outside the vocabulary (0..{self.VOCAB - 1})")
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
         sid = session_id or uuid.uuid4().hex
         self._open(sid, prompt)
@@ -237,7 +240,7 @@ class FakeEngine:
         self.sessions[sid] = ctx
         return self._gen(sid, ctx, params, max_tokens)
 
-    def _steps(self, ctx: list[int], max_tokens: int) -> Iterator[tuple[int, float]]:
+    def _steps(self, ctx: list[int], max_tokens: int, n_top: int = 0) -> Iterator[tuple]:
         for i in range(max_tokens):
             if i == 0 and self.hold is not None:
                 self.hold.wait(30)
@@ -250,14 +253,18 @@ class FakeEngine:
             tok = self.next_token(ctx)
             ctx.append(tok)
             self.generated += 1
-            yield tok, -0.1 * (tok % 7 + 1)
+            lp = -0.1 * (tok % 7 + 1)
+            # top_logprobs: the chosen token first, then made-up runners-up (what a node sends: best first)
+            top = [{"token": t, "text": decode([t]), "logprob": lp - i} for i, t in
+                   enumerate([tok] + [b for b in dict.fromkeys(ALPHABET) if b != tok][:n_top - 1])] if n_top else None
+            yield tok, lp, top
 
     def _gen(self, session_id: str, ctx: list[int], params: GenParams, max_tokens: int) -> Iterator[TokenEvent]:
         self.busy.add(session_id)
         try:
             turn = ctx[len(ctx) - params.resume:]  # a continued turn's tokens so far (exact splice)
             detok = spm_detokenizer() if self.spm else ByteDetokenizer()
-            yield from text_events(self._steps(ctx, max_tokens), detok, set(), params.stop, max_tokens,
+            yield from text_events(self._steps(ctx, max_tokens, params.top_logprobs), detok, set(), params.stop, max_tokens,
                                    turn, params.resume_chars, params.open_end and max_tokens == params.max_tokens)
         finally:
             self.busy.discard(session_id)

@@ -424,8 +424,7 @@ class NodeServer:
                 n += 1
                 line.update(completion_tokens=n, tok_s=tok_s(n, t_first, time.time()))
                 finish = ev.finish_reason
-                await self._write(resp, signer, {"t": "tok", "token": int(ev.token), "text": ev.text,
-                                         "logprob": float(ev.logprob), "finish_reason": ev.finish_reason})
+                await self._write(resp, signer, token_frame(ev))
                 ev = await _next_or_none(it)
             await self._write(resp, signer, {"t": "end", "prompt_tokens": n_prompt, "completion_tokens": n,
                                      "finish_reason": finish or "length"})
@@ -442,6 +441,16 @@ class NodeServer:
         data = signer.frame(frame)
         self.bytes_out += len(data)
         await resp.write(data)
+
+
+def token_frame(ev: TokenEvent) -> dict:
+    """A TokenEvent as its "tok" frame; "top": the alternatives [{token, text, logprob}], when asked for."""
+    f = {"t": "tok", "token": int(ev.token), "text": ev.text, "logprob": float(ev.logprob),
+         "finish_reason": ev.finish_reason}
+    if ev.top_logprobs:
+        f["top"] = [{"token": int(t["token"]), "text": str(t["text"]), "logprob": float(t["logprob"])}
+                    for t in ev.top_logprobs]
+    return f
 
 
 def expired_sessions(sessions: dict, busy: dict, now: float, ttl: float) -> list[str]:

@@ -9,6 +9,7 @@ used by the router to score placement."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -168,9 +169,31 @@ def _default_dtype(m: Manifest):
 
 
 def load_tokenizer(bundle_dir):
+    """mlx-lm's TokenizerWrapper; its eos_token_ids hold the tokenizer's eos and, as mlx-lm's own load()
+    does, config.json's and generation_config.json's eos_token_id (an int or a list)."""
     from mlx_lm.utils import load_tokenizer as _load
 
     d = Path(bundle_dir)
     if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise BundleError(f"{d}: no tokenizer (tokenizer.json / tokenizer_config.json); split a checkpoint that includes one")
-    return _load(d)
+    eos = eos_ids(_read_json(d / "config.json")) | eos_ids(load_generation_config(d))
+    return _load(d, eos_token_ids=sorted(eos) or None)
+
+
+def load_generation_config(bundle_dir) -> dict:
+    """The bundle's generation_config.json ({} when absent or unreadable: it is optional)."""
+    return _read_json(Path(bundle_dir) / "generation_config.json")
+
+
+def eos_ids(cfg: dict) -> set[int]:
+    v = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+    v = [v] if isinstance(v, int) else v if isinstance(v, list) else []
+    return {int(t) for t in v if isinstance(t, int) and not isinstance(t, bool) and t >= 0}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return v if isinstance(v, dict) else {}

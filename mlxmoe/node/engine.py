@@ -4,6 +4,7 @@ log-probabilities. Implements node.contract.Engine for the cluster layer."""
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from contextlib import nullcontext
@@ -15,14 +16,14 @@ import numpy as np
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node import grammar
-from mlxmoe.node.contract import GenParams, TokenEvent
+from mlxmoe.node.contract import SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
-from mlxmoe.model.load import Loaded, load_bundle, load_tokenizer
+from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
 from mlxmoe.model.moe import state_of
 from mlxmoe.node.remote.route import Remote, routed_local
 from mlxmoe.node.sessions import Session, SessionStore
-from mlxmoe.node.tokens import Tokens
+from mlxmoe.node.tokens import Tokens, end_ids, special_ids, turn_start
 from mlxmoe.node.trunk import gate_logits
 
 DEFAULT_KV_START = 0  # quantize the KV cache from the first token
@@ -39,7 +40,12 @@ class Node(Tokens):
         cfg = self.manifest.model["config"]
         self.max_context = int(max_context or cfg.get("max_position_embeddings") or 4096)
         self.vocab_size = int(cfg["vocab_size"])
-        self.eos = set(tokenizer.eos_token_ids) if tokenizer else set()
+        self.eos = end_ids(tokenizer)  # eos_token_ids of tokenizer, config and generation_config; the turn end
+        self.special = (special_ids(tokenizer) - self.eos) if tokenizer else set()  # never sent as text
+        self.sampling_defaults = model_defaults(load_generation_config(bundle_dir)) if bundle_dir else dict(SAMPLING_DEFAULTS)
+        self._pieces: dict[int, str] = {}
+        start = turn_start(tokenizer) if tokenizer else None
+        self.banned = [start] if start is not None and start not in self.eos else []  # never sampled in an answer
         per_token = self._kv_bytes_per_token()
         self.kv_note = self._check_quantized_kv()
         if self.kv_note:
@@ -142,10 +148,11 @@ class Node(Tokens):
         """Stream TokenEvents for `prompt` in session `session_id` (reusing its
         cached prefix). Validation errors are raised before the first event."""
         from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
 
         self.check_prompt(prompt, params)
         check_resume(prompt, params.resume, params.resume_chars)
+        params = resolve(params, self.sampling_defaults)
+        processors = sampling_processors(params, self.vocab_size)  # bad values raise here
         constrained = grammar.processor(params.grammar, self.tokenizer, self.vocab_size,  # bad specs raise here
                                         prompt[len(prompt) - params.resume:] if params.resume else ())
         max_tokens = min(params.max_tokens, self.max_context - len(prompt))
@@ -155,11 +162,11 @@ class Node(Tokens):
         route = self.remote.route(s.id, params)
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n + max_tokens)
-        if params.seed is not None:
-            mx.random.seed(params.seed)
-        sampler, chosen = _logprob_sampler(make_sampler(temp=params.temperature, top_p=params.top_p))
+        sampler, chosen = _logprob_sampler(_ban(stream_sampler(params, self.vocab_size), self.banned),
+                                           min(params.top_logprobs, self.vocab_size))
+        processors += [constrained] if constrained else []
         steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
-                              logits_processors=[constrained] if constrained else None,
+                              logits_processors=processors or None,
                               prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
                               quantized_kv_start=self.kv_start)
         if route is not None:
@@ -195,11 +202,12 @@ class Node(Tokens):
         s.busy = True
         out: list[int] = []
         try:
-            pairs = ((int(t), chosen.popleft().item()) for t, _ in steps)
+            pairs = (self._step(int(t), chosen.popleft()) for t, _ in steps)
             detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
             turn = prompt[len(prompt) - params.resume:]  # a continued turn's tokens so far (exact splice)
             open_end = params.open_end and max_tokens == params.max_tokens  # not the context limit: the turn goes on
-            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end):
+            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end,
+                                  self.special):
                 out.append(ev.token)
                 yield ev
         finally:
@@ -207,6 +215,21 @@ class Node(Tokens):
             s.turns += 1
             _settle(s, prompt + out)
             s.last_used = time.time()
+
+    def _step(self, token: int, chosen: tuple) -> tuple:
+        """(token, logprob, top_logprobs) of one step from what the sampler kept."""
+        lp, ids, vals = chosen
+        if ids is None:
+            return token, lp.item(), None
+        return token, lp.item(), [{"token": i, "text": self._piece(i), "logprob": v}
+                                  for i, v in zip(ids.tolist(), vals.tolist())]
+
+    def _piece(self, token: int) -> str:
+        """One token's own text (top_logprobs alternatives), cached."""
+        t = self._pieces.get(token)
+        if t is None:
+            t = self._pieces[token] = self.tokenizer.decode([token]) if self.tokenizer else ""
+        return t
 
     def score(self, tokens: list[int], layers: list[int] | None = None):
         """Placement scores from this node's own forward pass (exact at the
@@ -310,11 +333,14 @@ def _settle(s: Session, seq: list[int]):
             s.cache, s.tokens = None, []
 
 
-def _logprob_sampler(sample):
-    """Wrap a sampler so the chosen token's log-probability is computed in the
-    same step as the token. Reading it later costs nothing; indexing the
-    logprobs vector after the fact would queue a new op behind the next step
-    and stall mlx-lm's pipelined decode loop (measured: 0.64x on CUDA)."""
+def _logprob_sampler(sample, n_top: int = 0):
+    """Wrap a sampler so the chosen token's log-probability (and the n_top most
+    likely tokens, best first) is computed in the same step as the token.
+    Reading it later costs nothing; indexing the logprobs vector after the
+    fact would queue a new op behind the next step and stall mlx-lm's
+    pipelined decode loop (measured: 0.64x on CUDA). The log-probabilities
+    are those the sampler sees: after logit_bias, penalties and grammar,
+    before temperature and top-p/top-k/min-p."""
     from collections import deque
 
     chosen = deque()
@@ -322,11 +348,99 @@ def _logprob_sampler(sample):
     def sampler(logprobs):
         y = sample(logprobs)
         lp = mx.take_along_axis(logprobs, y[..., None], axis=-1).squeeze().astype(mx.float32)
-        mx.async_eval(lp)
-        chosen.append(lp)
+        ids = vals = None
+        if n_top > 0:
+            flat = logprobs.reshape(-1)
+            ids = mx.argpartition(-flat, kth=n_top - 1)[:n_top]
+            order = mx.argsort(-flat[ids])
+            ids = ids[order]
+            vals = flat[ids].astype(mx.float32)
+            mx.async_eval(lp, ids, vals)
+        else:
+            mx.async_eval(lp)
+        chosen.append((lp, ids, vals))
         return y
 
     return sampler, chosen
+
+
+def stream_sampler(p: GenParams, vocab: int):
+    """mlx-lm's sampler chain (top-p, min-p, top-k, then a categorical draw:
+    mlx_lm.sample_utils.make_sampler) with this stream's own random key, so a
+    seed gives the same tokens however many streams the engine thread
+    interleaves (make_sampler draws from MLX's one global RNG state)."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+    if p.temperature == 0:
+        return greedy_sampler
+    filters = []
+    if 0 < p.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, p.top_p))
+    if p.min_p:
+        filters.append(lambda x: apply_min_p(x, p.min_p))
+    if 0 < p.top_k < vocab:
+        filters.append(lambda x: apply_top_k(x, p.top_k))
+    seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+    key = [mx.random.key(seed)]
+
+    def sample(logprobs):
+        for f in filters:
+            logprobs = f(logprobs)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * (1.0 / p.temperature), key=sub)
+
+    return sample
+
+
+def _ban(sample, ids: list[int]):
+    """A sampler that never picks `ids` (the template's turn start). Inside
+    the sampler, not a logits processor: reported log-probabilities stay the model's."""
+    if not ids:
+        return sample
+    idx = mx.array(ids)
+
+    def banned(logprobs):
+        return sample(logprobs.at[..., idx].add(-mx.inf))
+
+    return banned
+
+
+PENALTY_CONTEXT = 20  # tokens each penalty looks back on (mlx-lm's default)
+
+
+def sampling_processors(p: GenParams, vocab: int) -> list:
+    """mlx-lm's logits processors for logit_bias and the three penalties
+    (mlx_lm.sample_utils.make_logits_processors). MlxMoeError names a bad field."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    check_sampling(p, vocab)
+    bias = {int(k): float(v) for k, v in p.logit_bias.items()}
+    return make_logits_processors(bias or None, p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+                                  PENALTY_CONTEXT, p.presence_penalty or None, PENALTY_CONTEXT,
+                                  p.frequency_penalty or None, PENALTY_CONTEXT)
+
+
+def check_sampling(p: GenParams, vocab: int) -> None:
+    """Sampling fields after resolve(): values mlx-lm's samplers accept."""
+    def num(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    for name, lo, hi in (("temperature", 0, 100), ("top_p", 0, 1), ("min_p", 0, 1), ("repetition_penalty", 0, 100),
+                         ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
+        v = getattr(p, name)
+        if not num(v) or not lo <= v <= hi:
+            raise MlxMoeError(f"params.{name}: must be a number in {lo}..{hi}, got {v!r}"[:200])
+    if not isinstance(p.top_k, int) or isinstance(p.top_k, bool) or p.top_k < 0:
+        raise MlxMoeError(f"params.top_k: must be an integer >= 0, got {p.top_k!r}"[:200])
+    if not isinstance(p.top_logprobs, int) or isinstance(p.top_logprobs, bool) or not 0 <= p.top_logprobs <= 20:
+        raise MlxMoeError(f"params.top_logprobs: must be an integer in 0..20, got {p.top_logprobs!r}"[:200])
+    if not isinstance(p.logit_bias, dict):
+        raise MlxMoeError("params.logit_bias: must map token ids to numbers")
+    for k, v in p.logit_bias.items():
+        if not str(k).isdigit() or not 0 <= int(k) < vocab:
+            raise MlxMoeError(f"logit_bias: token id {str(k)[:20]!r} is outside the vocabulary (0..{vocab - 1})")
+        if not num(v) or not -100 <= v <= 100:
+            raise MlxMoeError(f"logit_bias: the bias of token {k} must be a number in -100..100")
 
 
 def backend_name() -> str:

@@ -50,11 +50,13 @@ def check_resume(prompt: list[int], resume: int, resume_chars: int) -> None:
         raise MlxMoeError("params.resume_chars: must be >= 0, and 0 unless params.resume > 0")
 
 
-def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops: list[str],
+def text_events(steps: Iterable[tuple], detokenizer, eos: set, stops: list[str],
                 max_tokens: int, resume: Iterable[int] = (), sent: int = 0,
-                open_end: bool = False) -> Iterator[TokenEvent]:
-    """steps: (token, logprob) pairs from the model. Yields one TokenEvent per
-    token; the last one carries finish_reason ("stop" or "length").
+                open_end: bool = False, special: set = frozenset()) -> Iterator[TokenEvent]:
+    """steps: (token, logprob) or (token, logprob, top_logprobs) from the model.
+    Yields one TokenEvent per token; the last one carries finish_reason ("stop"
+    or "length"); an EOS token's own text is never sent, and `special` tokens
+    (the tokenizer's special tokens that are not EOS) add no text.
     resume: the turn's tokens already streamed (by this or another node),
     of whose text `sent` characters were delivered. open_end: max_tokens ends
     this call, not the turn (a race's first tokens), so text held back at the
@@ -62,27 +64,31 @@ def text_events(steps: Iterable[tuple[int, float]], detokenizer, eos: set, stops
     stops = [s for s in stops if s]
     detokenizer.reset()
     for token in resume:
+        if token in special:
+            continue
         detokenizer.add_token(token)
         _ = detokenizer.text  # read after each token, as the first node did (the naive one flushes lines on reads)
     n = 0
-    for token, logprob in steps:
+    for step in steps:
+        token, logprob, top = step[0], step[1], (step[2] if len(step) > 2 else None)
         n += 1
         if token in eos:
             detokenizer.finalize()
-            yield TokenEvent(token, detokenizer.text[sent:], logprob, "stop")
+            yield TokenEvent(token, detokenizer.text[sent:], logprob, "stop", top)
             return
-        detokenizer.add_token(token)
+        if token not in special:
+            detokenizer.add_token(token)
         text = detokenizer.text
         hit = min((i for i in (text.find(s, max(0, sent - max(map(len, stops), default=0))) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
-            yield TokenEvent(token, text[sent:hit], logprob, "stop")
+            yield TokenEvent(token, text[sent:hit], logprob, "stop", top)
             return
         if n >= max_tokens and not open_end:
             detokenizer.finalize()
-            yield TokenEvent(token, detokenizer.text[sent:], logprob, "length")
+            yield TokenEvent(token, detokenizer.text[sent:], logprob, "length", top)
             return
         safe = len(text) - _holdback(text, stops)
-        yield TokenEvent(token, text[sent:safe], logprob, "length" if n >= max_tokens else None)
+        yield TokenEvent(token, text[sent:safe], logprob, "length" if n >= max_tokens else None, top)
         if n >= max_tokens:
             return
         sent = max(sent, safe)

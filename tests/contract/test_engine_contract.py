@@ -129,6 +129,18 @@ def test_bad_requests(make):
         e.generate("s", prompt_of(e), GenParams(max_tokens=0))
 
 
+def test_top_logprobs_and_logit_bias(make):
+    e = make()
+    evs = run(e, "s", prompt_of(e), max_tokens=4, top_logprobs=3)
+    for ev in evs:
+        lps = [t["logprob"] for t in ev.top_logprobs]
+        assert len(lps) == 3 and lps == sorted(lps, reverse=True) and ev.logprob <= lps[0] + 1e-5
+        assert all(isinstance(t["token"], int) and isinstance(t["text"], str) for t in ev.top_logprobs)
+    assert all(ev.top_logprobs is None for ev in run(e, "t", prompt_of(e), max_tokens=2))
+    with pytest.raises(MlxMoeError, match="logit_bias"):
+        e.generate("u", prompt_of(e), GenParams(logit_bias={str(10 ** 8): 1.0}))
+
+
 def test_sessions_reuse_close_unknown(make):
     e = make()
     p = prompt_of(e)

@@ -444,7 +444,9 @@ def test_real_hard_migration_continues_with_the_same_greedy_tokens(bundle):
                 p1, p2 = await c.router.encode_chat(m1), await c.router.encode_chat(m2)
 
                 async def gen(n, sid, p):
-                    return [f async for f in n.generate(sid, p, {"max_tokens": 8}) if f["t"] == "tok"]
+                    # repetition_penalty None: the model's default, as the API sends for a request without one
+                    return [f async for f in n.generate(sid, p, {"max_tokens": 8, "repetition_penalty": None})
+                            if f["t"] == "tok"]
                 t1 = await gen(n0, "byhand", p1)
                 state = await n0.call("export_session", {"session": "byhand"})
                 await n1.call("import_session", {"state": state})

@@ -105,6 +105,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
     owner, body = await _body(request)
     messages, params = oa.parse_messages(body), oa.gen_params(body)
+    oa.check_logit_bias(params, router.vocab_size)
     oa.check_model(body, router.model_names())
     stream = oa.flag(body, "stream")
     logprobs = oa.chat_logprobs(body)
@@ -209,6 +210,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     router: Router = request.app[ROUTER_KEY]
     owner, body = await _body(request)
     prompt, params = oa.parse_prompt(body), oa.gen_params(body)
+    oa.check_logit_bias(params, router.vocab_size)
     oa.check_model(body, router.model_names())
     grammar = oa.completion_grammar(body)
     params = {**params, "grammar": grammar} if grammar else params

@@ -108,10 +108,12 @@ def gen_params(body: dict) -> dict:
     name = "max_completion_tokens" if mt is not None else "max_tokens"
     max_tokens = opt(body, name, (int,), "an integer", MAX_TOKENS_DEFAULT)
     check_range(name, max_tokens, 1, MAX_TOKENS_LIMIT)
-    temperature = number(body, "temperature", 0.0)
-    check_range("temperature", temperature, 0.0, 2.0)
-    top_p = number(body, "top_p", 1.0)
-    check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
+    temperature = number(body, "temperature", None) if body.get("temperature") is not None else None
+    if temperature is not None:
+        check_range("temperature", temperature, 0.0, 2.0)
+    top_p = number(body, "top_p", None) if body.get("top_p") is not None else None
+    if top_p is not None:
+        check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
     stop = opt(body, "stop", (str, list), "a string or a list of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
@@ -124,9 +126,84 @@ def gen_params(body: dict) -> dict:
     n = opt(body, "n", (int,), "an integer", 1)
     if n != 1:
         raise ApiError(400, "'n' must be 1 (one completion per request)", "n", "unsupported_value")
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed,
+            **sampling_params(body)}
+
+
+# ---------------------------------------------------------------- sampling beyond temperature/top_p
+MAX_LOGIT_BIAS = 1024  # entries (the wire's limit too)
+TOP_LOGPROBS_LIMIT = 20
+
+
+def sampling_params(body: dict) -> dict:
+    """presence/frequency/repetition penalties, top_k, min_p, logit_bias and
+    the number of top_logprobs, as GenParams fields (None: the model's default,
+    node/contract.py model_defaults); best_of other than 1 is refused."""
+    best_of = opt(body, "best_of", (int,), "an integer", 1)
+    if best_of != 1:
+        raise ApiError(400, "'best_of' must be 1 (one completion per request)", "best_of", "unsupported_value")
+    out = {}
     for name in ("presence_penalty", "frequency_penalty"):
-        check_range(name, number(body, name, 0.0), -2.0, 2.0)
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed}
+        out[name] = number(body, name, 0.0)
+        check_range(name, out[name], -2.0, 2.0)
+    out["repetition_penalty"] = optional_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True)
+    out["min_p"] = optional_number(body, "min_p", 0.0, 1.0)
+    top_k = opt(body, "top_k", (int,), "an integer")
+    if top_k is not None:
+        check_range("top_k", top_k, 0, 1 << 20)
+    out["top_k"] = top_k
+    out["logit_bias"] = logit_bias(body)
+    out["top_logprobs"] = top_logprobs_count(body)
+    return out
+
+
+def optional_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    if body.get(name) is None:
+        return None
+    v = number(body, name, 0.0)
+    check_range(name, v, lo, hi, lo_open)
+    return v
+
+
+def logit_bias(body: dict) -> dict[str, float]:
+    """{"token id": bias in -100..100}; ids beyond the vocabulary the node refuses (naming logit_bias)."""
+    b = opt(body, "logit_bias", (dict,), "an object mapping token ids to numbers", {})
+    if len(b) > MAX_LOGIT_BIAS:
+        raise ApiError(400, f"'logit_bias' has more than {MAX_LOGIT_BIAS} entries", "logit_bias", "invalid_value")
+    out = {}
+    for k, v in b.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9):
+            raise ApiError(400, f"'logit_bias' keys must be token ids (digits), got {k[:20]!r}", "logit_bias",
+                           "invalid_value")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise ApiError(400, f"'logit_bias[{k}]' must be a number in -100..100", "logit_bias", "invalid_value")
+        out[str(int(k))] = float(v)
+    return out
+
+
+def check_logit_bias(params: dict, vocab: int | None) -> None:
+    """logit_bias ids inside the vocabulary, when the router knows it (else the node refuses them)."""
+    bad = [k for k in params.get("logit_bias") or {} if vocab is not None and int(k) >= vocab]
+    if bad:
+        raise ApiError(400, f"'logit_bias': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "logit_bias",
+                       "invalid_value")
+
+
+def top_logprobs_count(body: dict) -> int:
+    """Alternatives per token: chat's top_logprobs (with logprobs: true), or completions' logprobs N."""
+    lp = body.get("logprobs")
+    if "messages" not in body:  # /v1/completions: logprobs is the count (completion_logprobs checks it)
+        return lp if isinstance(lp, int) and not isinstance(lp, bool) and 0 <= lp <= 5 else 0
+    n = opt(body, "top_logprobs", (int,), "an integer", 0)
+    check_range("top_logprobs", n, 0, TOP_LOGPROBS_LIMIT)
+    if n and lp is not True:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
+    return n
+
+
+def top_list(f: dict) -> list[dict]:
+    """A token frame's alternatives in the chat shape."""
+    return [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())} for t in f.get("top") or []]
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -442,7 +519,7 @@ def usage(n_prompt: int, n_completion: int) -> dict:
 
 
 def chat_lp(f: dict) -> dict:
-    return {"token": f["text"], "logprob": f["logprob"], "bytes": list(f["text"].encode()), "top_logprobs": []}
+    return {"token": f["text"], "logprob": f["logprob"], "bytes": list(f["text"].encode()), "top_logprobs": top_list(f)}
 
 
 def chat_completion(base: dict, reply: str, lps: list[dict] | None, finish_reason: str, use: dict) -> dict:
@@ -468,4 +545,5 @@ def completion_lp(frames: list[dict], offset: int = 0) -> dict:
         offs.append(o)
         o += len(f["text"])
     return {"tokens": [f["text"] for f in frames], "token_logprobs": [f["logprob"] for f in frames],
-            "top_logprobs": None, "text_offset": offs}
+            "top_logprobs": [{t["text"]: t["logprob"] for t in f.get("top") or []} for f in frames]
+            if any(f.get("top") for f in frames) else None, "text_offset": offs}

@@ -264,10 +264,12 @@ class Router:
         self.sessions.forget(s)
 
     # ---------------------------------------------------------------- placement
-    def candidates(self, s: Session, exclude: set[str] = frozenset()) -> list[Peer]:
-        """Live peers for this session, best first (placement.rank_candidates)."""
+    def candidates(self, s: Session, exclude: set[str] = frozenset(), params: dict | None = None) -> list[Peer]:
+        """Live peers for this session, best first (placement.rank_candidates);
+        a deterministic request's (`params`: temperature 0 or a seed) by group id among tied groups."""
         return placement.rank_candidates(self.peers.live(), s.scores, s.ranked, self.tie_margin, self.busy_until,
-                                         time.time(), pinned=s.peer, exclude=exclude)
+                                         time.time(), pinned=s.peer, exclude=exclude,
+                                         deterministic=placement.deterministic(params or {}))
 
     def group_for(self, s: Session, p: Peer) -> int:
         return placement.group_for(s.ranked, p.groups)

@@ -12,8 +12,11 @@ stream is opened, so concurrent placements see each other) or what the node
 last reported (`streams` + `queued`), whichever is more; then sessions held,
 then free memory. Load orders nodes only among equals: the pinned node, then
 nodes that did not just say "full", then groups within the tie margin of the
-best; a group that leads by more than the margin wins whatever its load, so
-a temperature-0 request lands on the same group every time."""
+best; a group that leads by more than the margin wins whatever its load. A
+deterministic request (temperature 0 or a seed: `deterministic`) never
+spreads across groups: tied groups go by group id, and load orders only the
+replicas of one group, so the same request lands on the same group (and
+gives the same text) every time."""
 
 from __future__ import annotations
 
@@ -68,21 +71,30 @@ def node_rank(p: PeerLike, busy_until: dict[str, float], now: float) -> tuple:
     return busy(p.name, busy_until, now), load(p)
 
 
+def deterministic(params: dict) -> bool:
+    """Does this request ask for reproducible text (temperature 0, or a seed)?
+    An unset temperature is the model's default, which may sample: not deterministic."""
+    return params.get("seed") is not None or params.get("temperature") == 0
+
+
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
                     tie_margin: float, busy_until: dict[str, float], now: float,
-                    pinned: str | None = None, exclude: Iterable[str] = ()) -> list:
+                    pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False) -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
-    within `tie_margin` of the best tie, and replicas of one group tie), then
-    least loaded (load())."""
+    within `tie_margin` of the best tie, and replicas of one group tie; for a
+    `deterministic` request tied groups go by group id, so only replicas tie),
+    then least loaded (load())."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
-    def bucket(p: PeerLike) -> int:
+    def bucket(p: PeerLike) -> tuple:
         g = group_for(ranked, p.groups)
         if g not in scores:
-            return len(ranked)
-        return 0 if best - scores[g] <= tie_margin else ranked.index(g)
+            return len(ranked), 0
+        if best - scores[g] <= tie_margin:
+            return 0, g if deterministic else 0
+        return ranked.index(g), 0
 
     out = [p for p in peers if p.name not in exclude]
     out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))

@@ -77,7 +77,7 @@ class Turn:
         params = splice_params(self.params, len(self.generated), self.sent_chars)
         prompt = self.prompt + self.generated
         retry_after, last_err = None, None
-        for p in r.candidates(s, self.tried):
+        for p in r.candidates(s, self.tried, self.params):
             self.tried.add(p.name)
             try:
                 frames, first_frame = await self._start(p, prompt, params)
