@@ -20,17 +20,14 @@ import jsonschema
 import openai
 import pytest
 
+from tool_cases import ADD, WEATHER
+
 from fakes import ByteDetokenizer, FakeEngine, FakeFrontend, LocalCluster, decode
 from mlxmoe.cluster.api import tools as tl
 from mlxmoe.node.stream import text_events
 
 pytestmark = pytest.mark.timeout(240)
 REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 999}},
-       "required": ["a", "b"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}

@@ -8,6 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from tool_cases import ADD, WEATHER
+
 from mlxmoe.bundle.split import split
 from mlxmoe.cluster.api import tools
 from mlxmoe.errors import MlxMoeError
@@ -16,11 +18,6 @@ from mlxmoe.node.engine import Node
 
 pytestmark = pytest.mark.timeout(300)
 REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 999},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 999}},
-       "required": ["a", "b"], "additionalProperties": False}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
          {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
 
