@@ -45,8 +45,6 @@ def inputs(e, h, seed=1):
 
 
 def tail_case(obits, ogs, router, dtype, h=256, a=512, e=48):
-    import mlx.nn as nn
-
     from mlxmoe.kernels.layer_tail import QLinear, Tail
 
     w = mx.random.normal((h, a), key=mx.random.key(11)) / np.sqrt(a)

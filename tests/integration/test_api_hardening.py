@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakes import FakeEngine, FakeFrontend, LocalCluster
+from fakes import FakeEngine, LocalCluster
 from mlxmoe.cluster.api.app import HttpLimits
 from mlxmoe.cluster.router.sessions import session_ref
 

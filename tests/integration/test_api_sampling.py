@@ -7,7 +7,6 @@ across streams the engine thread interleaves."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import urllib.error

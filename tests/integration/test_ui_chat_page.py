@@ -8,7 +8,6 @@ import re
 import struct
 import zlib
 
-import pytest
 
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.ui.chat_page import render
