@@ -1,9 +1,12 @@
 """One thread per process drives the engine (MLX must not be driven from many
 threads); asyncio code talks to it through futures and queues.
 
-Streams are stepped round-robin, one token each, with plain calls (prefill,
+Streams are stepped in rounds, one token each, with plain calls (prefill,
 close, ...) run in between, so concurrent sessions interleave instead of
-queueing behind each other. At most `max_streams` are stepped at once; later
+queueing behind each other. A real node decodes a round's streams in one
+batched step (node/batch.py): the first stream of a round to need a token
+steps the batch, the others find theirs made (or yield PENDING: no token
+this round, nothing delivered). At most `max_streams` are stepped at once; later
 ones wait in order, not started (no KV held), so the node can say how deep
 its queue is and refuse work past a bound (node_server.py).
 
@@ -22,6 +25,8 @@ import queue
 import threading
 import time
 from typing import Any, Callable, Iterator
+
+from mlxmoe.node.contract import PENDING
 
 END = object()
 log = logging.getLogger("mlxmoe.worker")
@@ -195,6 +200,8 @@ class EngineWorker:
             return self._finish(s, "end", None)
         except BaseException as e:
             return self._finish(s, "error", e)
+        if item is PENDING:
+            return
         if not s._deliver("item", item):
             self._finish(s, None, None)
 

@@ -33,15 +33,14 @@ def parse_duration(text: str, option: str) -> float:
 @key_option
 @kv_options("KV cache bits: 4 or 8 quantize it (less memory per session), 16 keeps it unquantized. "
             "Default: what the bundle's manifest says.",
-            "KV quantization group size (default: 64, or 32 for small attention heads).",
-            "Quantize a session's KV cache once it holds this many tokens (0: from the start).")
+            "KV quantization group size (default: 64, or 32 for small attention heads).")
 @click.option("--kv-budget", default=None, metavar="SIZE",
               help="Memory for KV caches of all sessions, e.g. 2GB (10^9 bytes) or 2GiB. When full, idle sessions are evicted; "
                    "if none is idle, new sessions are refused (the router tries another Mac).")
 @click.option("--session-ttl", default="1h", show_default=True, metavar="DURATION",
               help="Close sessions idle this long, e.g. 30m or 2h (a router that restarted never closes them).")
 @click.option("--max-streams", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Chats decoded at once (round-robin); more wait in order, holding no KV cache.")
+              help="Chats decoded at once, in one batched step; more wait in order, holding no KV cache.")
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
               help="Chats that may wait beyond --max-streams; past that a new chat gets 429 with Retry-After "
                    "(the router tries another Mac first).")
@@ -50,7 +49,7 @@ def parse_duration(text: str, option: str) -> float:
 @interface_option
 @tls_option
 @log_options
-def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_start, kv_budget, session_ttl, max_streams,
+def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_budget, session_ttl, max_streams,
              max_queue, advertise, interface, plain_http, verbose, log_level, log_json):
     """Serve one expert group of BUNDLE on this Mac.
 
@@ -74,7 +73,7 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_sta
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
         from mlxmoe.node.engine import Node
         kw = {} if kv_bits is None else {"kv_bits": None if kv_bits == "16" else int(kv_bits)}
-        return Node.load(bundle, group, kv_budget_bytes=budget, kv_start=kv_start,
+        return Node.load(bundle, group, kv_budget_bytes=budget,
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
 
     run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,

@@ -23,10 +23,9 @@ def bits_or_none(x: str | None) -> int | None:
     return None if x is None or int(x) == 16 else int(x)
 
 
-def kv_options(bits_help: str, group_help: str, start_help: str):
-    """--kv-bits / --kv-group-size / --kv-start (default: what the bundle says)."""
+def kv_options(bits_help: str, group_help: str):
+    """--kv-bits / --kv-group-size (default: what the bundle says)."""
     def deco(f):
-        f = click.option("--kv-start", default=0, show_default=True, help=start_help)(f)
         f = click.option("--kv-group-size", type=click.Choice(GROUP_SIZES), default=None, help=group_help)(f)
         return click.option("--kv-bits", type=click.Choice(KV_BITS), default=None, help=bits_help)(f)
     return deco

@@ -43,9 +43,8 @@ def check_group(bundle: str, group) -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--kv-bits", type=click.Choice(KV_BITS), help="KV-cache bits (default: the bundle's).")
 @click.option("--kv-group-size", type=click.Choice(GROUP_SIZES), help="KV quantization group size (default: 64, or 32 for small heads).")
-@click.option("--kv-start", default=0, show_default=True, help="Quantize the KV cache once it holds this many tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print tokens with log-probabilities and timings as JSON.")
-def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, stop, kv_bits, kv_group_size, kv_start, as_json):
+def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, stop, kv_bits, kv_group_size, as_json):
     """Load one group of BUNDLE (trunk + group + overlay) and generate.
 
     Routing at every MoE layer is masked to the group's experts, exactly as a
@@ -66,7 +65,7 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
     stats, events, scores = clean_errors(
         generate_local, bundle, group, prompt, params, system=system, raw=raw,
         kv_bits=int(kv_bits) if kv_bits else None, kv_group_size=int(kv_group_size) if kv_group_size else None,
-        kv_start=kv_start, on_event=show)
+        on_event=show)
     if as_json:
         click.echo(json.dumps({**stats, "text": "".join(e.text for e in events),
                                "tokens": [{"id": e.token, "text": e.text, "logprob": e.logprob} for e in events]}))

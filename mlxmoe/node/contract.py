@@ -94,6 +94,17 @@ class TokenEvent:
     top_logprobs: list[dict] | None = None
 
 
+class _Pending:
+    def __repr__(self):
+        return "PENDING"
+
+
+# What a generate() iterator yields when it has no token this round: another stream of the
+# same engine stepped the shared batch since it last looked (node/batch.py). Consumers that
+# drive several streams (cluster/worker.py) skip it; one stream alone never sees it.
+PENDING = _Pending()
+
+
 class Engine(Protocol):
     """What a node offers to the cluster layer: node.engine.Node implements it,
     tests/fakes.FakeEngine too, and tests/contract/ runs one suite on both.
@@ -128,7 +139,9 @@ class Engine(Protocol):
         ids outside the vocabulary),
         ContextOverflow (len(prompt) >= context_limit, or more KV than the whole budget),
         AdmissionError (KV budget full of busy sessions), SessionBusy (the session is streaming).
-        Mid-stream: PeerError when a remote-experts peer failed, anything else when the node did."""
+        Mid-stream: PeerError when a remote-experts peer failed, anything else when the node did.
+        The iterator may yield PENDING between events (no token this round); closing it ends the
+        generation."""
 
     def prefill(self, session_id: str, prompt: list[int]) -> int:
         """Fill the session's cache with `prompt` without generating; returns the number of tokens

@@ -1,6 +1,7 @@
 """A node: one bundle group loaded into an mlx-lm model with masked routing,
 sessions with their own (quantized) KV caches, and generation with per-token
-log-probabilities. Implements node.contract.Engine for the cluster layer."""
+log-probabilities, every active generation decoded in one batched step
+(node/batch.py). Implements node.contract.Engine for the cluster layer."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node import grammar
-from mlxmoe.node.contract import SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
+from mlxmoe.node.batch import Batch, Row
+from mlxmoe.node.contract import PENDING, SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
@@ -26,17 +28,14 @@ from mlxmoe.node.sessions import Session, SessionStore
 from mlxmoe.node.tokens import Tokens, end_ids, special_ids, turn_start
 from mlxmoe.node.trunk import gate_logits
 
-DEFAULT_KV_START = 0  # quantize the KV cache from the first token
-
-
 class Node(Tokens):
     def __init__(self, loaded: Loaded, tokenizer, *, kv_bits: int | None = 8, kv_group_size: int | None = None,
-                 kv_start: int = DEFAULT_KV_START, kv_budget_bytes: int | None = None,
+                 kv_budget_bytes: int | None = None,
                  max_context: int | None = None, bundle_dir: str | None = None):
         self.loaded, self.tokenizer = loaded, tokenizer
         self.model, self.manifest, self.group = loaded.model, loaded.manifest, loaded.group
         self.bundle_dir = bundle_dir
-        self.kv_bits, self.kv_group_size, self.kv_start = kv_bits, kv_group_size, kv_start
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         cfg = self.manifest.model["config"]
         self.max_context = int(max_context or cfg.get("max_position_embeddings") or 4096)
         self.vocab_size = int(cfg["vocab_size"])
@@ -53,6 +52,9 @@ class Node(Tokens):
             per_token = self._kv_bytes_per_token()
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
+        self.batch = Batch(self.model, [loaded.blocks[l] for l in self.manifest.moe_layers], self.sessions,
+                           per_token, self.kv_bits, self.kv_group_size)
+        self.sessions.held = self.batch.kv_bytes
         self.remote = Remote(loaded)  # remote routed experts (routing modes), both directions
         self.inbox = self.remote.inbox  # the node server runs peers' `experts` requests through it
         self.started = time.time()
@@ -146,9 +148,9 @@ class Node(Tokens):
 
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
         """Stream TokenEvents for `prompt` in session `session_id` (reusing its
-        cached prefix). Validation errors are raised before the first event."""
-        from mlx_lm.generate import generate_step
-
+        cached prefix), decoded in the node's batch. Validation errors are
+        raised before the first event. The iterator yields PENDING when another
+        stream stepped the batch since this one last looked (node.contract)."""
         self.check_prompt(prompt, params)
         check_resume(prompt, params.resume, params.resume_chars)
         params = resolve(params, self.sampling_defaults)
@@ -164,14 +166,12 @@ class Node(Tokens):
         self.sessions.admit(s, len(prompt) - n + max_tokens)
         sampler, chosen = _logprob_sampler(_ban(stream_sampler(params, self.vocab_size), self.banned),
                                            min(params.top_logprobs, self.vocab_size))
-        processors += [constrained] if constrained else []
-        steps = generate_step(mx.array(prompt[n:]), self.model, max_tokens=max_tokens, sampler=sampler,
-                              logits_processors=processors or None,
-                              prompt_cache=s.cache, kv_bits=self.kv_bits, kv_group_size=self.kv_group_size,
-                              quantized_kv_start=self.kv_start)
-        if route is not None:
-            steps = route.wrap(steps)
-        return self._stream(s, list(prompt), steps, chosen, params, max_tokens)
+        s.busy = True
+        row = self.batch.add(s, list(prompt), n, sampler, processors + ([constrained] if constrained else []),
+                             max_tokens, route)
+        out: list[int] = []
+        return RowStream(self.batch, row, self._stream(row, list(prompt), out, chosen, params, max_tokens),
+                         lambda: self._end(s, row, list(prompt) + out))
 
     def prefill(self, session_id: str, prompt: list[int], step: int = 512) -> int:
         """Fill `session_id`'s cache with `prompt` without generating (reusing
@@ -191,30 +191,31 @@ class Node(Tokens):
             for i in range(n, len(prompt), step):
                 with route.active() if route else nullcontext():
                     self.model(mx.array([prompt[i:i + step]]), cache=s.cache)
-                maybe_quantize_kv_cache(s.cache, self.kv_start, self.kv_group_size, self.kv_bits)
+                maybe_quantize_kv_cache(s.cache, 0, self.kv_group_size, self.kv_bits)
                 mx.eval([c.state for c in s.cache])
         finally:
             _settle(s, list(prompt))
             s.last_used = time.time()
         return len(prompt) - n
 
-    def _stream(self, s: Session, prompt, steps, chosen, params, max_tokens):
-        s.busy = True
-        out: list[int] = []
-        try:
-            pairs = (self._step(int(t), chosen.popleft()) for t, _ in steps)
-            detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
-            turn = prompt[len(prompt) - params.resume:]  # a continued turn's tokens so far (exact splice)
-            open_end = params.open_end and max_tokens == params.max_tokens  # not the context limit: the turn goes on
-            for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end,
-                                  self.special):
-                out.append(ev.token)
-                yield ev
-        finally:
-            s.busy = False
-            s.turns += 1
-            _settle(s, prompt + out)
-            s.last_used = time.time()
+    def _stream(self, row: Row, prompt, out: list, chosen, params, max_tokens):
+        """The row's TokenEvents (RowStream's `events`); `out` collects its tokens."""
+        pairs = (self._step(t, chosen.popleft()) for t in _tokens(row))
+        detok = self.tokenizer.detokenizer if self.tokenizer else NullDetokenizer()
+        turn = prompt[len(prompt) - params.resume:]  # a continued turn's tokens so far (exact splice)
+        open_end = params.open_end and max_tokens == params.max_tokens  # not the context limit: the turn goes on
+        for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end,
+                              self.special):
+            out.append(ev.token)
+            yield ev
+
+    def _end(self, s: Session, row: Row, seq: list[int]) -> None:
+        """The generation is over (or abandoned): its cache back to the session, trimmed to `seq`."""
+        s.cache = self.batch.finish(row)
+        s.busy = False
+        s.turns += 1
+        _settle(s, seq)
+        s.last_used = time.time()
 
     def _step(self, token: int, chosen: tuple) -> tuple:
         """(token, logprob, top_logprobs) of one step from what the sampler kept."""
@@ -313,6 +314,47 @@ class Node(Tokens):
             "backend": backend_name(), "moe_path": self.loaded.moe_path, "fused_layers": self.loaded.fused_layers,
             "uptime_s": time.time() - self.started,
         }
+
+
+class RowStream:
+    """The iterator generate() returns: one generation's TokenEvents. Each
+    step of the batch is taken by whichever stream needs a token first in a
+    round; `end` runs once, when the events end, fail or are closed."""
+
+    def __init__(self, batch: Batch, row: Row, events: Iterator[TokenEvent], end):
+        self.batch, self.row, self.events, self._end = batch, row, events, end
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._end is None:
+            raise StopIteration
+        try:
+            if not self.batch.ready(self.row):
+                return PENDING
+            return next(self.events)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        end, self._end = self._end, None
+        if end is not None:
+            self.events.close()
+            end()
+
+    def __del__(self):
+        self.close()
+
+
+def _tokens(row: Row) -> Iterator[int]:
+    """The row's tokens as the batch makes them (RowStream asks only when one
+    is there or the row is over), then its error if it failed."""
+    while row.out:
+        yield row.out.popleft()
+    if row.error is not None:
+        raise row.error
 
 
 def _settle(s: Session, seq: list[int]):

@@ -10,7 +10,7 @@ from mlxmoe.node.contract import GenParams
 
 
 def generate_local(bundle, group: str, prompt: str, params: GenParams, *, system=None, raw=False, kv_bits=None,
-                   kv_group_size=None, kv_start=0, on_event=lambda ev: None) -> tuple[dict, list, object]:
+                   kv_group_size=None, on_event=lambda ev: None) -> tuple[dict, list, object]:
     """`group` is a number, 'auto' (best placement score for the prompt) or
     'all' (the full model); kv_bits None means the bundle's, 16 unquantized.
     Returns (stats, token events, placement scores or None); `on_event` sees
@@ -32,7 +32,7 @@ def generate_local(bundle, group: str, prompt: str, params: GenParams, *, system
         except ValueError:
             raise MlxMoeError(f"--group {group!r}: expected a group number, 'auto' or 'all'") from None
     kv = "manifest" if kv_bits is None else (None if kv_bits == 16 else int(kv_bits))
-    node = Node.load(bundle, g, kv_bits=kv, kv_start=kv_start, kv_group_size=kv_group_size)
+    node = Node.load(bundle, g, kv_bits=kv, kv_group_size=kv_group_size)
     tokens = _tokens(node, prompt, system, raw)
     t0 = time.perf_counter()
     events, first = [], None

@@ -36,6 +36,7 @@ class SessionStore:
         self.budget, self.per_token = int(budget_bytes), bytes_per_token
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.evictions = 0
+        self.held = lambda: 0  # KV held outside sessions' own caches (the node's decoding batch)
 
     def get(self, sid: str) -> Session:
         s = self.sessions.pop(sid, None) or Session(sid)
@@ -44,7 +45,17 @@ class SessionStore:
         return s
 
     def used(self) -> int:
-        return sum(s.kv_bytes for s in self.sessions.values())
+        return sum(s.kv_bytes for s in self.sessions.values()) + self.held()
+
+    def make_room(self, more: int, keep: Session | None = None) -> bool:
+        """Evict idle sessions' caches (not `keep`'s), LRU first, until `more` bytes fit; whether they do."""
+        for s in list(self.sessions.values()):
+            if self.used() + more <= self.budget:
+                return True
+            if s is not keep and not s.busy and s.cache is not None:
+                s.cache, s.tokens = None, []
+                self.evictions += 1
+        return self.used() + more <= self.budget
 
     def admit(self, session: Session, new_tokens: int):
         """Make room for `new_tokens` more KV in `session`, evicting idle
@@ -57,16 +68,9 @@ class SessionStore:
                 f"session {session.id}: needs ~{want / 2**20:.1f} MiB of KV cache for "
                 f"{total} tokens, but this node's KV budget is {self.budget / 2**20:.1f} MiB "
                 "(raise --kv-budget, lower --kv-bits, or send a shorter prompt / max_tokens)")
-        for other in list(self.sessions.values()):
-            if self.used() + need <= self.budget:
-                return
-            if other is not session and not other.busy and other.cache is not None:
-                other.cache, other.tokens = None, []
-                self.evictions += 1
-        if self.used() + need > self.budget:
-            err = AdmissionError(f"KV budget full ({self.used() / 2**20:.1f} of {self.budget / 2**20:.1f} MiB) "
+        if not self.make_room(need, keep=session):
+            raise AdmissionError(f"KV budget full ({self.used() / 2**20:.1f} of {self.budget / 2**20:.1f} MiB) "
                                  "with sessions that are generating; retry shortly")
-            raise err
 
     def close(self, sid: str) -> bool:
         return self.sessions.pop(sid, None) is not None

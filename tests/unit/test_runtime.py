@@ -184,7 +184,7 @@ def test_quantized_kv_cache_and_prefix_reuse(qnode_bundle):
     assert len(s.tokens) == len(prompt) + len(first)
     turn2 = prompt + first + node.encode("<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n")
     counting = Counting(node.model)
-    node.model = counting
+    node.model = node.batch.model = counting
     second = greedy(node, "s", turn2)
     reused = counting.fed
     fresh = greedy(node, "fresh", turn2)
@@ -320,7 +320,7 @@ def test_prefill_then_generate_equals_plain_generate(qnode_bundle):
     assert node.prefill("p", prompt) == len(prompt)
     assert node.prefill("p", prompt) == 0  # cached already
     counting = Counting(node.model)
-    node.model = counting
+    node.model = node.batch.model = counting
     warm = greedy(node, "p", prompt)
     assert counting.fed <= len(warm) + 1  # only the last prompt token was re-fed
     assert warm == greedy(node, "cold", prompt)

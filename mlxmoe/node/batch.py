@@ -1,0 +1,305 @@
+"""Continuous batching: every active generation of a node decodes in one
+batched forward per step (docs/ARCHITECTURE.md, "Batching").
+
+A generation is a `Row`. New rows prefill their prompt alone (one row per
+forward, so a session's own route and plain caches apply), in chunks of
+`prefill_tokens`, as many chunks per step as fit in `prefill_tokens` (at least
+one), so a long prompt delays the running rows by about one chunk per step,
+never by its whole length. A row's chunks are the same whatever else runs (a
+quantized cache makes the numbers depend on them).
+When only the prompt's last token is left, the row joins the decoding batch:
+mlx-lm's GenerationBatch (its pipelined step, per-row samplers and logits
+processors), with the rows' caches merged into batch caches (node/batch_cache.py).
+A row leaves the batch when its stream ends; its cache goes back to its session.
+
+One row decodes on its own plain caches, as a node without batching would: the
+fused one-token path (model/fused_layer.py) applies; two or more take mlx-lm's
+batched path, where the fused steps fall back by themselves (they take one token).
+
+Rows with a remote route (node/remote/route.py) share the step: at each MoE
+layer the batch's hidden states are split by route, rows of routes to the same
+peers computed together (one call per peer per layer step), local rows by the
+block's own code. A peer that fails ends only its rows (PeerError); the others go on.
+
+The KV budget bounds the batch: a row joins only when the batch's worst case
+(every row left-padded to the longest row, each at its full max_tokens: what
+the batch caches allocate) fits beside the other sessions' caches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from mlxmoe.errors import PeerError
+from mlxmoe.model.moe import hooked, unhooked
+from mlxmoe.node.batch_cache import is_batched, merge
+
+PREFILL_TOKENS = 512  # prompt tokens computed per step, over all waiting rows
+NO_LIMIT = 1 << 40  # GenerationBatch's own max_tokens: rows end here (Row.max_tokens), not there
+STEP = 256  # KV caches grow in blocks of this many tokens
+
+
+@dataclass(eq=False)
+class Row:
+    uid: int
+    session: object  # node.sessions.Session
+    todo: list  # prompt tokens still to prefill (the last one is fed by the first decode step)
+    last: int
+    context: list  # tokens in the row's cache (logits processors see them and what follows)
+    sampler: object
+    processors: list
+    max_tokens: int
+    route: object = None  # node.remote.route.Route, or None: local
+    cache: list | None = None  # its own caches (prefill); None while in the batch
+    out: deque = field(default_factory=deque)  # tokens produced, not yet taken by its stream
+    produced: int = 0
+    state: str = "prefill"  # prefill -> decode -> done
+    error: BaseException | None = None
+    seen: int = 0  # Batch.steps when its stream last looked
+
+    @property
+    def final_length(self) -> int:
+        """Tokens its cache holds at most (worst case: every max_token generated)."""
+        return len(self.context) + 1 + self.max_tokens
+
+
+def padded_bytes(lengths: list[int], per_token: float) -> int:
+    """Bytes of batch caches holding rows of these lengths: every row padded to
+    the longest, in STEP blocks (BatchKVCache's allocation)."""
+    if not lengths:
+        return 0
+    return int(len(lengths) * -(-max(lengths) // STEP) * STEP * per_token)
+
+
+class Batch:
+    def __init__(self, model, blocks: list, sessions, per_token: float, kv_bits: int | None,
+                 kv_group_size: int, prefill_tokens: int = PREFILL_TOKENS):
+        self.model, self.blocks, self.sessions = model, blocks, sessions
+        self.per_token, self.kv_bits, self.kv_group_size = per_token, kv_bits, kv_group_size
+        self.prefill_tokens = prefill_tokens
+        self.rows: dict[int, Row] = {}
+        self.gen = None  # mlx-lm GenerationBatch of the decoding rows
+        self.steps = 0
+        self._uids = 0
+
+    # ------------------------------------------------------------ rows
+    def add(self, session, prompt: list[int], cached: int, sampler, processors, max_tokens, route) -> Row:
+        """A generation of `prompt` whose first `cached` tokens are in session.cache."""
+        self._uids += 1
+        row = Row(self._uids, session, list(prompt[cached:-1]), prompt[-1], list(prompt[:-1]), sampler,
+                  processors, max_tokens, route, cache=session.cache, seen=self.steps)
+        session.cache = None  # the row holds it now (and gives it back at the end)
+        self.rows[row.uid] = row
+        return row
+
+    def finish(self, row: Row) -> list | None:
+        """Take `row` out (its stream ended); returns its own caches (None if lost)."""
+        if row.state == "decode":
+            row.cache = self._take(self.gen.uids.index(row.uid))
+        row.state = "done"
+        self.rows.pop(row.uid, None)
+        cache, row.cache = row.cache, None
+        return cache
+
+    def kv_bytes(self) -> int:
+        """KV bytes the batch holds (decoding rows, and prefilling rows' own caches)."""
+        return self._gen_bytes() + sum(c.nbytes for r in self.rows.values() if r.cache for c in r.cache if not c.empty())
+
+    def _gen_bytes(self) -> int:
+        return sum(c.nbytes for c in self.gen.prompt_cache if not c.empty()) if self.gen is not None else 0
+
+    def ready(self, row: Row) -> bool:
+        """Step the batch until `row` has a token (or ended), unless another
+        stream stepped it since `row` last looked: then False (its turn is next
+        round, so one round of streams costs one step)."""
+        while not (row.out or row.state in ("ended", "done")):
+            if row.seen != self.steps:
+                row.seen = self.steps
+                return False
+            self.step()
+            row.seen = self.steps
+        return True
+
+    # ------------------------------------------------------------ one step
+    def step(self) -> None:
+        self.steps += 1
+        if self.gen is not None and len(self.gen):
+            self._decode()
+        self._prefill()
+
+    def _decode(self) -> None:
+        rows = [self.rows[u] for u in self.gen.uids]
+        try:
+            with self._routes(rows):
+                responses = self.gen.next()
+        except Exception as e:  # the engine itself failed: every row of the step ends with it
+            self._fail(rows, e, drop_cache=True)
+            self.gen = None
+            return
+        for r, resp in zip(rows, responses):
+            if r.error is None:
+                r.out.append(resp.token)
+                r.produced += 1
+        self._fail([r for r in rows if r.error is not None], None)
+        for r in rows:
+            if r.state == "decode" and r.produced >= r.max_tokens:
+                r.cache = self._take(self.gen.uids.index(r.uid))
+                r.state = "ended"  # its stream takes the last tokens, then finish()
+
+    def _prefill(self) -> None:
+        from mlx_lm.generate import maybe_quantize_kv_cache
+
+        budget, joining = self.prefill_tokens, []
+        for r in [r for r in self.rows.values() if r.state == "prefill"]:
+            if r.cache is None:
+                r.cache = self._new_cache()
+            while r.todo and budget > 0:
+                n = min(len(r.todo), self.prefill_tokens)  # a row's chunks do not depend on other rows
+                try:
+                    with self._routes([r]):
+                        self.model(mx.array([r.todo[:n]]), cache=r.cache)
+                except Exception as e:
+                    return self._fail([r], e, drop_cache=True)
+                if r.error is not None:
+                    return self._fail([r], None, trim=n)
+                maybe_quantize_kv_cache(r.cache, 0, self.kv_group_size, self.kv_bits)
+                mx.eval([c.state for c in r.cache])
+                del r.todo[:n]
+                budget -= n
+            if not r.todo and self._fits(joining + [r]):
+                joining.append(r)
+            if budget <= 0:
+                break
+        if joining:
+            self._join(joining)
+
+    def _join(self, rows: list[Row]) -> None:
+        """Start decoding `rows`: their first step (the prompt's last token) in
+        a batch of their own, then that batch appended to the running one."""
+        from mlx_lm.generate import GenerationBatch, StopSequences, greedy_sampler
+
+        for r in rows:
+            r.cache = self._own(r.cache)
+        caches = rows[0].cache if len(rows) == 1 else [merge(list(cs)) for cs in zip(*(r.cache for r in rows))]
+        try:
+            with self._routes(rows):
+                new = GenerationBatch(self.model, [r.uid for r in rows], mx.array([r.last for r in rows]), caches,
+                                      [list(r.context) for r in rows], [r.sampler for r in rows], greedy_sampler,
+                                      [r.processors for r in rows], [StopSequences() for _ in rows],
+                                      [NO_LIMIT] * len(rows))
+        except Exception as e:
+            return self._fail(rows, e, drop_cache=True)
+        for r in rows:
+            r.state, r.cache = "decode", None
+        if self.gen is None or not len(self.gen):
+            self.gen = new
+        else:
+            for b in (self.gen, new):
+                if not is_batched(b.prompt_cache[0]):
+                    b.prompt_cache = [merge([c]) for c in b.prompt_cache]
+            self.gen.extend(new)
+        self._fail([r for r in rows if r.error is not None], None)
+
+    def _fits(self, joining: list[Row]) -> bool:
+        """The batch with `joining` added fits the KV budget at its worst case
+        (idle sessions are evicted for it, LRU first)."""
+        rows = [r for r in self.rows.values() if r.state == "decode"] + joining
+        need = padded_bytes([r.final_length for r in rows], self.per_token)
+        held = self._gen_bytes() + sum(c.nbytes for r in joining for c in r.cache if not c.empty())
+        return self.sessions.make_room(need - held)
+
+    # ------------------------------------------------------------ caches
+    def _take(self, i: int) -> list:
+        """Row i's own caches out of the decoding batch (the batch goes on without it)."""
+        g = self.gen
+        caches = list(g.prompt_cache) if not is_batched(g.prompt_cache[0]) else [c.extract(i) for c in g.prompt_cache]
+        g.filter([j for j in range(len(g.uids)) if j != i])
+        if len(g.uids) == 1 and is_batched(g.prompt_cache[0]):
+            g.prompt_cache = [c.extract(0) for c in g.prompt_cache]  # alone again: plain caches, the fused path
+        return caches
+
+    def _new_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def _own(self, cache: list) -> list:
+        """Caches every decoding row shares the kind of: quantized when the node's KV is."""
+        from mlx_lm.models.cache import KVCache
+
+        if self.kv_bits:
+            return [c.to_quantized(self.kv_group_size, self.kv_bits) if type(c) is KVCache else c for c in cache]
+        return cache
+
+    # ------------------------------------------------------------ failures
+    def _fail(self, rows: list[Row], err: BaseException | None, drop_cache: bool = False, trim: int = 0) -> None:
+        """End `rows` with `err` (or each row's own error). Their caches keep
+        the tokens before the failed step (its KV trimmed: `trim` prompt tokens,
+        or the one token of a decode step), or are dropped (drop_cache: the step
+        failed midway; the session re-prefills its transcript, nothing is lost)."""
+        for r in rows:
+            r.error = r.error or err
+            n = trim
+            if r.state == "decode":
+                r.cache, n = (None if drop_cache else self._take(self.gen.uids.index(r.uid))), 1
+            if r.cache is not None and (drop_cache or not all(c.is_trimmable() for c in r.cache)):
+                r.cache = None
+            for c in (r.cache or []) if n else []:
+                c.trim(n)
+            r.state = "done"
+            self.rows.pop(r.uid, None)
+
+    # ------------------------------------------------------------ remote routes
+    def _routes(self, rows: list[Row]):
+        """Within the block, each MoE layer computes `rows` (the forward's
+        batch, in order) by their routes: rows of one route signature
+        together, local rows by the block's own code."""
+        if all(r.route is None for r in rows):
+            return nullcontext()
+        groups: dict = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(_signature(r.route), []).append(i)
+        parts = [(idx, [rows[i] for i in idx]) for idx in groups.values()]
+        return hooked(self.blocks, [self._hook(layer, parts, len(rows)) for layer in range(len(self.blocks))])
+
+    def _hook(self, layer: int, parts: list, n: int):
+        def hook(block, x):
+            if len(parts) == 1:
+                return _run(parts[0][1], layer, block, x)
+            ys = [_run(members, layer, block, x[mx.array(idx)]) for idx, members in parts]
+            order = sorted(range(n), key=[i for idx, _ in parts for i in idx].__getitem__)
+            return mx.concatenate(ys)[mx.array(order)]
+        return hook
+
+
+def _signature(route) -> tuple | None:
+    if route is None:
+        return None
+    return route.mode, tuple(sorted((g, link.url) for g, link in route.links.items()))
+
+
+STAT_KEYS = ("remote_calls", "remote_bytes", "remote_s", "local_steps")
+
+
+def _run(members: list[Row], layer: int, block, x):
+    """One MoE layer's output for the rows of one route signature."""
+    route = members[0].route
+    if route is None:
+        return unhooked(block, x)
+    if any(m.error is not None for m in members):
+        return mx.zeros_like(x)  # these rows end after this step; do not call the lost peer again
+    before = [route.stats[k] for k in STAT_KEYS]
+    try:
+        y = route.hooks[layer](block, x)
+    except PeerError as e:
+        for m in members:
+            m.error = e
+        return mx.zeros_like(x)
+    for m in members[1:]:  # every session counts the calls its tokens were in
+        for k, b in zip(STAT_KEYS, before):
+            m.route.stats[k] += route.stats[k] - b
+    return y
