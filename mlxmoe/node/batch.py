@@ -112,6 +112,11 @@ class Batch:
     def _gen_bytes(self) -> int:
         return sum(c.nbytes for c in self.gen.prompt_cache if not c.empty()) if self.gen is not None else 0
 
+    def info(self) -> dict:
+        """Plain numbers for the node's info(): rows decoding and prefilling, steps taken."""
+        states = [r.state for r in self.rows.values()]
+        return {"decoding": states.count("decode"), "prefilling": states.count("prefill"), "steps": self.steps}
+
     def ready(self, row: Row) -> bool:
         """Step the batch until `row` has a token (or ended), unless another
         stream stepped it since `row` last looked: then False (its turn is next
@@ -279,7 +284,7 @@ class Batch:
 def _signature(route) -> tuple | None:
     if route is None:
         return None
-    return route.mode, tuple(sorted((g, link.url) for g, link in route.links.items()))
+    return route.mode, tuple(sorted((g, id(link)) for g, link in route.links.items()))  # links are one per URL (Remote.link)
 
 
 STAT_KEYS = ("remote_calls", "remote_bytes", "remote_s", "local_steps")

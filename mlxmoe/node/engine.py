@@ -311,6 +311,7 @@ class Node(Tokens):
             "context_limit": self.max_context, "kv_bits": self.kv_bits, "kv_note": self.kv_note,
             "session_stats": {sid: dict(st) for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
             "experts_op": {"layers": list(m.moe_layers), "hidden": int(m.model["config"]["hidden_size"])},
+            "experts_served": self.inbox.served, "batch": self.batch.info(),
             "backend": backend_name(), "moe_path": self.loaded.moe_path, "fused_layers": self.loaded.fused_layers,
             "uptime_s": time.time() - self.started,
         }

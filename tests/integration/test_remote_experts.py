@@ -386,3 +386,31 @@ def test_an_engine_without_remote_experts_says_so():
             await node.stop()
     e = asyncio.run(go())
     assert e.status == 501 and e.code == "unsupported" and not e.retryable
+
+
+def test_batched_routed_rows_share_one_call_per_peer_per_layer_step(bundle):
+    """Two onehop sessions and a local one decode together on node 0: each
+    gives what it gives alone, and the onehop rows' calls are shared (one
+    call per peer per MoE layer step for both rows, not one each)."""
+    with Servers(bundle, [0, 1, 2], f32=True) as s:
+        peers = {"1": s.url(1), "2": s.url(2)}
+        want_hop = s.generate(0, "hop-alone", routing="onehop", peers=peers)
+        want_local = s.generate(0, "local-alone")
+        served = lambda: s.call(1, "info")["experts_served"] + s.call(2, "info")["experts_served"]  # noqa: E731
+        before = served()
+        s.generate(0, "hop-alone-2", routing="onehop", peers=peers)
+        alone_calls = served() - before
+
+        async def together():
+            async def one(sid, **p):
+                frames = [f async for f in s.client(0).generate(sid, PROMPT, {"max_tokens": N_TOKENS, **p})]
+                return [f["token"] for f in frames if f["t"] == "tok"]
+            return await asyncio.gather(one("hop-a", routing="onehop", peers=peers),
+                                        one("hop-b", routing="onehop", peers=peers), one("local"))
+        before = served()
+        a, b, local = s.run(together())
+        shared_calls = served() - before
+        st = s.call(0, "info")["session_stats"]
+    assert a == want_hop and b == want_hop and local == want_local
+    assert st["hop-a"]["remote_calls"] > 0 and st["hop-b"]["remote_calls"] > 0
+    assert shared_calls < 2 * alone_calls  # batched steps sent both rows' hidden states in one call

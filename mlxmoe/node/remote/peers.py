@@ -40,6 +40,7 @@ class Inbox:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._jobs: collections.deque = collections.deque()
+        self.served = 0  # experts requests run (info()["experts_served"])
 
     def fileno(self) -> int:
         return self._r
@@ -69,6 +70,7 @@ class Inbox:
             fn, fut = self._jobs.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
+            self.served += 1
             try:
                 fut.set_result(fn())
             except BaseException as e:
