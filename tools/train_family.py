@@ -19,7 +19,7 @@ models of the premise comparison (deep-moe, single-64e, single-shallow) see the 
 Each model: a process of its own (tiny models are launch-bound, so several share one GPU well),
 then mlx-lm's convert to 4-bit, group 64, with router gates unquantized (as `mlxmoe split`
 keeps them), written as <out>/<name>/ (mlx-community layout, + TRAINING.md, training_report.json);
-the bf16 HF repos stay in --work. Logs: <out>/train.log and <out>/logs/<name>.log. A model that
+the bf16 HF repos stay in --work (or come back as <out>/<name>-hf/ when the conversion fails). Logs: <out>/train.log and <out>/logs/<name>.log. A model that
 fails is logged and the others still come back.
 
     python3 tools/train_family.py --out OUT [--time-budget 270]     # the GPU job
@@ -204,6 +204,9 @@ def main(argv=None) -> int:
                 results[name]["convert_rc"] = c.returncode
                 if c.returncode == 0:
                     results[name]["bytes"] = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
+                else:  # no MLX here (or it failed): bring the bf16 repo back to convert elsewhere
+                    shutil.rmtree(dst, ignore_errors=True)
+                    shutil.copytree(work / name, out / f"{name}-hf")
                 log(f"{name}: convert exited {c.returncode} {results[name].get('bytes', '')}")
         time.sleep(1)
     for name in fam:
