@@ -110,7 +110,8 @@ def train_cmd(name: str, spec: dict, args, work: Path) -> list[str]:
     if args.tiny:
         return c + ["--steps", "4", "--batch", "2", "--seq-len", "64", "--warmup", "2", "--eval-max-tokens", "256",
                     "--device", "cpu"]
-    return c + ["--steps", "100000", "--time-budget", str(args.time_budget), "--measure-steps", "100,200",
+    # batch 64: launch-bound models take twice the tokens per step at little extra time
+    return c + ["--steps", "100000", "--batch", "64", "--time-budget", str(args.time_budget), "--measure-steps", "100,200",
                 "--warmup", "200", "--eval-max-tokens", "60000"]
 
 

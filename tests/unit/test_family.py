@@ -90,3 +90,22 @@ def test_size_arithmetic_matches_mlx_quantization(arch):
                 and fam.keep_gates(p, m))
     real = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert fam.quantized_bytes(**dims, shared_intermediate=shared, qkv_bias=arch == "qwen2_moe") == real
+
+
+def test_deep_suites_are_well_formed_and_keep_the_unseen_kinds_apart():
+    import json
+
+    suites = Path(__file__).resolve().parents[2] / "mlxmoe" / "assets" / "suites"
+    recs = {n: [json.loads(line) for line in (suites / f"deep-{n}.jsonl").read_text(encoding="utf-8").splitlines()]
+            for n in ("heldout", "calibration", "unseen")}
+    trained = {r["domain"] for r in recs["heldout"]}
+    assert len(trained) >= 10 and trained == {r["domain"] for r in recs["calibration"]}
+    assert {r["domain"] for r in recs["unseen"]} == {"man_page", "markdown", "c_header"}
+    for name, rs in recs.items():
+        assert all(set(r) == {"domain", "text"} and 200 <= len(r["text"]) <= 400 for r in rs), name
+        counts = {}
+        for r in rs:
+            counts[r["domain"]] = counts.get(r["domain"], 0) + 1
+        assert set(counts.values()) == {40}, (name, counts)
+    texts = [{r["text"] for r in rs} for rs in recs.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
