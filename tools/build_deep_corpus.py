@@ -150,27 +150,25 @@ def docs_python():
         [{"package": "python3.11-doc", "version": bc.dpkg_version("python3.11-doc")}]
 
 
-def prose(domain: str):
-    bc.FORTUNE_PACKAGES[domain] = PROSE[domain]
-    docs, src = bc.fortune_docs(domain)
+def first_within(docs: list[str], budget: int) -> list[str]:
+    """The first documents (in their fixed order) whose bytes fit the budget."""
     keep, total = [], 0
-    for d in docs:  # fortunes are short: the budget keeps the first ones in file order
+    for d in docs:
         total += len(d.encode())
-        if total > BUDGET["prose"]:
+        if total > budget:
             break
         keep.append(d)
-    return keep, src
+    return keep
+
+
+def prose(domain: str):
+    docs, src = bc.fortune_docs(domain, PROSE[domain])
+    return first_within(docs, BUDGET["prose"]), src
 
 
 def structured():
     docs, src = bc.structured_docs()
-    keep, total = [], 0
-    for d in docs:
-        total += len(d.encode())
-        if total > BUDGET["structured"]:
-            break
-        keep.append(d)
-    return keep, src
+    return first_within(docs, BUDGET["structured"]), src
 
 
 def numbers():
