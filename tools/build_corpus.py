@@ -147,10 +147,11 @@ def read_text(path: Path) -> str:
 # ---------------------------------------------------------------- prose
 
 
-def fortune_docs(domain: str) -> tuple[list[str], list[dict]]:
+def fortune_docs(domain: str, packages: list[str] | None = None) -> tuple[list[str], list[dict]]:
     files: dict[str, Path] = {}
     sources = []
-    for pkg in FORTUNE_PACKAGES[domain]:
+    packages = packages or FORTUNE_PACKAGES[domain]
+    for pkg in packages:
         ver = dpkg_version(pkg)
         n = 0
         for f in dpkg_files(pkg):
@@ -165,7 +166,7 @@ def fortune_docs(domain: str) -> tuple[list[str], list[dict]]:
             n += 1
         sources.append({"package": pkg, "version": ver, "files": n})
     if not files:
-        die_missing(FORTUNE_PACKAGES[domain][0], f"fortune files for {domain}")
+        die_missing(packages[0], f"fortune files for {domain}")
     docs, seen = [], set()
     for key in sorted(files):
         text = read_text(files[key]).replace("\r\n", "\n")

@@ -121,7 +121,8 @@ def chat_sample(domain: str, doc: str, rng: random.Random) -> str:
         msgs.append(("system", SYSTEM_PROMPT))
     if len(lines) >= 3 and rng.random() < 0.5:
         cut = rng.randrange(1, len(lines) - 1)
-        msgs.append(("user", CONTINUE[domain] + "\n" + "\n".join(lines[:cut])))
+        ask = CONTINUE.get(domain, "Continue this code:" if domain.startswith("code") else "Continue this text:")
+        msgs.append(("user", ask + "\n" + "\n".join(lines[:cut])))
         msgs.append(("assistant", "\n".join(lines[cut:])))
     else:
         msgs.append(("user", rng.choice(REQUESTS.get(domain, ["Write something."]))))
@@ -191,11 +192,16 @@ def save_hf_tokenizer(tok, out: Path, max_len: int) -> None:
 def prepare(args) -> dict:
     """Tokenizer + token streams, cached under <corpus>/.cache/<key>/."""
     corpus = Path(args.corpus)
-    manifest, docs = load_corpus(corpus)
+    mpath = corpus / "MANIFEST.json"
+    if not mpath.is_file():
+        raise SystemExit(f"train_reference_moe: {mpath} not found -- run tools/build_corpus.py first")
+    manifest = json.loads(mpath.read_text())
+    unseen = manifest.get("unseen", {})
     key_src = json.dumps({
         "v": CACHE_VERSION, "vocab": args.vocab, "seed": args.seed, "chat_frac": args.chat_frac,
         "max_pos": args.max_position_embeddings,
         "corpus": {d: {s: f["sha256"] for s, f in v["files"].items()} for d, v in manifest["domains"].items()},
+        **({"unseen": {k: v["files"]["heldout"]["sha256"] for k, v in unseen.items()}} if unseen else {}),
     }, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cdir = corpus / ".cache" / key
@@ -204,6 +210,7 @@ def prepare(args) -> dict:
         meta = json.loads((cdir / "meta.json").read_text())
     else:
         from tokenizers import Tokenizer
+        _, docs = load_corpus(corpus)
         t0 = time.time()
         tok = train_tokenizer(docs, args.vocab, args.seed)
         log(f"[prepare] tokenizer trained: vocab={tok.get_vocab_size()} in {time.time()-t0:.1f}s")
@@ -238,7 +245,12 @@ def prepare(args) -> dict:
             meta["domains"][domain] = info
             log(f"[prepare] {domain:11s} train={info['train_tokens']:9d} tok "
                 f"({info['train_bytes']/max(info['train_tokens'],1):.2f} B/tok) heldout={info['heldout_tokens']:8d}")
-        np.savez(tmp / "tokens.npz", **arrays)
+        meta["unseen"] = {}
+        for kind in sorted(unseen):  # held-out only: kinds of text no training domain contains
+            enc = tok.encode_batch(read_docs(corpus / unseen[kind]["files"]["heldout"]["path"]), add_special_tokens=False)
+            arrays[f"unseen:{kind}/heldout"] = np.asarray([i for e in enc for i in e.ids + [eot]], dtype=np.uint16)
+            meta["unseen"][kind] = {"heldout_tokens": int(arrays[f"unseen:{kind}/heldout"].size)}
+        np.savez_compressed(tmp / "tokens.npz", **arrays)  # small enough to carry to the GPU box
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(cdir, ignore_errors=True)
         tmp.rename(cdir)
@@ -261,7 +273,8 @@ def build_config(args, vocab_size: int, special_ids: dict):
         tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         moe_intermediate_size=args.moe_intermediate, num_experts=args.experts,
         num_experts_per_tok=args.top_k, norm_topk_prob=args.norm_topk_prob, decoder_sparse_step=1,
-        mlp_only_layers=[], output_router_logits=True, router_aux_loss_coef=args.aux_loss_coef,
+        mlp_only_layers=[], output_router_logits=True,
+        router_aux_loss_coef=args.aux_loss_coef if args.balance == "hf" else 0.0,  # global: added by the loop
         bos_token_id=None, eos_token_id=special_ids["<|im_end|>"], pad_token_id=special_ids["<|endoftext|>"],
         initializer_range=0.02, use_cache=True,
     )
@@ -415,6 +428,28 @@ def evaluate(model, streams: dict, domains: list, seq_len: int, max_tokens: int,
     return res
 
 
+def unseen_losses(model, streams: dict, seq_len: int, max_tokens: int, batch: int, device) -> dict:
+    """Next-token loss on each unseen kind of text (held out from training and from every suite)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    res = {}
+    for key in sorted(k for k in streams if k.startswith("unseen:")):
+        win = eval_windows(streams[key], seq_len, max_tokens)
+        nll, n = 0.0, 0
+        for i in range(0, len(win), batch):
+            x = torch.from_numpy(win[i:i + batch]).to(device)
+            with torch.no_grad():
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+            n += x[:, 1:].numel()
+        res[key.split(":", 1)[1].split("/")[0]] = {"tokens": n, "loss": nll / max(n, 1),
+                                                   "ppl": math.exp(nll / max(n, 1))}
+    model.train()
+    return res
+
+
 # ============================================================== training
 
 
@@ -423,6 +458,44 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
         return peak * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor * peak + (1 - floor) * peak * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def balance_loss(router_logits, top_k: int, n_experts: int, groups: int = 1):
+    """Switch-style load-balancing loss E * sum_i f_i * P_i, per MoE layer, averaged over layers.
+
+    f_i (share of top-k assignments to expert i) and P_i (mean router probability) are taken
+    over each of `groups` equal slices of the tokens (groups = batch size: per sequence) and
+    the losses averaged; groups=1 is Qwen3's global-batch balancing: the whole batch's counts,
+    so single sequences may specialise as long as the batch as a whole is balanced.
+    transformers' own aux loss instead pools all layers' counts into one.
+    """
+    import torch
+
+    total = 0.0
+    for rl in router_logits:
+        p = torch.softmax(rl.float(), dim=-1).reshape(groups, -1, n_experts)   # [G, T, E]
+        idx = torch.topk(p, top_k, dim=-1).indices                              # [G, T, k]
+        f = torch.zeros_like(p[:, 0]).scatter_add_(1, idx.reshape(groups, -1),
+                                                   torch.ones_like(idx.reshape(groups, -1), dtype=p.dtype))
+        f = f / idx[0].numel()                                                  # [G, E], rows sum to 1
+        total = total + n_experts * (f * p.mean(dim=1)).sum(dim=-1).mean()
+    return total / len(router_logits)
+
+
+def post_steps(sync_dir: str, name: str, cap: int) -> None:
+    """Models of one comparison agree on the smallest step count any of them can afford:
+    each posts its own cap here, and reads the others' with agreed_steps (without waiting idle,
+    which would hand the GPU to the others while they measure)."""
+    d = Path(sync_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.tmp").write_text(str(cap))
+    (d / f"{name}.tmp").rename(d / f"{name}.steps")
+
+
+def agreed_steps(sync_dir: str, n: int, give_up: bool) -> int | None:
+    """The minimum posted cap once all n have posted (or, give_up, of those that have)."""
+    caps = [int(p.read_text()) for p in Path(sync_dir).glob("*.steps")]
+    return min(caps) if len(caps) >= n or (give_up and caps) else None
 
 
 def main(argv=None) -> int:
@@ -445,6 +518,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-position-embeddings", type=int, default=2048)
     ap.add_argument("--rope-theta", type=float, default=1e6)
     ap.add_argument("--aux-loss-coef", type=float, default=0.1)
+    ap.add_argument("--balance", choices=["hf", "global"], default="hf",
+                    help="hf: transformers' aux loss; global: per-layer global-batch balancing (Qwen3)")
+    ap.add_argument("--sync-dir", default=None, help="with --time-budget: agree on one step count with the "
+                                                     "other --sync-n models writing to this dir")
+    ap.add_argument("--sync-n", type=int, default=1)
+    ap.add_argument("--measure-steps", default="20,60", help="steps between which the step time is measured")
+    ap.add_argument("--title", default="mlxmoe reference MoE")
+    ap.add_argument("--about", default=None, help="the first paragraph of TRAINING.md")
     ap.add_argument("--steps", type=int, default=1300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -552,6 +633,9 @@ def main(argv=None) -> int:
                              {"params": no_decay, "weight_decay": 0.0}], **opt_kw)
 
     total_steps = args.steps
+    m0, m1 = (int(v) for v in args.measure_steps.split(","))
+    stopped_early = False
+    t_posted = None
     model.train()
     history, curve = [], []
     t_train = time.time()
@@ -568,7 +652,11 @@ def main(argv=None) -> int:
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             out = model(input_ids=x, labels=x, output_router_logits=True, use_cache=False)
-        out.loss.backward()
+            loss, aux = out.loss, out.aux_loss
+            if args.balance == "global":
+                aux = balance_loss(out.router_logits, args.top_k, args.experts)
+                loss = loss + args.aux_loss_coef * aux
+        loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -577,26 +665,36 @@ def main(argv=None) -> int:
                 ti = torch.topk(rl.detach(), args.top_k, dim=-1).indices.reshape(-1)
                 ti = ti.to(torch.int32 if ti.is_cuda else torch.float32)
                 load_acc[li] += torch.histc(ti, bins=args.experts, min=0, max=args.experts - 1).float()
-        aux = out.aux_loss.detach()
-        ce_acc = ce_acc + (out.loss.detach() - args.aux_loss_coef * aux)
+        aux = aux.detach()
+        ce_acc = ce_acc + (loss.detach() - args.aux_loss_coef * aux)
         aux_acc = aux_acc + aux
         n_acc += 1
         step += 1
-        if step == 20:
+        if step == m0:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t_measure = time.time()
-        if args.time_budget and step == 60 and t_measure is not None:
+        if args.time_budget and step == m1 and t_measure is not None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            per = (time.time() - t_measure) / 40
+            per = (time.time() - t_measure) / (m1 - m0)
             budget_left = args.time_budget - (time.time() - t_train)
-            cap = step + int(budget_left / per)
-            if cap < total_steps:
-                log(f"[train] {per*1000:.1f} ms/step: time budget caps steps {total_steps} -> {cap}")
-                total_steps = cap
-            else:
-                log(f"[train] {per*1000:.1f} ms/step: {total_steps} steps fit the time budget")
+            cap = min(total_steps, step + int(budget_left / per))
+            log(f"[train] {per*1000:.1f} ms/step: {cap} of {total_steps} steps fit the time budget")
+            total_steps = max(cap, step)
+            if args.sync_dir:
+                post_steps(args.sync_dir, Path(args.out).name, cap)
+                t_posted = time.time()
+        if t_posted is not None and step % 5 == 0:
+            agreed = agreed_steps(args.sync_dir, args.sync_n, give_up=time.time() - t_posted > 120)
+            if agreed is not None:
+                total_steps = max(agreed, step)
+                t_posted = None
+                log(f"[train] agreed with {args.sync_dir}: {total_steps} steps")
+        if args.time_budget and time.time() - t_train > 1.2 * args.time_budget + 30:
+            log(f"[train] past 1.2x the time budget: stopping at step {step} of {total_steps}")
+            stopped_early = True
+            break
         if step % 50 == 0 or step == total_steps:
             ce = float(ce_acc) / n_acc
             last_ce = ce
@@ -643,6 +741,7 @@ def main(argv=None) -> int:
     c["num_experts"] = args.experts
     c["rope_theta"] = args.rope_theta
     c["output_router_logits"] = False
+    c["router_aux_loss_coef"] = args.aux_loss_coef
     c.setdefault("torch_dtype", "bfloat16")
     cpath.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
     for f in (prep["dir"] / "tokenizer").iterdir():
@@ -662,6 +761,8 @@ def main(argv=None) -> int:
     saved.to(device)
     final = evaluate(saved, streams, domains, L, args.eval_max_tokens, 16 if device.type == "cuda" else 2,
                      device, None, args.top_k, args.experts, args.layers, vocab, routing=True)
+    final["unseen"] = unseen_losses(saved, streams, L, args.eval_max_tokens, 16 if device.type == "cuda" else 2,
+                                    device)
     eval_wall = time.time() - t_eval
     for d in domains:
         r = final["domains"][d]
@@ -674,6 +775,7 @@ def main(argv=None) -> int:
 
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     report = {
+        "title": args.title, "about": args.about,
         "model": {"arch": args.arch, "config": c, "params": n_params, "expert_params": n_expert,
                   "active_params_non_embedding": n_active},
         "training": {
@@ -687,6 +789,7 @@ def main(argv=None) -> int:
             "wall_time_s": round(train_wall, 1), "eval_wall_time_s": round(eval_wall, 1),
             "total_wall_time_s": round(time.time() - t_start, 1),
             "final_train_ce": last_ce, "experts_implementation": impl_desc,
+            "balance": args.balance, "stopped_early": stopped_early,
             "history": history, "val_curve": curve,
         },
         "environment": {
@@ -714,14 +817,15 @@ def render_md(r: dict) -> str:
     m, t, e, env = r["model"], r["training"], r["eval"], r["environment"]
     c = m["config"]
     lines = [
-        "# mlxmoe reference MoE",
+        f"# {r.get('title', 'mlxmoe reference MoE')}",
         "",
-        "A small Mixture-of-Experts language model trained from scratch by "
-        "`tools/train_reference_moe.py` on the corpus of `tools/build_corpus.py` "
-        "(Python stdlib code; English, German, Spanish and Italian fortune-cookie prose; "
-        "iso-codes records as JSON/CSV). It exists so that tests, benchmarks and the offline demo "
-        "run a *real* trained MoE in the exact Hugging Face layout of a released checkpoint. "
-        "It is not a useful assistant.",
+        r.get("about") or (
+            "A small Mixture-of-Experts language model trained from scratch by "
+            "`tools/train_reference_moe.py` on the corpus of `tools/build_corpus.py` "
+            "(Python stdlib code; English, German, Spanish and Italian fortune-cookie prose; "
+            "iso-codes records as JSON/CSV). It exists so that tests, benchmarks and the offline demo "
+            "run a *real* trained MoE in the exact Hugging Face layout of a released checkpoint. "
+            "It is not a useful assistant."),
         "",
         "## Model",
         "",
@@ -742,7 +846,9 @@ def render_md(r: dict) -> str:
         f"- {t['steps']} steps x {t['batch']} x {t['seq_len']} tokens = {t['tokens_seen']/1e6:.1f}M tokens seen; "
         f"AdamW lr {t['lr']:g} (warmup {t['warmup']}, cosine to {t['min_lr_frac']:g}x), wd {t['weight_decay']}, "
         f"{t['precision']}",
-        f"- load-balancing aux loss coefficient {t['aux_loss_coef']} (output_router_logits during training only)",
+        f"- load-balancing aux loss coefficient {t['aux_loss_coef']} (output_router_logits during training only)"
+        + ("; global-batch balancing per layer (Qwen3): expert counts of the whole batch"
+           if t.get("balance") == "global" else ""),
         f"- {t['chat_frac']:.0%} of training documents also appear as ChatML user/assistant exchanges",
         f"- domain sampling weights: " + ", ".join(f"{k} {v:.3f}" for k, v in t["domain_sampling_weights"].items()),
         f"- wall time {t['wall_time_s']:.0f}s training on {env['device']} "
@@ -766,7 +872,7 @@ def render_md(r: dict) -> str:
         "## Expert load (held-out tokens, all domains)",
         "",
         "Fraction of top-k assignments per expert (uniform = 1/n_experts), over all held-out tokens "
-        "(token-weighted, so code-heavy) and domain-balanced (mean of the six per-domain loads); "
+        "(token-weighted, so code-heavy) and domain-balanced (mean of the per-domain loads); "
         "top-k mass = mean router "
         "probability of the chosen experts (a token-independent uniform router gives k/n). "
         "TV = total-variation distance between a domain's expert load and the all-domain load "
@@ -783,6 +889,11 @@ def render_md(r: dict) -> str:
                      f"{ly['balanced_load_min']:.4f} | {ly['balanced_load_max']:.4f} | {ly['uniform']:.4f} | "
                      f"{ly['balanced_load_cv']:.2f} | {ly['topk_mass_mean']:.3f} (uniform {ly['topk_mass_uniform_router']:.3f}) "
                      f"| {tvs} |")
+    if e.get("unseen"):
+        lines += ["", "## Unseen kinds of text", "",
+                  "Next-token loss on kinds of text that no training domain and no suite contains.", "",
+                  "| kind | tokens | loss | perplexity |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {k} | {v['tokens']} | {v['loss']:.3f} | {v['ppl']:.2f} |" for k, v in e["unseen"].items()]
     if t.get("val_curve"):
         lines += ["", "## Validation curve (first 8 held-out windows per domain)", "",
                   "| step | " + " | ".join(k for k in t["val_curve"][0] if k != "step") + " |",
