@@ -50,7 +50,8 @@ class Row:
     todo: list  # prompt tokens still to prefill (the last one is fed by the first decode step)
     last: int
     context: list  # tokens in the row's cache (logits processors see them and what follows)
-    sampler: object
+    sampler: object  # Batch.greedy, or the row's own sampler (node/engine.py)
+    chosen: deque  # per token: (log-probability, top ids, top log-probabilities), in the order sampled
     processors: list
     max_tokens: int
     route: object = None  # node.remote.route.Route, or None: local
@@ -75,10 +76,46 @@ def padded_bytes(lengths: list[int], per_token: float) -> int:
     return int(len(lengths) * -(-max(lengths) // STEP) * STEP * per_token)
 
 
+class Greedy:
+    """The sampler of every plain-greedy row (temperature 0, no top_logprobs).
+    GenerationBatch calls one shared sampler once for the whole batch (when
+    every row has it; otherwise once per row, in row order). The chosen
+    tokens' log-probabilities are computed in the same step (reading them
+    later would queue work behind the next step); `calls` keeps them until
+    the batch hands them to the rows."""
+
+    def __init__(self, banned: list[int]):
+        self.ban = mx.array(banned) if banned else None  # the turn start: never sampled
+        self.calls: list = []
+
+    def __call__(self, logprobs):
+        y = mx.argmax(logprobs if self.ban is None else logprobs.at[..., self.ban].add(-mx.inf), axis=-1)
+        lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0].astype(mx.float32)  # the model's, before the ban
+        mx.async_eval(lp)
+        self.calls.append(lp)
+        return y
+
+
+class LogProb:
+    """Row i's entry of one Greedy call, read once the step is evaluated (no new work)."""
+
+    def __init__(self, lps: mx.array, i: int, cache: dict):
+        self.lps, self.i, self.cache = lps, i, cache
+
+    def item(self) -> float:
+        key = id(self.lps)
+        if key not in self.cache:
+            self.cache.clear()
+            self.cache[key] = self.lps.tolist()
+        return self.cache[key][self.i]
+
+
 class Batch:
     def __init__(self, model, blocks: list, sessions, per_token: float, kv_bits: int | None,
-                 kv_group_size: int, prefill_tokens: int = PREFILL_TOKENS):
+                 kv_group_size: int, banned: list[int] = (), prefill_tokens: int = PREFILL_TOKENS):
         self.model, self.blocks, self.sessions = model, blocks, sessions
+        self.greedy = Greedy(list(banned))
+        self._lists: dict = {}
         self.per_token, self.kv_bits, self.kv_group_size = per_token, kv_bits, kv_group_size
         self.prefill_tokens = prefill_tokens
         self.rows: dict[int, Row] = {}
@@ -87,11 +124,12 @@ class Batch:
         self._uids = 0
 
     # ------------------------------------------------------------ rows
-    def add(self, session, prompt: list[int], cached: int, sampler, processors, max_tokens, route) -> Row:
-        """A generation of `prompt` whose first `cached` tokens are in session.cache."""
+    def add(self, session, prompt: list[int], cached: int, sampler, chosen, processors, max_tokens, route) -> Row:
+        """A generation of `prompt` whose first `cached` tokens are in session.cache;
+        sampler None: plain greedy (Batch.greedy, which fills `chosen`)."""
         self._uids += 1
-        row = Row(self._uids, session, list(prompt[cached:-1]), prompt[-1], list(prompt[:-1]), sampler,
-                  processors, max_tokens, route, cache=session.cache, seen=self.steps)
+        row = Row(self._uids, session, list(prompt[cached:-1]), prompt[-1], list(prompt[:-1]), sampler or self.greedy,
+                  chosen, processors, max_tokens, route, cache=session.cache, seen=self.steps)
         session.cache = None  # the row holds it now (and gives it back at the end)
         self.rows[row.uid] = row
         return row
@@ -143,8 +181,9 @@ class Batch:
                 responses = self.gen.next()
         except Exception as e:  # the engine itself failed: every row of the step ends with it
             self._fail(rows, e, drop_cache=True)
-            self.gen = None
+            self.gen, self.greedy.calls = None, []
             return
+        self._hand_out(rows)
         for r, resp in zip(rows, responses):
             if r.error is None:
                 r.out.append(resp.token)
@@ -197,7 +236,9 @@ class Batch:
                                       [r.processors for r in rows], [StopSequences() for _ in rows],
                                       [NO_LIMIT] * len(rows))
         except Exception as e:
+            self.greedy.calls = []
             return self._fail(rows, e, drop_cache=True)
+        self._hand_out(rows)
         for r in rows:
             r.state, r.cache = "decode", None
         if self.gen is None or not len(self.gen):
@@ -208,6 +249,17 @@ class Batch:
                     b.prompt_cache = [merge([c]) for c in b.prompt_cache]
             self.gen.extend(new)
         self._fail([r for r in rows if r.error is not None], None)
+
+    def _hand_out(self, rows: list[Row]) -> None:
+        """Give each greedy row of the step just taken its log-probability."""
+        calls, self.greedy.calls = self.greedy.calls, []
+        mine = [r for r in rows if r.sampler is self.greedy]
+        if len(calls) == 1 and len(mine) == len(rows):  # one call for the whole batch
+            for i, r in enumerate(mine):
+                r.chosen.append((LogProb(calls[0], i, self._lists), None, None))
+        else:  # one call per greedy row, in row order
+            for r, lps in zip(mine, calls):
+                r.chosen.append((LogProb(lps, 0, self._lists), None, None))
 
     def _fits(self, joining: list[Row]) -> bool:
         """The batch with `joining` added fits the KV budget at its worst case

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 from contextlib import nullcontext
 from typing import Iterator
 
@@ -53,7 +54,7 @@ class Node(Tokens):
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
         self.batch = Batch(self.model, [loaded.blocks[l] for l in self.manifest.moe_layers], self.sessions,
-                           per_token, self.kv_bits, self.kv_group_size)
+                           per_token, self.kv_bits, self.kv_group_size, self.banned)
         self.sessions.held = self.batch.kv_bytes
         self.remote = Remote(loaded)  # remote routed experts (routing modes), both directions
         self.inbox = self.remote.inbox  # the node server runs peers' `experts` requests through it
@@ -164,10 +165,13 @@ class Node(Tokens):
         route = self.remote.route(s.id, params)
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n + max_tokens)
-        sampler, chosen = _logprob_sampler(_ban(stream_sampler(params, self.vocab_size), self.banned),
-                                           min(params.top_logprobs, self.vocab_size))
+        if params.temperature == 0 and params.top_logprobs == 0:
+            sampler, chosen = None, deque()  # the batch's shared greedy sampler fills `chosen`
+        else:
+            sampler, chosen = _logprob_sampler(_ban(stream_sampler(params, self.vocab_size), self.banned),
+                                               min(params.top_logprobs, self.vocab_size))
         s.busy = True
-        row = self.batch.add(s, list(prompt), n, sampler, processors + ([constrained] if constrained else []),
+        row = self.batch.add(s, list(prompt), n, sampler, chosen, processors + ([constrained] if constrained else []),
                              max_tokens, route)
         out: list[int] = []
         return RowStream(self.batch, row, self._stream(row, list(prompt), out, chosen, params, max_tokens),
@@ -384,8 +388,6 @@ def _logprob_sampler(sample, n_top: int = 0):
     pipelined decode loop (measured: 0.64x on CUDA). The log-probabilities
     are those the sampler sees: after logit_bias, penalties and grammar,
     before temperature and top-p/top-k/min-p."""
-    from collections import deque
-
     chosen = deque()
 
     def sampler(logprobs):
