@@ -33,8 +33,8 @@ from mlxmoe.cluster.router.sessions import session_ref, tok_s
 log = logging.getLogger("mlxmoe.node")
 ACCESS = web.RequestKey("mlxmoe_access", dict)  # request key: this RPC's access-line fields (session ref, tokens, TTFT, tok/s)
 RETRY_AFTER_S = 2
-MAX_STREAMS = 8  # streams decoded at once (round-robin, one token each); later ones wait in order
-MAX_QUEUE = 8  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
+MAX_STREAMS = 16  # streams decoded at once (one batched step per round: node/batch.py); later ones wait in order
+MAX_QUEUE = 16  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
 INFO_WAIT_S = 0.2  # how long info waits for a fresh engine answer before serving the snapshot
 SESSION_TTL_S = 3600.0  # idle sessions are closed after this (mlxmoe node --session-ttl)
 HELD_GRACE_S = 60.0  # a session its router does not list is closed only once idle this long

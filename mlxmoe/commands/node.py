@@ -39,9 +39,9 @@ def parse_duration(text: str, option: str) -> float:
                    "if none is idle, new sessions are refused (the router tries another Mac).")
 @click.option("--session-ttl", default="1h", show_default=True, metavar="DURATION",
               help="Close sessions idle this long, e.g. 30m or 2h (a router that restarted never closes them).")
-@click.option("--max-streams", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-streams", default=16, show_default=True, type=click.IntRange(min=1),
               help="Chats decoded at once, in one batched step; more wait in order, holding no KV cache.")
-@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
               help="Chats that may wait beyond --max-streams; past that a new chat gets 429 with Retry-After "
                    "(the router tries another Mac first).")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
