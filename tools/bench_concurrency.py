@@ -9,7 +9,7 @@ received), p50 / p95 inter-token latency (gaps between consecutive content chunk
 pooled over streams) and TTFT (median over streams).
 
     python tools/bench_concurrency.py --synthesize qwen3-30b-a3b:12:4 --out benchmarks/   # GPU
-    python tools/bench_concurrency.py --synthesize qwen3-30b-a3b:2:4 --streams 1,2,4 --tokens 32
+    python tools/bench_concurrency.py --model-dir mlxmoe/assets/reference-moe --streams 1,2,4   # CPU
     python tools/bench_concurrency.py --table benchmarks/concurrency-2026-12-02-h200.json
 
 A synthesized model gets a tokenizer written here: byte-level BPE over printable ASCII plus one
@@ -57,6 +57,7 @@ class StreamResult:
     sent: float
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0  # usage.completion_tokens, else the number of content chunks
+    retries: int = 0  # 503s before it started (see one_stream)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -86,7 +87,8 @@ def make_row(server: str, results: list[StreamResult]) -> dict:
             "p50_itl_ms": round(1e3 * percentile(gaps, 50), 2) if gaps else None,
             "p95_itl_ms": round(1e3 * percentile(gaps, 95), 2) if gaps else None,
             "ttft_ms": round(1e3 * statistics.median(ttfts), 2) if ttfts else None,
-            "tokens": total, "tokens_per_stream": sorted({r.tokens for r in results})}
+            "tokens": total, "tokens_per_stream": sorted({r.tokens for r in results}),
+            "retries": sum(r.retries for r in results)}
 
 
 def machine_slug(gpu_list: str, device_name: str | None) -> str:
@@ -216,6 +218,21 @@ def prepare_model(spec: str, work: Path) -> Path:
     return out
 
 
+def quantized_copy(model_dir: Path, work: Path, bits: int = 4) -> Path:
+    """An unquantized checkpoint (e.g. the bundled reference model) as mlx-lm's own 4-bit conversion,
+    which both servers load (on CPU mlx-lm's MoE runs quantized or float32 experts only)."""
+    if "quantization" in json.loads((model_dir / "config.json").read_text()):
+        return model_dir
+    out = work / f"q{bits}-{model_dir.name}"
+    if not (out / "config.json").exists():
+        from mlx_lm.convert import convert
+
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"quantizing {model_dir} to {bits}-bit with mlx-lm")
+        convert(str(model_dir), str(out), quantize=True, q_bits=bits, q_group_size=64)
+    return out
+
+
 def prepare_bundle(model_dir: Path, n_groups: int, work: Path) -> Path:
     from mlxmoe.bundle.split import split
 
@@ -306,27 +323,56 @@ def prompt_text(tag: str, words: int) -> str:
     return f"{tag} " + " ".join(f"word{(7 * i) % 97}" for i in range(words))
 
 
-async def one_stream(http, url: str, body: dict) -> StreamResult:
+async def one_stream(http, url: str, body: dict, attempts: int = 3) -> StreamResult:
+    """One chat; a 503 before the first token (a router that just marked its busy node down) is
+    sent again once healthy, its TTFT still counted from the first send, and counted in `retries`."""
     r = StreamResult(sent=time.perf_counter())
-    usage = None
-    async with http.post(url + "/v1/chat/completions", json=body) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
-        async for line in resp.content:
-            if not line.startswith(b"data: {"):
+    for attempt in range(attempts):
+        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+            if resp.status == 503 and attempt + 1 < attempts:
+                r.retries += 1
+                await healthy(http, url)
                 continue
-            d = json.loads(line[6:])
-            if d.get("usage"):
-                usage = d["usage"].get("completion_tokens")
-            if any((c.get("delta") or {}).get("content") for c in d.get("choices", [])):
-                r.chunks.append(time.perf_counter())
+            if resp.status != 200:
+                raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
+            await read_stream(resp, r)
+            return r
+
+
+async def read_stream(resp, r: StreamResult) -> None:
+    usage = None
+    async for line in resp.content:
+        if not line.startswith(b"data: {"):
+            continue
+        d = json.loads(line[6:])
+        if d.get("usage"):
+            usage = d["usage"].get("completion_tokens")
+        if any((c.get("delta") or {}).get("content") for c in d.get("choices", [])):
+            r.chunks.append(time.perf_counter())
     r.tokens = usage if usage is not None else len(r.chunks)
-    return r
 
 
 async def run_level(http, s: Server, n: int, tokens: int, banned: list[int], tag: str, words: int) -> list[StreamResult]:
+    """n chats sent at once, after the server says it is healthy (on a loaded CPU a router may
+    have marked its busy node down between two levels; it is up again at the next probe)."""
+    await healthy(http, s.url)
     bodies = [chat_body(prompt_text(f"{tag}-{n}-{i}", words), tokens, banned) for i in range(n)]
     return await asyncio.gather(*(one_stream(http, s.url, b) for b in bodies))
+
+
+async def healthy(http, url: str, timeout: float = 120) -> None:
+    """GET /health answers 200 (mlx_lm.server: the model is loaded; the router: a node is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with http.get(url + "/health") as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/health: not healthy for {timeout:.0f}s")
+        await asyncio.sleep(0.5)
 
 
 async def measure(a, servers: list[Server], banned: list[int]) -> list[dict]:
@@ -368,7 +414,8 @@ def median_runs(rows: list[dict]) -> list[dict]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model-dir", type=Path, help="an mlx model directory with a tokenizer (mlx_lm.server loads it)")
+    src.add_argument("--model-dir", type=Path, help="a model directory with a tokenizer; an unquantized one is "
+                     "first converted to 4-bit by mlx-lm (e.g. mlxmoe/assets/reference-moe)")
     src.add_argument("--synthesize", metavar="PRESET:LAYERS:BITS", help="random weights of a preset, e.g. qwen3-30b-a3b:12:4")
     src.add_argument("--table", type=Path, metavar="JSON", help="print the Markdown table of a benchmark file and exit")
     ap.add_argument("--streams", default="1,2,4,8,16", help="concurrent streams per row (comma-separated)")
@@ -410,7 +457,7 @@ def main(argv=None) -> int:
     from mlxmoe.ui.demo import Children, on_signals
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    model_dir = a.model_dir or prepare_model(a.synthesize, a.workdir)
+    model_dir = quantized_copy(a.model_dir, a.workdir) if a.model_dir else prepare_model(a.synthesize, a.workdir)
     banned = special_ids(model_dir)
     machine = a.machine or default_machine()
     children = Children()

@@ -123,3 +123,46 @@ def test_end_to_end_on_a_tiny_model(tmp_path):
                                                                    for n in (1, 2)}
     assert all(x["tokens_per_stream"] == [4] for x in doc["rows"])
     assert "| mlxmoe | 2 |" in r.stdout
+
+
+def test_stream_counts_usage_tokens_and_retries_a_503_before_the_first_token():
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    calls = []
+
+    async def chat(request):
+        calls.append(await request.json())
+        if len(calls) == 1:
+            return web.json_response({"error": {"code": "no_nodes"}}, status=503)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for d in ({"choices": [{"delta": {"role": "assistant"}}]}, {"choices": [{"delta": {"content": "a"}}]},
+                  {"choices": [{"delta": {"content": " b"}}]}, {"choices": [], "usage": {"completion_tokens": 3}}):
+            await resp.write(f"data: {json.dumps(d)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def health(request):
+        return web.Response(text="ok")
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                return await bc.one_stream(http, url, bc.chat_body("x", 3, []))
+        finally:
+            await runner.cleanup()
+
+    r = asyncio.run(main())
+    assert r.retries == 1 and len(calls) == 2 and calls[0] == calls[1]
+    assert len(r.chunks) == 2 and r.tokens == 3 and r.chunks[0] >= r.sent
