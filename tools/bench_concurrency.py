@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,28 +284,6 @@ def start_servers(a, model_dir: Path, work: Path, children) -> list[Server]:
     return servers
 
 
-def wait_up(s: Server, timeout: float) -> None:
-    """mlx_lm.server: /health; a router: its node is up in /status."""
-    from mlxmoe.errors import MlxMoeError
-    from mlxmoe.ui.demo import wait_ready
-
-    if s.name.startswith("mlxmoe"):
-        wait_ready(s.url, 1, s.procs, timeout)
-        return
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if s.procs[0].poll() is not None:
-            raise MlxMoeError(f"mlx_lm.server exited early (exit code {s.procs[0].returncode}); see its log")
-        try:
-            with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise MlxMoeError(f"mlx_lm.server did not come up within {timeout:.0f}s")
-
-
 # ---------------------------------------------------------------- the client
 
 def chat_body(prompt: str, tokens: int, banned: list[int]) -> dict:
@@ -323,18 +300,18 @@ def prompt_text(tag: str, words: int) -> str:
     return f"{tag} " + " ".join(f"word{(7 * i) % 97}" for i in range(words))
 
 
-async def one_stream(http, url: str, body: dict, attempts: int = 3) -> StreamResult:
+async def one_stream(http, s: Server, body: dict, attempts: int = 3) -> StreamResult:
     """One chat; a 503 before the first token (a router that just marked its busy node down) is
     sent again once healthy, its TTFT still counted from the first send, and counted in `retries`."""
     r = StreamResult(sent=time.perf_counter())
     for attempt in range(attempts):
-        async with http.post(url + "/v1/chat/completions", json=body) as resp:
+        async with http.post(s.url + "/v1/chat/completions", json=body) as resp:
             if resp.status == 503 and attempt + 1 < attempts:
                 r.retries += 1
-                await healthy(http, url)
+                await healthy(http, s)
                 continue
             if resp.status != 200:
-                raise RuntimeError(f"{url}: HTTP {resp.status}: {(await resp.text())[:300]}")
+                raise RuntimeError(f"{s.name}: HTTP {resp.status}: {(await resp.text())[:300]}")
             await read_stream(resp, r)
             return r
 
@@ -355,23 +332,29 @@ async def read_stream(resp, r: StreamResult) -> None:
 async def run_level(http, s: Server, n: int, tokens: int, banned: list[int], tag: str, words: int) -> list[StreamResult]:
     """n chats sent at once, after the server says it is healthy (on a loaded CPU a router may
     have marked its busy node down between two levels; it is up again at the next probe)."""
-    await healthy(http, s.url)
+    await healthy(http, s)
     bodies = [chat_body(prompt_text(f"{tag}-{n}-{i}", words), tokens, banned) for i in range(n)]
-    return await asyncio.gather(*(one_stream(http, s.url, b) for b in bodies))
+    return await asyncio.gather(*(one_stream(http, s, b) for b in bodies))
 
 
-async def healthy(http, url: str, timeout: float = 120) -> None:
-    """GET /health answers 200 (mlx_lm.server: the model is loaded; the router: a node is up)."""
+async def healthy(http, s: Server, timeout: float = 120) -> None:
+    """GET /health answers 200 (mlx_lm.server: the model is loaded; the router: a node is up),
+    while every process of the server still runs."""
+    import aiohttp
+
     deadline = time.monotonic() + timeout
     while True:
+        dead = [p for p in s.procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{s.name}: a process exited (code {dead[0].returncode}); see its log")
         try:
-            async with http.get(url + "/health") as r:
+            async with http.get(s.url + "/health") as r:
                 if r.status == 200:
                     return
-        except OSError:
+        except (OSError, aiohttp.ClientError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}/health: not healthy for {timeout:.0f}s")
+            raise RuntimeError(f"{s.name}: {s.url}/health not healthy within {timeout:.0f}s")
         await asyncio.sleep(0.5)
 
 
@@ -387,6 +370,8 @@ async def measure(a, servers: list[Server], banned: list[int]) -> list[dict]:
             for n in a.streams:
                 await run_level(http, s, n, a.warmup_tokens, banned, "warm", a.prompt_words)
             log(f"warm: {s.name}")
+        await asyncio.gather(*(healthy(http, s, a.start_timeout) for s in servers))
+        log("all servers up")
         await asyncio.gather(*(warm(s) for s in servers))
         rows = []
         for run in range(a.runs):
@@ -465,8 +450,6 @@ def main(argv=None) -> int:
     try:
         servers = start_servers(a, model_dir, a.workdir, children)
         log(f"started {', '.join(s.name for s in servers)}; logs in {a.workdir / 'logs'}")
-        for s in servers:
-            wait_up(s, a.start_timeout)
         rows = asyncio.run(measure(a, servers, banned))
     except KeyboardInterrupt:
         return 130
@@ -477,7 +460,8 @@ def main(argv=None) -> int:
         children.stop()
     date = time.strftime("%Y-%m-%d")
     cfg = json.loads((model_dir / "config.json").read_text())
-    meta = {"date": date, "model": a.synthesize or str(model_dir), "layers": cfg.get("num_hidden_layers"),
+    source = a.synthesize or str(a.model_dir) + (" (mlx-lm 4-bit)" if model_dir != a.model_dir else "")
+    meta = {"date": date, "model": source, "layers": cfg.get("num_hidden_layers"),
             "bits": (cfg.get("quantization") or {}).get("bits"), "tokens": a.tokens, "streams": a.streams,
             "device": device_name(), "platform": platform.platform(), "runs": a.runs,
             "sampling": "temperature 0, no seed, repetition_penalty 1, special tokens biased -100"}

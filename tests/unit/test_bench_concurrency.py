@@ -159,7 +159,7 @@ def test_stream_counts_usage_tokens_and_retries_a_503_before_the_first_token():
         url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         try:
             async with aiohttp.ClientSession() as http:
-                return await bc.one_stream(http, url, bc.chat_body("x", 3, []))
+                return await bc.one_stream(http, bc.Server("x", url, [], {}), bc.chat_body("x", 3, []))
         finally:
             await runner.cleanup()
 
