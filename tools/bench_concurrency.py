@@ -77,7 +77,7 @@ def inter_token_gaps(r: StreamResult) -> list[float]:
 def make_row(server: str, results: list[StreamResult]) -> dict:
     """The issue's row for one server at len(results) concurrent streams (times in ms)."""
     start = min(r.sent for r in results)
-    end = max(r.chunks[-1] for r in results if r.chunks) if any(r.chunks for r in results) else start
+    end = max((r.chunks[-1] for r in results if r.chunks), default=start)
     total = sum(r.tokens for r in results)
     gaps = [g for r in results for g in inter_token_gaps(r)]
     ttfts = [r.chunks[0] - r.sent for r in results if r.chunks]
@@ -128,8 +128,31 @@ def table(doc: dict) -> str:
         lines.append(f"| {r['server']} | {r['streams']} | {r['agg_tok_s']:.1f} | {ratio} | {_ms(r['p50_itl_ms'])} | "
                      f"{_ms(r['p95_itl_ms'])} | {_ms(r['ttft_ms'])} |")
     meta = doc.get("meta", {})
+    lines += [""] + [f"- {t}" for t in targets(rows)]
     note = ", ".join(f"{k} {meta[k]}" for k in ("model", "layers", "bits", "tokens", "device", "date") if k in meta)
     return "\n".join(lines) + (f"\n\n{doc['machine']}: {note}." if note else "")
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 19's GPU targets, checked for every mlxmoe server: aggregate at 8 streams >= 3x one
+    stream and >= mlx_lm.server's at every concurrency; p50 ITL at 4 streams <= 1.5x one stream."""
+    at = {(r["server"], r["streams"]): r for r in rows}
+    out = []
+    for name in sorted({r["server"] for r in rows if r["server"].startswith("mlxmoe")}):
+        one, eight, four = at.get((name, 1)), at.get((name, 8)), at.get((name, 4))
+        if one and eight:
+            x = eight["agg_tok_s"] / one["agg_tok_s"]
+            out.append(f"{name}: 8 streams {x:.2f}x one stream (target 3x): {'met' if x >= 3 else 'not met'}")
+        if one and four and one["p50_itl_ms"] and four["p50_itl_ms"]:
+            x = four["p50_itl_ms"] / one["p50_itl_ms"]
+            out.append(f"{name}: p50 ITL at 4 streams {x:.2f}x one stream (target <= 1.5x): "
+                       f"{'met' if x <= 1.5 else 'not met'}")
+        behind = [n for (srv, n), r in at.items() if srv == "mlx_lm.server" and (name, n) in at
+                  and at[(name, n)]["agg_tok_s"] < r["agg_tok_s"]]
+        if any(srv == "mlx_lm.server" for srv, _ in at):
+            out.append(f"{name}: aggregate >= mlx_lm.server's at every concurrency: "
+                       + ("met" if not behind else f"not met at {', '.join(map(str, sorted(behind)))} streams"))
+    return out
 
 
 def _ms(v) -> str:
@@ -378,7 +401,7 @@ async def measure(a, servers: list[Server], banned: list[int]) -> list[dict]:
             for s in servers:
                 for n in a.streams:
                     results = await run_level(http, s, n, a.tokens, banned, f"run{run}", a.prompt_words)
-                    row = {**make_row(s.name, results), **{f"{k}": v for k, v in s.meta.items()}, "run": run}
+                    row = {**make_row(s.name, results), **s.meta, "run": run}
                     log(f"{s.name:22s} streams {n:2d}: {row['agg_tok_s']:8.1f} tok/s, p50 ITL {row['p50_itl_ms']} ms, "
                         f"TTFT {row['ttft_ms']} ms, tokens {row['tokens_per_stream']}")
                     rows.append(row)

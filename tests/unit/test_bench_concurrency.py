@@ -79,6 +79,18 @@ def test_table_has_a_line_per_row_and_the_ratio_to_one_stream():
                     "| mlxmoe | 1 | 10.0 | 1.00x | 50.0 | 55.0 | 90.0 |",
                     "| mlxmoe | 2 | 30.0 | 3.00x | 60.0 | 70.0 | 100.0 |"]
     assert "cpu: model m, tokens 8." in lines[-1]
+    assert "- mlxmoe: aggregate >= mlx_lm.server's at every concurrency: not met at 1 streams" in lines
+
+
+def test_targets_are_checked_per_mlxmoe_server():
+    def row(server, n, agg, p50):
+        return {"server": server, "streams": n, "agg_tok_s": agg, "p50_itl_ms": p50}
+    rows = [row("mlxmoe", 1, 100, 10), row("mlxmoe", 4, 350, 14), row("mlxmoe", 8, 320, 20),
+            row("mlx_lm.server", 1, 90, 10), row("mlx_lm.server", 8, 330, 20)]
+    assert bc.targets(rows) == [
+        "mlxmoe: 8 streams 3.20x one stream (target 3x): met",
+        "mlxmoe: p50 ITL at 4 streams 1.40x one stream (target <= 1.5x): met",
+        "mlxmoe: aggregate >= mlx_lm.server's at every concurrency: not met at 8 streams"]
 
 
 def test_body_is_greedy_unseeded_and_bans_the_specials():
