@@ -146,10 +146,11 @@ class Children:
         self.procs: list[subprocess.Popen] = []
         self._r, self._w = os.pipe()  # the demo holds the only write end
 
-    def start(self, cmd: list[str], log: Path) -> subprocess.Popen:
+    def start(self, cmd: list[str], log: Path, boot: str | None = None) -> subprocess.Popen:
+        """Run `boot` (default: CHILD_BOOT, i.e. `mlxmoe CMD`) with `cmd` as its arguments."""
         env = {**os.environ, PARENT_PIPE_ENV: str(self._r)}
         with open(log, "w") as out:
-            p = subprocess.Popen([sys.executable, "-c", CHILD_BOOT, *cmd], stdout=out, stderr=subprocess.STDOUT,
+            p = subprocess.Popen([sys.executable, "-c", boot or CHILD_BOOT, *cmd], stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, start_new_session=True, env=env, pass_fds=(self._r,),
                                  preexec_fn=_pdeathsig(os.getpid()) if sys.platform.startswith("linux") else None)
         self.procs.append(p)
