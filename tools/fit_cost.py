@@ -69,7 +69,8 @@ def which_mode_table(dev, shares) -> str:
     for chip, link in README_CASES:
         rows = cost.predict(k, w, cost.Cluster(3, cost.CHIPS[chip], cost.LINKS[link], dev), shares)
         best = max(r["tok_s"] for r in rows)
-        cells = [f"**{r['tok_s']:.0f}**" if r["tok_s"] == best else f"{r['tok_s']:.0f}" for r in rows]
+        cells = [(f"**{r['tok_s']:.0f}**" if r["tok_s"] == best else f"{r['tok_s']:.0f}") + f" / {r['agg_tok_s']:.0f}"
+                 for r in rows]
         out.append(f"| {chip}, {link} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -80,9 +81,9 @@ def write_readme(table: str, shares) -> None:
     a, b = README_MARK
     if a not in s:
         return
-    note = (f"\n\nPredicted single-stream decode tok/s, Qwen3-235B-A22B (4-bit experts), by `mlxmoe plan "
-            f"--link --chip`; bold: the fastest. pin trades quality for speed; the others are exact or near it "
-            f"(docs/PERFORMANCE.md).\n")
+    note = ("\n\nPredicted decode tok/s of one chat / of 3 concurrent chats, Qwen3-235B-A22B (4-bit experts), by "
+            "`mlxmoe plan --chip --link`; bold: the fastest single chat. pin trades quality for speed; onehop and "
+            "split are near-exact, the peers exact (docs/PERFORMANCE.md, the cost model).\n")
     p.write_text(s[:s.index(a) + len(a)] + "\n" + table + note + s[s.index(b):])
 
 
