@@ -23,9 +23,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 from mlxmoe.bundle import cost  # noqa: E402
 from mlxmoe.bundle.plan import resolve_counts  # noqa: E402
+from markers import write_between  # noqa: E402
 
 EVAL = ROOT / "benchmarks/2026-11-24-cpu-split-onehop-domain-sets29-reference-moe.json"
 # (who, model preset, expert bits, trunk bits, chip, nodes, link, rdma, mode, published tok/s, note)
@@ -38,7 +39,6 @@ ANCHORS = [
     ("exo", "deepseek-v3", 4, 4, "m4-pro", 8, "tb5", False, "pipeline", 5.4,
      "DeepSeek-V3 671B, 8x M4 Pro Mac mini pipeline over TCP; 4-bit assumed"),
 ]
-README_MARK = ("<!-- which-mode table: tools/fit_cost.py writes it -->", "<!-- end which-mode table -->")
 # the README's table: Qwen3-235B-A22B on three Macs, per chip and link
 README_CASES = [("m4-pro", "10gbe"), ("m4-max", "tb5"), ("m4-max", "wifi"), ("m3-ultra", "tb5"), ("m3-ultra", "10gbe")]
 
@@ -75,16 +75,18 @@ def which_mode_table(dev, shares) -> str:
     return "\n".join(out)
 
 
-def write_readme(table: str, shares) -> None:
-    p = ROOT / "README.md"
-    s = p.read_text()
-    a, b = README_MARK
-    if a not in s:
-        return
-    note = ("\n\nPredicted decode tok/s of one chat / of 3 concurrent chats, Qwen3-235B-A22B (4-bit experts), by "
+def readme_text(table: str) -> str:
+    return table + ("\n\nPredicted decode tok/s of one chat / of 3 concurrent chats, Qwen3-235B-A22B (4-bit experts), by "
             "`mlxmoe plan --chip --link`; bold: the fastest single chat. pin trades quality for speed; onehop and "
-            "split are near-exact, the peers exact (docs/PERFORMANCE.md, the cost model).\n")
-    p.write_text(s[:s.index(a) + len(a)] + "\n" + table + note + s[s.index(b):])
+            "split are near-exact, the peers exact (docs/PERFORMANCE.md, the cost model).")
+
+
+def anchors_table(rows: list[dict]) -> str:
+    out = ["| who | model (bits) | Macs | mode | published tok/s | predicted | error |", "|" + " --- |" * 7]
+    for r in rows:
+        out.append(f"| {r['who']} | {r['model']} ({r['bits']}-bit) | {r['nodes']}× {r['chip']} | {r['mode']} "
+                   f"| {r['published_tok_s']:g} | {r['predicted_tok_s']:.1f} | {r['error']:+.0%} |")
+    return "\n".join(out)
 
 
 def main():
@@ -112,7 +114,9 @@ def main():
     cost.CALIBRATION.write_text(json.dumps(cal, indent=1) + "\n")
     table = which_mode_table(cost.device("apple"), shares)
     print(table)
-    write_readme(table, shares)
+    write_between(ROOT / "README.md", "which-mode table", readme_text(table))
+    write_between(ROOT / "docs/PERFORMANCE.md", "which-mode table", readme_text(table))
+    write_between(ROOT / "docs/PERFORMANCE.md", "anchors table", anchors_table(rows))
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ class Weights:
     trunk_bits: int | None = 8
     group_size: int = 64
     kv_bits: int | None = 8
+    float_bytes: int = 2  # unquantized weights: bf16 (float32 on a CPU)
 
 
 def step_bytes(k: Counts, w: Weights, context: int, batch: int = 1) -> dict:
@@ -134,9 +135,13 @@ def step_bytes(k: Counts, w: Weights, context: int, batch: int = 1) -> dict:
     (one row of it), the distinct experts the batch touches, and the KV caches."""
     embed = k.vocab * k.hidden
     experts = k.n_experts * (1 - (1 - k.top_k / k.n_experts) ** batch)  # distinct, per layer, random routing
-    kv_per_elem = w.kv_bits / 8 + 4 / w.group_size if w.kv_bits else 2
-    parts = {"trunk": qbytes(k.trunk_matrix - embed, w.trunk_bits, w.group_size) + 2 * k.trunk_other,
-             "experts": k.n_moe_layers * experts * qbytes(k.expert, w.bits, w.group_size),
+    kv_per_elem = w.kv_bits / 8 + 4 / w.group_size if w.kv_bits else w.float_bytes
+
+    def q(params, bits):
+        return qbytes(params, bits, w.group_size) if bits else params * w.float_bytes
+
+    parts = {"trunk": q(k.trunk_matrix - embed, w.trunk_bits) + 2 * k.trunk_other,
+             "experts": k.n_moe_layers * experts * q(k.expert, w.bits),
              "kv": batch * k.kv_elems_per_token * context * kv_per_elem}
     return {**parts, "total": sum(parts.values())}
 
@@ -215,7 +220,7 @@ def predict_mode(mode: str, k: Counts, w: Weights, c: Cluster, shares: Shares, *
     elif mode == "tensor":
         # mlx-lm's shard: every layer's attention and MLP/MoE sharded n ways, two all_sums per layer;
         # the embedding and lm_head stay whole on every rank
-        head = qbytes(k.vocab * k.hidden, w.trunk_bits, w.group_size)
+        head = qbytes(k.vocab * k.hidden, w.trunk_bits, w.group_size) if w.trunk_bits else k.vocab * k.hidden * w.float_bytes
         crowd = contention(n, c)
 
         def step(batch, ctx):
