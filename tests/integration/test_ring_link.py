@@ -25,9 +25,11 @@ def rank_main() -> None:
     from mlxmoe import wire
     from mlxmoe.errors import PeerError
     from mlxmoe.node.remote.peers import Inbox
-    from mlxmoe.node.remote.ring import FallbackLink, RingGroup
+    from mlxmoe.node.remote.ring import FallbackLink, RingGroup, control_sockets
 
     g = mx.distributed.init(backend="ring", strict=True)
+    ring_addrs = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+    addrs = [(a.split(":")[0], int(os.environ["CONTROL_PORT"]) + i) for i, a in enumerate(ring_addrs)]
 
     def serve(body):
         if body["layer"] == 99:
@@ -37,7 +39,7 @@ def rank_main() -> None:
             x = x[mx.array(body["rows"])] + mx.array(body["ids"], mx.float32)[:, None].astype(x.dtype)
         return {"y": wire.encode_tensor(x * 2 + body["layer"])}
 
-    ring = RingGroup(g, serve, Inbox())
+    ring = RingGroup(g, control_sockets(g.rank(), addrs), serve, Inbox())
     link = ring.link(1 - g.rank())
     times, ok = [], True
     for i in range(20):
@@ -83,8 +85,9 @@ def _free_ports(n):
 
 def test_two_ranks_call_each_other(tmp_path):
     hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([f"127.0.0.1:{p}" for p in _free_ports(2)]))
-    env = {**os.environ, "MLX_HOSTFILE": str(hosts), "PYTHONPATH": str(ROOT)}
+    ports = _free_ports(4)
+    hosts.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports[:2]]))
+    env = {**os.environ, "MLX_HOSTFILE": str(hosts), "PYTHONPATH": str(ROOT), "CONTROL_PORT": str(ports[2])}
     procs = [subprocess.Popen([sys.executable, __file__], env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = []
@@ -96,6 +99,7 @@ def test_two_ranks_call_each_other(tmp_path):
         assert o["exact"] and o["split_exact"], o
         assert "experts failed on the ring" in o["failed"] and o["fallback"] == {"y": "from http"}
         assert o["bytes"] == 2 * (24 + 64 * 2)  # header + one bf16 row, each way
+        assert o["median_ms"] > 0
 
 
 if __name__ == "__main__":

@@ -1,22 +1,24 @@
 """The `experts` op over mx.distributed, for nodes started as one group (the ring
 backend over TCP; JACCL over Thunderbolt 5 RDMA): `RingLink` has PeerLink's call
-interface, so a Route uses either; HTTP (PeerLink) stays for control, discovery,
-failover and as the fallback (`FallbackLink`).
+interface, so a Route can use either; HTTP (PeerLink) stays for control, discovery,
+failover, large prompt chunks and as the fallback (`FallbackLink`).
 
-A message is a fixed header of int32 (kind, layer, rows, width, dtype, n_ids)
-followed by the hidden states and, for split, the expert ids and their rows.
-mx.distributed has no probe, so one reader thread per peer receives everything
-that peer sends: answers wake the waiting caller, requests go to the engine's
-Inbox (the engine thread computes them, as for HTTP, and sends the answer), so
-two nodes calling each other never deadlock. The ring's connections are not
-signed: only nodes given one hostfile at start join it (docs/SECURITY.md's
-cluster key does not cover it), so use it on a private link."""
+mx.distributed has no probe and MLX may not evaluate on two threads at once (both
+were tried: a reader thread blocked in `recv` crashes the engine thread's next
+evaluation), so only the engine thread touches MLX. Each message's 24-byte header
+(kind, layer, rows, width, dtype, ids) goes first over a plain TCP control socket
+per peer, which a thread without MLX watches; the hidden states follow over
+mx.distributed. The engine thread handles headers strictly in arrival order (the
+payloads of one peer arrive in that order): a request is received, computed and
+answered; an answer completes the waiting call. The control sockets and the ring
+are not signed: only nodes given one hostfile at start join (docs/SECURITY.md, Known gaps)."""
 
 from __future__ import annotations
 
-import os
-import queue
+import collections
 import select
+import socket
+import struct
 import threading
 import time
 
@@ -26,62 +28,103 @@ from mlxmoe import wire
 from mlxmoe.errors import PeerError
 from mlxmoe.node.remote.peers import CALL_TIMEOUT_S, Inbox
 
-REQUEST, ANSWER, FAILED, STOP = 1, 2, 3, 9
+REQUEST, ANSWER, FAILED = 1, 2, 3
 DTYPES = [mx.bfloat16, mx.float16, mx.float32]
-HEADER = 6
+HEADER = struct.Struct("<6i")
+MAX_RING_BYTES = 256 << 10  # larger calls go over HTTP: two big sends crossing could both block
+
+
+def control_sockets(rank: int, addrs: list[tuple[str, int]], timeout: float = 30.0) -> dict[int, socket.socket]:
+    """One TCP connection to every other rank: listen, dial the higher ranks, accept the lower."""
+    srv = socket.create_server(addrs[rank], reuse_port=False)
+    srv.settimeout(timeout)
+    socks, deadline = {}, time.monotonic() + timeout
+    for peer in range(rank + 1, len(addrs)):
+        while True:
+            try:
+                s = socket.create_connection(addrs[peer], timeout=timeout)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        s.sendall(struct.pack("<i", rank))
+        socks[peer] = s
+    for _ in range(rank):
+        s, _ = srv.accept()
+        socks[struct.unpack("<i", _read(s, 4))[0]] = s
+    srv.close()
+    for s in socks.values():
+        s.settimeout(None)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return socks
+
+
+def _read(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("control socket closed")
+        buf += chunk
+    return buf
 
 
 class RingGroup:
-    """This node's side of the group: a reader per peer, and `serve(body) -> body`
-    (the engine's experts op on wire dicts), run on the engine thread via `inbox`."""
+    """This node's side of the group: `serve(body) -> body` is the engine's experts op
+    on wire dicts, run on the engine thread via `inbox`, like an HTTP request's."""
 
-    def __init__(self, group, serve, inbox: Inbox):
-        self.g, self.serve, self.inbox = group, serve, inbox
-        self.rank = group.rank()
-        self.answers = {p: queue.Queue() for p in range(group.size()) if p != self.rank}
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self.bytes = 0
-        for p in self.answers:
-            threading.Thread(target=self._reader, args=(p,), daemon=True, name=f"ring-reader-{p}").start()
+    def __init__(self, group, socks: dict[int, socket.socket], serve, inbox: Inbox):
+        self.g, self.socks, self.serve, self.inbox = group, socks, serve, inbox
+        self.pending = {p: collections.deque() for p in socks}  # headers not yet handled, per peer
+        self.results: dict[int, tuple] = {}
+        self.bytes = self.served = 0
+        self.lost: set[int] = set()
+        for p in socks:
+            threading.Thread(target=self._watch, args=(p,), daemon=True, name=f"ring-control-{p}").start()
 
     def link(self, rank: int, name: str | None = None) -> "RingLink":
         return RingLink(self, rank, name or f"rank {rank}")
 
-    def stop(self) -> None:
-        """Tell every peer's reader of ours to end (ours end when the peers stop)."""
-        for p in self.answers:
-            self._send(p, STOP, 0, None)
+    def _watch(self, peer: int) -> None:
+        """Headers from one peer, queued in order; the engine thread is woken through the inbox."""
+        try:
+            while True:
+                self.pending[peer].append(HEADER.unpack(_read(self.socks[peer], HEADER.size)))
+                self.inbox.submit(self.pump)
+        except (OSError, ConnectionError):
+            self.lost.add(peer)
+            self.inbox.submit(lambda: None)  # wake a waiting caller
 
-    # -- one message: header, then the payload arrays (sent from the engine thread)
-    def _send(self, peer: int, kind: int, layer: int, x, ids=None, rows=None) -> None:
-        n_ids = 0 if ids is None else len(ids)
-        shape = (0, 0) if x is None else x.shape
-        dt = 0 if x is None else DTYPES.index(x.dtype)
-        parts = [mx.array([kind, layer, shape[0], shape[1], dt, n_ids], mx.int32)]
-        parts += [x] if x is not None else []
-        parts += [mx.array([*ids, *rows], mx.int32)] if n_ids else []
+    def send(self, peer: int, kind: int, layer: int, x=None, ids=None, rows=None) -> int:
+        """Header over the control socket, then the arrays over mx.distributed (engine thread)."""
+        n_ids = len(ids) if ids else 0
+        rows_, width = x.shape if x is not None else (0, 0)
+        dt = DTYPES.index(x.dtype) if x is not None else 0
+        self.socks[peer].sendall(HEADER.pack(kind, layer, rows_, width, dt, n_ids))
+        parts = ([x] if x is not None else []) + ([mx.array([*ids, *rows], mx.int32)] if n_ids else [])
         for a in parts:  # one at a time: sends evaluated together may leave in any order
             mx.eval(mx.distributed.send(a, peer, group=self.g))
-        self.bytes += sum(a.nbytes for a in parts[1:])
-        self.bytes += 4 * HEADER
+        n = HEADER.size + sum(a.nbytes for a in parts)
+        self.bytes += n
+        return n
 
-    def _reader(self, peer: int) -> None:
-        stream = mx.new_stream(mx.cpu)  # its own stream: a blocked recv holds up nothing else
-        with mx.stream(stream):
-            while True:
-                h = mx.distributed.recv((HEADER,), mx.int32, peer, group=self.g)
-                kind, layer, rows, width, dt, n_ids = h.tolist()
-                if kind == STOP:
-                    return
-                x = mx.distributed.recv((rows, width), DTYPES[dt], peer, group=self.g) if rows else None
-                ids = mx.distributed.recv((2 * n_ids,), mx.int32, peer, group=self.g).tolist() if n_ids else None
-                mx.eval(*(a for a in (x,) if a is not None))
+    def pump(self) -> None:
+        """Handle every queued header in order (engine thread)."""
+        for peer, q in self.pending.items():
+            while q:
+                kind, layer, rows, width, dt, n_ids = q.popleft()
+                x = self._recv((rows, width), DTYPES[dt], peer) if rows else None
+                ids = self._recv((2 * n_ids,), mx.int32, peer) if n_ids else None
                 if kind == REQUEST:
-                    self.inbox.submit(lambda p=peer, l=layer, x=x, i=ids: self._answer(p, l, x, i))
+                    self._answer(peer, layer, x, ids.tolist() if ids is not None else None)
                 else:
-                    self.answers[peer].put((kind, x))
-                    os.write(self._wake_w, b"x")
+                    self.results[peer] = (kind, x)
+
+    def _recv(self, shape, dtype, peer: int):
+        a = mx.distributed.recv(shape, dtype, peer, group=self.g)
+        mx.eval(a)  # one at a time, like the sends: in order
+        return a
 
     def _answer(self, peer: int, layer: int, x, ids) -> None:
         body = {"layer": layer, "x": wire.encode_tensor(x)}
@@ -89,9 +132,11 @@ class RingGroup:
             body["ids"], body["rows"] = ids[:len(ids) // 2], ids[len(ids) // 2:]
         try:
             y = wire.decode_tensor(self.serve(body)["y"])
-        except Exception:  # the caller gets FAILED and raises PeerError naming us
-            return self._send(peer, FAILED, layer, None)
-        self._send(peer, ANSWER, layer, y)
+        except Exception:  # the caller raises PeerError naming this node
+            self.send(peer, FAILED, layer)
+            return
+        self.send(peer, ANSWER, layer, y)
+        self.served += 1
 
 
 class RingLink:
@@ -100,49 +145,48 @@ class RingLink:
     def __init__(self, ring: RingGroup, rank: int, name: str, timeout: float = CALL_TIMEOUT_S):
         self.ring, self.rank, self.name, self.timeout = ring, rank, name, timeout
 
+    @staticmethod
+    def carries(op: str, body: dict) -> bool:
+        return op == "experts" and len(body["x"]["data"]) <= MAX_RING_BYTES
+
     def call(self, op: str, body: dict) -> tuple[dict, int]:
-        if op != "experts":
-            raise PeerError(f"peer {self.name}: the ring carries only the experts op, not {op!r}", self.name)
+        if not self.carries(op, body):
+            raise PeerError(f"peer {self.name}: the ring carries only experts calls up to {MAX_RING_BYTES} bytes",
+                            self.name)
         x = wire.decode_tensor(body["x"])
-        before = self.ring.bytes
-        self.ring._send(self.rank, REQUEST, body["layer"], x, body.get("ids"), body.get("rows"))
+        if self.rank in self.ring.lost:
+            raise PeerError(f"peer {self.name}: its control connection is closed", self.name)
+        n = self.ring.send(self.rank, REQUEST, body["layer"], x, body.get("ids"), body.get("rows"))
         kind, y = self._wait()
         if kind != ANSWER:
             raise PeerError(f"peer {self.name}: experts failed on the ring", self.name)
-        return {"y": wire.encode_tensor(y)}, self.ring.bytes - before + y.nbytes + 4 * HEADER
+        return {"y": wire.encode_tensor(y)}, n + HEADER.size + y.nbytes
 
     def _wait(self):
-        """Until our answer arrives; meanwhile serve the engine's inbox (peers' requests)."""
-        answers, deadline = self.ring.answers[self.rank], time.monotonic() + self.timeout
-        while True:
-            try:
-                return answers.get_nowait()
-            except queue.Empty:
-                pass
+        """Until our answer is in; meanwhile the inbox serves peers (their requests, our headers)."""
+        deadline = time.monotonic() + self.timeout
+        while self.rank not in self.ring.results:
+            if self.rank in self.ring.lost:
+                raise PeerError(f"peer {self.name}: lost while we waited", self.name)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerError(f"peer {self.name}: no experts answer on the ring in {self.timeout:.0f}s", self.name)
-            ready, _, _ = select.select([self.ring._wake_r, self.ring.inbox], [], [], left)
-            if self.ring._wake_r in ready:
-                try:
-                    os.read(self.ring._wake_r, 1 << 12)
-                except BlockingIOError:
-                    pass
-            if self.ring.inbox in ready:
-                self.ring.inbox.drain()
+            select.select([self.ring.inbox], [], [], left)
+            self.ring.inbox.drain()
+        return self.ring.results.pop(self.rank)
 
     def close(self) -> None:
         pass
 
 
 class FallbackLink:
-    """The ring while it answers, HTTP (a PeerLink) from the first ring failure on."""
+    """The ring for what it carries, HTTP (a PeerLink) for the rest; after a ring failure, HTTP only."""
 
     def __init__(self, ring: RingLink, http):
         self.ring, self.http, self.name = ring, http, http.name
 
     def call(self, op: str, body: dict) -> tuple[dict, int]:
-        if self.ring is not None and op == "experts":
+        if self.ring is not None and self.ring.carries(op, body):
             try:
                 return self.ring.call(op, body)
             except PeerError:
