@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import select
 import signal
 import statistics
 import subprocess
@@ -40,6 +41,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 RING_PORT, N_HOSTS = 5900, 3
 EVAL = ROOT / "benchmarks/2026-11-24-cpu-split-onehop-domain-sets29-reference-moe.json"
+
+
+# --cpu (a CUDA or Metal machine): every process of the run on MLX's CPU device
+if os.environ.get("MLXMOE_BENCH_CPU"):
+    import mlx.core as _mx
+    _mx.set_default_device(_mx.cpu)
+NODE_CPU = "import sys, runpy, mlx.core as mx; mx.set_default_device(mx.cpu); sys.argv[0] = 'mlxmoe'; " \
+           "runpy.run_module('mlxmoe.cli', run_name='__main__')"
+
+
+def node_argv(*args: str) -> list[str]:
+    if os.environ.get("MLXMOE_BENCH_CPU"):
+        return [sys.executable, "-c", NODE_CPU, *args]
+    return [sys.executable, "-m", "mlxmoe.cli", *args]
 
 
 def log(msg: str) -> None:
@@ -131,16 +146,35 @@ def calibrate_main(a) -> None:
     for _ in range(10):
         mx.eval(m @ m)
     flops = 10 * 2 * 1024 ** 3 / (time.perf_counter() - t0)
+    del model
+    # an mlxmoe node of the same bundle runs its own decode path (model/fused.py): its own constants
+    from mlxmoe.node.bench import run_decode
+    from mlxmoe.node.contract import GenParams
+    from mlxmoe.node.engine import Node
+
+    node = Node.load(job["bundle"], 0, verify=False, tokenizer=False)
+    gen = lambda p, n: node.generate(None, p, GenParams(max_tokens=n))  # noqa: E731
+    run_decode(gen, job["short"][0], 4, 1)
+    node_tok_s = run_decode(gen, job["short"][0], job["tokens"], 1)[2]
+    node_ttft = run_decode(gen, job["long"], 2, 1)[0]
+    log(f"one mlxmoe node: {node_tok_s:.1f} tok/s, TTFT {node_ttft * 1e3:.0f} ms")
     k, _ = resolve_counts(job["model"])
     w = cost.Weights(job["bits"], job["trunk_bits"])
-    t_tok = dt / (job["tokens"] - 1)
-    layer_s = max(0.0, (t_tok - cost.step_bytes(k, w, len(job["short"][0]))["total"] / bw) / k.n_layers)
     chip = cost.Chip(bw, flops)
-    base = cost.Device(eff=1.0, layer_s=layer_s, prefill_eff=1.0)
-    pre = cost.prefill_s(k, w, len(job["long"]), chip, base) - k.n_layers * layer_s
-    prefill_eff = max(1e-3, pre / max(1e-9, t_long - k.n_layers * layer_s))
+
+    def fit(t_tok, t_prompt):
+        """(layer_s, prefill_eff) from one process's decode step and prompt (bandwidth efficiency 1)."""
+        layer_s = max(0.0, (t_tok - cost.step_bytes(k, w, len(job["short"][0]))["total"] / bw) / k.n_layers)
+        base = cost.Device(eff=1.0, layer_s=layer_s, prefill_eff=1.0)
+        pre = cost.prefill_s(k, w, len(job["long"]), chip, base) - k.n_layers * layer_s
+        return layer_s, max(1e-3, pre / max(1e-9, t_prompt - k.n_layers * layer_s))
+
+    t_tok = dt / (job["tokens"] - 1)
+    (layer_s, prefill_eff), (node_layer_s, node_prefill_eff) = fit(t_tok, t_long), fit(1 / node_tok_s, node_ttft)
     Path(a.out).write_text(json.dumps({"bandwidth": bw, "flops": flops, "eff": 1.0, "layer_s": layer_s,
                                        "prefill_eff": prefill_eff, "tok_s": 1 / t_tok, "ttft_s": t_long,
+                                       "node": {"layer_s": node_layer_s, "prefill_eff": node_prefill_eff,
+                                                "tok_s": node_tok_s, "ttft_s": node_ttft},
                                        "tokens": toks[0], "tokens_unquantized": plain_tokens}))
 
 
@@ -158,6 +192,14 @@ def peer_main(a) -> None:
         model.shard(group)
     mx.eval(model.parameters())
     rank, work = group.rank(), Path(a.work)
+    ring = None
+    if a.kind == "pipeline":  # the experts exchange over mx.distributed (node/remote/ring.py), rank 0 <-> 1
+        from mlxmoe.node.remote.peers import Inbox
+        from mlxmoe.node.remote.ring import RingGroup, control_sockets
+
+        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+        addrs = [(h.split(":")[0], RING_PORT + 100) for h in hosts]
+        ring = RingGroup(group, control_sockets(rank, addrs), lambda body: {"y": body["x"]}, Inbox())
     hidden = mx.zeros((1, job["hidden"]), dtype=model.model.norm.weight.dtype)
     greedy(model, [job["short"][0]], 4)  # warm-up: first compiles, connections
     for i, delay in enumerate(job["delays"]):
@@ -171,6 +213,7 @@ def peer_main(a) -> None:
         for _ in range(20):
             mx.eval(mx.distributed.all_sum(hidden, group=group))
         all_sum_s = (time.perf_counter() - t0) / 20
+        ring_ms = ring_call_ms(ring, rank, hidden) if ring is not None else None
         marks = {}
         toks, dt = greedy(model, [job["short"][0]], job["tokens"], on_first=lambda: marks.update(b0=hosts_sent_bytes(a.hosts)))
         sent = hosts_sent_bytes(a.hosts) - marks["b0"]
@@ -180,8 +223,29 @@ def peer_main(a) -> None:
             row = {"tok_s": (job["tokens"] - 1) / dt, "ttft_ms": 1e3 * t_long,
                    "agg_tok_s": len(job["short"]) * (job["tokens"] - 1) / agg_dt,
                    "bytes_per_token": sent / (job["tokens"] - 1), "all_sum_ms": 1e3 * all_sum_s,
+                   "ring_experts_call_ms": ring_ms,
                    "ranks": group.size(), "tokens": toks[0], "quantized": quantized_for(a.kind, job)}
             (work / f"{a.kind}-result-{i}.json").write_text(json.dumps(row))
+
+
+def ring_call_ms(ring, rank: int, hidden, n: int = 30):
+    """Median round trip of an experts call over the ring transport, rank 0 to rank 1
+    (the answer is the input: the transport alone, without the experts' compute)."""
+    from mlxmoe import wire
+
+    body, times = {"layer": 0, "x": wire.encode_tensor(hidden)}, []
+    if rank == 0:
+        link = ring.link(1)
+        for _ in range(n + 3):
+            t0 = time.perf_counter()
+            link.call("experts", body)
+            times.append(time.perf_counter() - t0)
+    elif rank == 1:  # serve them (the engine's inbox, as a node's worker does when idle)
+        target, deadline = ring.served + n + 3, time.monotonic() + 120
+        while ring.served < target and time.monotonic() < deadline:
+            select.select([ring.inbox], [], [], 0.5)
+            ring.inbox.drain()
+    return 1e3 * statistics.median(times[3:]) if times else None
 
 
 # ---------------------------------------------------------------- mlxmoe client (router's host)
@@ -189,7 +253,8 @@ def peer_main(a) -> None:
 async def _timed_turn(http, url, text, headers, max_tokens):
     from bench_mobility import _turn
 
-    return await _turn(http, url, [{"role": "user", "content": text}], headers, max_tokens)
+    # temperature 0: placed deterministically, so the same prompt lands on the same node every time
+    return await _turn(http, url, [{"role": "user", "content": text}], headers, max_tokens, {"temperature": 0})
 
 
 async def mlxmoe_mode(url: str, mode: str, job: dict, hosts: str, tag: str) -> dict:
@@ -348,8 +413,8 @@ def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: P
 
     for g in range(N_HOSTS):
         ip = lab.ips[g]
-        lab.spawn(g, [sys.executable, "-m", "mlxmoe.cli", "node", bundle, "--group", str(g), "--host", ip, "--port",
-                      str(PORT_NODE), "--key", str(key), "--interface", ip], f"node{g}.log", env={"PYTHONPATH": str(ROOT)})
+        lab.spawn(g, node_argv("node", bundle, "--group", str(g), "--host", ip, "--port", str(PORT_NODE), "--key",
+                               str(key), "--interface", ip), f"node{g}.log", env={"PYTHONPATH": str(ROOT)})
     conf = tmp / "router.toml"
     write_conf(conf, [])
     router = start_router(lab, bundle, str(key), conf, mdns=True)
@@ -375,44 +440,72 @@ def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: P
     return rows, calls
 
 
+def run_summary(job: dict) -> dict:
+    """What the predictions need of a run (kept in the JSON, so --from-json can redo them)."""
+    return {"model": job["model"], "bits": job["bits"], "trunk_bits": job["trunk_bits"], "delays": job["delays"],
+            "context": len(job["short"][0]) + job["tokens"], "prompt": len(job["long"]), "chats": len(job["short"])}
+
+
 def predictions(rows: list[dict], job: dict, cal: dict, calls: list[dict]) -> dict:
-    """predicted_tok_s per row from the cost model with this machine's constants: the
-    device from `calibrate`, the ring's fixed cost per send and the HTTP call's fixed
-    cost from their zero-delay microbenchmarks (never from the rows themselves)."""
+    """predicted_* per row from the cost model with this machine's constants, measured
+    apart from the rows: each code path's device from one process (`calibrate`: mlx-lm's
+    model for the peers, an mlxmoe node for pin/onehop/split), the ring's fixed cost per
+    send and the HTTP call's fixed cost from their microbenchmarks at the first delay."""
+    from dataclasses import asdict, replace
+
     from mlxmoe.bundle import cost
     from mlxmoe.bundle.plan import resolve_counts
 
     k, _ = resolve_counts(job["model"])
-    w = cost.Weights(job["bits"], job["trunk_bits"])
-    zero = [r for r in rows if r["delay_ms"] == min(job["delays"]) and "all_sum_ms" in r]
-    ring_ranks = {r["system"]: r["ranks"] for r in zero}
-    # one all_sum of a hidden state on n ranks = 2(n-1) sends
-    sync_s = statistics.median(r["all_sum_ms"] / 1e3 / (2 * (r["ranks"] - 1)) for r in zero) if zero else 0.0
-    call_ms = min((c["experts_call_ms"] for c in calls if c["delay_ms"] == min(job["delays"])), default=1.0)
-    dev = cost.Device(eff=cal["eff"], layer_s=cal["layer_s"], sync_s=sync_s, call_s=call_ms / 1e3,
-                      prefill_eff=cal["prefill_eff"], parallel=os.cpu_count())
+    first = min(job["delays"])
+    zero = {r["system"]: r for r in rows if r["delay_ms"] == first and "all_sum_ms" in r}
+    ranks = {name: r["ranks"] for name, r in zero.items()}
+    # each peer system's own ring: one all_sum of a hidden state on n ranks = 2(n-1) sends
+    sync = {name: r["all_sum_ms"] / 1e3 / (2 * (r["ranks"] - 1)) for name, r in zero.items()}
+    call_ms = min((c["experts_call_ms"] for c in calls if c["delay_ms"] == first), default=1.0)
+    peer = cost.Device(eff=cal["eff"], layer_s=cal["layer_s"], call_s=call_ms / 1e3, prefill_eff=cal["prefill_eff"],
+                       parallel=os.cpu_count())
+    node = replace(peer, layer_s=cal["node"]["layer_s"], prefill_eff=cal["node"]["prefill_eff"])
     chip = cost.Chip(cal["bandwidth"], cal["flops"])
     shares = cost.shares_from_eval(str(EVAL.relative_to(ROOT)))
+    quantized, plain = cost.Weights(job["bits"], job["trunk_bits"]), cost.Weights(None, None, kv_bits=None, float_bytes=4)
     for r in rows:
-        mode = r["system"].split()[-1]
-        n = ring_ranks.get(r["system"], N_HOSTS)
-        c = cost.Cluster(n, chip, cost.Link(2 * r["delay_ms"] / 1e3, 10e9 / 8), dev, rdma=False)
-        if not r.get("quantized", True):  # float32 weights and activations
-            c = cost.with_device(c, act_bytes=4)
-        p = cost.predict_mode(mode, k, w if r.get("quantized", True) else cost.Weights(None, None, kv_bits=None, float_bytes=4), c, shares, context=len(job["short"][0]) + job["tokens"],
-                              prompt=len(job["long"]), chats=len(job["short"]))
+        mode, q = r["system"].split()[-1], r.get("quantized", True)
+        dev = node if r["system"].startswith("mlxmoe") else replace(peer, sync_s=sync[r["system"]])
+        c = cost.Cluster(ranks.get(r["system"], N_HOSTS), chip, cost.Link(2 * r["delay_ms"] / 1e3, 10e9 / 8),
+                         dev if q else replace(dev, act_bytes=4), rdma=False)
+        p = cost.predict_mode(mode, k, quantized if q else plain, c, shares, context=job["context"], prompt=job["prompt"],
+                              chats=job["chats"])
         r.update(predicted_tok_s=p["tok_s"], predicted_ttft_ms=1e3 * p["ttft_s"], predicted_agg_tok_s=p["agg_tok_s"],
                  predicted_bytes_per_token=p["bytes_per_token"], error=p["tok_s"] / r["tok_s"] - 1)
-    return {"device": {k_: v for k_, v in dev.__dict__.items()}, "chip": chip.__dict__, "shares": shares.__dict__}
+    return {"peers_device": asdict(peer), "sync_s": sync, "node_device": asdict(node), "chip": asdict(chip),
+            "shares": asdict(shares)}
 
 
-def table(rows: list[dict]) -> str:
-    out = ["| system | one-way delay | tok/s | predicted | TTFT 1k prompt | 3 chats tok/s | bytes/token | exact |",
-           "|" + " --- |" * 8]
+def table(rows: list[dict], prompt: int) -> str:
+    out = [f"| system | one-way delay | tok/s | predicted | TTFT {prompt}-token prompt | predicted | 3 chats tok/s "
+           "| predicted | bytes/token | quality |", "|" + " --- |" * 10]
     for r in rows:
+        q = r["quality"]
+        qual = ("exact" if r["exact"] else "NOT exact") if r["exact"] is not None else \
+            f"ppl ×{q['ppl_ratio']:.2f}, agreement {q['agreement']:.2f}"
         out.append(f"| {r['system']}{' (%d ranks)' % r['ranks'] if 'ranks' in r else ''} | {r['delay_ms']:g} ms "
                    f"| {r['tok_s']:.1f} | {r['predicted_tok_s']:.1f} ({r['error']:+.0%}) | {r['ttft_ms']:.0f} ms "
-                   f"| {r['agg_tok_s']:.1f} | {r['bytes_per_token']:.0f} | {r['exact']} |")
+                   f"| {r['predicted_ttft_ms']:.0f} ms | {r['agg_tok_s']:.1f} | {r['predicted_agg_tok_s']:.1f} "
+                   f"| {r['bytes_per_token']:.0f} | {qual} |")
+    return "\n".join(out)
+
+
+def exchange_table(rows: list[dict], calls: list[dict]) -> str:
+    """Per delay: one experts call over HTTP (a node, its experts computed) and over the
+    ring transport (the transport alone), and one ring all_sum of a hidden state."""
+    out = ["| one-way delay | HTTP experts call (TLS, signed) | ring experts call (transport only) "
+           "| ring all_sum, 3 ranks |", "|" + " --- |" * 4]
+    for d in sorted({r["delay_ms"] for r in rows}):
+        http = next((c["experts_call_ms"] for c in calls if c["delay_ms"] == d), None)
+        pipe = next((r for r in rows if r["delay_ms"] == d and r["system"] == "mlx-lm pipeline"), {})
+        cell = lambda v: "–" if v is None else f"{v:.2f} ms"  # noqa: E731
+        out.append(f"| {d:g} ms | {cell(http)} | {cell(pipe.get('ring_experts_call_ms'))} | {cell(pipe.get('all_sum_ms'))} |")
     return "\n".join(out)
 
 
@@ -449,7 +542,14 @@ def main() -> None:
     ap.add_argument("--systems", default="pipeline,tensor,mlxmoe")
     ap.add_argument("--out", default=None)
     ap.add_argument("--perf-doc", default=None, help="write the table into this markdown file's peers markers")
+    ap.add_argument("--cpu", action="store_true", help="run every process on MLX's CPU device (a CUDA/Metal machine)")
+    ap.add_argument("--from-json", default=None, help="redo the predictions and tables of a saved run (no measuring)")
     a = ap.parse_args()
+    if a.from_json:
+        d = json.loads(Path(a.from_json).read_text())
+        return finish(a, d["meta"], d["rows"])
+    if a.cpu:
+        os.environ["MLXMOE_BENCH_CPU"] = "1"  # inherited by every process the run starts
     if a.cmd == "peer":
         return peer_main(a)
     if a.cmd == "client":
@@ -505,22 +605,32 @@ def main() -> None:
             ref = cal["tokens"] if r.get("quantized", True) else cal["tokens_unquantized"]
             r["exact"] = (toks == ref) if toks is not None else None
             r["quality"] = quality_of(r["system"])
-        consts = predictions(rows, job, cal, calls)
     import mlx.core as mx
     meta = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "tool": "tools/bench_peers.py",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores shared by {N_HOSTS} namespace hosts, "
                        f"mlx {mx.__version__} ({mx.default_device()})",
             "delay_via": via, "model": a.model, "bundle_bits": [job["bits"], job["trunk_bits"]], "tokens": a.tokens,
             "prompt_tokens": len(job["long"]), "chats": len(job["short"]), "seconds": round(time.time() - t_start, 1),
-            "calibration": {k: v for k, v in cal.items() if k != "tokens"}, "cost_model": consts,
+            "run": run_summary(job), "calibration": {k: v for k, v in cal.items() if k != "tokens"},
             "experts_call": calls}
-    t = table(rows)
+    finish(a, meta, rows)
+
+
+def finish(a, meta: dict, rows: list[dict]) -> None:
+    """Predictions, tables, the JSON, this machine's constants in assets/cost.json, the doc tables."""
+    meta["cost_model"] = predictions(rows, meta["run"], meta["calibration"], meta["experts_call"])
+    t, x = table(rows, meta["run"]["prompt"]), exchange_table(rows, meta["experts_call"])
     print(t)
-    if a.out:
-        Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows, "table": t}, indent=1) + "\n")
+    if a.out:  # this machine's node constants, for `plan`-style predictions of the netns cluster
+        from mlxmoe.bundle import cost
+        c = cost.calibration()
+        c["devices"]["cpu-netns"] = {k: v for k, v in meta["cost_model"]["node_device"].items() if k != "parallel"}
+        cost.CALIBRATION.write_text(json.dumps(c, indent=1) + "\n")
+        Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows, "table": t, "exchange_table": x}, indent=1) + "\n")
     if a.perf_doc:
         from markers import write_between
         write_between(Path(a.perf_doc), "peers table", t)
+        write_between(Path(a.perf_doc), "exchange table", x)
 
 
 if __name__ == "__main__":
