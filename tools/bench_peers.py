@@ -39,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
+from mlxmoe.bundle.cost import mode_name  # noqa: E402
 RING_PORT, N_HOSTS = 5900, 3
 EVAL = ROOT / "benchmarks/2026-11-24-cpu-split-onehop-domain-sets29-reference-moe.json"
 
@@ -260,8 +261,6 @@ async def _timed_turn(http, url, text, headers, max_tokens):
 async def mlxmoe_mode(url: str, mode: str, job: dict, hosts: str, tag: str) -> dict:
     import aiohttp
 
-    from bench_mobility import _status
-
     n = job["tokens"]
     hdr = lambda i: {"X-Session-Id": f"{tag}-{mode}-{i}", "X-Mlxmoe-Mode": mode}  # noqa: E731
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as http:
@@ -274,13 +273,9 @@ async def mlxmoe_mode(url: str, mode: str, job: dict, hosts: str, tag: str) -> d
         b2 = hosts_sent_bytes(hosts)
         long = await _timed_turn(http, url, job["long_text"], hdr("ttft"), 2)
         agg = await asyncio.gather(*(_timed_turn(http, url, t, hdr(f"c{i}"), n) for i, t in enumerate(job["short_text"])))
-    st = _status(url)
-    ours = [s for s in st["sessions"] if s["id"] == f"{tag}-{mode}-l"]
-    calls = ours[0]["remote_calls"] / max(1, ours[0]["tokens"]) if ours else None
     per_tok = ((b2 - b1) - (b1 - b0)) / max(1, single["tokens"] - short["tokens"])
     return {"tok_s": single["tok_s"], "ttft_ms": 1e3 * long["ttft"],
-            "agg_tok_s": sum(r["tok_s"] or 0 for r in agg), "bytes_per_token": max(0.0, per_tok),
-            "remote_calls_per_context_token": calls}
+            "agg_tok_s": sum(r["tok_s"] or 0 for r in agg), "bytes_per_token": max(0.0, per_tok)}
 
 
 def experts_call_ms(node_url: str, key_file: str, mh: str, layer: int, hidden: int, n: int = 30) -> float:
@@ -334,7 +329,7 @@ def tensor_ranks(cfg: dict, most: int) -> int:
     return next(n for n in range(most, 0, -1) if all(d % n == 0 for d in dims))
 
 
-def make_job(a, tmp: Path, bundle: str, key: Path) -> dict:
+def make_job(a, bundle: str, key: Path) -> dict:
     from tokenizers import Tokenizer
 
     from mlxmoe.bundle.manifest import Manifest
@@ -401,7 +396,7 @@ def run_peers(lab, kind: str, job_path: Path, job: dict, work: Path) -> list[dic
                 raise SystemExit(f"{kind} peers failed:\n" + "\n".join(lab.log(f"{kind}-{r}.log")[-2000:] for r in range(n)))
             time.sleep(0.1)
         time.sleep(0.1)
-        rows.append({"system": f"mlx-lm {kind}", "delay_ms": d, **json.loads(res.read_text())})
+        rows.append({"system": mode_name(kind), "delay_ms": d, **json.loads(res.read_text())})
         log(f"{rows[-1]['system']} at {d} ms: {rows[-1]['tok_s']:.1f} tok/s")
     for p in procs:
         p.wait(60)
@@ -433,7 +428,7 @@ def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: P
                 if "experts_call_ms" in x:
                     calls.append({"delay_ms": d, "transport": "http", **x})
                 else:
-                    rows.append({"system": f"mlxmoe {x.pop('mode')}", "delay_ms": d, **x})
+                    rows.append({"system": mode_name(x.pop("mode")), "delay_ms": d, **x})
                     log(f"{rows[-1]['system']} at {d} ms: {rows[-1]['tok_s']:.1f} tok/s")
     finally:
         stop(router)
@@ -581,7 +576,7 @@ def main() -> None:
                 a.bundle = str(tmp / "bundle")
         key = create_key(tmp / "cluster.key")
         create_ca(tmp)  # nodes and router talk mutual TLS, as `mlxmoe init` sets them up
-        job = make_job(a, tmp, a.bundle, key)
+        job = make_job(a, a.bundle, key)
         job_path = tmp / "job.json"
         job_path.write_text(json.dumps(job))
         log("calibrating this machine (one process)")

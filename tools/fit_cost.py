@@ -64,7 +64,7 @@ def fit(shares):
 def which_mode_table(dev, shares) -> str:
     k, _ = resolve_counts("qwen3-235b-a22b")
     w = cost.Weights(4, 8)
-    head = "| 3 Macs, link | " + " | ".join(cost.PEER_NAMES.get(m, f"mlxmoe {m}") for m in cost.MODES) + " |"
+    head = "| 3 Macs, link | " + " | ".join(cost.mode_name(m) for m in cost.MODES) + " |"
     out = [head, "|" + " --- |" * (len(cost.MODES) + 1)]
     for chip, link in README_CASES:
         rows = cost.predict(k, w, cost.Cluster(3, cost.CHIPS[chip], cost.LINKS[link], dev), shares)

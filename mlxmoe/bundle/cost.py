@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from mlxmoe import ASSETS
 from mlxmoe.bundle.plan import Counts, qbytes
@@ -26,6 +26,11 @@ from mlxmoe.errors import MlxMoeError
 CALIBRATION = ASSETS / "cost.json"
 MODES = ("pin", "onehop", "split", "pipeline", "tensor")
 PEER_NAMES = {"pipeline": "mlx-lm pipeline", "tensor": "mlx-lm tensor"}
+
+
+def mode_name(mode: str) -> str:
+    """How tables name a mode: mlxmoe's own, or the peer's (mlx-lm's distributed inference)."""
+    return PEER_NAMES.get(mode, f"mlxmoe {mode}")
 
 
 @dataclass(frozen=True)
@@ -239,10 +244,6 @@ def predict_mode(mode: str, k: Counts, w: Weights, c: Cluster, shares: Shares, *
 
 def predict(k: Counts, w: Weights, c: Cluster, shares: Shares, modes=MODES, **kw) -> list[dict]:
     return [predict_mode(m, k, w, c, shares, **kw) for m in modes]
-
-
-def with_device(c: Cluster, **fields) -> Cluster:
-    return replace(c, dev=replace(c.dev, **fields))
 
 
 def describe(c: Cluster, shares: Shares) -> dict:

@@ -86,14 +86,14 @@ def _cost(source, nodes, chip, link, bits, trunk_bits, group_size, kv_bits, eval
 
 
 def _print_cost(c, chats):
-    from mlxmoe.bundle.cost import PEER_NAMES
+    from mlxmoe.bundle.cost import mode_name
 
     s = c["shares"]
     click.echo(f"\npredicted on {c['nodes']} x {c['chip']} over {c['link']} (remote-step shares onehop {s['onehop']:.2f}, "
                f"split {s['split']:.2f}, from {s['source']}):")
     click.echo(f"  {'mode':16s} {'tok/s':>7s} {'TTFT 1k':>9s} {f'{chats} chats':>9s} {'wire B/tok':>11s}")
     for row in c["rows"]:
-        name = PEER_NAMES.get(row["mode"], f"mlxmoe {row['mode']}")
+        name = mode_name(row["mode"])
         click.echo(f"  {name:16s} {row['tok_s']:7.1f} {row['ttft_s'] * 1e3:7.0f} ms {row['agg_tok_s']:9.1f} "
                    f"{row['bytes_per_token']:11.0f}")
     click.echo("  pin is masked routing (approximate); onehop/split are near-exact; the mlx-lm peers are exact")
