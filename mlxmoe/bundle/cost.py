@@ -159,7 +159,8 @@ def prefill_s(k: Counts, w: Weights, prompt: int, chip: Chip, dev: Device, share
     """A prompt: compute-bound (2 FLOP per active parameter per token) or, if longer, one
     read of every weight; `share` of the model on this node."""
     flops = 2 * k.active * prompt * share / (chip.flops * dev.prefill_eff)
-    reads = share * step_bytes(k, w, prompt, batch=prompt)["total"] / (chip.bandwidth * dev.eff)
+    weights = step_bytes(k, w, 0, batch=prompt)  # every weight the prompt's tokens select, no cache yet
+    reads = share * (weights["trunk"] + weights["experts"]) / (chip.bandwidth * dev.eff)
     return max(flops, reads) + k.n_layers * dev.layer_s
 
 
