@@ -196,10 +196,9 @@ def peer_main(a) -> None:
     ring = None
     if a.kind == "pipeline":  # the experts exchange over mx.distributed (node/remote/ring.py), rank 0 <-> 1
         from mlxmoe.node.remote.peers import Inbox
-        from mlxmoe.node.remote.ring import RingGroup, control_sockets
+        from mlxmoe.node.remote.ring import RingGroup, control_addrs, control_sockets
 
-        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
-        addrs = [(h.split(":")[0], RING_PORT + 100) for h in hosts]
+        addrs = control_addrs(os.environ["MLX_HOSTFILE"])
         ring = RingGroup(group, control_sockets(rank, addrs), lambda body: {"y": body["x"]}, Inbox())
     hidden = mx.zeros((1, job["hidden"]), dtype=model.model.norm.weight.dtype)
     greedy(model, [job["short"][0]], 4)  # warm-up: first compiles, connections
@@ -403,13 +402,22 @@ def run_peers(lab, kind: str, job_path: Path, job: dict, work: Path) -> list[dic
     return rows
 
 
-def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: Path) -> tuple[list[dict], list[dict]]:
+def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: Path,
+               ring: bool = False) -> tuple[list[dict], list[dict]]:
+    """mlxmoe's modes on three nodes and a router; ring: the nodes joined by `--ring` (experts calls on mx.distributed)."""
     from bench_mobility import PORT_NODE, start_router, stop, write_conf
 
+    extra, tag = [], ""
+    if ring:
+        hostfile = tmp / "nodes-ring.json"
+        hostfile.write_text(json.dumps([f"{lab.ips[g]}:{RING_PORT + 50}" for g in range(N_HOSTS)]))
+        extra, tag = ["--ring", str(hostfile)], " (ring)"
+    nodes = []
     for g in range(N_HOSTS):
         ip = lab.ips[g]
-        lab.spawn(g, node_argv("node", bundle, "--group", str(g), "--host", ip, "--port", str(PORT_NODE), "--key",
-                               str(key), "--interface", ip), f"node{g}.log", env={"PYTHONPATH": str(ROOT)})
+        nodes.append(lab.spawn(g, node_argv("node", bundle, "--group", str(g), "--host", ip, "--port", str(PORT_NODE),
+                                            "--key", str(key), "--interface", ip, *extra),
+                               f"node{g}{tag.strip(' ()')}.log", env={"PYTHONPATH": str(ROOT)}))
     conf = tmp / "router.toml"
     write_conf(conf, [])
     router = start_router(lab, bundle, str(key), conf, mdns=True)
@@ -418,7 +426,8 @@ def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: P
     try:
         for d in job["delays"]:
             set_delay(lab, d)
-            r = lab.run(0, [sys.executable, __file__, "client", "--url", url, "--job", str(job_path), "--modes", a.modes,
+            modes = ",".join(m for m in a.modes.split(",") if m != "pin") if ring else a.modes
+            r = lab.run(0, [sys.executable, __file__, "client", "--url", url, "--job", str(job_path), "--modes", modes,
                             "--hosts", ",".join(lab.hosts), "--tag", f"d{d}", "--node-url", f"https://{lab.ips[1]}:{PORT_NODE}"],
                         timeout=600)
             if r.returncode:
@@ -428,10 +437,12 @@ def run_mlxmoe(lab, a, bundle: str, key: Path, job_path: Path, job: dict, tmp: P
                 if "experts_call_ms" in x:
                     calls.append({"delay_ms": d, "transport": "http", **x})
                 else:
-                    rows.append({"system": mode_name(x.pop("mode")), "delay_ms": d, **x})
+                    rows.append({"system": mode_name(x.pop("mode")) + tag, "delay_ms": d, **x})
                     log(f"{rows[-1]['system']} at {d} ms: {rows[-1]['tok_s']:.1f} tok/s")
     finally:
         stop(router)
+        for p in nodes:
+            stop(p)
     return rows, calls
 
 
@@ -464,16 +475,21 @@ def predictions(rows: list[dict], job: dict, cal: dict, calls: list[dict]) -> di
     chip = cost.Chip(cal["bandwidth"], cal["flops"])
     shares = cost.shares_from_eval(str(EVAL.relative_to(ROOT)))
     quantized, plain = cost.Weights(job["bits"], job["trunk_bits"]), cost.Weights(None, None, kv_bits=None, float_bytes=4)
+    # a ring call: the transport's round trip (measured between two peer ranks) + one layer step on the node
+    ring_ms = next((r["ring_experts_call_ms"] for r in zero.values() if r.get("ring_experts_call_ms")), None)
+    ring_node = replace(node, call_s=(ring_ms or 0) / 1e3 + node.layer_s, call_extra_bytes=0)
     for r in rows:
-        mode, q = r["system"].split()[-1], r.get("quantized", True)
-        dev = node if r["system"].startswith("mlxmoe") else replace(peer, sync_s=sync[r["system"]])
+        ringed = r["system"].endswith(" (ring)")
+        mode, q = r["system"].removesuffix(" (ring)").split()[-1], r.get("quantized", True)
+        dev = (ring_node if ringed else node) if r["system"].startswith("mlxmoe") else replace(peer, sync_s=sync[r["system"]])
         c = cost.Cluster(ranks.get(r["system"], N_HOSTS), chip, cost.Link(2 * r["delay_ms"] / 1e3, 10e9 / 8),
                          dev if q else replace(dev, act_bytes=4), rdma=False)
         p = cost.predict_mode(mode, k, quantized if q else plain, c, shares, context=job["context"], prompt=job["prompt"],
                               chats=job["chats"])
         r.update(predicted_tok_s=p["tok_s"], predicted_ttft_ms=1e3 * p["ttft_s"], predicted_agg_tok_s=p["agg_tok_s"],
                  predicted_bytes_per_token=p["bytes_per_token"], error=p["tok_s"] / r["tok_s"] - 1)
-    return {"peers_device": asdict(peer), "sync_s": sync, "node_device": asdict(node), "chip": asdict(chip),
+    return {"peers_device": asdict(peer), "sync_s": sync, "node_device": asdict(node),
+            "ring_node_device": asdict(ring_node), "chip": asdict(chip),
             "shares": asdict(shares)}
 
 
@@ -507,7 +523,7 @@ def exchange_table(rows: list[dict], calls: list[dict]) -> str:
 def quality_of(system: str):
     """Peers: exact by construction (checked: their tokens equal one process's). mlxmoe: the eval report."""
     rep = json.loads(EVAL.read_text())
-    mode = system.split()[-1]
+    mode = system.removesuffix(" (ring)").split()[-1]
     if mode in ("onehop", "split"):
         return {"ppl_ratio": rep[mode]["mean"]["ppl_ratio"], "agreement": rep[mode]["mean"]["agreement"]}
     if mode == "pin":
@@ -534,7 +550,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--modes", default="pin,onehop,split")
-    ap.add_argument("--systems", default="pipeline,tensor,mlxmoe")
+    ap.add_argument("--systems", default="pipeline,tensor,mlxmoe,ring")
     ap.add_argument("--out", default=None)
     ap.add_argument("--perf-doc", default=None, help="write the table into this markdown file's peers markers")
     ap.add_argument("--cpu", action="store_true", help="run every process on MLX's CPU device (a CUDA/Metal machine)")
@@ -595,6 +611,12 @@ def main() -> None:
                 log("mlxmoe nodes + router")
                 more, calls = run_mlxmoe(lab, a, a.bundle, key, job_path, job, tmp)
                 rows += more
+            if "ring" in a.systems:
+                log("mlxmoe nodes joined by --ring + router")
+                try:
+                    rows += run_mlxmoe(lab, a, a.bundle, key, job_path, job, tmp, ring=True)[0]
+                except SystemExit as e:  # keep what the other systems measured
+                    log(f"the ring pass failed: {str(e)[-3000:]}")
         for r in rows:
             toks = r.pop("tokens", None)
             ref = cal["tokens"] if r.get("quantized", True) else cal["tokens_unquantized"]

@@ -16,11 +16,14 @@ are not signed: only nodes given one hostfile at start join (docs/SECURITY.md, K
 from __future__ import annotations
 
 import collections
+import json
+import os
 import select
 import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -32,6 +35,27 @@ REQUEST, ANSWER, FAILED = 1, 2, 3
 DTYPES = [mx.bfloat16, mx.float16, mx.float32]
 HEADER = struct.Struct("<6i")
 MAX_RING_BYTES = 256 << 10  # larger calls go over HTTP: two big sends crossing could both block
+
+
+CONTROL_PORT_OFFSET = 100  # each rank's control socket: its ring address, port + this
+
+
+def control_addrs(hostfile: str) -> list[tuple[str, int]]:
+    """Every rank's control address, from the ring's hostfile (JSON list of "ip:port")."""
+    hosts = json.loads(Path(hostfile).read_text())
+    return [(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1]) + CONTROL_PORT_OFFSET) for h in hosts]
+
+
+def join(node, hostfile: str, rank: int) -> RingGroup:
+    """Make `node` (engine thread) rank `rank` of the group in `hostfile`; every rank starts together."""
+    os.environ["MLX_RANK"], os.environ["MLX_HOSTFILE"] = str(rank), hostfile
+    group = mx.distributed.init(backend="ring", strict=True)
+
+    def serve(body):
+        return {"y": node.experts(body["layer"], body["x"], body.get("ids"), body.get("rows"))}
+
+    node.remote.ring = RingGroup(group, control_sockets(rank, control_addrs(hostfile)), serve, node.inbox)
+    return node.remote.ring
 
 
 def control_sockets(rank: int, addrs: list[tuple[str, int]], timeout: float = 30.0) -> dict[int, socket.socket]:
@@ -92,6 +116,7 @@ class RingGroup:
             while True:
                 self.pending[peer].append(HEADER.unpack(_read(self.socks[peer], HEADER.size)))
                 self.inbox.submit(self.pump)
+                self.inbox.wake()
         except (OSError, ConnectionError):
             self.lost.add(peer)
             self.inbox.submit(lambda: None)  # wake a waiting caller
