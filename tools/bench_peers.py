@@ -130,8 +130,12 @@ def calibrate_main(a) -> None:
     from mlxmoe.node.bench import measure_bandwidth
 
     job = json.loads(Path(a.job).read_text())
-    plain = load_reference(job["model"], None)
-    plain_tokens = greedy(plain, [job["short"][0]], job["tokens"])[0][0]
+    plain = load_reference(job["model"], None)  # what the tensor peers run when they cannot keep the bundle's bits
+    greedy(plain, [job["short"][0]], 4)
+    plain_toks, plain_dt = greedy(plain, [job["short"][0]], job["tokens"])
+    plain_tokens = plain_toks[0]
+    ttft(plain, job["long"][:32])
+    plain_ttft = ttft(plain, job["long"])
     del plain
     model = load_reference(job["model"], job["bundle"])
     greedy(model, [job["short"][0]], 4)
@@ -164,7 +168,7 @@ def calibrate_main(a) -> None:
     chip = cost.Chip(bw, flops)
 
     def fit(t_tok, t_prompt):
-        """(layer_s, prefill_eff) from one process's decode step and prompt (bandwidth efficiency 1)."""
+        """(layer_s, prefill_eff) from one process's decode step and prompt (bandwidth efficiency 1), weights `w`."""
         layer_s = max(0.0, (t_tok - cost.step_bytes(k, w, len(job["short"][0]))["total"] / bw) / k.n_layers)
         base = cost.Device(eff=1.0, layer_s=layer_s, prefill_eff=1.0)
         pre = cost.prefill_s(k, w, len(job["long"]), chip, base) - k.n_layers * layer_s
@@ -172,10 +176,14 @@ def calibrate_main(a) -> None:
 
     t_tok = dt / (job["tokens"] - 1)
     (layer_s, prefill_eff), (node_layer_s, node_prefill_eff) = fit(t_tok, t_long), fit(1 / node_tok_s, node_ttft)
+    w = cost.Weights(None, None, kv_bits=None, float_bytes=4)
+    plain_layer_s, plain_prefill_eff = fit(plain_dt / (job["tokens"] - 1), plain_ttft)
     Path(a.out).write_text(json.dumps({"bandwidth": bw, "flops": flops, "eff": 1.0, "layer_s": layer_s,
                                        "prefill_eff": prefill_eff, "tok_s": 1 / t_tok, "ttft_s": t_long,
                                        "node": {"layer_s": node_layer_s, "prefill_eff": node_prefill_eff,
                                                 "tok_s": node_tok_s, "ttft_s": node_ttft},
+                                       "unquantized": {"layer_s": plain_layer_s, "prefill_eff": plain_prefill_eff,
+                                                       "tok_s": (job["tokens"] - 1) / plain_dt, "ttft_s": plain_ttft},
                                        "tokens": toks[0], "tokens_unquantized": plain_tokens}))
 
 
@@ -482,8 +490,11 @@ def predictions(rows: list[dict], job: dict, cal: dict, calls: list[dict]) -> di
         ringed = r["system"].endswith(" (ring)")
         mode, q = r["system"].removesuffix(" (ring)").split()[-1], r.get("quantized", True)
         dev = (ring_node if ringed else node) if r["system"].startswith("mlxmoe") else replace(peer, sync_s=sync[r["system"]])
-        c = cost.Cluster(ranks.get(r["system"], N_HOSTS), chip, cost.Link(2 * r["delay_ms"] / 1e3, 10e9 / 8),
-                         dev if q else replace(dev, act_bytes=4), rdma=False)
+        if not q:  # float32 weights and activations, timed in one process by `calibrate` where it could
+            plain_fit = {f: cal["unquantized"][f] for f in ("layer_s", "prefill_eff")} if "unquantized" in cal else {}
+            dev = replace(dev, act_bytes=4, **plain_fit)
+        c = cost.Cluster(ranks.get(r["system"], N_HOSTS), chip, cost.Link(2 * r["delay_ms"] / 1e3, 10e9 / 8), dev,
+                         rdma=False)
         p = cost.predict_mode(mode, k, quantized if q else plain, c, shares, context=job["context"], prompt=job["prompt"],
                               chats=job["chats"])
         r.update(predicted_tok_s=p["tok_s"], predicted_ttft_ms=1e3 * p["ttft_s"], predicted_agg_tok_s=p["agg_tok_s"],
