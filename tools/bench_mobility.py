@@ -144,10 +144,10 @@ def _status(url: str) -> dict:
         return json.loads(r.read())
 
 
-async def _turn(http, url: str, messages: list[dict], headers: dict, max_tokens: int) -> dict:
+async def _turn(http, url: str, messages: list[dict], headers: dict, max_tokens: int, extra: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first, n, text = None, 0, []
-    body = {"model": _status(url)["model"], "messages": messages, "max_tokens": max_tokens, "stream": True}
+    body = {"model": _status(url)["model"], "messages": messages, "max_tokens": max_tokens, "stream": True, **(extra or {})}
     async with http.post(url + "/v1/chat/completions", json=body, headers={**AUTH, **headers}) as r:
         if r.status != 200:
             raise SystemExit(f"HTTP {r.status}: {await r.text()}")

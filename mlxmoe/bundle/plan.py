@@ -32,6 +32,9 @@ class Counts:
     n_experts: int
     top_k: int
     kv_elems_per_token: int
+    hidden: int = 0  # the shape the cost model needs (bundle/cost.py)
+    vocab: int = 0
+    n_layers: int = 0
 
     @property
     def total(self) -> int:
@@ -82,7 +85,7 @@ def counts_from_config(config: dict) -> Counts:
     if c.get("n_shared_experts"):  # deepseek / kimi
         mat += n_moe * c["n_shared_experts"] * 3 * H * moe_i
         other += n_moe * f.n_experts
-    return Counts(mat, other, 3 * H * moe_i, n_moe, f.n_experts, f.top_k, _kv_elems(c))
+    return Counts(mat, other, 3 * H * moe_i, n_moe, f.n_experts, f.top_k, _kv_elems(c), H, V, L)
 
 
 def counts_from_headers(source: str) -> Counts:
@@ -107,7 +110,7 @@ def counts_from_headers(source: str) -> Counts:
         else:
             mat += n
     return Counts(mat, other, expert // max(1, f.n_experts * len(f.moe_layers)), len(f.moe_layers),
-                  f.n_experts, f.top_k, _kv_elems(c))
+                  f.n_experts, f.top_k, _kv_elems(c), c["hidden_size"], c["vocab_size"], c["num_hidden_layers"])
 
 
 def qbytes(params: float, bits: int | None, group_size: int = 64) -> float:

@@ -103,12 +103,23 @@ class NodeServer:
             self.engine = await self.worker.call(self.factory)
         if not self._attached:
             self.engine.attach_cluster(self.key)  # the engine signs its own calls to peers (remote experts)
+            self._set_waker(asyncio.get_running_loop())
             self.worker.watch(self.engine.info)
             self._attached = True
             await self.worker.call(self.worker.refresh_snapshot)  # the engine is idle now: health has data from the start
         if self.identity is None:
             self.identity = engine_identity(self.engine)
         return self.identity
+
+    def _set_waker(self, loop) -> None:
+        """Jobs the engine's inbox gets from other threads (node/remote/ring.py) are run when it is idle."""
+        inbox = getattr(self.engine, "inbox", None)
+        if inbox is None or not hasattr(inbox, "drain"):
+            return
+
+        def wake():
+            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.worker.call(inbox.drain)))
+        inbox.waker = wake
 
     def app(self) -> web.Application:
         # client_max_size is ours to enforce per op (streamed read below)

@@ -44,13 +44,17 @@ def parse_duration(text: str, option: str) -> float:
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=0),
               help="Chats that may wait beyond --max-streams; past that a new chat gets 429 with Retry-After "
                    "(the router tries another Mac first).")
+@click.option("--ring", "ring_hostfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Join the nodes started with this mx.distributed hostfile (JSON list of ip:port, one per group, in "
+                   "group order): experts calls between them go over mx.distributed, HTTP stays the fallback. "
+                   "Not encrypted: private links only (docs/SECURITY.md).")
 @click.option("--advertise/--no-advertise", default=True, show_default=True,
               help="Announce this node on the local network with Bonjour.")
 @interface_option
 @tls_option
 @log_options
 def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_budget, session_ttl, max_streams,
-             max_queue, advertise, interface, plain_http, verbose, log_level, log_json):
+             max_queue, ring_hostfile, advertise, interface, plain_http, verbose, log_level, log_json):
     """Serve one expert group of BUNDLE on this Mac.
 
     Loads the trunk, the overlay and expert group GROUP from the bundle made by
@@ -73,8 +77,12 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_bud
     def load():  # runs on the engine thread: MLX work must stay on the thread that loaded the model
         from mlxmoe.node.engine import Node
         kw = {} if kv_bits is None else {"kv_bits": None if kv_bits == "16" else int(kv_bits)}
-        return Node.load(bundle, group, kv_budget_bytes=budget,
+        node = Node.load(bundle, group, kv_budget_bytes=budget,
                          kv_group_size=int(kv_group_size) if kv_group_size else None, **kw)
+        if ring_hostfile:  # waits for every rank of the group
+            from mlxmoe.node.remote.ring import join
+            join(node, ring_hostfile, group)
+        return node
 
     run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,
                            tls=tls, session_ttl=ttl, max_streams=max_streams, max_queue=max_queue))

@@ -20,8 +20,14 @@ from mlxmoe.errors import MlxMoeError
 @click.option("--group-size", type=click.Choice(GROUP_SIZES), default="64", show_default=True)
 @click.option("--overlay-per-layer", default=0, show_default=True, help="Experts per layer replicated on every node.")
 @click.option("--headroom", default=0.75, show_default=True, help="Share of each Mac's memory the model may use (macOS keeps the rest).")
+@click.option("--chip", default=None, help="Predict speed per mode on this Apple chip (m4-max, m3-ultra, m4-pro, ...; default m4-max with --link).")
+@click.option("--link", default=None, help="... over this link: tb5, tb4, 10gbe, 1gbe, wifi or RTT_MS,GBPS (default 10gbe with --chip).")
+@click.option("--eval", "eval_report", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Remote-step shares of onehop/split from an `mlxmoe eval --onehop --split --json` report.")
+@click.option("--chats", default=3, show_default=True, help="Concurrent chats for the aggregate tok/s.")
 @click.option("--json", "as_json", is_flag=True)
-def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, overlay_per_layer, headroom, as_json):
+def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, overlay_per_layer, headroom, chip, link,
+             eval_report, chats, as_json):
     """Print per-node memory for SOURCE split over your Macs.
 
     SOURCE: a model directory, a config.json, a repo id in your HF cache, or a
@@ -29,6 +35,11 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     deepseek-v3, kimi-k2.5). Only config.json and safetensors headers are read.
 
         mlxmoe plan qwen3-235b-a22b --nodes 3x128GB --context 32768
+        mlxmoe plan qwen3-235b-a22b --nodes 3x192GB --chip m3-ultra --link tb5
+
+    With --chip or --link it also predicts, per mode (mlxmoe pin, onehop, split; mlx-lm's
+    pipeline and tensor parallel), decode tok/s, TTFT of a 1k prompt, aggregate tok/s of
+    --chats chats and bytes on the wire per token (docs/PERFORMANCE.md, the cost model).
     """
     from mlxmoe.bundle.plan import GB, human_count, parse_nodes, plan, size_unit
 
@@ -36,6 +47,9 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     try:
         r = plan(source, parse_nodes(nodes), headroom=headroom, bits=bits_, trunk_bits=tb, group_size=int(group_size),
                  overlay_per_layer=overlay_per_layer, context=context, kv_bits=kv)
+        if chip or link:
+            r["cost"] = _cost(source, len(r["nodes"]), chip or "m4-max", link or "10gbe", bits_, tb, int(group_size),
+                              kv, eval_report, chats)
     except MlxMoeError as e:  # its message names the source already
         raise click.ClickException(str(e)) from None
     except KeyError as e:
@@ -58,3 +72,28 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     else:
         enough = "" if fit <= len(r["nodes"]) else f" (you have {len(r['nodes'])} nodes: not enough Macs)"
         click.echo(f"smallest group count that fits: {fit}{enough}")
+    if "cost" in r:
+        _print_cost(r["cost"], chats)
+
+
+def _cost(source, nodes, chip, link, bits, trunk_bits, group_size, kv_bits, eval_report, chats):
+    from mlxmoe.bundle.cost import Weights, estimate, shares_from_eval
+    from mlxmoe.bundle.plan import resolve_counts
+
+    shares = shares_from_eval(eval_report) if eval_report else None
+    return estimate(resolve_counts(source)[0], nodes, chip, link, Weights(bits, trunk_bits, group_size, kv_bits), shares,
+                    chats=chats)
+
+
+def _print_cost(c, chats):
+    from mlxmoe.bundle.cost import mode_name
+
+    s = c["shares"]
+    click.echo(f"\npredicted on {c['nodes']} x {c['chip']} over {c['link']} (remote-step shares onehop {s['onehop']:.2f}, "
+               f"split {s['split']:.2f}, from {s['source']}):")
+    click.echo(f"  {'mode':16s} {'tok/s':>7s} {'TTFT 1k':>9s} {f'{chats} chats':>9s} {'wire B/tok':>11s}")
+    for row in c["rows"]:
+        name = mode_name(row["mode"])
+        click.echo(f"  {name:16s} {row['tok_s']:7.1f} {row['ttft_s'] * 1e3:7.0f} ms {row['agg_tok_s']:9.1f} "
+                   f"{row['bytes_per_token']:11.0f}")
+    click.echo("  pin is masked routing (approximate); onehop/split are near-exact; the mlx-lm peers are exact")

@@ -114,7 +114,8 @@ class Engine(Protocol):
 
     manifest: Any  # the bundle's Manifest: .model_id, .hash, .n_groups (the node's identity)
     group: int  # the expert group this engine holds
-    inbox: Any  # node.remote.peers.Inbox: peers' `experts` calls queue here to run on the engine thread
+    inbox: Any  # node.remote.peers.Inbox: peers' `experts` calls queue here to run on the engine thread;
+    # the node server sets its `waker` (jobs queued by other threads, the ring's, run when the engine is idle)
 
     def info(self) -> dict:
         """Status, plain data: model, manifest_hash, group, n_groups, sessions, active_sessions,

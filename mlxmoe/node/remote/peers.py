@@ -41,6 +41,7 @@ class Inbox:
         os.set_blocking(self._w, False)
         self._jobs: collections.deque = collections.deque()
         self.served = 0  # experts requests run (info()["experts_served"])
+        self.waker = None  # set by the node server: makes an idle engine drain (jobs from other threads)
 
     def fileno(self) -> int:
         return self._r
@@ -60,6 +61,11 @@ class Inbox:
         except BlockingIOError:  # pipe full: a wake-up is pending anyway
             pass
         return fut
+
+    def wake(self) -> None:
+        """For a job submitted off the event loop (the ring's control thread): an idle engine runs it."""
+        if self.waker is not None:
+            self.waker()
 
     def drain(self) -> None:
         try:

@@ -15,6 +15,7 @@ from mlxmoe.modes import ROUTING_MODES
 from mlxmoe.model.moe import hooked, own_code, replaced_child, row_table, state_of, unhooked
 from mlxmoe.node.remote.choose import candidate_sets, group_order, onehop_pick, set_masks
 from mlxmoe.node.remote.peers import Inbox, PeerLink
+from mlxmoe.node.remote.ring import FallbackLink
 
 SHARED_ATTRS = ("shared_expert", "shared_experts")  # qwen2_moe, deepseek_v3 / kimi
 MAX_CALL_BYTES = 32 << 20  # split a prefill chunk's hidden states above this (the op allows 64 MiB)
@@ -65,13 +66,16 @@ class Remote:
         self.inbox = Inbox()
         self.links: dict[str, PeerLink] = {}
         self.stats: dict[str, dict] = {}
+        self.ring = None  # a RingGroup when this node joined one (`mlxmoe node --ring`, node/remote/ring.py)
         self.routes: dict[str, Route | None] = {}  # each session's latest route (the prefill op reuses it)
         # per MoE layer: global expert id -> row in this node's experts (-1: not held)
         self.rows = {l: row_table(ids, self.m.n_experts) for l, ids in loaded.local_ids.items()}
 
     def link(self, url: str, group: int) -> PeerLink:
         if url not in self.links:
-            self.links[url] = PeerLink(url, self.key, self.m.hash, self.inbox, name=f"group {group} at {url}")
+            http = PeerLink(url, self.key, self.m.hash, self.inbox, name=f"group {group} at {url}")
+            in_ring = self.ring is not None and group in self.ring.socks  # ranks are group numbers
+            self.links[url] = FallbackLink(self.ring.link(group, http.name), http) if in_ring else http
         return self.links[url]
 
     def forget(self, sid: str) -> None:
