@@ -7,7 +7,10 @@ mlx_lm.server; this one isolates the engine.
 
     python tools/bench_batch.py --synthesize qwen3-30b-a3b --layers 12 --bits 4 --streams 1,2,4,8,16
 
-Prints one JSON line per row: {"server", "streams", "agg_tok_s", "step_ms", ...}.
+Prints one JSON line per row: {"server", "streams", "tokens", "agg_tok_s", "ttft_ms", "wall_s", ...}.
+`--table FILE.jsonl` prints those rows as the Markdown table of docs/PERFORMANCE.md, with
+the decode-only rate (tokens after the first over the time after the first), which
+leaves out a first step's one-time kernel compilation.
 """
 
 from __future__ import annotations
@@ -73,7 +76,10 @@ def main(argv=None):
     ap.add_argument("--kv-bits", type=int, default=8)
     ap.add_argument("--groups", default="all,0", help="node rows: 'all' (every expert) and group numbers")
     ap.add_argument("--work", default="/tmp/mlxmoe-bench-batch")
+    ap.add_argument("--table", metavar="JSONL", help="print the Markdown table of a run and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        return print(table([json.loads(x) for x in Path(args.table).read_text().splitlines() if x.strip()]))
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     src = synthesize(args.synthesize, args.layers, args.bits, work / "src")
@@ -97,6 +103,23 @@ def main(argv=None):
             print(json.dumps({"server": name, "streams": n, "tokens": tokens, "agg_tok_s": round(tokens / wall, 1),
                               "ttft_ms": round(ttft * 1e3, 1), "wall_s": round(wall, 3),
                               "date": time.strftime("%Y-%m-%d"), "device": _device()}), flush=True)
+
+
+def table(rows: list[dict]) -> str:
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    out = ["| streams | " + " | ".join(f"{s}: agg tok/s (decode-only)" for s in servers) + " |",
+           "| ---: | " + " | ".join("---:" for _ in servers) + " |"]
+    for n in sorted({r["streams"] for r in rows}):
+        cells = []
+        for s in servers:
+            r = next((r for r in rows if r["server"] == s and r["streams"] == n), None)
+            if r is None:
+                cells.append("-")
+                continue
+            decode = (r["tokens"] - r["streams"]) / (r["wall_s"] - r["ttft_ms"] / 1e3)
+            cells.append(f"{r['agg_tok_s']:.0f} ({decode:.0f})")
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _prompts(n, length, vocab, seed):
