@@ -1,0 +1,170 @@
+"""Healing behind `mlxmoe calibrate --heal`: per group, train a small set of
+the masked model's parameters to bring it back towards the full model.
+
+The full model is the teacher. Its next-token distribution on the calibration
+suite is computed once and cached as its top-`teacher_k` log-probabilities
+plus the mass of the rest (one "tail" bucket): the full [T, V] table does not
+fit for real vocabularies (150k), and KL over the top tokens + tail is the KL
+between the two distributions coarsened the same way (a lower bound of the full
+KL that keeps every token the teacher gives real mass to).
+
+The student is the same full model masked to the group's eligible set
+(`set_eligible`: exactly what the node computes). Trainable sets (TRAINABLE):
+  router   the router rows of the eligible experts, every MoE layer
+  norms    every RMSNorm weight (attention, MoE input, q/k norms, final)
+  lora     rank-r LoRA on attention q/k/v/o, merged into the weights at load
+Training minimises the coarse KL with Adam, one passage per step, and stops
+early when the KL on a held-out slice of the suite (every `heldout_every`-th
+passage of each domain) has not improved for `patience` checks; the best
+checkpoint is kept. Parameters are plain name -> array dicts (model/heal.py
+applies them), written into the bundle by calibrate.py."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlxmoe.errors import MlxMoeError
+from mlxmoe.model import heal as mh
+
+TRAINABLE = ("router", "norms", "lora")
+DEFAULT_TRAINABLE = ("router", "norms")
+
+
+@dataclass
+class HealConfig:
+    trainable: tuple = DEFAULT_TRAINABLE
+    rank: int = 8
+    lr: float = 2e-3
+    max_steps: int = 600
+    check_every: int = 40
+    patience: int = 3
+    heldout_every: int = 8  # every 8th passage per domain is held out for early stopping
+    teacher_k: int = 64
+    max_tokens: int = 256  # passages are cut to this many tokens
+    seed: int = 0
+
+
+def parse_trainable(text: str) -> tuple:
+    """'router,norms' -> ("router", "norms"); unknown names are an error naming them."""
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in TRAINABLE]
+    if bad or not names:
+        raise MlxMoeError(f"--heal-params {text!r}: choose one or more of {', '.join(TRAINABLE)} (comma-separated)")
+    return tuple(x for x in TRAINABLE if x in names)
+
+
+# ------------------------------------------------------------------ data
+
+def split_heldout(items: list, every: int) -> tuple[list, list]:
+    """(train, held): passages 1, 1 + every, 1 + 2*every, ... of each domain
+    are held out (one per domain from 2 passages on), the rest trains."""
+    train, held, seen = [], [], {}
+    for dom, ids in items:
+        i = seen[dom] = seen.get(dom, -1) + 1
+        (held if i % every == 1 else train).append((dom, ids))
+    if not train or not held:
+        raise MlxMoeError(f"healing needs at least 2 passages per domain in the suite (train + held-out), got {len(items)}")
+    return train, held
+
+
+def teacher(loaded, items: list, k: int) -> list[tuple]:
+    """Per passage: (ids, top-k token ids [T, k], their log-probs [T, k],
+    log of the rest's mass [T]) of the full model."""
+    from mlxmoe.quality.metrics import logp_of
+
+    loaded.set_eligible(None)
+    out = []
+    for _, ids in items:
+        lp = logp_of(loaded, ids)
+        top = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+        tl = mx.take_along_axis(lp, top, axis=-1)
+        tail = mx.log(mx.maximum(1.0 - mx.exp(tl).sum(-1), 1e-12))
+        mx.eval(top, tl, tail)
+        out.append((ids, top, tl, tail))
+    return out
+
+
+def coarse_kl(top, tl, tail, logits) -> mx.array:
+    """Mean over positions of KL(teacher || student) over the teacher's top-k
+    tokens plus one bucket for the rest (module doc)."""
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    sl = mx.take_along_axis(lp, top, axis=-1)
+    stail = mx.log(mx.maximum(1.0 - mx.exp(sl).sum(-1), 1e-12))
+    kl = (mx.exp(tl) * (tl - sl)).sum(-1) + mx.exp(tail) * (tail - stail)
+    return kl.mean()
+
+
+# ------------------------------------------------------------------ training
+
+def should_stop(history: list[float], patience: int) -> bool:
+    """Early stopping: the last `patience` checks are all no better than the
+    best before them."""
+    if len(history) <= patience:
+        return False
+    return min(history[-patience:]) >= min(history[:-patience])
+
+
+def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, advance=lambda n: None) -> tuple[dict, dict]:
+    """Train the healed parameters of one node set (`eligible`: layer -> ids) on
+    the full model. Returns (params as saved: model/heal.py's names, info)."""
+    model = loaded.model
+    base = dict(tree_flatten(model.parameters()))
+    params = mh.initial(loaded, cfg.trainable, cfg.rank, cfg.seed, eligible)
+    loaded.set_eligible(eligible)
+
+    def loss(p, ids, top, tl, tail):
+        with mh.applied(loaded, base, p, eligible):
+            return coarse_kl(top, tl, tail, model(mx.array([ids]))[0].astype(mx.float32)[: len(ids)])
+
+    def held_kl(p) -> float:
+        return float(np.mean([loss(p, *h).item() for h in held]))
+
+    grad = mx.value_and_grad(loss)
+    opt = optim.Adam(learning_rate=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.time()
+    hist = [held_kl(params)]
+    best, best_at, steps, tokens = params, 0, 0, 0
+    try:
+        while steps < cfg.max_steps:
+            for i in rng.permutation(len(data)):
+                _, g = grad(params, *data[i])
+                opt.update(params, g)
+                mx.eval(params, opt.state)
+                steps += 1
+                tokens += len(data[i][0])
+                advance(len(data[i][0]))
+                if steps % cfg.check_every == 0:
+                    hist.append(held_kl(params))
+                    if hist[-1] < min(hist[:-1]):
+                        best, best_at = {k: mx.array(v) for k, v in params.items()}, steps
+                    if should_stop(hist, cfg.patience):
+                        raise StopIteration
+                if steps >= cfg.max_steps:
+                    break
+    except StopIteration:
+        pass
+    finally:
+        loaded.set_eligible(None)
+    saved = best if best_at else {}  # no check improved: nothing to apply
+    info = {"trainable": list(cfg.trainable), "rank": cfg.rank if "lora" in cfg.trainable else None,
+            "steps": steps, "best_step": best_at, "train_tokens": tokens, "seconds": round(time.time() - t0, 1),
+            "heldout_kl_before": round(hist[0], 5), "heldout_kl_after": round(min(hist), 5),
+            "heldout_kl_history": [round(h, 5) for h in hist],
+            "params": int(sum(v.size for v in saved.values())), "bytes": int(sum(v.nbytes for v in saved.values()))}
+    return saved, info
+
+
+def prepare(loaded, tokenizer, passages, cfg: HealConfig) -> tuple[list, list]:
+    """Teacher caches of the train and held-out slices of a suite."""
+    from mlxmoe.quality.suites import tokenize
+
+    items = [(d, ids[: cfg.max_tokens]) for d, ids in tokenize(tokenizer, passages) if len(ids) >= 4]
+    train, held = split_heldout(items, cfg.heldout_every)
+    return teacher(loaded, train, cfg.teacher_k), teacher(loaded, held, cfg.teacher_k)
