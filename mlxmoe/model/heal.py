@@ -25,10 +25,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 
 
-def heal_file(g: int) -> str:
-    return f"heal-group-{g:02d}.safetensors"
-
-
 def applies(local_ids: dict, n_experts: int) -> bool:
     """Healed parameters apply only on the masked path: some MoE layer lacks an expert."""
     return any(len(set(ids)) < n_experts for ids in local_ids.values())
@@ -110,11 +106,11 @@ def applied(loaded, base: dict, healed: dict, eligible: dict | None = None):
         update(loaded.model, {k: base[k] for k in w})
 
 
-def apply_to_node(loaded, healed: dict) -> int:
+def apply_to_node(loaded, healed: dict) -> bool:
     """Apply a group's healed parameters to its node's model (model/load.py)
-    when its set is masked; returns the bytes the file adds (0: not applied)."""
+    when its set is masked; False when not applied."""
     if not healed or not applies(loaded.local_ids, loaded.manifest.n_experts):
-        return 0
+        return False
     base = dict(tree_flatten(loaded.model.parameters()))
     update(loaded.model, weights_of(loaded, base, healed))
-    return int(sum(v.nbytes for v in healed.values()))
+    return True

@@ -21,14 +21,22 @@ applies them), written into the bundle by calibrate.py."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlxmoe.bundle.manifest import Manifest, heal_file
+from mlxmoe.bundle.writer import write_bundle
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.model import heal as mh
 
@@ -120,7 +128,7 @@ def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, 
 
     def loss(p, ids, top, tl, tail):
         with mh.applied(loaded, base, p, eligible):
-            return coarse_kl(top, tl, tail, model(mx.array([ids]))[0].astype(mx.float32)[: len(ids)])
+            return coarse_kl(top, tl, tail, model(mx.array([ids]))[0].astype(mx.float32))
 
     def held_kl(p) -> float:
         return float(np.mean([loss(p, *h).item() for h in held]))
@@ -128,33 +136,32 @@ def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, 
     grad = mx.value_and_grad(loss)
     opt = optim.Adam(learning_rate=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
+    order = np.concatenate([rng.permutation(len(data)) for _ in range(-(-cfg.max_steps // len(data)))])[: cfg.max_steps]
     t0 = time.time()
-    hist = [held_kl(params)]
-    best, best_at, steps, tokens = params, 0, 0, 0
+    hist, best, best_at, tokens = [held_kl(params)], params, 0, 0
+
+    def check(step: int) -> bool:
+        nonlocal best, best_at
+        hist.append(held_kl(params))
+        if hist[-1] < min(hist[:-1]):
+            best, best_at = {k: mx.array(v) for k, v in params.items()}, step
+        return should_stop(hist, cfg.patience)
+
+    step = 0
     try:
-        while steps < cfg.max_steps:
-            for i in rng.permutation(len(data)):
-                _, g = grad(params, *data[i])
-                opt.update(params, g)
-                mx.eval(params, opt.state)
-                steps += 1
-                tokens += len(data[i][0])
-                advance(len(data[i][0]))
-                if steps % cfg.check_every == 0:
-                    hist.append(held_kl(params))
-                    if hist[-1] < min(hist[:-1]):
-                        best, best_at = {k: mx.array(v) for k, v in params.items()}, steps
-                    if should_stop(hist, cfg.patience):
-                        raise StopIteration
-                if steps >= cfg.max_steps:
-                    break
-    except StopIteration:
-        pass
+        for step, i in enumerate(order, 1):
+            _, g = grad(params, *data[i])
+            opt.update(params, g)
+            mx.eval(params, opt.state)
+            tokens += len(data[i][0])
+            advance(len(data[i][0]))
+            if (step % cfg.check_every == 0 or step == cfg.max_steps) and check(step):
+                break
     finally:
         loaded.set_eligible(None)
     saved = best if best_at else {}  # no check improved: nothing to apply
     info = {"trainable": list(cfg.trainable), "rank": cfg.rank if "lora" in cfg.trainable else None,
-            "steps": steps, "best_step": best_at, "train_tokens": tokens, "seconds": round(time.time() - t0, 1),
+            "steps": step, "best_step": best_at, "train_tokens": tokens, "seconds": round(time.time() - t0, 1),
             "heldout_kl_before": round(hist[0], 5), "heldout_kl_after": round(min(hist), 5),
             "heldout_kl_history": [round(h, 5) for h in hist],
             "params": int(sum(v.size for v in saved.values())), "bytes": int(sum(v.nbytes for v in saved.values()))}
@@ -168,3 +175,80 @@ def prepare(loaded, tokenizer, passages, cfg: HealConfig) -> tuple[list, list]:
     items = [(d, ids[: cfg.max_tokens]) for d, ids in tokenize(tokenizer, passages) if len(ids) >= 4]
     train, held = split_heldout(items, cfg.heldout_every)
     return teacher(loaded, train, cfg.teacher_k), teacher(loaded, held, cfg.teacher_k)
+
+
+# ------------------------------------------------------------------ driver
+
+def heal_bundle(bundle, suites=None, cfg: HealConfig | None = None, out=None, progress_mode: str = "quiet") -> dict:
+    """Heal every masked group of `bundle` and write the result (in place, or
+    to `out`) through bundle/writer.py: heal-group-XX.safetensors per group,
+    provenance under calibration["heal"]. A group with every expert eligible
+    is skipped (it is the full model)."""
+    from mlxmoe.model.load import load_bundle, load_tokenizer
+    from mlxmoe.progress import progress
+    from mlxmoe.quality.suites import load_suites
+
+    cfg = cfg or HealConfig()
+    bundle = Path(bundle)
+    out = Path(out) if out else bundle
+    names, passages = load_suites(suites, "calibration")
+    loaded = load_bundle(bundle)
+    m = loaded.manifest
+    if "lora" in cfg.trainable and any(isinstance(mod, nn.QuantizedLinear) for _, mod in loaded.model.named_modules()
+                                       if ".self_attn." in f".{_}."):
+        raise MlxMoeError(f"--heal-params lora: {bundle}'s attention is quantized; LoRA merges into unquantized "
+                          "weights only (split with --trunk-bits 16, or heal router,norms)")
+    t0 = time.time()
+    train, held = prepare(loaded, load_tokenizer(bundle), passages, cfg)
+    groups = [g for g in range(m.n_groups) if any(len(m.eligible(g, l)) < m.n_experts for l in m.moe_layers)]
+    per_group, tensors = {}, {}
+    with progress(cfg.max_steps * len(groups) * int(np.mean([len(t[0]) for t in train])), "heal", progress_mode,
+                  unit="items") as p:
+        for g in groups:
+            elig = {l: m.eligible(g, l) for l in m.moe_layers}
+            tensors[g], per_group[str(g)] = heal_group(loaded, elig, train, held, cfg, p.advance)
+    del loaded
+    info = {"suites": names, "suite_sha256": suite_sha256(passages), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "teacher": f"top-{cfg.teacher_k} log-probs + tail mass", "train_passages": len(train),
+            "heldout_passages": len(held), "config": asdict(cfg) | {"trainable": list(cfg.trainable)},
+            "seconds": round(time.time() - t0, 1), "groups": per_group}
+    new = write_healed(bundle, out, {g: t for g, t in tensors.items() if t}, info)
+    return {"out": str(out), "manifest_hash": new.hash, "heal": info}
+
+
+def suite_sha256(passages) -> str:
+    h = hashlib.sha256()
+    for p in passages:
+        h.update(json.dumps([p.domain, p.text]).encode() + b"\n")
+    return h.hexdigest()
+
+
+def write_healed(bundle: Path, out: Path, tensors: dict, info: dict) -> Manifest:
+    """The bundle's files (hard-linked, hashes kept) + one healed-parameter
+    file per group; earlier healed files are replaced."""
+    m = Manifest.load(bundle)
+
+    def fill(tmp: Path) -> dict:
+        files = {}
+        for name, meta in m.files.items():
+            if meta["role"] != "heal":
+                _link(bundle / name, tmp / name)
+                files[name] = dict(meta)
+        for g, t in tensors.items():
+            mx.save_safetensors(str(tmp / heal_file(g)), t, metadata={"format": "mlxmoe.heal"})
+            files[heal_file(g)] = {"role": "heal", "group": g}
+        return files
+
+    def manifest(files: dict) -> Manifest:
+        return Manifest(model=m.model, moe=m.moe, n_groups=m.n_groups, grouping=m.grouping, overlay=m.overlay,
+                        quantization=m.quantization, files=files, calibration={**(m.calibration or {}), "heal": info},
+                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    return write_bundle(out, fill, manifest)
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
