@@ -121,3 +121,16 @@ def test_calibrate_heal_command(healed, tmp_path):
     assert rep["heal"]["config"]["trainable"] == ["norms"] and Manifest.load(out).heal_bytes() > 0
     bad = CliRunner().invoke(main, ["calibrate", str(b), "--heal", "--heal-params", "everything"])
     assert bad.exit_code != 0 and "--heal-params" in bad.output
+
+
+def test_eval_reports_before_and_after(healed):
+    from mlxmoe.quality.eval import run_eval
+
+    _, h, suite, _ = healed
+    rep = run_eval(h, [str(suite)], placements=("first",))
+    rows = {x["config"]: x for x in rep["results"]}
+    plain, heal = rows["g2/bundle"], rows["g2/bundle+heal"]
+    m = Manifest.load(h)
+    assert heal["heal_bytes"] == m.heal_bytes() > 0 and plain["heal_bytes"] == 0
+    assert heal["node_bytes"] == plain["node_bytes"] + m.heal_bytes()
+    assert heal["mean"]["kl"] != plain["mean"]["kl"] and rep["heal"]["groups"]
