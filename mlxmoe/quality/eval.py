@@ -50,7 +50,7 @@ from mlxmoe.errors import MlxMoeError
 from mlx.utils import tree_flatten
 
 from mlxmoe.bundle.manifest import TRUNK_FILE, Manifest, heal_file
-from mlxmoe.model import heal as mh
+from mlxmoe.model import heal as mh, meter
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.moe import GateRecorder
 
@@ -90,6 +90,7 @@ class Runs:
     kl: np.ndarray  # [I, N]
     agree: np.ndarray  # [I, N]
     race: np.ndarray  # [I, N] mean log-prob of the last race tokens of the prompt
+    meter: np.ndarray | None = None  # [I, N] mean quality meter over the continuation (model/meter.py)
 
 
 # ------------------------------------------------------------------ setup
@@ -203,7 +204,7 @@ def size_configs(m: Manifest, cfgs: list[Config]):
 
 def run_config(loaded, items: list[Item], cfg: Config, race_tokens: int, advance=lambda n: None) -> Runs:
     I, N = len(items), len(cfg.sets)
-    r = Runs(np.zeros((I, N)), np.zeros((I, N)), np.zeros((I, N)), np.zeros((I, N)))
+    r = Runs(*(np.zeros((I, N)) for _ in range(5)))
     base = dict(tree_flatten(loaded.model.parameters())) if cfg.heal else {}
     for g, sets in enumerate(cfg.sets):
         loaded.set_eligible(sets)
@@ -219,13 +220,19 @@ def healed_params(loaded, base: dict, healed: dict | None, sets: dict):
 
 def run_node(loaded, items: list[Item], g: int, r: Runs, race_tokens: int, advance):
     """Node g's column of `r`, the model already masked (and healed) as node g."""
-    for i, it in enumerate(items):
-        lp = logp_of(loaded, it.ids)[:-1]
-        kl, agree, nll = token_metrics(it.ref_logp[:-1], lp, mx.array(it.ids[1:]))
-        p = it.prompt - 1  # position p predicts the first continuation token
-        sums = mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum(), -nll[max(0, p - race_tokens):p].mean()])
-        r.kl[i, g], r.agree[i, g], r.nll[i, g], r.race[i, g] = np.array(sums).tolist()
-        advance(len(it.ids))
+    q = meter.start(loaded)
+    try:
+        for i, it in enumerate(items):
+            q.reset()
+            lp = logp_of(loaded, it.ids)[:-1]
+            kl, agree, nll = token_metrics(it.ref_logp[:-1], lp, mx.array(it.ids[1:]))
+            p = it.prompt - 1  # position p predicts the first continuation token
+            sums = mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum(), -nll[max(0, p - race_tokens):p].mean(),
+                             q.per_token()[p:-1].mean()])
+            r.kl[i, g], r.agree[i, g], r.nll[i, g], r.race[i, g], r.meter[i, g] = np.array(sums).tolist()
+            advance(len(it.ids))
+    finally:
+        meter.stop(loaded)
 
 
 
@@ -252,7 +259,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
     oracle = np.argmin(runs.nll, axis=1)
     rows = np.arange(len(items))
     caps = np.array([capture(m, it.gates, cfg.sets) for it in items])
-    kl, agree, nll = runs.kl[rows, placed], runs.agree[rows, placed], runs.nll[rows, placed]
+    kl, agree, nll, meter_ = runs.kl[rows, placed], runs.agree[rows, placed], runs.nll[rows, placed], runs.meter[rows, placed]
     regret, regret_nats = (placed != oracle).astype(np.float64), (nll - runs.nll[rows, oracle]) / n_tok
     out = {}
     for dom in sorted({it.domain for it in items}):
@@ -265,6 +272,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
             "ppl_ratio": float(math.exp((nll[sel].sum() - ref_nll[sel].sum()) / t)),
             "regret": float(regret[sel].mean()),
             "regret_nats": float(regret_nats[sel].mean()),
+            "meter": float((meter_[sel] * n_tok[sel]).sum() / t),
             "tokens": int(t), "passages": int(sel.sum()),
         }
     if detail is not None:
@@ -273,7 +281,18 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
                                                            "regret": regret, "regret_nats": regret_nats},
                                              nll, ref_nll)
         detail["passages"] = per_passage(items, n_tok, placed, kl, agree, nll, ref_nll)
+        detail["meter_kl"] = meter_correlation(meter_, kl / n_tok)
     return out
+
+
+def meter_correlation(meter_: np.ndarray, kl: np.ndarray) -> dict:
+    """How well the live meter predicts the loss: Pearson and Spearman (rank)
+    correlation over passages of the mean meter with the KL per token."""
+    if len(kl) < 3 or np.std(meter_) == 0 or np.std(kl) == 0:
+        return {"pearson": None, "spearman": None, "passages": len(kl)}
+    rank = lambda v: np.argsort(np.argsort(v))
+    return {"pearson": round(float(np.corrcoef(meter_, kl)[0, 1]), 4),
+            "spearman": round(float(np.corrcoef(rank(meter_), rank(kl))[0, 1]), 4), "passages": len(kl)}
 
 
 # per-token metrics (sum over a domain's passages / its tokens) vs per-passage ones (mean over passages)
@@ -390,6 +409,7 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
                             "overlay_rule": cfg.overlay_rule, "overlay": cfg.overlay, "placement": mode,
                             "node_bytes": cfg.node_bytes, "mem_ratio": round(cfg.mem_ratio, 4), "heal_bytes": cfg.heal_bytes,
                             "mean": mean, "intervals": detail["intervals"], "worst": worst, "domains": doms,
+                            "meter": float(np.mean([d["meter"] for d in doms.values()])), "meter_kl": detail["meter_kl"],
                             "per_passage": detail["passages"]})
     n_tok = {}
     for it in items:
