@@ -59,6 +59,13 @@ def initial(loaded, trainable, rank: int = 8, seed: int = 0, eligible: dict | No
     return out
 
 
+def kind_of(loaded, name: str, eligible: dict | None = None) -> str:
+    """"router", "norms" or "lora": which trainable set a healed parameter is of."""
+    if name.endswith((LORA_A, LORA_B)):
+        return "lora"
+    return "router" if name in {gate_name(loaded, l) for l in _eligible_of(loaded, eligible)} else "norms"
+
+
 def weights_of(loaded, base: dict, healed: dict, eligible: dict | None = None) -> dict:
     """The model parameters (name -> array) that `healed` replaces, computed
     from `base` (the model's own parameters). `eligible` (layer -> ids) for the
