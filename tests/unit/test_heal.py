@@ -134,3 +134,13 @@ def test_eval_reports_before_and_after(healed):
     assert heal["heal_bytes"] == m.heal_bytes() > 0 and plain["heal_bytes"] == 0
     assert heal["node_bytes"] == plain["node_bytes"] + m.heal_bytes()
     assert heal["mean"]["kl"] != plain["mean"]["kl"] and rep["heal"]["groups"]
+
+
+def test_plan_reports_heal_bytes(healed):
+    from mlxmoe.bundle.plan import plan
+
+    b, h, _, _ = healed
+    assert plan(str(h), [64e9])["heal_bytes_per_node"] == Manifest.load(h).heal_bytes() > 0
+    assert plan(str(b), [64e9])["heal_bytes_per_node"] == 0
+    r = CliRunner().invoke(main, ["plan", str(h), "--nodes", "2x64GB"])
+    assert r.exit_code == 0 and "healed parameters" in r.output, r.output
