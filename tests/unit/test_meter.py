@@ -24,8 +24,8 @@ IDS = [3, 17, 5, 42, 8, 11, 29, 2]
 def test_quality_meter_add_by_hand():
     q = meter.QualityMeter(2, "softmax")
     logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
-    q.add(logits, mx.array([False, True, True, True]))  # top-2 of all: 0.8; of the eligible: 0.45
-    q.add(logits, None)
+    q.add(logits[None], mx.array([False, True, True, True]))  # top-2 of all: 0.8; of the eligible: 0.45
+    q.add(logits[None], None)
     assert q.per_token().tolist() == pytest.approx([(0.45 / 0.8 + 1.0) / 2], abs=1e-5)
     assert q.mean() == pytest.approx((0.45 / 0.8 + 1.0) / 2, abs=1e-5)
 
@@ -66,3 +66,18 @@ def test_one_token_steps_meter_too(bundle):
     node.model(mx.array([IDS[-1:]]), cache=cache)  # one token: the fused step gives way to the gate
     v = meter.read(node)
     assert v is not None and 0 < v <= 1
+
+
+def test_batched_rows_and_session_meter(bundle):
+    node = load_bundle(bundle, 0)
+    q = meter.start(node)
+    node.model(mx.array([IDS[:4], IDS[4:]]))
+    rows = meter.read_rows(node)
+    assert len(rows) == 2 and all(0 < r <= 1 for r in rows)
+    assert meter.read_rows(node) is None and q.shares == []
+    sm = meter.SessionMeter()
+    assert sm.stats() == {"quality_meter": None, "quality_meter_turns": 0}
+    sm.add(0.5), sm.add(1.0, tokens=3), sm.add(None)
+    sm.end_turn()
+    sm.end_turn()  # a turn with nothing metered changes nothing
+    assert sm.stats() == {"quality_meter": 0.875, "quality_meter_turns": 1}
