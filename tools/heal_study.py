@@ -35,18 +35,39 @@ def summary(rep: dict) -> dict:
     return out
 
 
+def table(result: dict, layout: str) -> str:
+    """Markdown rows (docs/QUALITY.md, Healing) of one summary.json: per suite,
+    plain vs healed: KL, agreement and ppl ratio (mean / worst domain, 95% interval
+    of the mean), the meter and its correlation with KL, memory."""
+    rows = []
+    for suite, cfgs in result["suites"].items():
+        for name, c in cfgs.items():
+            ci = c["intervals"]
+            rows.append(f"| {layout} | {suite} | {'healed' if name.endswith('+heal') else 'plain'} "
+                        f"| {c['mean']['kl']:.3f} [{ci['kl'][0]:.3f}, {ci['kl'][1]:.3f}] "
+                        f"| {c['mean']['agreement']:.3f} / {c['worst']['agreement']:.3f} "
+                        f"| {c['mean']['ppl_ratio']:.3f} [{ci['ppl_ratio'][0]:.3f}, {ci['ppl_ratio'][1]:.3f}] / {c['worst']['ppl_ratio']:.3f} "
+                        f"| {c['meter']:.3f} ({c['meter_kl']['spearman']}) "
+                        f"| {c['node_bytes'] / 1e6:.2f} (x{c['mem_ratio']:.2f}) |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", nargs=2, metavar=("SUMMARY", "LAYOUT"), help="print the markdown rows of a summary.json")
     ap.add_argument("--model", help="checkpoint to split (unquantized)")
     ap.add_argument("--grouping", help="grouping JSON for split (default: contiguous)")
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--bundle", help="a bundle already healed (skips split and heal)")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
     ap.add_argument("--suite", action="append", help="eval suites (default: builtin heldout and the unseen suite)")
     ap.add_argument("--calib-suite", action="append", help="healing suite (default: builtin calibration)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--passages", type=int, default=8, help="eval passages per domain")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(Path(a.table[0]).read_text()), a.table[1]))
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
