@@ -55,6 +55,7 @@ class HealConfig:
     max_steps: int = 300
     check_every: int = 40
     patience: int = 2
+    warmup: int = 40  # steps of linear learning-rate warmup: a zero-initialised LoRA otherwise overshoots
     heldout_every: int = 8  # every 8th passage per domain is held out for early stopping
     teacher_k: int = 64
     max_tokens: int = 256  # passages are cut to this many tokens
@@ -121,6 +122,13 @@ def should_stop(history: list[float], patience: int) -> bool:
     return min(history[-patience:]) >= min(history[:-patience])
 
 
+def warmup(lr: float, steps: int):
+    """Linear warmup from 0 to `lr` over `steps`, then `lr`."""
+    if steps <= 0:
+        return lr
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, steps), lambda _: lr], [steps])
+
+
 def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, advance=lambda n: None) -> tuple[dict, dict]:
     """Train the healed parameters of one node set (`eligible`: layer -> ids) on
     the full model. Returns (params as saved: model/heal.py's names, info)."""
@@ -138,7 +146,7 @@ def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, 
 
     grad = mx.value_and_grad(loss)
     kinds = {k: mh.kind_of(loaded, k, eligible) for k in params}
-    opts = {kind: optim.Adam(learning_rate=cfg.lr * LR_SCALE[kind]) for kind in set(kinds.values())}
+    opts = {kind: optim.Adam(learning_rate=warmup(cfg.lr * LR_SCALE[kind], cfg.warmup)) for kind in set(kinds.values())}
     rng = np.random.default_rng(cfg.seed)
     order = np.concatenate([rng.permutation(len(data)) for _ in range(-(-cfg.max_steps // len(data)))])[: cfg.max_steps]
     t0 = time.time()
@@ -162,7 +170,7 @@ def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, 
             mx.eval(params, [o.state for o in opts.values()])
             tokens += len(data[i][0])
             advance(len(data[i][0]))
-            if (step % cfg.check_every == 0 or step == cfg.max_steps) and check(step):
+            if (step % cfg.check_every == 0 or step == cfg.max_steps) and check(step) and step > 2 * cfg.warmup:
                 break
     finally:
         loaded.set_eligible(None)
