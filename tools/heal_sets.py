@@ -32,7 +32,7 @@ def main():
     names, passages = load_suites(a.suite, "calibration")
     base = qh.HealConfig(max_steps=a.steps, patience=a.steps)  # the same budget for every set: no early stop
     t0 = time.time()
-    train, held = qh.prepare(loaded, tok, passages, base)
+    train, held, _, _ = qh.prepare(loaded, tok, passages, base)
     teacher_s = time.time() - t0
     eligible = {l: m.eligible(a.group, l) for l in m.moe_layers}
     rows = []

@@ -13,6 +13,9 @@ The student is the same full model masked to the group's eligible set
   router   the router rows of the eligible experts, every MoE layer
   norms    every RMSNorm weight (attention, MoE input, q/k norms, final)
   lora     rank-r LoRA on attention q/k/v/o, merged into the weights at load
+Each group trains on the passages the router would place on it (first MoE
+layer, prompt tokens; all passages when too few are): a node serves those, and
+capacity spent on the others was measured to cost unseen text (docs/QUALITY.md).
 Training minimises the coarse KL with Adam, one passage per step, and stops
 early when the KL on a held-out slice of the suite (every `heldout_every`-th
 passage of each domain) has not improved for `patience` checks; the best
@@ -55,6 +58,9 @@ class HealConfig:
     max_steps: int = 300
     check_every: int = 40
     patience: int = 2
+    placed: bool = True  # train each group on the passages placement sends to it (module doc)
+    min_placed: int = 16  # ... unless fewer than this are: then on every passage
+    prompt_tokens: int = 32  # what placement sees of a passage
     warmup: int = 40  # steps of linear learning-rate warmup: a zero-initialised LoRA otherwise overshoots
     heldout_every: int = 8  # every 8th passage per domain is held out for early stopping
     teacher_k: int = 64
@@ -183,13 +189,35 @@ def heal_group(loaded, eligible: dict, data: list, held: list, cfg: HealConfig, 
     return saved, info
 
 
-def prepare(loaded, tokenizer, passages, cfg: HealConfig) -> tuple[list, list]:
-    """Teacher caches of the train and held-out slices of a suite."""
+def prepare(loaded, tokenizer, passages, cfg: HealConfig) -> tuple[list, list, list, list]:
+    """Teacher caches of the train and held-out slices of a suite, and the
+    group placement picks for each passage."""
     from mlxmoe.quality.suites import tokenize
 
     items = [(d, ids[: cfg.max_tokens]) for d, ids in tokenize(tokenizer, passages) if len(ids) >= 4]
     train, held = split_heldout(items, cfg.heldout_every)
-    return teacher(loaded, train, cfg.teacher_k), teacher(loaded, held, cfg.teacher_k)
+    return (teacher(loaded, train, cfg.teacher_k), teacher(loaded, held, cfg.teacher_k),
+            placements(loaded, train, cfg.prompt_tokens), placements(loaded, held, cfg.prompt_tokens))
+
+
+def placements(loaded, items: list, prompt_tokens: int) -> list[int]:
+    """The group the router places each passage on (its first tokens, first MoE layer)."""
+    from mlxmoe.model.moe import GateRecorder
+    from mlxmoe.model.placement import score_groups
+
+    m, first = loaded.manifest, loaded.manifest.moe_layers[0]
+    out = []
+    for _, ids in items:
+        with GateRecorder(loaded.gates, stop_at=first) as rec:
+            loaded.model(mx.array([ids[:prompt_tokens]]))
+        out.append(score_groups(m, {first: rec.by_layer()[first][0]}).best)
+    return out
+
+
+def for_group(data: list, placed: list[int], g: int, minimum: int) -> list:
+    """The passages placed on group g, or all of them when fewer than `minimum` are."""
+    mine = [d for d, p in zip(data, placed) if p == g]
+    return mine if len(mine) >= minimum else data
 
 
 # ------------------------------------------------------------------ driver
@@ -214,14 +242,19 @@ def heal_bundle(bundle, suites=None, cfg: HealConfig | None = None, out=None, pr
         raise MlxMoeError(f"--heal-params lora: {bundle}'s attention is quantized; LoRA merges into unquantized "
                           "weights only (split with --trunk-bits 16, or heal router,norms)")
     t0 = time.time()
-    train, held = prepare(loaded, load_tokenizer(bundle), passages, cfg)
+    train, held, p_train, p_held = prepare(loaded, load_tokenizer(bundle), passages, cfg)
     groups = [g for g in range(m.n_groups) if any(len(m.eligible(g, l)) < m.n_experts for l in m.moe_layers)]
     per_group, tensors = {}, {}
     with progress(cfg.max_steps * len(groups) * int(np.mean([len(t[0]) for t in train])), "heal", progress_mode,
                   unit="items") as p:
         for g in groups:
             elig = {l: m.eligible(g, l) for l in m.moe_layers}
-            tensors[g], per_group[str(g)] = heal_group(loaded, elig, train, held, cfg, p.advance)
+            data, check = train, held
+            if cfg.placed:
+                data = for_group(train, p_train, g, cfg.min_placed)
+                check = for_group(held, p_held, g, max(1, cfg.min_placed // cfg.heldout_every))
+            tensors[g], per_group[str(g)] = heal_group(loaded, elig, data, check, cfg, p.advance)
+            per_group[str(g)].update(train_passages=len(data), heldout_passages=len(check))
     del loaded
     info = {"suites": names, "suite_sha256": suite_sha256(passages), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "teacher": f"top-{cfg.teacher_k} log-probs + tail mass", "train_passages": len(train),

@@ -53,6 +53,12 @@ def test_split_heldout_keeps_one_per_domain():
         qh.split_heldout([("a", [1])], 4)
 
 
+def test_for_group_falls_back_to_every_passage():
+    data, placed = ["a", "b", "c", "d"], [0, 1, 0, 0]
+    assert qh.for_group(data, placed, 0, 3) == ["a", "c", "d"]
+    assert qh.for_group(data, placed, 1, 3) == data  # one passage only: too few to train on
+
+
 def test_should_stop():
     assert not qh.should_stop([1.0, 0.9], 2)
     assert not qh.should_stop([1.0, 0.9, 0.95, 0.8], 2)
