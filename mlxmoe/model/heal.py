@@ -39,18 +39,19 @@ def _eligible_of(loaded, eligible: dict | None) -> dict:
 
 
 def initial(loaded, trainable, rank: int = 8, seed: int = 0, eligible: dict | None = None) -> dict:
-    """Training start: the base values (router rows, norms) and a LoRA pair
-    with B = 0, so step 0 is the unhealed masked model exactly."""
+    """Training start: the base values (router rows, norms; float32, so that a
+    bf16 model on a GPU trains at full precision) and a LoRA pair with B = 0, so
+    step 0 is the unhealed masked model exactly."""
     base = dict(tree_flatten(loaded.model.parameters()))
     elig = _eligible_of(loaded, eligible)
     out = {}
     if "router" in trainable:
         for l, ids in elig.items():
-            out[gate_name(loaded, l)] = base[gate_name(loaded, l)][mx.array(sorted(ids))]
+            out[gate_name(loaded, l)] = base[gate_name(loaded, l)][mx.array(sorted(ids))].astype(mx.float32)
     key = mx.random.key(seed)
     for path, m in loaded.model.named_modules():
         if "norms" in trainable and isinstance(m, nn.RMSNorm):
-            out[f"{path}.weight"] = base[f"{path}.weight"]
+            out[f"{path}.weight"] = base[f"{path}.weight"].astype(mx.float32)
         if "lora" in trainable and type(m) is nn.Linear and ".self_attn." in f".{path}.":
             key, k = mx.random.split(key)
             n_out, n_in = m.weight.shape
