@@ -237,8 +237,8 @@ def heal_bundle(bundle, suites=None, cfg: HealConfig | None = None, out=None, pr
     names, passages = load_suites(suites, "calibration")
     loaded = load_bundle(bundle)
     m = loaded.manifest
-    if "lora" in cfg.trainable and any(isinstance(mod, nn.QuantizedLinear) for _, mod in loaded.model.named_modules()
-                                       if ".self_attn." in f".{_}."):
+    if "lora" in cfg.trainable and any(isinstance(mod, nn.QuantizedLinear) for path, mod in loaded.model.named_modules()
+                                       if ".self_attn." in f".{path}."):
         raise MlxMoeError(f"--heal-params lora: {bundle}'s attention is quantized; LoRA merges into unquantized "
                           "weights only (split with --trunk-bits 16, or heal router,norms)")
     t0 = time.time()
