@@ -55,3 +55,50 @@ def test_session_status_shows_the_last_meter():
     assert s.status()["quality_meter"] is None
     s.meter = [0.7, 0.81]
     assert s.status()["quality_meter"] == 0.81
+
+
+def router(**mob):
+    from mlxmoe.cluster.router.core import Router
+
+    return Router(None, b"k" * 32, mdns=False, mobility={"meter_threshold": 0.8, "meter_checks": 2, **mob})
+
+
+def test_router_harvests_the_pinned_nodes_meter_only():
+    from mlxmoe.cluster.discovery import Peer
+
+    r = router()
+    s = Session(id="sid", scores={0: 1.0}, ranked=[0], margin=1.0, peer="a", group=0)
+    r.sessions.add(s)
+    r._harvest(Peer("a", "http://a", "static"), {"session_stats": {"sid": {"quality_meter": 0.4, "quality_meter_turns": 1}}})
+    r._harvest(Peer("b", "http://b", "static"), {"session_stats": {"sid": {"quality_meter": 0.9, "quality_meter_turns": 5}}})
+    for bad in ({"session_stats": {"sid": {"quality_meter": "x", "quality_meter_turns": 2}}},
+                {"session_stats": ["sid"]}, {"session_stats": {"sid": 3}}):
+        r._harvest(Peer("a", "http://a", "static"), bad)
+    assert s.meter == [0.4] and s.meter_seen == 1
+
+
+def test_meter_turn_replaces_then_splits(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from mlxmoe.cluster.router import migration
+
+    r = router()
+    s = Session(id="sid", scores={0: 1.0}, ranked=[0], margin=1.0, peer="a", group=0, meter=[0.5, 0.4])
+    moved = []
+
+    async def score(tokens):
+        return SimpleNamespace(best=1), 0.0
+
+    async def migrate(router_, sess, target, at):
+        moved.append((target, at))
+        return True
+
+    monkeypatch.setattr(r, "score", score)
+    monkeypatch.setattr(r, "group_urls", lambda skip=None: {"1": "http://b"})
+    monkeypatch.setattr(migration, "migrate", migrate)
+    asyncio.run(r.meter_turn(s, [1, 2, 3]))
+    assert moved == [(1, "meter")] and s.meter_replaced and s.meter == [] and s.mode == "pin"
+    s.meter = [0.3, 0.2]
+    asyncio.run(r.meter_turn(s, [1, 2, 3]))
+    assert s.mode == "split" and s.migrations[-1]["at"] == "meter" and moved == [(1, "meter")]
