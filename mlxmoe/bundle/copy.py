@@ -10,13 +10,14 @@ from pathlib import Path
 
 
 from mlxmoe.errors import MlxMoeError
-from mlxmoe.bundle.manifest import FILENAME, OVERLAY_FILE, TRUNK_FILE, Manifest, group_file
+from mlxmoe.bundle.manifest import FILENAME, OVERLAY_FILE, TRUNK_FILE, Manifest, group_file, heal_file
 
 
 def node_files(m: Manifest, groups: list[int]) -> list[str]:
     meta = [n for n, f in m.files.items() if f["role"] == "meta"]
     extra = [OVERLAY_FILE] if OVERLAY_FILE in m.files else []
-    return meta + [TRUNK_FILE] + [group_file(g) for g in groups] + extra
+    healed = [heal_file(g) for g in groups if heal_file(g) in m.files]
+    return meta + [TRUNK_FILE] + [group_file(g) for g in groups] + extra + healed
 
 
 def copy_bundle(src, dest, groups: list[int], advance=lambda n: None) -> list[str]:

@@ -22,6 +22,11 @@ def group_file(g: int) -> str:
     return f"experts-group-{g:02d}.safetensors"
 
 
+def heal_file(g: int) -> str:
+    """A group's healed parameters (`mlxmoe calibrate --heal`, model/heal.py)."""
+    return f"heal-group-{g:02d}.safetensors"
+
+
 TRUNK_FILE = "trunk.safetensors"
 OVERLAY_FILE = "experts-overlay.safetensors"
 
@@ -70,6 +75,10 @@ class Manifest:
         """Groups may share experts (per-node sets that cover every expert,
         e.g. domain-calibrated sets) instead of partitioning them."""
         return bool(self.grouping.get("overlap", False))
+
+    def heal_bytes(self) -> int:
+        """The largest group's healed-parameter file (0 when not healed)."""
+        return max((f["size"] for f in self.files.values() if f["role"] == "heal"), default=0)
 
     def overlay_experts(self, layer: int) -> list[int]:
         return list(self.overlay.get("layers", {}).get(str(layer), []))

@@ -164,11 +164,22 @@ def resolve_counts(source: str) -> tuple[Counts, str]:
         p = preset
     if p.is_file():
         return counts_from_config(json.loads(p.read_text())), "config"
+    if p.is_dir() and (p / "distribution.json").is_file() and (p / "config.json").is_file():
+        return counts_from_config(json.loads((p / "config.json").read_text())), "bundle config"
     if p.is_dir() and any(p.glob("*.safetensors")):
         return counts_from_headers(source), "safetensors headers"
     if p.is_dir() and (p / "config.json").exists():
         return counts_from_config(json.loads((p / "config.json").read_text())), "config"
     return counts_from_headers(source), "safetensors headers"  # HF cache repo id
+
+
+def heal_bytes(source: str) -> int:
+    """A healed bundle's largest healed-parameter file (`calibrate --heal`): bytes a
+    node reads at load and merges into weights it already holds (0: none)."""
+    from mlxmoe.bundle.manifest import FILENAME, Manifest
+
+    p = Path(source) / FILENAME
+    return Manifest.load(p).heal_bytes() if p.is_file() else 0
 
 
 def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
@@ -179,6 +190,6 @@ def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
     n_groups = min(len(nodes), k.n_experts)
     b = per[n_groups]
     return {"source": source, "basis": basis, "params_total": k.total, "params_active": k.active,
-            "counts": asdict(k), "n_groups": n_groups, "per_node": b,
+            "counts": asdict(k), "n_groups": n_groups, "per_node": b, "heal_bytes_per_node": heal_bytes(source),
             "nodes": [{"memory": n, "usable": u, "fits": b["total"] <= u} for n, u in zip(nodes, usable)],
             "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom}}

@@ -17,7 +17,9 @@ from mlxmoe.bundle.manifest import Manifest
 
 def write_bundle(out, fill: Callable[[Path], dict], manifest: Callable[[dict], Manifest]) -> Manifest:
     """`fill(tmp)` writes the files and returns {name: {"role": ...}};
-    `manifest(files)` builds the Manifest once sizes and hashes are in."""
+    `manifest(files)` builds the Manifest once sizes and hashes are in. A file
+    carried over unchanged (hard-linked) may come with its old size and sha256:
+    kept when the size still matches, so a big bundle is not hashed again."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -25,7 +27,9 @@ def write_bundle(out, fill: Callable[[Path], dict], manifest: Callable[[dict], M
     try:
         files = fill(tmp)
         for name, meta in files.items():
-            meta.update(size=(tmp / name).stat().st_size, sha256=sha256_file(tmp / name))
+            size = (tmp / name).stat().st_size
+            if "sha256" not in meta or meta.get("size") != size:
+                meta.update(size=size, sha256=sha256_file(tmp / name))
         m = manifest(files)
         m.validate(str(tmp))
         m.save(tmp)

@@ -24,10 +24,12 @@ class Mobility:
     race_candidates: int = 3
     migrate_timeout: float = 30.0  # seconds for one export or import
     tie_margin: float = 0.02  # placement: groups within this of the best score tie, and go to the least loaded node
+    meter_threshold: float = 0.0  # quality meter below this for meter_checks turns: re-place, then split (0: off)
+    meter_checks: int = 2
 
     LIMITS = {"tie_margin": (0.0, 1.0), "margin": (0.0, 1.0), "checks": (1, 100), "check_every": (0, 1 << 20), "window": (0, 1 << 20),
               "hard_max_tokens": (0, 1 << 24), "race_tokens": (1, 256), "race_candidates": (2, 3),
-              "migrate_timeout": (0.1, 3600.0)}
+              "migrate_timeout": (0.1, 3600.0), "meter_threshold": (0.0, 1.0), "meter_checks": (1, 100)}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "router") -> "Mobility":

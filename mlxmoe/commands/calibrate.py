@@ -8,6 +8,7 @@ import click
 
 from mlxmoe.commands.options import clean_errors, parse_size
 from mlxmoe.quality import grouping as gr
+from mlxmoe.quality.heal import DEFAULT_TRAINABLE, TRAINABLE, HealConfig
 
 
 def parse_budget(text: str | None) -> tuple | None:
@@ -43,9 +44,17 @@ def parse_budget(text: str | None) -> tuple | None:
 @click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
 @click.option("--no-super-check", is_flag=True, help="Skip the super-expert removal test.")
+@click.option("--heal", is_flag=True, help="Heal every masked group: train a few of its parameters to bring the node "
+              "towards the full model on the suite (after any regrouping; docs/QUALITY.md, Healing).")
+@click.option("--heal-params", default=",".join(DEFAULT_TRAINABLE), show_default=True,
+              help=f"--heal: what each group trains, comma list of {', '.join(TRAINABLE)}.")
+@click.option("--heal-steps", type=click.IntRange(1), default=HealConfig.max_steps, show_default=True,
+              help="--heal: at most this many passages per group (early stopping on a held-out slice may end sooner).")
+@click.option("--heal-lr", type=click.FloatRange(0, min_open=True), default=HealConfig.lr, show_default=True,
+              help="--heal: Adam learning rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, set_budget,
-                  n_groups, source, out, no_super_check, as_json):
+                  n_groups, source, out, no_super_check, heal, heal_params, heal_steps, heal_lr, as_json):
     """Measure gate statistics on a prompt suite and write an overlay (and,
     with --grouping, a grouping) into BUNDLE.
 
@@ -61,10 +70,23 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     size = parse_size(overlay_bytes, "--overlay-bytes")
     budget = parse_budget(set_budget)
     warn_builtin(bundle, [("--suite", suites)])
-    r = clean_errors(calibrate, bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
-                     not no_super_check, "json" if as_json else "bar", set_size, budget)
+    mode = "json" if as_json else "bar"
+    regroup = any(v is not None for v in (overlay_per_layer, overlay_bytes, strategy, set_size, set_budget, n_groups, source))
+    r = {}
+    if regroup or not heal:
+        r = clean_errors(calibrate, bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
+                         not no_super_check, mode, set_size, budget)
+    if heal:
+        from mlxmoe.quality.heal import heal_bundle, parse_trainable
+
+        cfg = HealConfig(trainable=clean_errors(parse_trainable, heal_params), max_steps=heal_steps, lr=heal_lr)
+        r = {**r, **clean_errors(heal_bundle, r.get("out", bundle), suites, cfg, None if r else out, mode)}
     if as_json:
         click.echo(json.dumps(r))
+        return
+    if "heal" in r:
+        echo_heal(r)
+    if "calibration" not in r:
         return
     c = r["calibration"]
     click.echo(f"calibrated {r['out']}  (manifest {r['manifest_hash']})")
@@ -76,3 +98,11 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
                    + (f" (budget {c['set_budget']})" if c.get("set_budget") else "")
                    + f", x{c['mem_ratio']:.2f} the memory of a plain node")
     click.echo(f"  super experts: {c['super_experts'] or 'none found'}")
+
+
+def echo_heal(r: dict) -> None:
+    h = r["heal"]
+    click.echo(f"healed {r['out']}  (manifest {r['manifest_hash']}, {h['seconds']:.0f} s, {', '.join(h['config']['trainable'])})")
+    for g, i in h["groups"].items():
+        click.echo(f"  group {g}: held-out KL {i['heldout_kl_before']:.4f} -> {i['heldout_kl_after']:.4f} "
+                   f"after {i['best_step']} of {i['steps']} steps ({i['train_tokens']} tokens), {i['bytes'] / 1e6:.2f} MB")

@@ -63,6 +63,9 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     click.echo(f"{r['n_groups']} groups, one per node; per node ({unit}):")
     for k in ("trunk", "group", "overlay", "kv", "total"):
         click.echo(f"  {k:8s} {b[k] / scale:9.2f}")
+    if r["heal_bytes_per_node"]:
+        click.echo(f"  healed parameters: {r['heal_bytes_per_node'] / 1e6:.2f} MB per node on disk, merged at load "
+                   "into weights the node already holds (no extra memory)")
     for i, n in enumerate(r["nodes"]):
         verdict = "fits" if n["fits"] else "does NOT fit"
         click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}")

@@ -18,8 +18,8 @@ from mlx.utils import tree_flatten
 
 from mlxmoe.bundle.arch import Arch, get_arch
 from mlxmoe.errors import BundleError
-from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
-from mlxmoe.model import fused, moe
+from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file, heal_file
+from mlxmoe.model import fused, heal, moe
 
 
 @dataclass
@@ -64,6 +64,7 @@ def _files_for(m: Manifest, group, experts: bool) -> list[str]:
     if not 0 <= group < m.n_groups:
         raise BundleError(f"group {group} does not exist: this bundle has groups 0..{m.n_groups - 1}")
     extra = [OVERLAY_FILE] if OVERLAY_FILE in m.files else []
+    extra += [heal_file(group)] if heal_file(group) in m.files else []
     return [TRUNK_FILE, group_file(group)] + extra
 
 
@@ -112,7 +113,8 @@ def _resize_experts(model, m: Manifest, arch: Arch, local_ids: dict):
 
 
 def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, verify: bool = True,
-                dtype=None) -> Loaded:
+                dtype=None, healed: bool = True) -> Loaded:
+    """`healed=False`: leave out the group's healed parameters (before/after comparisons)."""
     from mlx_lm.utils import _get_classes, infer_quant_config
 
     d = Path(bundle_dir)
@@ -156,6 +158,10 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     loaded = Loaded(model, m, arch, group if experts else None, local_ids,
                     {"trunk": total - expert_bytes if experts else total, "experts": expert_bytes, "total": total})
+    if experts and group is not None and healed and heal_file(group) in m.files:
+        # before the fused paths read the weights; a node with every expert eligible ignores them
+        applied = heal.apply_to_node(loaded, dict(mx.load(str(d / heal_file(group)))))
+        loaded.bytes["heal"] = m.files[heal_file(group)]["size"] if applied else 0  # on disk; merged in memory
     if experts:
         fused.install(loaded)
     return loaded

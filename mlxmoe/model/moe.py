@@ -32,6 +32,8 @@ MoeState fields, and what sets each:
   hook              hooked() (remote routing: node/remote/route.py); own_code() turns
                     `step` off within a hook that replaces a child module
   outputs           quality/stats.ExpertOutputs (largest expert outputs)
+  meter, keep       meter.start (the live quality meter, model/meter.py); install
+                    (`keep`: a node's eligible experts over all E, for the meter)
 
 Spans restore each field on exit. `unhooked(block, x)` is the block's forward
 without its hook (what a hook computes locally); `replaced_child` shadows a
@@ -79,6 +81,8 @@ class MoeState:
     layer_args: tuple | None = None
     hook: Callable | None = None  # (block, x) -> y
     outputs: Callable | None = None  # (layer, indices, y)
+    meter: object | None = None  # model/meter.QualityMeter
+    keep: mx.array | None = None  # [E] bool: this node's experts (a LocalLinearGate's meter)
 
 
 def state_of(module) -> MoeState:
@@ -155,6 +159,8 @@ class MaskedLinearGate:
         if s.records is not None:
             _record(s, logits)
         mask = s.mask if s.dynamic is None else s.dynamic(s.layer, logits)
+        if s.meter is not None:
+            s.meter.add(logits, None if mask is None else mask == 0)
         return logits if mask is None else logits + mask
 
 
@@ -168,6 +174,8 @@ class MaskedSigmoidGate:
         if s.records is not None:
             _record(s, logits)
         mask = s.mask if s.dynamic is None else s.dynamic(s.layer, logits)
+        if s.meter is not None:
+            s.meter.add(logits, None if mask is None else mask == 0)
         return sigmoid_group_select(logits, self.e_score_correction_bias, mask, self.top_k, self.n_group,
                                     self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
 
@@ -201,8 +209,12 @@ class LocalLinearGate:
 
     def __call__(self, x):
         s = self._moe
-        if s.records is not None:
-            _record(s, s.full(x))
+        if s.records is not None or s.meter is not None:
+            full = s.full(x)
+            if s.records is not None:
+                _record(s, full)
+            if s.meter is not None:
+                s.meter.add(full, s.keep)
         return super().__call__(x)
 
 
@@ -225,7 +237,7 @@ class MoeLayer:
     def __call__(self, x, mask=None, cache=None):
         s = self._moe
         if (s.layer_step is None or x.size != x.shape[-1] or s.hook is not None or s.records is not None
-                or s.mask is not None or s.dynamic is not None):
+                or s.mask is not None or s.dynamic is not None or s.meter is not None):
             return super().__call__(x, mask, cache)
         return s.layer_step(self, x, mask, cache, s)
 
@@ -245,6 +257,7 @@ def install(block, gate_attr: str, experts_attr: str, layer: int, scoring: str,
     local_ids = list(range(n_experts)) if local_ids is None else list(local_ids)
     if scoring != "sigmoid_group" and local_ids != list(range(n_experts)):
         s.full = copy.copy(gate)  # same arrays, original class: records full logits
+        s.keep = eligible_mask(local_ids, n_experts) == 0
         rows = mx.array(local_ids)
         for name in ("weight", "scales", "biases", "bias"):
             if name in gate:

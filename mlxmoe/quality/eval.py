@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import platform
+from contextlib import nullcontext
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,7 +47,10 @@ from mlxmoe.quality import intervals as ci
 from mlxmoe.quality.metrics import ONEHOP_METRICS, aggregate, capture, logp_of, ref_nll_of, token_metrics
 from mlxmoe.quality.suites import load_suites, tokenize
 from mlxmoe.errors import MlxMoeError
-from mlxmoe.bundle.manifest import TRUNK_FILE, Manifest
+from mlx.utils import tree_flatten
+
+from mlxmoe.bundle.manifest import TRUNK_FILE, Manifest, heal_file
+from mlxmoe.model import heal as mh, meter
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.moe import GateRecorder
 
@@ -65,6 +69,8 @@ class Config:
     sets: list  # [ {layer: [ids]} per node ]
     node_bytes: int = 0
     mem_ratio: float = 0.0  # node_bytes / (trunk + experts / n_groups)
+    heal: list | None = None  # per node: its healed parameters (model/heal.py) or None
+    heal_bytes: int = 0  # the largest node's healed-parameter file (counted in node_bytes)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class Runs:
     kl: np.ndarray  # [I, N]
     agree: np.ndarray  # [I, N]
     race: np.ndarray  # [I, N] mean log-prob of the last race tokens of the prompt
+    meter: np.ndarray | None = None  # [I, N] mean quality meter over the continuation (model/meter.py)
 
 
 # ------------------------------------------------------------------ setup
@@ -175,11 +182,19 @@ def configs(m: Manifest, stats: gr.Stats | None, groups, strategies, overlays, r
     return out
 
 
+def healed_config(bundle: Path, m: Manifest, plain: Config) -> Config | None:
+    """The bundle's own groups with their healed parameters (None: not healed)."""
+    if not m.heal_bytes():
+        return None
+    heal = [dict(mx.load(str(bundle / heal_file(g)))) if heal_file(g) in m.files else None for g in range(m.n_groups)]
+    return replace(plain, name=f"{plain.name}+heal", heal=heal, heal_bytes=m.heal_bytes())
+
+
 def size_configs(m: Manifest, cfgs: list[Config]):
     trunk = m.files[TRUNK_FILE]["size"]
     per = m.expert_bytes()
     for c in cfgs:
-        c.node_bytes = max(node_bytes(m, s, trunk, per) for s in c.sets)
+        c.node_bytes = max(node_bytes(m, s, trunk, per) for s in c.sets) + c.heal_bytes
         c.mem_ratio = c.node_bytes / plain_bytes(m, c.n_groups, trunk, per)
 
 
@@ -189,18 +204,37 @@ def size_configs(m: Manifest, cfgs: list[Config]):
 
 def run_config(loaded, items: list[Item], cfg: Config, race_tokens: int, advance=lambda n: None) -> Runs:
     I, N = len(items), len(cfg.sets)
-    r = Runs(np.zeros((I, N)), np.zeros((I, N)), np.zeros((I, N)), np.zeros((I, N)))
+    r = Runs(*(np.zeros((I, N)) for _ in range(5)))
+    base = dict(tree_flatten(loaded.model.parameters())) if cfg.heal else {}
     for g, sets in enumerate(cfg.sets):
         loaded.set_eligible(sets)
+        with healed_params(loaded, base, cfg.heal[g] if cfg.heal else None, sets):
+            run_node(loaded, items, g, r, race_tokens, advance)
+    loaded.set_eligible(None)
+    return r
+
+
+def healed_params(loaded, base: dict, healed: dict | None, sets: dict):
+    return mh.applied(loaded, base, healed, sets) if healed else nullcontext()
+
+
+def run_node(loaded, items: list[Item], g: int, r: Runs, race_tokens: int, advance):
+    """Node g's column of `r`, the model already masked (and healed) as node g."""
+    q = meter.start(loaded)
+    try:
         for i, it in enumerate(items):
+            q.reset()
             lp = logp_of(loaded, it.ids)[:-1]
             kl, agree, nll = token_metrics(it.ref_logp[:-1], lp, mx.array(it.ids[1:]))
             p = it.prompt - 1  # position p predicts the first continuation token
-            sums = mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum(), -nll[max(0, p - race_tokens):p].mean()])
-            r.kl[i, g], r.agree[i, g], r.nll[i, g], r.race[i, g] = np.array(sums).tolist()
+            sums = mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum(), -nll[max(0, p - race_tokens):p].mean(),
+                             q.per_token()[p:-1].mean()])
+            r.kl[i, g], r.agree[i, g], r.nll[i, g], r.race[i, g], r.meter[i, g] = np.array(sums).tolist()
             advance(len(it.ids))
-    loaded.set_eligible(None)
-    return r
+    finally:
+        meter.stop(loaded)
+
+
 
 
 def placement_scores(m: Manifest, it: Item, cfg: Config, mode: str, runs: Runs, i: int) -> np.ndarray:
@@ -225,7 +259,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
     oracle = np.argmin(runs.nll, axis=1)
     rows = np.arange(len(items))
     caps = np.array([capture(m, it.gates, cfg.sets) for it in items])
-    kl, agree, nll = runs.kl[rows, placed], runs.agree[rows, placed], runs.nll[rows, placed]
+    kl, agree, nll, meter_ = runs.kl[rows, placed], runs.agree[rows, placed], runs.nll[rows, placed], runs.meter[rows, placed]
     regret, regret_nats = (placed != oracle).astype(np.float64), (nll - runs.nll[rows, oracle]) / n_tok
     out = {}
     for dom in sorted({it.domain for it in items}):
@@ -238,6 +272,7 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
             "ppl_ratio": float(math.exp((nll[sel].sum() - ref_nll[sel].sum()) / t)),
             "regret": float(regret[sel].mean()),
             "regret_nats": float(regret_nats[sel].mean()),
+            "meter": float((meter_[sel] * n_tok[sel]).sum() / t),
             "tokens": int(t), "passages": int(sel.sum()),
         }
     if detail is not None:
@@ -246,7 +281,18 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
                                                            "regret": regret, "regret_nats": regret_nats},
                                              nll, ref_nll)
         detail["passages"] = per_passage(items, n_tok, placed, kl, agree, nll, ref_nll)
+        detail["meter_kl"] = meter_correlation(meter_, kl / n_tok)
     return out
+
+
+def meter_correlation(meter_: np.ndarray, kl: np.ndarray) -> dict:
+    """How well the live meter predicts the loss: Pearson and Spearman (rank)
+    correlation over passages of the mean meter with the KL per token."""
+    if len(kl) < 3 or np.std(meter_) == 0 or np.std(kl) == 0:
+        return {"pearson": None, "spearman": None, "passages": len(kl)}
+    rank = lambda v: np.argsort(np.argsort(v))
+    return {"pearson": round(float(np.corrcoef(meter_, kl)[0, 1]), 4),
+            "spearman": round(float(np.corrcoef(rank(meter_), rank(kl))[0, 1]), 4), "passages": len(kl)}
 
 
 # per-token metrics (sum over a domain's passages / its tokens) vs per-passage ones (mean over passages)
@@ -361,8 +407,9 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
             mean, worst = aggregate(doms)
             results.append({"config": cfg.name, "n_groups": cfg.n_groups, "strategy": cfg.strategy,
                             "overlay_rule": cfg.overlay_rule, "overlay": cfg.overlay, "placement": mode,
-                            "node_bytes": cfg.node_bytes, "mem_ratio": round(cfg.mem_ratio, 4),
+                            "node_bytes": cfg.node_bytes, "mem_ratio": round(cfg.mem_ratio, 4), "heal_bytes": cfg.heal_bytes,
                             "mean": mean, "intervals": detail["intervals"], "worst": worst, "domains": doms,
+                            "meter": float(np.mean([d["meter"] for d in doms.values()])), "meter_kl": detail["meter_kl"],
                             "per_passage": detail["passages"]})
     n_tok = {}
     for it in items:
@@ -407,6 +454,9 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
         with progress(sum(len(i) for _, i in calib_items), "calibration statistics", progress_mode, unit="items") as p:
             stats = collect(loaded, calib_items, p.advance, outputs=False)
     cfgs = configs(m, stats, groups, strategies, overlays, rules)
+    plain = next((c for c in cfgs if c.name == f"g{m.n_groups}/bundle"), None)
+    healed = healed_config(bundle, m, plain) if plain else None
+    cfgs += [healed] if healed else []
     if extra_configs:
         cfgs += extra_configs(m, stats)
     size_configs(m, cfgs)
@@ -421,5 +471,6 @@ def run_eval(bundle, suites=("builtin",), groups=None, strategies=("bundle",), o
                    "date": time.strftime("%Y-%m-%d", time.gmtime()), "seconds": round(time.time() - t0, 1),
                    "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}, mlx {mx.__version__} ({mx.default_device()})",
                    "trunk_bytes": m.files[TRUNK_FILE]["size"], "expert_bytes": m.expert_bytes(),
-                   "configs": [{k: v for k, v in asdict(c).items() if k != "sets"} for c in cfgs]})
+                   "heal": (m.calibration or {}).get("heal"),
+                   "configs": [{k: v for k, v in asdict(c).items() if k not in ("sets", "heal")} for c in cfgs]})
     return report

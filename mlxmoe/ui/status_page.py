@@ -146,6 +146,7 @@ JS = r"""
     if (x.migrations && x.migrations.length) t.push(x.migrations.length + " migration" + (x.migrations.length > 1 ? "s" : ""));
     if (x.race) t.push("race won by group " + x.race.winner);
     if (x.remote_calls) t.push(x.remote_calls + " remote calls");
+    if (typeof x.quality_meter === "number") t.push("meter " + x.quality_meter.toFixed(2));
     return t.join(" \u00b7 ");
   }
 

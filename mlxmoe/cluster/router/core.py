@@ -16,7 +16,7 @@ import aiohttp
 from mlxmoe.cluster.client import NodeClient
 from mlxmoe.cluster.discovery import Browser, Peer, PeerTable
 from mlxmoe.cluster.mobility import Mobility
-from mlxmoe.cluster.router import migration, placement
+from mlxmoe.cluster.router import meter, migration, placement
 from mlxmoe.cluster.router.sessions import Session, SessionIndex, session_ref
 from mlxmoe.cluster.router.turn import Rejected, Turn
 from mlxmoe.cluster.worker import EngineWorker
@@ -213,6 +213,8 @@ class Router:
             s = self.sessions.get(sid)
             if s is not None and isinstance(st, dict):
                 s.remote[p.name] = {k: st.get(k) for k in ("routing", "remote_calls", "remote_bytes", "remote_s")}
+                if p.name == s.peer:
+                    s.meter, s.meter_seen = meter.harvest(s.meter, s.meter_seen, st)
 
     async def refresh_remote(self, timeout: float = 2.0) -> None:
         """Fresh remote-call counts for the status page: probe the nodes that
@@ -394,6 +396,8 @@ class Router:
         await s.lock.acquire()
         turn = Turn(self, s, prompt, params)
         try:
+            if s.turns > 0:
+                await self.meter_turn(s, prompt)
             if s.turns > 0 and s.mode in MIGRATING:
                 await migration.recheck(self, s, prompt, "turn")
             if s.mode == "race" and s.turns == 0 and s.peer is None:
@@ -407,6 +411,32 @@ class Router:
                 self.forget(s)
             raise
         return turn
+
+    async def meter_turn(self, s: Session, prompt: list[int]) -> None:
+        """At a turn boundary, act on a quality meter that stayed low (router/meter.py)."""
+        pinned = self.peers.peers.get(s.peer) if s.peer else None
+        act = meter.action(s.meter, self.mob.meter_threshold, self.mob.meter_checks, s.mode, s.meter_replaced,
+                           bool(self.group_urls(skip=pinned)))
+        if act == "stay":
+            return
+        low = s.meter[-self.mob.meter_checks:]
+        s.meter, s.meter_seen = [], 0  # fresh evidence after a change (a moved chat's node counts anew)
+        if act == "split":
+            s.mode = "split"
+            s.migrations.append({"at": "meter", "turn": s.turns, "to": "split", "meter": low, "time": time.time()})
+            log.info("session %s: quality meter %s below %s: split routing", s.id, low, self.mob.meter_threshold)
+            return
+        s.meter_replaced = True
+        try:
+            sc, _ = await self.score(prompt[-self.mob.window:] if self.mob.window else prompt)
+        except Exception as e:  # scoring must never cost the turn
+            log.warning("session %s: re-scoring for the quality meter failed: %s", s.id, e)
+            return
+        current = s.group if s.expert_group is None else s.expert_group
+        if sc.best != current:
+            log.info("session %s: quality meter %s below %s: re-placed on group %s", s.id, low,
+                     self.mob.meter_threshold, sc.best)
+            await migration.migrate(self, s, int(sc.best), "meter")
 
     def end_turn(self, s: Session, context: list[int]) -> None:
         """A turn is over (Turn.close): update the session; an ephemeral one

@@ -38,6 +38,9 @@ class Session:
     migrations: list[dict] = field(default_factory=list)
     race: dict | None = None
     remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
+    meter: list = field(default_factory=list)  # the quality meter of its last turns (router/meter.py)
+    meter_seen: int = 0  # turns the pinned node has metered, as last harvested
+    meter_replaced: bool = False  # the meter re-placed it once already
     owner: str = ""  # the client that made it: its API key's hash ("" without API keys)
     ttl: float | None = None  # idle seconds before it is forgotten (None: the router's session_ttl)
     # the turn streaming now (Turn updates these per frame; /status shows them live)
@@ -104,6 +107,7 @@ class Session:
                 "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
                 "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
                 "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),
+                "quality_meter": self.meter[-1] if self.meter else None,
                 "turns": turns, "tokens": tokens,
                 "created": self.created, "last_used": self.last_used}
 
