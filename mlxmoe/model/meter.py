@@ -81,15 +81,24 @@ def read(loaded) -> float | None:
     return v
 
 
-def read_rows(loaded) -> list[float] | None:
-    """A batched step ([B, L] tokens in one forward): per row (session) the
-    mean share over its tokens and the MoE layers, and reset."""
+def take_rows(loaded) -> mx.array | None:
+    """A batched step's per-row shares ([B]: mean over its tokens and the MoE
+    layers) as an array being computed (no wait), and reset. The batch reads it
+    one step later (node/batch.py)."""
     q = _meter_of(loaded)
     r = q.rows() if q is not None else None
     if r is None:
         return None
     q.reset()
-    return r.mean(-1).tolist()
+    r = r.mean(-1)
+    mx.async_eval(r)
+    return r
+
+
+def read_rows(loaded) -> list[float] | None:
+    """take_rows, waited for: per row the mean share, and reset."""
+    r = take_rows(loaded)
+    return None if r is None else r.tolist()
 
 
 class SessionMeter:

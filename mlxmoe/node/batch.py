@@ -35,10 +35,12 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from mlxmoe.errors import PeerError
+from mlxmoe.model import meter
 from mlxmoe.model.moe import hooked, unhooked
 from mlxmoe.node.batch_cache import is_batched, merge
 
 PREFILL_TOKENS = 512  # prompt tokens computed per step, over all waiting rows
+METER_EVERY = 8  # decode steps per quality-meter sample (it costs the fused layer step and a router matmul)
 NO_LIMIT = 1 << 40  # GenerationBatch's own max_tokens: rows end here (Row.max_tokens), not there
 STEP = 256  # KV caches grow in blocks of this many tokens
 
@@ -55,6 +57,7 @@ class Row:
     processors: list
     max_tokens: int
     route: object = None  # node.remote.route.Route, or None: local
+    meter: object = None  # model.meter.SessionMeter of its session (a masked node's live quality meter)
     cache: list | None = None  # its own caches (prefill); None while in the batch
     out: deque = field(default_factory=deque)  # tokens produced, not yet taken by its stream
     produced: int = 0
@@ -114,6 +117,8 @@ class Batch:
     def __init__(self, model, blocks: list, sessions, per_token: float, kv_bits: int | None,
                  kv_group_size: int, banned: list[int] = (), prefill_tokens: int = PREFILL_TOKENS):
         self.model, self.blocks, self.sessions = model, blocks, sessions
+        self.metered = None  # the Loaded model to meter (a node whose experts are masked), set by the node
+        self._meter_pending = None  # (rows, shares [B]) of the last metered step, read one step later
         self.greedy = Greedy(list(banned))
         self._lists: dict = {}
         self.per_token, self.kv_bits, self.kv_group_size = per_token, kv_bits, kv_group_size
@@ -124,18 +129,20 @@ class Batch:
         self._uids = 0
 
     # ------------------------------------------------------------ rows
-    def add(self, session, prompt: list[int], cached: int, sampler, chosen, processors, max_tokens, route) -> Row:
+    def add(self, session, prompt: list[int], cached: int, sampler, chosen, processors, max_tokens, route,
+            session_meter=None) -> Row:
         """A generation of `prompt` whose first `cached` tokens are in session.cache;
         sampler None: plain greedy (Batch.greedy, which fills `chosen`)."""
         self._uids += 1
         row = Row(self._uids, session, list(prompt[cached:-1]), prompt[-1], list(prompt[:-1]), sampler or self.greedy,
-                  chosen, processors, max_tokens, route, cache=session.cache, seen=self.steps)
+                  chosen, processors, max_tokens, route, session_meter, cache=session.cache, seen=self.steps)
         session.cache = None  # the row holds it now (and gives it back at the end)
         self.rows[row.uid] = row
         return row
 
     def finish(self, row: Row) -> list | None:
         """Take `row` out (its stream ended); returns its own caches (None if lost)."""
+        self._read_meter()
         if row.state == "decode":
             row.cache = self._take(self.gen.uids.index(row.uid))
         row.state = "done"
@@ -176,6 +183,10 @@ class Batch:
 
     def _decode(self) -> None:
         rows = [self.rows[u] for u in self.gen.uids]
+        self._read_meter()
+        sample = self.metered is not None and self.steps % METER_EVERY == 0
+        if sample:
+            meter.start(self.metered)
         try:
             with self._routes(rows):
                 responses = self.gen.next()
@@ -183,6 +194,10 @@ class Batch:
             self._fail(rows, e, drop_cache=True)
             self.gen, self.greedy.calls = None, []
             return
+        finally:
+            if sample:
+                self._meter_pending = (rows, meter.take_rows(self.metered))
+                meter.stop(self.metered)
         self._hand_out(rows)
         for r, resp in zip(rows, responses):
             if r.error is None:
@@ -249,6 +264,16 @@ class Batch:
                     b.prompt_cache = [merge([c]) for c in b.prompt_cache]
             self.gen.extend(new)
         self._fail([r for r in rows if r.error is not None], None)
+
+    def _read_meter(self) -> None:
+        """The last metered step's shares, per row (evaluated by now: reading adds no wait)."""
+        if self._meter_pending is None:
+            return
+        rows, shares = self._meter_pending
+        self._meter_pending = None
+        for r, v in zip(rows, shares.tolist() if shares is not None else []):
+            if r.meter is not None and r.error is None:
+                r.meter.add(v)
 
     def _hand_out(self, rows: list[Row]) -> None:
         """Give each greedy row of the step just taken its log-probability."""

@@ -23,6 +23,7 @@ from mlxmoe.node.contract import PENDING, SAMPLING_DEFAULTS, GenParams, TokenEve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
+from mlxmoe.model.meter import SessionMeter
 from mlxmoe.model.moe import state_of
 from mlxmoe.node.remote.route import Remote, routed_local
 from mlxmoe.node.sessions import Session, SessionStore
@@ -56,6 +57,9 @@ class Node(Tokens):
         self.batch = Batch(self.model, [loaded.blocks[l] for l in self.manifest.moe_layers], self.sessions,
                            per_token, self.kv_bits, self.kv_group_size, self.banned)
         self.sessions.held = self.batch.kv_bytes
+        self.meters: dict[str, SessionMeter] = {}  # the live quality meter of each session (model/meter.py)
+        if self.group is not None:  # every expert eligible: the meter would read 1.0
+            self.batch.metered = loaded
         self.remote = Remote(loaded)  # remote routed experts (routing modes), both directions
         self.inbox = self.remote.inbox  # the node server runs peers' `experts` requests through it
         self.started = time.time()
@@ -172,7 +176,7 @@ class Node(Tokens):
                                                min(params.top_logprobs, self.vocab_size))
         s.busy = True
         row = self.batch.add(s, list(prompt), n, sampler, chosen, processors + ([constrained] if constrained else []),
-                             max_tokens, route)
+                             max_tokens, route, self.meters.setdefault(s.id, SessionMeter()))
         out: list[int] = []
         return RowStream(self.batch, row, self._stream(row, list(prompt), out, chosen, params, max_tokens),
                          lambda: self._end(s, row, list(prompt) + out))
@@ -216,6 +220,8 @@ class Node(Tokens):
     def _end(self, s: Session, row: Row, seq: list[int]) -> None:
         """The generation is over (or abandoned): its cache back to the session, trimmed to `seq`."""
         s.cache = self.batch.finish(row)
+        if row.meter is not None:
+            row.meter.end_turn()
         s.busy = False
         s.turns += 1
         _settle(s, seq)
@@ -250,6 +256,7 @@ class Node(Tokens):
     # ------------------------------------------------------------ sessions
     def close_session(self, session_id: str) -> bool:
         self.remote.forget(session_id)
+        self.meters.pop(session_id, None)
         return self.sessions.close(session_id)
 
     # ------------------------------------------------------------ remote experts
@@ -313,7 +320,8 @@ class Node(Tokens):
             "sessions": len(self.sessions.sessions),
             "active_sessions": sum(s.busy for s in self.sessions.sessions.values()),
             "context_limit": self.max_context, "kv_bits": self.kv_bits, "kv_note": self.kv_note,
-            "session_stats": {sid: dict(st) for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
+            "session_stats": {sid: {**st, **(self.meters[sid].stats() if sid in self.meters else {})}
+                              for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
             "experts_op": {"layers": list(m.moe_layers), "hidden": int(m.model["config"]["hidden_size"])},
             "experts_served": self.inbox.served, "batch": self.batch.info(),
             "backend": backend_name(), "moe_path": self.loaded.moe_path, "fused_layers": self.loaded.fused_layers,

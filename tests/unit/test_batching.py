@@ -170,3 +170,20 @@ def test_batch_cache_merge_extract_roundtrip():
 def test_padded_bytes_is_every_row_at_the_longest():
     assert padded_bytes([], 10.0) == 0
     assert padded_bytes([10, 300], 2.0) == 2 * 512 * 2
+
+
+def test_masked_node_meters_each_batched_session(bundle):
+    """The live quality meter (model/meter.py) is sampled every METER_EVERY
+    decode steps for every row and reported per session after its turn; a node
+    with every expert eligible has none to report."""
+    from mlxmoe.node.batch import METER_EVERY
+
+    node = Node.load(bundle, 0, kv_bits=None)
+    p = node.encode("the quick brown fox")
+    drive(node, [("m1", p, GenParams(max_tokens=3 * METER_EVERY), 0), ("m2", p[:3], GenParams(max_tokens=2 * METER_EVERY), 0)])
+    st = node.info()["session_stats"]
+    for sid in ("m1", "m2"):
+        assert 0.0 <= st[sid]["quality_meter"] <= 1.0 and st[sid]["quality_meter_turns"] == 1
+    full = Node.load(bundle, None, kv_bits=None)
+    alone(full, "f", p, GenParams(max_tokens=2 * METER_EVERY))
+    assert full.info()["session_stats"]["f"].get("quality_meter") is None
