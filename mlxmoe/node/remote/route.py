@@ -138,16 +138,6 @@ class Route:
         """This route's hooks on the MoE blocks for the span of one step."""
         return hooked(self.blocks, self.hooks)
 
-    def wrap(self, steps):
-        """generate_step's iterator with the hooks active while it computes."""
-        while True:
-            with self.active():
-                try:
-                    item = next(steps)
-                except StopIteration:
-                    return
-            yield item
-
     def _hook_for(self, layer: int):
         if self.mode == "group":
             (g,) = self.links
