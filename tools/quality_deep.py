@@ -1,0 +1,402 @@
+"""Quality study on the deep reference family (issue 16): the premise test,
+the grouping/overlay/placement sweep and how masking loss grows with depth.
+
+Every stage dequantizes a committed 4-bit model with mlx-lm (mx.dequantize of
+every quantized layer: the same function up to bf16 rounding; MLX's CPU
+quantized matmul is ~60x slower), splits it unquantized into 3 groups and
+evaluates masked routing virtually on the full model (quality/eval.py).
+Each stage writes benchmarks/quality-deep-<date>-<stage>.json; `render`
+rewrites the tables between the markers in docs/QUALITY.md from those files.
+
+    python3 tools/quality_deep.py premise               # deep-moe full / pinned / onehop / split
+    python3 tools/quality_deep.py single single-64e     # one single-node row (re-make single-shallow so)
+    python3 tools/quality_deep.py sweep                 # groupings x overlays x placements, deep-moe
+    python3 tools/quality_deep.py sweep --model deep-moe-shared --budget-only
+    python3 tools/quality_deep.py depth                 # mask layers 0..L / only layer L
+    python3 tools/quality_deep.py render                # tables -> docs/QUALITY.md
+
+On Linux preload OpenBLAS (LD_PRELOAD=.../openblas-pthread/libblas.so.3): the
+mlx[cpu] wheel's reference BLAS is ~30x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mlxmoe.quality import eval as q  # noqa: E402
+from mlxmoe.quality import grouping as gr  # noqa: E402
+from mlxmoe.quality import intervals as ci  # noqa: E402
+from mlxmoe.quality.metrics import logp_of, ref_nll_of, token_metrics  # noqa: E402
+
+ASSETS = REPO / "mlxmoe" / "assets"
+SUITES = [str(ASSETS / "suites" / "deep-heldout.jsonl"), str(ASSETS / "suites" / "deep-unseen.jsonl")]
+CALIB = str(ASSETS / "suites" / "deep-calibration.jsonl")
+UNSEEN = ("c_header", "man_page", "markdown")
+BENCH = REPO / "benchmarks"
+DOC = REPO / "docs" / "QUALITY.md"
+DATE = "2026-12-02"
+BEGIN, END = "<!-- quality-deep:begin -->", "<!-- quality-deep:end -->"
+STEPS_NOTE = {"single-shallow": "single-shallow trained 485 steps, the others 342"}
+
+
+def tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------ pure parts
+
+def balanced(domains, num, den, exp: bool = False) -> dict:
+    """Per domain sum(num)/sum(den) (exp'd for perplexities) and their
+    domain-balanced mean, each with a bootstrap 95% interval over passages
+    (resampled within each domain, quality/intervals.py)."""
+    doms = sorted(set(domains))
+    draws = ci.resample_indices(domains)
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    f = np.exp if exp else (lambda x: x)
+    samples = f(ci.ratio_of_sums(num, den, draws))  # [resamples, domains]
+    sel = [np.asarray(domains) == d for d in doms]
+    point = [float(f(num[s].sum() / den[s].sum())) for s in sel]
+    out = {d: {"value": p, "ci": ci.interval(samples[:, j])} for j, (d, p) in enumerate(zip(doms, point))}
+    return {"domains": out, "mean": {"value": float(np.mean(point)), "ci": ci.interval(samples.mean(1))}}
+
+
+def summarize_rows(rows: list[dict], ref_nll: dict) -> dict:
+    """For per-passage rows {domain, tokens, nll[, kl, agree]}: ppl (and, for
+    masked rows, ppl ratio to the reference, KL/token, agreement), seen and
+    unseen domains apart. `ref_nll`: passage index -> reference NLL."""
+    out = {}
+    for part, keep in (("seen", lambda d: d not in UNSEEN), ("unseen", lambda d: d in UNSEEN)):
+        idx = [i for i, r in enumerate(rows) if keep(r["domain"])]
+        if not idx:
+            continue
+        doms = [rows[i]["domain"] for i in idx]
+        tok = [rows[i]["tokens"] for i in idx]
+        s = {"ppl": balanced(doms, [rows[i]["nll"] for i in idx], tok, exp=True)}
+        if "kl" in rows[0]:
+            s["ppl_ratio"] = balanced(doms, [rows[i]["nll"] - ref_nll[i] for i in idx], tok, exp=True)
+            s["kl"] = balanced(doms, [rows[i]["kl"] for i in idx], tok)
+            s["agreement"] = balanced(doms, [rows[i]["agree"] * rows[i]["tokens"] for i in idx], tok)
+        out[part] = s
+    return out
+
+
+def depth_sets(sets: list[dict], layers: list[int], L: int, mode: str) -> list[dict]:
+    """Node sets masked only at MoE layers[:L+1] (mode "prefix") or only at
+    layers[L] ("only"); every other layer routes over all experts (None)."""
+    masked = set(layers[: L + 1] if mode == "prefix" else [layers[L]])
+    return [{l: (s[l] if l in masked else None) for l in layers} for s in sets]
+
+
+def best_budget(results: list[dict], ratio: float = 1.5) -> str:
+    """The config within `ratio` x a plain share whose first-layer placement
+    has the lowest domain-balanced mean ppl ratio on the seen domains."""
+    ok = [r for r in results if r["placement"] == "first" and r["mem_ratio"] <= ratio + 1e-9]
+    return min(ok, key=lambda r: r["summary"]["seen"]["ppl_ratio"]["mean"]["value"])["config"]
+
+
+# ------------------------------------------------------------------ setup
+
+def machine(ms: float) -> str:
+    blas = "OpenBLAS preloaded" if ms < 20 else "reference BLAS"
+    return (f"{platform.system()} {platform.machine()}, 2 CPU cores (shared), mlx {mx.__version__} "
+            f"({mx.default_device()}), {blas} (512x512 matmul {ms:.1f} ms)")
+
+
+def bundle_of(name: str, cache: Path) -> Path:
+    """deep family model -> dequantized (bf16 files) 3-group bundle, cached."""
+    from mlx_lm import convert
+    from mlxmoe.bundle.split import split
+
+    flat, bundle = cache / f"{name}-f", cache / f"{name}-b3"
+    if not (bundle / "manifest.json").exists():
+        if not flat.exists():
+            convert(str(ASSETS / name), mlx_path=str(flat), dequantize=True)
+        split(str(flat), str(bundle), 3, bits=None, trunk_bits=None, force=True)
+    return bundle
+
+
+def load(name, args, suites=SUITES):
+    from mlxmoe.model.load import load_bundle, load_tokenizer
+    from mlxmoe.quality.suites import load_suites
+
+    bundle = bundle_of(name, Path(args.cache))
+    loaded, tok = load_bundle(bundle), load_tokenizer(bundle)
+    _, passages = load_suites(suites, "heldout")
+    items = q.make_items(tok, passages, args.passages, 32)
+    return bundle, loaded, tok, items
+
+
+def calib_stats(loaded, tok, per_domain: int):
+    from mlxmoe.quality.stats import collect
+    from mlxmoe.quality.suites import load_suites, tokenize
+
+    _, calib = load_suites([CALIB], "calibration")
+    seen, keep = {}, []
+    for p in calib:
+        seen[p.domain] = seen.get(p.domain, 0) + 1
+        if seen[p.domain] <= per_domain:
+            keep.append(p)
+    return collect(loaded, tokenize(tok, keep), outputs=False)
+
+
+def ref_rows(items) -> list[dict]:
+    return [{"domain": it.domain, "tokens": len(it.ids) - it.prompt, "nll": float(n)}
+            for it, n in zip(items, ref_nll_of(items))]
+
+
+def passage_rows(per_passage: list[dict]) -> list[dict]:
+    return [{"domain": p["domain"], "tokens": p["tokens"], "nll": -p["logp"], "kl": p["kl"], "agree": p["agreement"]}
+            for p in per_passage]
+
+
+def header(args, name, ms, t0, items) -> dict:
+    return {"date": DATE, "machine": machine(ms), "model": f"mlxmoe/assets/{name}",
+            "bundle": "dequantized with mlx-lm (bf16 files, fp32 compute), 3 groups", "suites": SUITES,
+            "calibration": f"{CALIB}, first {args.calib} passages per domain", "prompt_tokens": 32,
+            "passages_per_domain": args.passages, "passages": len(items),
+            "tokens": int(sum(len(it.ids) - it.prompt for it in items)), "seconds": round(time.time() - t0, 1)}
+
+
+def write(stage: str, rep: dict):
+    BENCH.mkdir(exist_ok=True)
+    path = BENCH / f"quality-deep-{DATE}-{stage}.json"
+    path.write_text(json.dumps(tool("quality_sweep").rounded(rep), separators=(",", ":")) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def matmul_ms():
+    return tool("quality_sweep").matmul_ms()
+
+
+def masked_results(rep: dict, ref: dict) -> list[dict]:
+    for r in rep["results"]:
+        r["summary"] = summarize_rows(passage_rows(r.pop("per_passage")), ref)
+    return rep["results"]
+
+
+# ------------------------------------------------------------------ stages
+
+def premise(args):
+    t0, ms = time.time(), matmul_ms()
+    bundle, loaded, tok, items = load(args.model, args)
+    stats = calib_stats(loaded, tok, args.calib)
+    m = loaded.manifest
+    cfgs = q.configs(m, stats, [3], ["contiguous"], [0], ["mass"]) + tool("quality_sweep").budget_configs(m, stats)
+    q.size_configs(m, cfgs)
+    rep = q.evaluate(loaded, items, cfgs, q.PLACEMENTS)
+    ref = dict(enumerate(ref_nll_of(items)))
+    results = masked_results(rep, ref)
+    trunk, per = m.files["trunk.safetensors"]["size"], m.expert_bytes()
+    full_ratio = q.plain_bytes(m, 1, trunk, per) / q.plain_bytes(m, 3, trunk, per)
+    rows = {"full": {"summary": summarize_rows(ref_rows(items), ref), "mem_ratio": full_ratio}}
+    for mode in ("onehop", "split"):
+        o = q.evaluate_onehop(bundle, loaded=loaded, items=items, split=mode == "split")
+        rows[mode] = {"summary": summarize_rows(passage_rows(o["per_passage"]), ref), "mean": o["mean"],
+                      "intervals": o["intervals"], "mem_ratio": 1.0}
+    best = best_budget(results)
+    out = header(args, args.model, ms, t0, items)
+    out.update({"best": best, "rows": rows, "results": results, "reference": rep["reference"],
+                "ids_hash": ids_hash(items), "configs": [{"name": c.name, "mem_ratio": c.mem_ratio,
+                                                         "node_bytes": c.node_bytes} for c in cfgs]})
+    write("premise", out)
+
+
+def ids_hash(items) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([it.ids for it in items]).encode()).hexdigest()[:16]
+
+
+def single(args):
+    t0, ms = time.time(), matmul_ms()
+    _, loaded, _, items = load(args.name, args)
+    q.reference(loaded, items)
+    out = header(args, args.name, ms, t0, items)
+    steps = json.loads((ASSETS / args.name / "training_report.json").read_text()).get("steps")
+    out.update({"ids_hash": ids_hash(items), "steps": steps,
+                "summary": summarize_rows(ref_rows(items), {})})
+    write(f"single-{args.name}", out)
+
+
+def sweep(args):
+    t0, ms = time.time(), matmul_ms()
+    _, loaded, tok, items = load(args.model, args, SUITES[:1])
+    stats = calib_stats(loaded, tok, args.calib)
+    m = loaded.manifest
+    cfgs = q.configs(m, stats, [3], ["contiguous"], [0], ["mass"])
+    if not args.budget_only:
+        for s in ("contiguous", "mod", "coactivation", "domain"):
+            cfgs += q.configs(m, stats, [3], [s], [0, 8, 16] if s != "contiguous" else [8, 16], ["mass"])
+        cfgs += q.configs(m, stats, [3], ["coactivation"], [16], ["breadth"])
+    cfgs += tool("quality_sweep").budget_configs(m, stats)
+    q.size_configs(m, cfgs)
+    rep = q.evaluate(loaded, items, cfgs, q.PLACEMENTS)
+    ref = dict(enumerate(ref_nll_of(items)))
+    out = header(args, args.model, ms, t0, items)
+    out.update({"results": masked_results(rep, ref), "reference": rep["reference"]})
+    write("sweep" if args.model == "deep-moe" else f"sweep-{args.model}", out)
+
+
+def run_placed(loaded, items, sets: list[dict], placed: np.ndarray) -> list[dict]:
+    """Teacher-forced run of each passage on its placed node only."""
+    rows = [None] * len(items)
+    for g, s in enumerate(sets):
+        loaded.set_eligible(s)
+        for i in np.flatnonzero(placed == g):
+            it = items[i]
+            kl, agree, nll = token_metrics(it.ref_logp[:-1], logp_of(loaded, it.ids)[:-1], mx.array(it.ids[1:]))
+            p = it.prompt - 1
+            k, a, n = np.array(mx.stack([kl[p:].sum(), agree[p:].sum(), nll[p:].sum()])).tolist()
+            t = len(it.ids) - it.prompt
+            rows[i] = {"domain": it.domain, "tokens": t, "nll": n, "kl": k, "agree": a / t}
+    loaded.set_eligible(None)
+    return rows
+
+
+def depth(args):
+    t0, ms = time.time(), matmul_ms()
+    _, loaded, tok, items = load(args.model, args, SUITES[:1])
+    m = loaded.manifest
+    base = q.configs(m, None, [3], ["contiguous"], [0], ["mass"])[0]
+    q.reference(loaded, items)
+    ref = dict(enumerate(ref_nll_of(items)))
+    placed = np.array([int(np.argmax(q.placement_scores(m, it, base, "first", None, i))) for i, it in enumerate(items)])
+    layers, results = m.moe_layers, []
+    for mode in ("prefix", "only"):
+        for L in range(len(layers)):
+            rows = run_placed(loaded, items, depth_sets(base.sets, layers, L, mode), placed)
+            results.append({"mode": mode, "L": L, "summary": summarize_rows(rows, ref)})
+            print(f"{mode} L={L}: KL {results[-1]['summary']['seen']['kl']['mean']['value']:.3f}", file=sys.stderr)
+    out = header(args, args.model, ms, t0, items)
+    out.update({"layout": base.name, "placement": "first (fully masked layout's, kept for every L)",
+                "results": results})
+    write("depth", out)
+
+
+# ------------------------------------------------------------------ render
+
+def cell(x, digits=2) -> str:
+    return f"{x['value']:.{digits}f} [{x['ci'][0]:.{digits}f}, {x['ci'][1]:.{digits}f}]"
+
+
+def read(stage):
+    p = BENCH / f"quality-deep-{DATE}-{stage}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def render_premise(pr: dict) -> list[str]:
+    best = next(r for r in pr["results"] if r["config"] == pr["best"] and r["placement"] == "first")
+    cols = [("deep-moe, all experts", pr["rows"]["full"]["summary"]),
+            (f"pinned {pr['best']} (x{best['mem_ratio']:.2f})", best["summary"]),
+            ("onehop", pr["rows"]["onehop"]["summary"]), ("split", pr["rows"]["split"]["summary"])]
+    notes = []
+    for name in ("single-64e", "single-shallow"):
+        s = read(f"single-{name}")
+        if s:
+            if s["ids_hash"] != pr["ids_hash"]:
+                raise SystemExit(f"single-{name} was scored on other text than the premise run")
+            cols.append((f"{name} ({s['steps']} steps)", s["summary"]))
+    lines = [f"**Premise test: perplexity per domain** ({pr['passages']} passages, {pr['passages_per_domain']} per "
+             f"domain, {pr['tokens']} scored tokens; [95% bootstrap intervals])", "",
+             "| domain | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " ---: |" * len(cols)]
+    for part in ("seen", "unseen"):
+        doms = sorted(cols[0][1][part]["ppl"]["domains"])
+        for d in doms:
+            lines.append(f"| {d}{' (unseen)' if part == 'unseen' else ''} | "
+                         + " | ".join(cell(s[part]["ppl"]["domains"][d]) for _, s in cols) + " |")
+        lines.append(f"| **mean, {part}** | " + " | ".join(f"**{cell(s[part]['ppl']['mean'])}**" for _, s in cols) + " |")
+    lines += ["", "**Masked rows against the full model** (domain-balanced means)", "",
+              "| row | x plain | ppl x seen | ppl x unseen | KL seen | KL unseen | agreement seen | agreement unseen |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    masked = [(f"pinned {r['config']} ({r['placement']})", r["mem_ratio"], r["summary"])
+              for r in pr["results"] if r["placement"] in ("first", "oracle")]
+    masked += [(k, 1.0, pr["rows"][k]["summary"]) for k in ("onehop", "split")]
+    for name, ratio, s in masked:
+        lines.append(f"| {name} | {ratio:.2f} | " + " | ".join(
+            cell(s[p][k]["mean"], 3) for k in ("ppl_ratio", "kl", "agreement") for p in ("seen", "unseen")) + " |")
+    return lines + notes
+
+
+def render_sweep(sw: dict, title: str) -> list[str]:
+    by = {(r["config"], r["placement"]): r for r in sw["results"]}
+    names = list(dict.fromkeys(r["config"] for r in sw["results"]))
+    lines = [f"**{title}** ({sw['passages']} held-out passages, {sw['tokens']} scored tokens)", "",
+             "| config | x plain | KL (first) | agreement (first) | ppl x: first | layers | race | oracle |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n in names:
+        f = by[(n, "first")]
+        s = f["summary"]["seen"]
+        lines.append(f"| {n} | {f['mem_ratio']:.2f} | {cell(s['kl'], 3)} | {cell(s['agreement'], 3)} | "
+                     + " | ".join(cell(by[(n, p)]["summary"]["seen"]["ppl_ratio"]) for p in q.PLACEMENTS) + " |")
+    return lines
+
+
+def render_depth(dp: dict) -> list[str]:
+    by = {(r["mode"], r["L"]): r["summary"]["seen"] for r in dp["results"]}
+    Ls = sorted({r["L"] for r in dp["results"]})
+    lines = [f"**Masking loss by depth** ({dp['layout']}, placement {dp['placement']}; {dp['passages']} held-out "
+             f"passages): masked at MoE layers 0..L, or at layer L only", "",
+             "| L | KL, layers 0..L | ppl x, layers 0..L | KL, layer L only | ppl x, layer L only |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for L in Ls:
+        a, b = by[("prefix", L)], by[("only", L)]
+        lines.append(f"| {L} | {cell(a['kl'], 3)} | {cell(a['ppl_ratio'])} | {cell(b['kl'], 3)} | {cell(b['ppl_ratio'])} |")
+    return lines
+
+
+def render(args):
+    parts = []
+    pr, sw, sws, dp = read("premise"), read("sweep"), read("sweep-deep-moe-shared"), read("depth")
+    if pr:
+        parts += render_premise(pr) + [""]
+    if sw:
+        parts += render_sweep(sw, "deep-moe, 3 groups: groupings x overlays x placement") + [""]
+    if sws:
+        parts += render_sweep(sws, "deep-moe-shared, 3 groups, the budget layouts") + [""]
+    if dp:
+        parts += render_depth(dp) + [""]
+    src = [s for s in (pr, sw, sws, dp) if s]
+    parts.append("Machine: " + "; ".join(sorted({s["machine"] for s in src})) + ". Files: "
+                 + ", ".join(f"`benchmarks/quality-deep-{DATE}-{k}.json`" for k, s in
+                             (("premise", pr), ("sweep", sw), ("sweep-deep-moe-shared", sws), ("depth", dp)) if s)
+                 + "; `python3 tools/quality_deep.py render` re-makes these tables.")
+    text = DOC.read_text()
+    block = BEGIN + "\n" + "\n".join(parts) + "\n" + END
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(text)
+    print("\n".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=["premise", "single", "sweep", "depth", "render"])
+    ap.add_argument("name", nargs="?", default="single-64e", help="single: the model to score")
+    ap.add_argument("--model", default="deep-moe")
+    ap.add_argument("--passages", type=int, default=3, help="held-out passages per domain")
+    ap.add_argument("--calib", type=int, default=10, help="calibration passages per domain")
+    ap.add_argument("--budget-only", action="store_true", help="sweep: only the 1.5x budget layouts")
+    ap.add_argument("--cache", default="/tmp/mlxmoe-deep", help="dequantized models and bundles")
+    args = ap.parse_args()
+    {"premise": premise, "single": single, "sweep": sweep, "depth": depth, "render": render}[args.stage](args)
+
+
+if __name__ == "__main__":
+    main()
