@@ -13,6 +13,7 @@ rewrites the tables between the markers in docs/QUALITY.md from those files.
     python3 tools/quality_deep.py sweep                 # groupings x overlays x placements, deep-moe
     python3 tools/quality_deep.py sweep --model deep-moe-shared --budget-only
     python3 tools/quality_deep.py depth                 # mask layers 0..L / only layer L
+    python3 tools/quality_deep.py dequant --passages 1  # the dequantized copy vs the 4-bit model
     python3 tools/quality_deep.py render                # tables -> docs/QUALITY.md
 
 On Linux preload OpenBLAS (LD_PRELOAD=.../openblas-pthread/libblas.so.3): the
@@ -22,6 +23,7 @@ mlx[cpu] wheel's reference BLAS is ~30x slower.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import platform
@@ -39,6 +41,7 @@ from mlxmoe.quality import eval as q  # noqa: E402
 from mlxmoe.quality import grouping as gr  # noqa: E402
 from mlxmoe.quality import intervals as ci  # noqa: E402
 from mlxmoe.quality.metrics import logp_of, ref_nll_of, token_metrics  # noqa: E402
+from mlxmoe.bundle.manifest import FILENAME  # noqa: E402
 
 ASSETS = REPO / "mlxmoe" / "assets"
 SUITES = [str(ASSETS / "suites" / "deep-heldout.jsonl"), str(ASSETS / "suites" / "deep-unseen.jsonl")]
@@ -48,9 +51,9 @@ BENCH = REPO / "benchmarks"
 DOC = REPO / "docs" / "QUALITY.md"
 DATE = "2026-12-02"
 BEGIN, END = "<!-- quality-deep:begin -->", "<!-- quality-deep:end -->"
-STEPS_NOTE = {"single-shallow": "single-shallow trained 485 steps, the others 342"}
 
 
+@functools.cache
 def tool(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -109,6 +112,28 @@ def best_budget(results: list[dict], ratio: float = 1.5) -> str:
     return min(ok, key=lambda r: r["summary"]["seen"]["ppl_ratio"]["mean"]["value"])["config"]
 
 
+def prefix_all_config(m, stats, k: int, n_groups: int = 3, ratio: float = 1.5) -> q.Config:
+    """Every expert of the first `k` MoE layers on every node (masking there
+    costs the most, see the depth study); the rest of `ratio` x a plain share
+    goes to a coactivation grouping + the biggest gate-mass overlay that fits."""
+    E, layers = m.n_experts, m.moe_layers
+    trunk, per = m.files["trunk.safetensors"]["size"], m.expert_bytes()
+    slots = int((ratio * q.plain_bytes(m, n_groups, trunk, per) - trunk) // per)
+    rest = (slots - k * E) // (len(layers) - k)
+    n = max(x for x in range(E + 1) if -(-(E - x) // n_groups) + x <= rest)
+    ov = gr.overlay(stats, n, "mass")
+    g = gr.grouping("coactivation", n_groups, layers, E, stats, ov)
+    full = set(layers[:k])
+    sets = [{l: list(range(E)) if l in full else sorted(set(g["layers"][str(l)][i]) | set(ov[l])) for l in layers}
+            for i in range(n_groups)]
+    return q.Config(f"g{n_groups}/coactivation/mass{n}+L0-{k - 1}all", n_groups, "coactivation", "mass", n, sets)
+
+
+def budget(m, stats) -> list[q.Config]:
+    """The 1.5x layouts: quality_sweep's, and the first 2 or 3 layers whole."""
+    return tool("quality_sweep").budget_configs(m, stats) + [prefix_all_config(m, stats, k) for k in (2, 3)]
+
+
 # ------------------------------------------------------------------ setup
 
 def machine(ms: float) -> str:
@@ -123,7 +148,7 @@ def bundle_of(name: str, cache: Path) -> Path:
     from mlxmoe.bundle.split import split
 
     flat, bundle = cache / f"{name}-f", cache / f"{name}-b3"
-    if not (bundle / "manifest.json").exists():
+    if not (bundle / FILENAME).exists():
         if not flat.exists():
             convert(str(ASSETS / name), mlx_path=str(flat), dequantize=True)
         split(str(flat), str(bundle), 3, bits=None, trunk_bits=None, force=True)
@@ -196,7 +221,7 @@ def premise(args):
     bundle, loaded, tok, items = load(args.model, args)
     stats = calib_stats(loaded, tok, args.calib)
     m = loaded.manifest
-    cfgs = q.configs(m, stats, [3], ["contiguous"], [0], ["mass"]) + tool("quality_sweep").budget_configs(m, stats)
+    cfgs = q.configs(m, stats, [3], ["contiguous"], [0], ["mass"]) + budget(m, stats)
     q.size_configs(m, cfgs)
     rep = q.evaluate(loaded, items, cfgs, q.PLACEMENTS)
     ref = dict(enumerate(ref_nll_of(items)))
@@ -222,13 +247,27 @@ def ids_hash(items) -> str:
     return hashlib.sha256(json.dumps([it.ids for it in items]).encode()).hexdigest()[:16]
 
 
+def file_bytes(name: str) -> dict:
+    """Trunk and routed-expert bytes of a committed (4-bit) model's safetensors."""
+    import struct
+
+    with open(ASSETS / name / "model.safetensors", "rb") as f:
+        head = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    head.pop("__metadata__", None)
+    size = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in head.items()}
+    experts = sum(v for k, v in size.items() if ".switch_mlp." in k)
+    return {"trunk": sum(size.values()) - experts, "experts": experts}
+
+
 def single(args):
     t0, ms = time.time(), matmul_ms()
     _, loaded, _, items = load(args.name, args)
     q.reference(loaded, items)
     out = header(args, args.name, ms, t0, items)
-    steps = json.loads((ASSETS / args.name / "training_report.json").read_text()).get("steps")
-    out.update({"ids_hash": ids_hash(items), "steps": steps,
+    steps = json.loads((ASSETS / args.name / "training_report.json").read_text())["training"]["steps"]
+    own, big = file_bytes(args.name), file_bytes("deep-moe")
+    out.update({"ids_hash": ids_hash(items), "steps": steps, "bytes_4bit": own, "deep_moe_bytes_4bit": big,
+                "x_plain": (own["trunk"] + own["experts"]) / (big["trunk"] + big["experts"] / 3),
                 "summary": summarize_rows(ref_rows(items), {})})
     write(f"single-{args.name}", out)
 
@@ -243,7 +282,7 @@ def sweep(args):
         for s in ("contiguous", "mod", "coactivation", "domain"):
             cfgs += q.configs(m, stats, [3], [s], [0, 8, 16] if s != "contiguous" else [8, 16], ["mass"])
         cfgs += q.configs(m, stats, [3], ["coactivation"], [16], ["breadth"])
-    cfgs += tool("quality_sweep").budget_configs(m, stats)
+    cfgs += budget(m, stats)
     q.size_configs(m, cfgs)
     rep = q.evaluate(loaded, items, cfgs, q.PLACEMENTS)
     ref = dict(enumerate(ref_nll_of(items)))
@@ -288,6 +327,34 @@ def depth(args):
     write("depth", out)
 
 
+def log_softmax(x):
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def dequant(args):
+    """How far the dequantized copy is from the 4-bit model it came from:
+    KL and greedy agreement of next-token distributions, fp32 compute."""
+    from mlx_lm import load as lm_load
+    from mlxmoe.quality.metrics import kl_per_token
+
+    t0, ms = time.time(), matmul_ms()
+    bundle_of(args.model, Path(args.cache))
+    models = [lm_load(str(p))[0] for p in (ASSETS / args.model, Path(args.cache) / f"{args.model}-f")]
+    for mdl in models:
+        mdl.set_dtype(mx.float32)
+    _, _, _, items = load(args.model, args)
+    kl = agree = n = 0.0
+    for it in items:
+        qlp, flp = (log_softmax(mdl(mx.array([it.ids]))[0].astype(mx.float32)) for mdl in models)
+        kl += kl_per_token(qlp, flp).sum().item()
+        agree += (qlp.argmax(-1) == flp.argmax(-1)).sum().item()
+        n += len(it.ids)
+    out = header(args, args.model, ms, t0, items)
+    out.update({"kl_per_token": kl / n, "argmax_agreement": agree / n, "positions": int(n),
+                "compared": "mlx-lm 4-bit model vs its mlx-lm dequantized copy, both fp32 compute, every position"})
+    write("dequant", out)
+
+
 # ------------------------------------------------------------------ render
 
 def cell(x, digits=2) -> str:
@@ -304,13 +371,12 @@ def render_premise(pr: dict) -> list[str]:
     cols = [("deep-moe, all experts", pr["rows"]["full"]["summary"]),
             (f"pinned {pr['best']} (x{best['mem_ratio']:.2f})", best["summary"]),
             ("onehop", pr["rows"]["onehop"]["summary"]), ("split", pr["rows"]["split"]["summary"])]
-    notes = []
     for name in ("single-64e", "single-shallow"):
         s = read(f"single-{name}")
         if s:
             if s["ids_hash"] != pr["ids_hash"]:
                 raise SystemExit(f"single-{name} was scored on other text than the premise run")
-            cols.append((f"{name} ({s['steps']} steps)", s["summary"]))
+            cols.append((f"{name} ({s['steps']} steps, x{s['x_plain']:.2f})", s["summary"]))
     lines = [f"**Premise test: perplexity per domain** ({pr['passages']} passages, {pr['passages_per_domain']} per "
              f"domain, {pr['tokens']} scored tokens; [95% bootstrap intervals])", "",
              "| domain | " + " | ".join(c for c, _ in cols) + " |", "| --- |" + " ---: |" * len(cols)]
@@ -329,7 +395,7 @@ def render_premise(pr: dict) -> list[str]:
     for name, ratio, s in masked:
         lines.append(f"| {name} | {ratio:.2f} | " + " | ".join(
             cell(s[p][k]["mean"], 3) for k in ("ppl_ratio", "kl", "agreement") for p in ("seen", "unseen")) + " |")
-    return lines + notes
+    return lines
 
 
 def render_sweep(sw: dict, title: str) -> list[str]:
@@ -351,6 +417,7 @@ def render_depth(dp: dict) -> list[str]:
     Ls = sorted({r["L"] for r in dp["results"]})
     lines = [f"**Masking loss by depth** ({dp['layout']}, placement {dp['placement']}; {dp['passages']} held-out "
              f"passages): masked at MoE layers 0..L, or at layer L only", "",
+             "KL in nats per token; ppl x: perplexity over the full model's.", "",
              "| L | KL, layers 0..L | ppl x, layers 0..L | KL, layer L only | ppl x, layer L only |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     for L in Ls:
@@ -370,10 +437,17 @@ def render(args):
         parts += render_sweep(sws, "deep-moe-shared, 3 groups, the budget layouts") + [""]
     if dp:
         parts += render_depth(dp) + [""]
-    src = [s for s in (pr, sw, sws, dp) if s]
+    dq = read("dequant")
+    if dq:
+        parts.append(f"The dequantized copy against the 4-bit model it came from ({dq['passages']} passages, "
+                     f"{dq['positions']} positions, fp32 compute): KL {dq['kl_per_token']:.4f} nats/token, greedy "
+                     f"agreement {dq['argmax_agreement']:.3f} (bf16 rounding of the dequantized weights).")
+        parts.append("")
+    src = [s for s in (pr, sw, sws, dp, dq) if s]
     parts.append("Machine: " + "; ".join(sorted({s["machine"] for s in src})) + ". Files: "
                  + ", ".join(f"`benchmarks/quality-deep-{DATE}-{k}.json`" for k, s in
-                             (("premise", pr), ("sweep", sw), ("sweep-deep-moe-shared", sws), ("depth", dp)) if s)
+                             (("premise", pr), ("sweep", sw), ("sweep-deep-moe-shared", sws), ("depth", dp),
+                              ("dequant", dq)) if s)
                  + "; `python3 tools/quality_deep.py render` re-makes these tables.")
     text = DOC.read_text()
     block = BEGIN + "\n" + "\n".join(parts) + "\n" + END
@@ -387,7 +461,7 @@ def render(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["premise", "single", "sweep", "depth", "render"])
+    ap.add_argument("stage", choices=["premise", "single", "sweep", "depth", "dequant", "render"])
     ap.add_argument("name", nargs="?", default="single-64e", help="single: the model to score")
     ap.add_argument("--model", default="deep-moe")
     ap.add_argument("--passages", type=int, default=3, help="held-out passages per domain")
@@ -395,7 +469,8 @@ def main():
     ap.add_argument("--budget-only", action="store_true", help="sweep: only the 1.5x budget layouts")
     ap.add_argument("--cache", default="/tmp/mlxmoe-deep", help="dequantized models and bundles")
     args = ap.parse_args()
-    {"premise": premise, "single": single, "sweep": sweep, "depth": depth, "render": render}[args.stage](args)
+    {"premise": premise, "single": single, "sweep": sweep, "depth": depth, "dequant": dequant,
+     "render": render}[args.stage](args)
 
 
 if __name__ == "__main__":
