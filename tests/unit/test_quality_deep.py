@@ -56,11 +56,11 @@ def test_depth_sets_mask_a_prefix_or_one_layer():
     assert qd.depth_sets(sets, layers, 2, "prefix") == sets
 
 
-def test_best_budget_picks_the_lowest_seen_ratio_within_budget():
+def test_best_budget_picks_the_lowest_seen_ratio_within_budget_and_a_real_placement():
     def r(name, placement, ratio, ppl_x):
         return {"config": name, "placement": placement, "mem_ratio": ratio,
                 "summary": {"seen": {"ppl_ratio": {"mean": {"value": ppl_x}}}}}
 
-    res = [r("a", "first", 1.5, 1.3), r("b", "first", 1.49, 1.2), r("c", "first", 2.0, 1.0),
-           r("d", "oracle", 1.0, 1.0)]
-    assert qd.best_budget(res) == "b"
+    res = [r("a", "first", 1.5, 1.3), r("b", "first", 1.49, 1.2), r("b", "layers", 1.49, 1.1),
+           r("c", "first", 2.0, 1.0), r("d", "oracle", 1.0, 1.0)]
+    assert qd.best_budget(res) == ("b", "layers")  # over budget and the oracle bound are left out
