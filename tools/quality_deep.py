@@ -10,6 +10,7 @@ rewrites the tables between the markers in docs/QUALITY.md from those files.
 
     python3 tools/quality_deep.py premise               # deep-moe full / pinned / onehop / split
     python3 tools/quality_deep.py single single-64e     # one single-node row (re-make single-shallow so)
+    python3 tools/quality_deep.py paired                # per-passage paired ppl ratios (after premise, single)
     python3 tools/quality_deep.py sweep                 # groupings x overlays x placements, deep-moe
     python3 tools/quality_deep.py sweep --model deep-moe-shared --budget-only
     python3 tools/quality_deep.py depth                 # mask layers 0..L / only layer L
@@ -27,6 +28,7 @@ import functools
 import importlib.util
 import json
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,7 +141,9 @@ def budget(m, stats) -> list[q.Config]:
 # ------------------------------------------------------------------ setup
 
 def machine(ms: float) -> str:
-    blas = "OpenBLAS preloaded" if ms < 20 else "reference BLAS"
+    import os
+
+    blas = "OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "mlx's bundled BLAS"
     return (f"{platform.system()} {platform.machine()}, 2 CPU cores (shared), mlx {mx.__version__} "
             f"({mx.default_device()}), {blas} (512x512 matmul {ms:.1f} ms)")
 
@@ -293,6 +297,41 @@ def sweep(args):
     write("sweep" if args.model == "deep-moe" else f"sweep-{args.model}", out)
 
 
+def paired(args):
+    """Perplexity ratios on the same passages, paired per passage: the single-node
+    models and the premise's best pinned layout against deep-moe, and against each other."""
+    t0, ms = time.time(), matmul_ms()
+    name, place = best_budget(read("premise")["results"])
+    _, loaded, tok, items = load("deep-moe", args)
+    m = loaded.manifest
+    cfg = next(c for c in budget(m, calib_stats(loaded, tok, args.calib)) if c.name == name)
+    q.size_configs(m, [cfg])
+    rep = q.evaluate(loaded, items, [cfg], [place])
+    nll = {"deep-moe": ref_nll_of(items), "pinned": np.array([-p["logp"] for p in rep["results"][0]["per_passage"]])}
+    for single_name in ("single-64e", "single-shallow"):
+        _, other, _, its = load(single_name, args)
+        if ids_hash(its) != ids_hash(items):
+            raise SystemExit(f"{single_name}: other token ids than deep-moe's")
+        q.reference(other, its)
+        nll[single_name] = ref_nll_of(its)
+    rows = [{"domain": it.domain, "tokens": len(it.ids) - it.prompt} for it in items]
+    pairs = [(a, b) for a in ("single-64e", "single-shallow", "pinned") for b in ("deep-moe", "pinned") if a != b]
+    out = header(args, "deep-moe", ms, t0, items)
+    out.update({"pinned": {"config": name, "placement": place, "mem_ratio": cfg.mem_ratio},
+                "ratios": {f"{a} / {b}": paired_ratio(rows, nll[a] - nll[b]) for a, b in pairs}})
+    write("paired", out)
+
+
+def paired_ratio(rows: list[dict], diff) -> dict:
+    """ppl(a)/ppl(b) per domain and balanced, seen and unseen apart, from per-passage NLL differences."""
+    out = {}
+    for part, keep in (("seen", lambda d: d not in UNSEEN), ("unseen", lambda d: d in UNSEEN)):
+        idx = [i for i, r in enumerate(rows) if keep(r["domain"])]
+        out[part] = balanced([rows[i]["domain"] for i in idx], [diff[i] for i in idx],
+                             [rows[i]["tokens"] for i in idx], exp=True)
+    return out
+
+
 def run_placed(loaded, items, sets: list[dict], placed: np.ndarray) -> list[dict]:
     """Teacher-forced run of each passage on its placed node only."""
     rows = [None] * len(items)
@@ -403,6 +442,16 @@ def render_premise(pr: dict) -> list[str]:
     return lines
 
 
+def render_paired(pa: dict) -> list[str]:
+    p = pa["pinned"]
+    lines = [f"**Paired perplexity ratios** (the same {pa['passages']} passages; per domain, then domain-balanced; "
+             f"pinned = {p['config']}, {p['placement']} placement, x{p['mem_ratio']:.2f})", "",
+             "| ratio of perplexities | seen domains | unseen kinds |", "| --- | ---: | ---: |"]
+    for k, v in pa["ratios"].items():
+        lines.append(f"| {k} | {cell(v['seen'], 3)} | {cell(v['unseen'], 3)} |")
+    return lines
+
+
 def render_sweep(sw: dict, title: str) -> list[str]:
     by = {(r["config"], r["placement"]): r for r in sw["results"]}
     names = list(dict.fromkeys(r["config"] for r in sw["results"]))
@@ -434,8 +483,11 @@ def render_depth(dp: dict) -> list[str]:
 def render(args):
     parts = []
     pr, sw, sws, dp = read("premise"), read("sweep"), read("sweep-deep-moe-shared"), read("depth")
+    pa = read("paired")
     if pr:
         parts += render_premise(pr) + [""]
+    if pa:
+        parts += render_paired(pa) + [""]
     if sw:
         parts += render_sweep(sw, "deep-moe, 3 groups: groupings x overlays x placement") + [""]
     if sws:
@@ -448,11 +500,12 @@ def render(args):
                      f"{dq['positions']} positions, fp32 compute): KL {dq['kl_per_token']:.4f} nats/token, greedy "
                      f"agreement {dq['argmax_agreement']:.3f} (bf16 rounding of the dequantized weights).")
         parts.append("")
-    src = [s for s in (pr, sw, sws, dp, dq) if s]
-    parts.append("Machine: " + "; ".join(sorted({s["machine"] for s in src})) + ". Files: "
+    src = [s for s in (pr, sw, sws, dp, dq, pa) if s]
+    # the BLAS guess from one timed matmul misreads a loaded CPU; every run preloaded OpenBLAS (see the doc)
+    parts.append("Machine: " + "; ".join(sorted({re.sub(r", [^,]*BLAS.*$", "", s["machine"]) for s in src})) + ". Files: "
                  + ", ".join(f"`benchmarks/quality-deep-{DATE}-{k}.json`" for k, s in
                              (("premise", pr), ("sweep", sw), ("sweep-deep-moe-shared", sws), ("depth", dp),
-                              ("dequant", dq)) if s)
+                              ("dequant", dq), ("paired", pa)) if s)
                  + "; `python3 tools/quality_deep.py render` re-makes these tables.")
     text = DOC.read_text()
     block = BEGIN + "\n" + "\n".join(parts) + "\n" + END
@@ -466,7 +519,7 @@ def render(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("stage", choices=["premise", "single", "sweep", "depth", "dequant", "render"])
+    ap.add_argument("stage", choices=["premise", "single", "paired", "sweep", "depth", "dequant", "render"])
     ap.add_argument("name", nargs="?", default="single-64e", help="single: the model to score")
     ap.add_argument("--model", default="deep-moe")
     ap.add_argument("--passages", type=int, default=3, help="held-out passages per domain")
@@ -474,7 +527,7 @@ def main():
     ap.add_argument("--budget-only", action="store_true", help="sweep: only the 1.5x budget layouts")
     ap.add_argument("--cache", default="/tmp/mlxmoe-deep", help="dequantized models and bundles")
     args = ap.parse_args()
-    {"premise": premise, "single": single, "sweep": sweep, "depth": depth, "dequant": dequant,
+    {"premise": premise, "single": single, "sweep": sweep, "depth": depth, "dequant": dequant, "paired": paired,
      "render": render}[args.stage](args)
 
 
