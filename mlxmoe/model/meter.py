@@ -81,8 +81,8 @@ def read(loaded) -> float | None:
     return v
 
 
-def take_rows(loaded) -> mx.array | None:
-    """A batched step's per-row shares ([B]: mean over its tokens and the MoE
+def take_rows(loaded, n: int | None = None) -> mx.array | None:
+    """A batched step's per-row shares ([n]: mean over its tokens and the MoE
     layers) as an array being computed (no wait), and reset. The batch reads it
     one step later (node/batch.py)."""
     q = _meter_of(loaded)
@@ -90,7 +90,7 @@ def take_rows(loaded) -> mx.array | None:
     if r is None:
         return None
     q.reset()
-    r = r.mean(-1)
+    r = r.reshape(n or r.shape[0], -1).mean(-1)  # a one-token step's gates may see [1, H] (no sequence axis)
     mx.async_eval(r)
     return r
 

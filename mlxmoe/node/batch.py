@@ -184,7 +184,9 @@ class Batch:
     def _decode(self) -> None:
         rows = [self.rows[u] for u in self.gen.uids]
         self._read_meter()
-        sample = self.metered is not None and self.steps % METER_EVERY == 0
+        # a remote route computes parts of the batch apart (its gates see sub-batches) and masks per token
+        # otherwise: the meter, of the node's own eligible set, samples steps of local rows only
+        sample = self.metered is not None and self.steps % METER_EVERY == 0 and all(r.route is None for r in rows)
         if sample:
             meter.start(self.metered)
         try:
@@ -196,7 +198,7 @@ class Batch:
             return
         finally:
             if sample:
-                self._meter_pending = (rows, meter.take_rows(self.metered))
+                self._meter_pending = (rows, meter.take_rows(self.metered, len(rows)))
                 meter.stop(self.metered)
         self._hand_out(rows)
         for r, resp in zip(rows, responses):

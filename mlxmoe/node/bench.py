@@ -4,6 +4,7 @@ says (commands/bench.py)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -121,6 +122,7 @@ def bench(bundle=None, source=None, synthetic=None, layers=12, bits=4, groups=3,
     full_bytes = sizes[TRUNK_FILE] + m.expert_bytes() * m.n_experts * len(m.moe_layers)
 
     def add(name, group, load, expected):
+        gc.collect()  # arrays of earlier objects freed during the load would hide part of its growth
         mx.synchronize()
         before = mx.get_active_memory()
         obj, gen = load()
