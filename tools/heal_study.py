@@ -97,8 +97,9 @@ def main():
     result = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "bundle": str(bundle),
               "machine": f"{platform.system()} {platform.machine()}, mlx {mx.__version__} ({mx.default_device()})",
               "model": a.name or a.model or a.bundle,
-              "settings": {"groups": a.groups, "grouping": (grouping or {}).get("strategy", "contiguous"), "steps": a.steps,
-                           "passages_per_domain": a.passages, "calib_suites": a.calib_suite or ["builtin"]},
+              "settings": {"passages_per_domain": a.passages} | ({} if a.bundle else {  # else: the bundle's "heal"
+                  "groups": a.groups, "grouping": (grouping or {}).get("strategy", "contiguous"), "steps": a.steps,
+                  "calib_suites": a.calib_suite or ["builtin"]}),
               "suites": {}}
     for s in suites:
         rep = run_eval(bundle, [s], placements=("first",), per_domain=a.passages, progress_mode="json")
