@@ -23,7 +23,7 @@ study=(--model "$W/deq" --name mlxmoe/assets/deep-moe --groups 3 --steps "$STEPS
 
 keep() {  # $1: heal_study out dir, $2: layout name
   for f in summary eval-deep-heldout eval-deep-unseen heal; do
-    cp "$1/$f.json" "$OUT/2026-12-02-$TAG-heal-$2-deep-moe-${f#eval-deep-}.json"
+    cp "$1/$f.json" "$OUT/2026-12-02-$TAG-heal-$2-deep-moe-${f/deep-/}.json"
   done
 }
 
