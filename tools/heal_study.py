@@ -4,6 +4,8 @@ plain and healed groups) on each suite; one JSON per suite and a summary.
 
     python tools/heal_study.py --model mlxmoe/assets/reference-moe \\
         --grouping mlxmoe/assets/groupings/reference-moe-g3-domain-sets29.json --out /tmp/study
+    python tools/heal_study.py --model DEQUANTIZED_DEEP_MOE --grouping BUNDLE_WITH_ITS_GROUPING \\
+        --name mlxmoe/assets/deep-moe --out /tmp/study
     python tools/heal_study.py --bundle BUNDLE_ALREADY_HEALED --out DIR --suite builtin \\
         --suite mlxmoe/assets/suites/unseen.jsonl
 
@@ -35,6 +37,15 @@ def summary(rep: dict) -> dict:
     return out
 
 
+def grouping_of(path: str) -> dict:
+    """A grouping JSON, or the grouping in a bundle's manifest (what `calibrate
+    --grouping domain-sets --out BUNDLE` wrote)."""
+    from mlxmoe.bundle.manifest import Manifest
+
+    p = Path(path)
+    return Manifest.load(p).grouping if p.is_dir() else json.loads(p.read_text())
+
+
 def table(result: dict, layout: str) -> str:
     """Markdown rows (docs/QUALITY.md, Healing) of one summary.json: per suite,
     plain vs healed: KL, agreement and ppl ratio (mean / worst domain, 95% interval
@@ -56,7 +67,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--table", nargs=2, metavar=("SUMMARY", "LAYOUT"), help="print the markdown rows of a summary.json")
     ap.add_argument("--model", help="checkpoint to split (unquantized)")
-    ap.add_argument("--grouping", help="grouping JSON for split (default: contiguous)")
+    ap.add_argument("--grouping", help="grouping JSON or a bundle whose grouping to use for split (default: contiguous)")
+    ap.add_argument("--name", help="the model's name in the summary (default: --model)")
     ap.add_argument("--groups", type=int, default=3)
     ap.add_argument("--bundle", help="a bundle already healed (skips split and heal)")
     ap.add_argument("--out")
@@ -73,17 +85,21 @@ def main():
     t0 = time.time()
     bundle = Path(a.bundle) if a.bundle else out / "healed"
     heal = None
+    grouping = grouping_of(a.grouping) if a.grouping else None
     if not a.bundle:
         from mlxmoe.bundle.split import split
         from mlxmoe.quality.heal import HealConfig, heal_bundle
 
-        grouping = json.loads(Path(a.grouping).read_text()) if a.grouping else None
         split(a.model, str(out / "bundle"), a.groups, grouping=grouping, bits=None, trunk_bits=None, force=True)
         heal = heal_bundle(out / "bundle", a.calib_suite, HealConfig(max_steps=a.steps), out=bundle, progress_mode="json")
         (out / "heal.json").write_text(json.dumps(heal, indent=1))
     suites = a.suite or ["builtin", str(Path(__file__).parents[1] / "mlxmoe/assets/suites/unseen.jsonl")]
     result = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "bundle": str(bundle),
               "machine": f"{platform.system()} {platform.machine()}, mlx {mx.__version__} ({mx.default_device()})",
+              "model": a.name or a.model or a.bundle,
+              "settings": {"passages_per_domain": a.passages} | ({} if a.bundle else {  # else: the bundle's "heal"
+                  "groups": a.groups, "grouping": (grouping or {}).get("strategy", "contiguous"), "steps": a.steps,
+                  "calib_suites": a.calib_suite or ["builtin"]}),
               "suites": {}}
     for s in suites:
         rep = run_eval(bundle, [s], placements=("first",), per_domain=a.passages, progress_mode="json")
