@@ -193,13 +193,14 @@ class Batch:
             with self._routes(rows):
                 responses = self.gen.next()
         except Exception as e:  # the engine itself failed: every row of the step ends with it
+            if sample:
+                meter.stop(self.metered)
             self._fail(rows, e, drop_cache=True)
             self.gen, self.greedy.calls = None, []
             return
-        finally:
-            if sample:
-                self._meter_pending = (rows, meter.take_rows(self.metered, len(rows)))
-                meter.stop(self.metered)
+        if sample:
+            self._meter_pending = (rows, meter.take_rows(self.metered, len(rows)))
+            meter.stop(self.metered)
         self._hand_out(rows)
         for r, resp in zip(rows, responses):
             if r.error is None:
