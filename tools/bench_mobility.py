@@ -144,6 +144,20 @@ def _status(url: str) -> dict:
         return json.loads(r.read())
 
 
+def wait_up(url: str, n: int, timeout: float) -> None:
+    """Until the router at `url` sees `n` peers up (SystemExit after `timeout` s)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if sum(p["state"] == "up" for p in _status(url)["peers"]) >= n:
+                return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise SystemExit("nodes did not come up")
+        time.sleep(0.3)
+
+
 async def _turn(http, url: str, messages: list[dict], headers: dict, max_tokens: int, extra: dict | None = None) -> dict:
     t0 = time.perf_counter()
     first, n, text = None, 0, []
@@ -219,16 +233,7 @@ async def run_mode(url: str, mode: str, scripts: list[list[str]], max_tokens: in
 
 
 def client_main(a) -> None:
-    deadline = time.time() + 120
-    while True:
-        try:
-            if sum(p["state"] == "up" for p in _status(a.url)["peers"]) >= 3:
-                break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("nodes did not come up")
-        time.sleep(0.3)
+    wait_up(a.url, 3, 120)
     scripts = json.loads(Path(a.scripts).read_text())
     asyncio.run(run_mode(a.url, "pin", scripts[:1], 4, f"warm{a.tag}"))  # imports, first compiles
     for mode in a.modes.split(","):

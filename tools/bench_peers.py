@@ -307,19 +307,10 @@ def experts_call_ms(node_url: str, key_file: str, mh: str, layer: int, hidden: i
 
 
 def client_main(a) -> None:
-    from bench_mobility import _status
+    from bench_mobility import wait_up
 
     job = json.loads(Path(a.job).read_text())
-    deadline = time.time() + 180
-    while True:
-        try:
-            if sum(p["state"] == "up" for p in _status(a.url)["peers"]) >= N_HOSTS:
-                break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("nodes did not come up")
-        time.sleep(0.3)
+    wait_up(a.url, N_HOSTS, 180)
     call_ms = experts_call_ms(a.node_url, job["key"], job["manifest_hash"],
                               job["moe_layer"], job["hidden"])
     print(json.dumps({"experts_call_ms": call_ms}), flush=True)

@@ -71,6 +71,18 @@ class Row:
         return len(self.context) + 1 + self.max_tokens
 
 
+def prefill_chunk(model, tokens: list[int], cache: list, kv_group_size: int, kv_bits: int | None) -> None:
+    """One prompt chunk into a session's own caches, then quantized as the node keeps its KV
+    (after the first chunk, as mlx-lm's generate_step does) and evaluated. The batch's prefill
+    and Node.prefill both fill caches so, in chunks of PREFILL_TOKENS: the same chunks give
+    the same quantized KV."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+
+    model(mx.array([tokens]), cache=cache)
+    maybe_quantize_kv_cache(cache, 0, kv_group_size, kv_bits)
+    mx.eval([c.state for c in cache])
+
+
 def padded_bytes(lengths: list[int], per_token: float) -> int:
     """Bytes of batch caches holding rows of these lengths: every row padded to
     the longest, in STEP blocks (BatchKVCache's allocation)."""
@@ -213,8 +225,6 @@ class Batch:
                 r.state = "ended"  # its stream takes the last tokens, then finish()
 
     def _prefill(self) -> None:
-        from mlx_lm.generate import maybe_quantize_kv_cache
-
         budget, joining = self.prefill_tokens, []
         for r in [r for r in self.rows.values() if r.state == "prefill"]:
             if r.cache is None:
@@ -223,13 +233,11 @@ class Batch:
                 n = min(len(r.todo), self.prefill_tokens)  # a row's chunks do not depend on other rows
                 try:
                     with self._routes([r]):
-                        self.model(mx.array([r.todo[:n]]), cache=r.cache)
+                        prefill_chunk(self.model, r.todo[:n], r.cache, self.kv_group_size, self.kv_bits)
                 except Exception as e:
                     return self._fail([r], e, drop_cache=True)
-                if r.error is not None:
+                if r.error is not None:  # its peer was lost: the chunk's KV (computed with zeros) is trimmed
                     return self._fail([r], None, trim=n)
-                maybe_quantize_kv_cache(r.cache, 0, self.kv_group_size, self.kv_bits)
-                mx.eval([c.state for c in r.cache])
                 del r.todo[:n]
                 budget -= n
             if not r.todo and self._fits(joining + [r]):

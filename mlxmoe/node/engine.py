@@ -18,7 +18,7 @@ import numpy as np
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node import grammar
-from mlxmoe.node.batch import Batch, Row
+from mlxmoe.node.batch import PREFILL_TOKENS, Batch, Row, prefill_chunk
 from mlxmoe.node.contract import PENDING, SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
@@ -181,11 +181,9 @@ class Node(Tokens):
         return RowStream(self.batch, row, self._stream(row, list(prompt), out, chosen, params, max_tokens),
                          lambda: self._end(s, row, list(prompt) + out))
 
-    def prefill(self, session_id: str, prompt: list[int], step: int = 512) -> int:
+    def prefill(self, session_id: str, prompt: list[int], step: int = PREFILL_TOKENS) -> int:
         """Fill `session_id`'s cache with `prompt` without generating (reusing
         any cached prefix); returns the number of tokens actually computed."""
-        from mlx_lm.generate import maybe_quantize_kv_cache
-
         self.check_prompt(prompt, GenParams(max_tokens=1))
         s = self.sessions.get(session_id)
         if s.busy:
@@ -198,9 +196,7 @@ class Node(Tokens):
         try:
             for i in range(n, len(prompt), step):
                 with route.active() if route else nullcontext():
-                    self.model(mx.array([prompt[i:i + step]]), cache=s.cache)
-                maybe_quantize_kv_cache(s.cache, 0, self.kv_group_size, self.kv_bits)
-                mx.eval([c.state for c in s.cache])
+                    prefill_chunk(self.model, prompt[i:i + step], s.cache, self.kv_group_size, self.kv_bits)
         finally:
             _settle(s, list(prompt))
             s.last_used = time.time()
