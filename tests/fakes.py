@@ -21,9 +21,10 @@ from typing import Iterator
 
 from mlxmoe.errors import AdmissionError, ContextOverflow, MlxMoeError, PeerError, SessionBusy, Unsupported
 from mlxmoe.model.placement import PlacementScores
-from mlxmoe.node.contract import GenParams, TokenEvent
+from mlxmoe.node.contract import SAMPLING_DEFAULTS, GenParams, TokenEvent
 from mlxmoe.node.remote.peers import Inbox
 from mlxmoe.node.stream import check_resume, text_events
+from mlxmoe.cluster.node_server import SELF_CHECK
 
 MODEL = "fake-moe"
 HASH = "fakehash0001"
@@ -223,7 +224,8 @@ class FakeEngine:
         common = 0
         while common < min(len(old), len(prompt)) and old[common] == prompt[common]:
             common += 1
-        self.reused.append((session_id, common))
+        if session_id != SELF_CHECK:  # the node's start-up check is not a test's traffic
+            self.reused.append((session_id, common))
         return common
 
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
@@ -240,9 +242,9 @@ class FakeEngine:
         self.sessions[sid] = ctx
         return self._gen(sid, ctx, params, max_tokens)
 
-    def _steps(self, ctx: list[int], max_tokens: int, n_top: int = 0) -> Iterator[tuple]:
+    def _steps(self, ctx: list[int], max_tokens: int, n_top: int = 0, sid: str = "") -> Iterator[tuple]:
         for i in range(max_tokens):
-            if i == 0 and self.hold is not None:
+            if i == 0 and self.hold is not None and sid != SELF_CHECK:  # the node's own start-up check is not held
                 self.hold.wait(30)
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError(f"fake failure after {i} tokens")
@@ -252,7 +254,7 @@ class FakeEngine:
                 time.sleep(self.delay)
             tok = self.next_token(ctx)
             ctx.append(tok)
-            self.generated += 1
+            self.generated += sid != SELF_CHECK
             lp = -0.1 * (tok % 7 + 1)
             # top_logprobs: the chosen token first, then made-up runners-up (what a node sends: best first)
             top = [{"token": t, "text": decode([t]), "logprob": lp - i} for i, t in
@@ -264,13 +266,20 @@ class FakeEngine:
         try:
             turn = ctx[len(ctx) - params.resume:]  # a continued turn's tokens so far (exact splice)
             detok = spm_detokenizer() if self.spm else ByteDetokenizer()
-            yield from text_events(self._steps(ctx, max_tokens, params.top_logprobs), detok, set(), params.stop, max_tokens,
+            yield from text_events(self._steps(ctx, max_tokens, params.top_logprobs, session_id), detok, set(),
+                                   params.stop, max_tokens,
                                    turn, params.resume_chars, params.open_end and max_tokens == params.max_tokens)
         finally:
             self.busy.discard(session_id)
 
-    def prefill(self, session_id: str, prompt: list[int]) -> int:
-        self.threads.add(threading.current_thread().name)
+    def prepare(self, params: GenParams) -> None:
+        """A grammar compiles (on the byte tokenizer) as a node's does: bad specs are refused before any row."""
+        if params.grammar is not None:
+            from mlxmoe.node.grammar_spec import compile_spec
+            compile_spec(params.grammar)
+
+    def prefill(self, session_id: str, prompt: list[int], paced: bool = False) -> int:
+        self.threads.add(threading.current_thread().name)  # paced or not, all at once (a fake's prefill is free)
         self._check(prompt, 1)
         if self.sessions.get(session_id) == list(prompt):
             return 0
@@ -310,6 +319,7 @@ class FakeFrontend:
     def __init__(self, n_groups: int = 3, model_id: str = MODEL, manifest_hash: str = HASH,
                  fixed: dict[int, float] | None = None):
         self.manifest = SimpleNamespace(model_id=model_id, hash=manifest_hash, n_groups=n_groups)
+        self.sampling_defaults = dict(SAMPLING_DEFAULTS)
         self.fixed = fixed
         self.score_calls = 0
 
@@ -373,11 +383,11 @@ class LocalCluster(LoopThread):
     """
 
     def __init__(self, engines: list, frontend: "FakeFrontend | None" = None, key: bytes = b"k" * 32,
-                 names: list[str] | None = None, tls="test", chat_page: bool = True, **router_kw):
+                 names: list[str] | None = None, tls="test", chat_page: bool = True, limits=None, **router_kw):
         """tls: "test" (default: mutual TLS with the test CA), an Identity, or None (plain HTTP).
-        chat_page: serve the web chat page at /chat."""
+        chat_page: serve the web chat page at /chat. limits: the router's HttpLimits."""
         super().__init__()
-        self.chat_page = chat_page
+        self.chat_page, self.limits = chat_page, limits
         self.engines, self.key = engines, key
         self.tls = test_identity() if tls == "test" else tls
         self.names = names or [f"node{i}" for i in range(len(engines))]
@@ -397,7 +407,8 @@ class LocalCluster(LoopThread):
         router = Router(self.frontend, self.key, static_peers=[n.url for n in self.nodes], mdns=False,
                         tls=self.tls, **self.router_kw)
         from mlxmoe.ui import chat_page
-        self.running = await start_router(router, "127.0.0.1", 0, page=render,
+        from mlxmoe.cluster.api.app import HttpLimits
+        self.running = await start_router(router, "127.0.0.1", 0, page=render, limits=self.limits or HttpLimits(),
                                           chat_page=chat_page.render if self.chat_page else None)
 
     async def _stop(self):

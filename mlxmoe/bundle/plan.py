@@ -35,6 +35,7 @@ class Counts:
     hidden: int = 0  # the shape the cost model needs (bundle/cost.py)
     vocab: int = 0
     n_layers: int = 0
+    kv_plain_elems_per_token: int = 0  # of kv_elems_per_token, what stays 16-bit (KV_PLAIN)
 
     @property
     def total(self) -> int:
@@ -70,6 +71,16 @@ def _kv_elems(c: dict) -> int:
     return 2 * L * c.get("num_key_value_heads", c["num_attention_heads"]) * hd
 
 
+# Models whose KV cache mlx-lm cannot quantize (the node keeps it 16-bit, node/engine.py):
+# gpt_oss's attention sinks have no quantized attention, and its sliding-window layers'
+# RotatingKVCache no to_quantized.
+KV_PLAIN = {"gpt_oss": "gpt_oss: attention sinks, sliding-window layers"}
+
+
+def _kv_plain_elems(c: dict) -> int:
+    return _kv_elems(c) if c["model_type"] in KV_PLAIN else 0
+
+
 def counts_from_config(config: dict) -> Counts:
     c = normalize_config(config)
     f = moe_facts(c)
@@ -85,7 +96,7 @@ def counts_from_config(config: dict) -> Counts:
     if c.get("n_shared_experts"):  # deepseek / kimi
         mat += n_moe * c["n_shared_experts"] * 3 * H * moe_i
         other += n_moe * f.n_experts
-    return Counts(mat, other, 3 * H * moe_i, n_moe, f.n_experts, f.top_k, _kv_elems(c), H, V, L)
+    return Counts(mat, other, 3 * H * moe_i, n_moe, f.n_experts, f.top_k, _kv_elems(c), H, V, L, _kv_plain_elems(c))
 
 
 def counts_from_headers(source: str) -> Counts:
@@ -110,7 +121,8 @@ def counts_from_headers(source: str) -> Counts:
         else:
             mat += n
     return Counts(mat, other, expert // max(1, f.n_experts * len(f.moe_layers)), len(f.moe_layers),
-                  f.n_experts, f.top_k, _kv_elems(c), c["hidden_size"], c["vocab_size"], c["num_hidden_layers"])
+                  f.n_experts, f.top_k, _kv_elems(c), c["hidden_size"], c["vocab_size"], c["num_hidden_layers"],
+                  _kv_plain_elems(c))
 
 
 def qbytes(params: float, bits: int | None, group_size: int = 64) -> float:
@@ -126,7 +138,7 @@ def node_bytes(k: Counts, n_groups: int, *, bits=4, trunk_bits=8, group_size=64,
         "trunk": qbytes(k.trunk_matrix, trunk_bits, group_size) + 2 * k.trunk_other,
         "group": math.ceil(k.n_experts / n_groups) * k.n_moe_layers * per_expert,
         "overlay": overlay_per_layer * k.n_moe_layers * per_expert,
-        "kv": k.kv_elems_per_token * context * kv_per_elem,
+        "kv": ((k.kv_elems_per_token - k.kv_plain_elems_per_token) * kv_per_elem + k.kv_plain_elems_per_token * 2) * context,
     }
     b["total"] = sum(b.values())
     return b
@@ -162,6 +174,10 @@ def resolve_counts(source: str) -> tuple[Counts, str]:
     preset = PRESETS / f"{source}.json"
     if not p.exists() and preset.exists():
         p = preset
+    elif not p.exists() and "/" not in source:  # a bare name: a preset misspelt, most likely
+        names = ", ".join(sorted(f.stem for f in PRESETS.glob("*.json")))
+        raise MlxMoeError(f"{source}: no such directory, and not a preset ({names}) or a Hugging Face repo id "
+                          "(owner/name)")
     if p.is_file():
         return counts_from_config(json.loads(p.read_text())), "config"
     if p.is_dir() and (p / "distribution.json").is_file() and (p / "config.json").is_file():
@@ -192,4 +208,13 @@ def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
     return {"source": source, "basis": basis, "params_total": k.total, "params_active": k.active,
             "counts": asdict(k), "n_groups": n_groups, "per_node": b, "heal_bytes_per_node": heal_bytes(source),
             "nodes": [{"memory": n, "usable": u, "fits": b["total"] <= u} for n, u in zip(nodes, usable)],
-            "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom}}
+            "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom},
+            "kv_note": kv_note(k, kw.get("kv_bits", 8))}
+
+
+def kv_note(k: Counts, kv_bits: int | None) -> str | None:
+    """What of the KV cache stays 16-bit although --kv-bits asks otherwise (said by plan and the node)."""
+    if not kv_bits or not k.kv_plain_elems_per_token:
+        return None
+    share = k.kv_plain_elems_per_token / k.kv_elems_per_token
+    return f"{share:.0%} of the KV cache stays 16-bit: mlx-lm cannot quantize it for this model ({', '.join(KV_PLAIN.values())})"

@@ -65,7 +65,10 @@ class NodeClient:
             except aiohttp.ClientSSLError as e:  # certificate refused, either way: another node may be fine
                 raise self._err(0, "unreachable", f"TLS handshake with {self.url} failed (are both certificates from "
                                                   f"this cluster's CA? `mlxmoe doctor` checks): {e}", True) from None
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except asyncio.TimeoutError as e:  # slow, not refused: a busy node (the router tells it from a down one)
+                raise self._err(0, "timeout", f"node at {self.url} did not answer in {timeout}s: "
+                                              f"{type(e).__name__}", True) from None
+            except (aiohttp.ClientError, OSError) as e:
                 self.dst = None  # it may come back as another run
                 raise self._err(0, "unreachable", f"cannot reach node at {self.url}: {type(e).__name__}: {e}", True) from None
             if resp.status == 401 and not attempt:

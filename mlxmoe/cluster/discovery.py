@@ -167,6 +167,9 @@ class Browser:
 
 # ---------------------------------------------------------------- peers
 
+NOT_PROBED, WAITING = "not probed yet", "waiting for an authenticated info answer"  # a new peer's state
+
+
 @dataclass
 class Peer:
     name: str
@@ -179,7 +182,7 @@ class Peer:
     free_memory: int = 0
     active_sessions: int = 0
     state: str = "down"  # "up" | "ignored" | "down"
-    reason: str | None = "not probed yet"
+    reason: str | None = NOT_PROBED
     backend: str | None = None
     moe_path: str | None = None  # the node's single-token MoE path (model/fused.py)
     last_seen: float = 0.0
@@ -289,7 +292,7 @@ class PeerTable:
         if not p.groups or bad:
             return self._set(p, "ignored", f"groups {p.groups} are not in 0..{self.n_groups - 1}")
         if keep_down and p.state == "down":
-            self._set(p, "down", "waiting for an authenticated info answer")
+            self._set(p, "down", WAITING)
         else:
             self._set(p, "up", None)
 
@@ -297,9 +300,12 @@ class PeerTable:
         self._set(p, "down", reason)
 
     def _set(self, p: Peer, state: str, reason: str | None) -> None:
-        if (p.state, p.reason) != (state, reason):
-            (log.warning if state == "ignored" else log.info)("peer %s (%s): %s%s", p.name, p.url, state,
-                                                              f" - {reason}" if reason else "")
+        if (p.state, p.reason) != (state, reason) and reason not in (NOT_PROBED, WAITING):  # not yet known: no news
+            # a peer never seen up that is down (a node still loading as the router starts) is not news either:
+            # the router warns once if no node comes up (Router._warn_if_alone)
+            first_down = state == "down" and p.reason in (NOT_PROBED, WAITING)
+            news = log.warning if state == "ignored" else log.debug if first_down else log.info
+            news("peer %s (%s): %s%s", p.name, p.url, state, f" - {reason}" if reason else "")
         p.state, p.reason = state, reason
 
     def live(self) -> list[Peer]:

@@ -24,8 +24,8 @@ from aiohttp import web
 from mlxmoe.node.contract import Engine, GenParams, TokenEvent
 
 from mlxmoe import wire
-from mlxmoe.errors import Unsupported, classify
-from mlxmoe.cluster.limits import cap_connections
+from mlxmoe.errors import MlxMoeError, Unsupported, classify
+from mlxmoe.cluster.limits import GuardedSite, Limits
 from mlxmoe.cluster.worker import EngineWorker
 from mlxmoe.cluster.api import access
 from mlxmoe.cluster.router.sessions import session_ref, tok_s
@@ -37,6 +37,7 @@ MAX_STREAMS = 16  # streams decoded at once (one batched step per round: node/ba
 MAX_QUEUE = 16  # streams waiting beyond those; past this a generate gets 429 overloaded + Retry-After
 INFO_WAIT_S = 0.2  # how long info waits for a fresh engine answer before serving the snapshot
 SESSION_TTL_S = 3600.0  # idle sessions are closed after this (mlxmoe node --session-ttl)
+SELF_CHECK = "self-check"  # the session of the start-up generation (self_check)
 HELD_GRACE_S = 60.0  # a session its router does not list is closed only once idle this long
 # HTTP limits (docs/SECURITY.md). aiohttp's keep-alive timer also runs from
 # the connection's start until a request's headers are complete, so it is the
@@ -96,6 +97,7 @@ class NodeServer:
         self._refreshing = False
         self._attached = False
         self._experts_spec: dict | None = None
+        self.unavailable: str | None = None  # why the engine cannot generate (self_check); then the node is not up
 
     # ---- lifecycle
     async def init_identity(self) -> dict:
@@ -106,6 +108,9 @@ class NodeServer:
             self._set_waker(asyncio.get_running_loop())
             self.worker.watch(self.engine.info)
             self._attached = True
+            self.unavailable = await self.worker.call(self_check, self.engine)
+            if self.unavailable:
+                log.error("node %s cannot generate, so it is not up: %s", self.name, self.unavailable)
             await self.worker.call(self.worker.refresh_snapshot)  # the engine is idle now: health has data from the start
         if self.identity is None:
             self.identity = engine_identity(self.engine)
@@ -176,6 +181,8 @@ class NodeServer:
             resp = await self._handle(request)
             status = resp.status
             return resp
+        except ConnectionResetError:  # the caller went away (its stream is cancelled: _generate): 499, quietly
+            return web.Response(status=499)
         finally:
             if t is not None:
                 self._transports.discard(t)
@@ -213,6 +220,8 @@ class NodeServer:
             return self._reply(wire.ok_response(body), req.nonce)
         except wire.WireError as e:
             return self._error(e, req.nonce)
+        except ConnectionResetError:
+            raise
         except Exception as e:  # engine errors become clear RPC errors, never a crash
             return self._error(self._engine_error(e, op), req.nonce)
 
@@ -286,6 +295,8 @@ class NodeServer:
         out["epoch"] = self.epoch
         out["session_ttl_s"] = self.session_ttl
         out["uptime_s"] = time.time() - self.started
+        if self.unavailable:
+            out["unavailable"] = self.unavailable
         return out
 
     def queue_state(self) -> dict:
@@ -323,17 +334,25 @@ class NodeServer:
         return err
 
     async def _op_prefill(self, body: dict, src: str) -> dict:
+        """One worker job per paced piece: streams decode between them (a long prompt never holds the engine)."""
         sid, prompt = body["session"], body["prompt"]
-        await self.worker.call(self.engine.prefill, sid, prompt)
+        while await self.worker.call(self.engine.prefill, sid, prompt, True):
+            pass
         self._touch(sid, src)
         self._changed()
         return {"session": sid, "prompt_tokens": len(prompt)}
 
     async def _op_close(self, body: dict, src: str) -> dict:
-        closed = bool(await self.worker.call(self.engine.close_session, body["session"]))
-        self.sessions.pop(body["session"], None)
+        """Answered at once: a busy engine closes it after its current step
+        (a control answer never waits behind compute; `deferred`)."""
+        sid = body["session"]
+        known = self.sessions.pop(sid, None) is not None
+        job = asyncio.ensure_future(self.worker.call(self.engine.close_session, sid))
         self._changed()
-        return {"closed": closed}
+        if not self.worker.idle:
+            job.add_done_callback(_quiet)
+            return {"closed": known, "deferred": True}
+        return {"closed": bool(await job) or known}
 
     async def _op_export_session(self, body: dict, src: str) -> dict:
         return await self.worker.call(self.engine.export_session, body["session"])
@@ -393,9 +412,12 @@ class NodeServer:
     async def _generate(self, request: web.Request, req: wire.Request) -> web.StreamResponse:
         sid, prompt = req.body["session"], req.body["prompt"]
         params = GenParams.from_dict(req.body["params"])
+        if self.unavailable:
+            raise wire.WireError(503, "engine_unavailable", f"node {self.name} cannot generate: {self.unavailable}")
         full = self.overloaded()
         if full is not None:
             raise full
+        await asyncio.to_thread(self.engine.prepare, params)  # a grammar compiles here, not on the engine thread
         stream = self.worker.stream(lambda: self.engine.generate(sid, prompt, params))
         self.active += 1
         self._busy[sid] = self._busy.get(sid, 0) + 1
@@ -454,10 +476,40 @@ class NodeServer:
         await resp.write(data)
 
 
+def _quiet(task: asyncio.Future) -> None:
+    """A background job's error is logged, not raised into the void."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("background engine job failed: %s", task.exception())
+
+
+def self_check(engine: Engine) -> str | None:
+    """Worker thread: one short greedy generation, as a chat runs it (a real
+    node prefills the first token into its KV cache and decodes the second on
+    it). Why the engine cannot generate (a node that cannot is not up), or None."""
+    sid = SELF_CHECK
+    try:
+        for _ in engine.generate(sid, [0, 0], GenParams(max_tokens=1)):
+            pass
+    except MlxMoeError:  # a clear, passing condition (the KV budget is full right now): it can generate
+        pass
+    except Exception as e:
+        log.debug("self check failed", exc_info=True)
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        try:
+            engine.close_session(sid)
+        except Exception:
+            pass
+    return None
+
+
 def token_frame(ev: TokenEvent) -> dict:
-    """A TokenEvent as its "tok" frame; "top": the alternatives [{token, text, logprob}], when asked for."""
+    """A TokenEvent as its "tok" frame; "piece": the token's own text; "top": the alternatives
+    [{token, text, logprob}], when asked for."""
     f = {"t": "tok", "token": int(ev.token), "text": ev.text, "logprob": float(ev.logprob),
          "finish_reason": ev.finish_reason}
+    if ev.piece is not None:
+        f["piece"] = str(ev.piece)
     if ev.top_logprobs:
         f["top"] = [{"token": int(t["token"]), "text": str(t["text"]), "logprob": float(t["logprob"])}
                     for t in ev.top_logprobs]
@@ -560,18 +612,19 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
 
     server = NodeServer(engine, key, identity, factory, max_streams, max_queue)
     server.session_ttl = float(session_ttl)
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                           keepalive_timeout=keepalive_timeout, **HTTP_LIMITS)
     try:
         ident = await server.init_identity()
-    except BaseException:  # e.g. the bundle fails to load: no engine thread may outlive us (MLX aborts at exit)
+        await runner.setup()
+        site = GuardedSite(runner, host, port, ssl_context=ssl_context, name="node",
+                           limits=Limits(max_connections=max_connections))
+        await site.start()
+    except BaseException:  # the bundle fails to load, the port is taken: no engine thread may outlive us
+        await runner.cleanup()  # (MLX aborts at exit if one does)
         server.worker.stop()
         await asyncio.to_thread(server.worker.join, 10)
         raise
-    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                           keepalive_timeout=keepalive_timeout, **HTTP_LIMITS)
-    await runner.setup()
-    cap_connections(runner.server, max_connections)
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
     port = runner.addresses[0][1]
     adv = None
     if advertise:

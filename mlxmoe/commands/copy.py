@@ -22,10 +22,18 @@ def copy_cmd(bundle, dest, groups, quiet, as_json):
     expert group and the overlay — not the other groups. Example, to a disk
     you then plug into the other Mac:
 
+    \b
         mlxmoe copy ~/bundles/qwen3-30b /Volumes/USB/qwen3-30b --group 1
 
-    Over the network, rsync the same files: `mlxmoe copy --help` lists them
-    as the JSON output of a local copy.
+    Over the network, rsync these files from BUNDLE instead (a copy with
+    --json prints the exact list, "files"):
+
+    \b
+        distribution.json, the config and tokenizer files
+        trunk.safetensors
+        experts-group-GG.safetensors   of each --group
+        experts-overlay.safetensors    if the bundle has one
+        heal-group-GG.safetensors      of each --group, if `calibrate --heal` made one
 
     The cluster secrets do not travel with the bundle: copy cluster.key,
     ca.pem and ca.key from ~/.config/mlxmoe/ (`mlxmoe init` prints how).

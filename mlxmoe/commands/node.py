@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from mlxmoe.commands.options import (interface_option, key_option, kv_options, load_key, load_tls, parse_size,
-                                     run_server, setup_logging, tls_option, log_options)
+from mlxmoe.commands.options import (check_port, interface_option, key_option, kv_options, load_key, load_tls,
+                                     parse_size, run_server, setup_logging, tls_option, log_options)
 
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -66,6 +66,7 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_bud
     from mlxmoe.commands.run import check_group
 
     check_group(bundle, group)  # before MLX and the engine thread start
+    check_port(host, port)
     setup_logging(verbose, log_level, log_json)
     key = load_key(key_file)
     import socket
@@ -85,4 +86,4 @@ def node_cmd(bundle, group, host, port, key_file, kv_bits, kv_group_size, kv_bud
         return node
 
     run_server(serve_node(None, key, host=host, port=port, advertise=advertise, interface=interface, factory=load,
-                           tls=tls, session_ttl=ttl, max_streams=max_streams, max_queue=max_queue))
+                           tls=tls, session_ttl=ttl, max_streams=max_streams, max_queue=max_queue), host, port)

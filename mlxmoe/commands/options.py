@@ -3,6 +3,10 @@ words its own way are passed in (the words are part of its behaviour)."""
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import click
 
 from mlxmoe.errors import MlxMoeError
@@ -151,13 +155,38 @@ def load_key(path: str | None) -> bytes:
         raise click.ClickException(str(e)) from None
 
 
-def run_server(coro) -> None:
+def check_port(host: str, port: int) -> None:
+    """Fail fast, before any model loads or thread starts, when --port is taken
+    (a bind error after the engine thread started could end in an abort)."""
+    from mlxmoe.ui.demo import check_port as check
+
+    if port:  # 0: the system picks a free one
+        clean_errors(check, port, host)
+
+
+def run_server(coro, host: str | None = None, port: int | None = None) -> None:
     """asyncio.run, with the project's own errors shown as one clear line."""
     import asyncio
+    import errno
 
     try:
         asyncio.run(coro)
     except MlxMoeError as e:
         raise click.ClickException(str(e)) from None
-    except OSError as e:  # e.g. port in use
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE and port:  # taken after check_port looked
+            from mlxmoe.ui.demo import port_in_use
+            raise click.ClickException(port_in_use(port, host or "127.0.0.1")) from None
         raise click.ClickException(f"cannot start: {e}") from None
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: owner/name
+
+
+def check_source(source: str, what: str = "directory") -> None:
+    """A SOURCE that looks like a path and is not there gets "no such ...", never
+    the `hf download` hint, which only a repo id (owner/name) gets."""
+    if Path(source).expanduser().exists() or REPO_ID.fullmatch(source):
+        return
+    if source.startswith(("/", ".", "~")) or os.sep in source or (os.altsep and os.altsep in source):
+        raise click.ClickException(f"no such {what}: {source}")

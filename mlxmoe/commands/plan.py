@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mlxmoe.commands.options import BITS, GROUP_SIZES, KV_BITS, TRUNK_BITS, bits_or_none
+from mlxmoe.commands.options import BITS, GROUP_SIZES, KV_BITS, TRUNK_BITS, bits_or_none, check_source
 from mlxmoe.errors import MlxMoeError
 
 
@@ -34,6 +34,7 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     preset from configs/models (qwen3-30b-a3b, qwen3-235b-a22b, mixtral-8x7b,
     deepseek-v3, kimi-k2.5). Only config.json and safetensors headers are read.
 
+    \b
         mlxmoe plan qwen3-235b-a22b --nodes 3x128GB --context 32768
         mlxmoe plan qwen3-235b-a22b --nodes 3x192GB --chip m3-ultra --link tb5
 
@@ -44,6 +45,7 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     from mlxmoe.bundle.plan import GB, human_count, parse_nodes, plan, size_unit
 
     bits_, tb, kv = (bits_or_none(x) for x in (bits, trunk_bits, kv_bits))
+    check_source(source, "file or directory")
     try:
         r = plan(source, parse_nodes(nodes), headroom=headroom, bits=bits_, trunk_bits=tb, group_size=int(group_size),
                  overlay_per_layer=overlay_per_layer, context=context, kv_bits=kv)
@@ -63,6 +65,8 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     click.echo(f"{r['n_groups']} groups, one per node; per node ({unit}):")
     for k in ("trunk", "group", "overlay", "kv", "total"):
         click.echo(f"  {k:8s} {b[k] / scale:9.2f}")
+    if r["kv_note"]:
+        click.echo(f"  kv: {r['kv_note']}")
     if r["heal_bytes_per_node"]:
         click.echo(f"  healed parameters: {r['heal_bytes_per_node'] / 1e6:.2f} MB per node on disk, merged at load "
                    "into weights the node already holds (no extra memory)")

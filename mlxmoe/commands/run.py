@@ -50,6 +50,7 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
     Routing at every MoE layer is masked to the group's experts, exactly as a
     node in a cluster would run. Example:
 
+    \b
         mlxmoe run bundles/ref --group auto -p "Write a haiku about rivers"
     """
     from mlxmoe.node.contract import GenParams
@@ -70,7 +71,25 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
         click.echo(json.dumps({**stats, "text": "".join(e.text for e in events),
                                "tokens": [{"id": e.token, "text": e.text, "logprob": e.logprob} for e in events]}))
     else:
-        g, n = stats["group"], stats["generated_tokens"]
-        where = "all experts" if g is None else f"group {g}"
-        extra = f", placement margin {scores.margin:.3f}" if scores else ""
-        click.echo(f"\n[{where}{extra}; {n} tokens, {stats['decode_tok_s']} tok/s, ttft {stats['ttft_s']}s]", err=True)
+        click.echo("", err=True)
+        for line in summary(stats, scores):
+            click.echo(line, err=True)
+
+
+def summary(stats: dict, scores=None) -> list[str]:
+    """The lines after the answer, as mlx-lm's generate prints them (rates the
+    run could not measure say why instead of printing None)."""
+    g, n = stats["group"], stats["generated_tokens"]
+    where = "all experts" if g is None else f"group {g}"
+    extra = f", placement margin {scores.margin:.3f}" if scores else ""
+    prompt = f"{stats['prompt_tok_s']:.3f} tokens-per-sec" if stats.get("prompt_tok_s") else "n/a"
+    if stats.get("decode_tok_s"):
+        gen = f"{stats['decode_tok_s']:.3f} tokens-per-sec"
+    else:
+        gen = "n/a (the answer ended after its first token: no decode step to time)" if n else "n/a"
+    lines = ["=" * 10, f"{where}{extra}; time to first token {stats['ttft_s']}s",
+             f"Prompt: {stats['prompt_tokens']} tokens, {prompt}", f"Generation: {n} tokens, {gen}"]
+    peak, source = stats.get("peak_memory_gb"), stats.get("peak_memory_source")
+    if peak is not None:
+        lines.append(f"Peak memory: {peak:.3f} GB" + ("" if source == "mlx" else f" ({source}; MLX reports none here)"))
+    return lines

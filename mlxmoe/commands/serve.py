@@ -7,8 +7,8 @@ import os
 
 import click
 
-from mlxmoe.commands.options import (interface_option, key_option, load_key, load_tls, mode_option, run_server,
-                                     setup_logging, tls_option, log_options)
+from mlxmoe.commands.options import (check_port, interface_option, key_option, load_key, load_tls, mode_option,
+                                     run_server, setup_logging, tls_option, log_options)
 
 
 def api_keys(value: str | None) -> list[str]:
@@ -80,6 +80,7 @@ def serve_cmd(bundle, host, port, api_key, key_file, peers_file, mdns, interface
     setup_logging(verbose, log_level, log_json)
     keys = api_keys(api_key)
     check_bind(host, keys)
+    check_port(host, port)  # before the trunk loads
     key = load_key(key_file)
     from mlxmoe.cluster.discovery import load_static_peers
     from mlxmoe.cluster.mobility import Mobility, load_router_config
@@ -104,4 +105,4 @@ def serve_cmd(bundle, host, port, api_key, key_file, peers_file, mdns, interface
     from mlxmoe.ui import chat_page
     from mlxmoe.ui.status_page import render
 
-    run_server(serve_router(router, host, port, page=render, chat_page=chat_page.render))
+    run_server(serve_router(router, host, port, page=render, chat_page=chat_page.render), host, port)

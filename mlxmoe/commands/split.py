@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from mlxmoe.commands.options import (BITS, GROUP_SIZES, KV_BITS, TRUNK_BITS, bits_or_none, clean_errors,
-                                     progress_mode, progress_options)
+from mlxmoe.commands.options import (BITS, GROUP_SIZES, KV_BITS, TRUNK_BITS, bits_or_none, check_source,
+                                     clean_errors, progress_mode, progress_options)
 
 
 @click.command("split")
@@ -35,6 +35,7 @@ def split_cmd(source, out, n_groups, overlay, grouping, bits, group_size, trunk_
     (one per node), experts-overlay.safetensors (every node, if --overlay) and
     distribution.json (the manifest). Example:
 
+    \b
         mlxmoe split Qwen/Qwen3-30B-A3B bundles/qwen3-30b --groups 3
     """
     from mlxmoe.bundle.checkpoint import open_source
@@ -42,13 +43,15 @@ def split_cmd(source, out, n_groups, overlay, grouping, bits, group_size, trunk_
     from mlxmoe.progress import progress
 
     bits_, tb, kv = (bits_or_none(x) for x in (bits, trunk_bits, kv_bits))
+    check_source(source)
 
     def go():
         ov = load_json_arg(overlay, "overlay") if overlay else None
         gr = load_json_arg(grouping, "grouping") if grouping else None
         src = open_source(source)
         total = sum(t.nbytes for f in {id(f): f for f in src.files.values()}.values() for t in f.tensors.values())
-        with progress(total, f"split {Path(source).name}", progress_mode(quiet, as_json)) as p:
+        # lazy: split validates (groups, grouping, OUT) before its first write, and an error there draws no 0% bar
+        with progress(total, f"split {Path(source).name}", progress_mode(quiet, as_json), lazy=True) as p:
             return split(source, out, n_groups, ov, gr, bits_, int(group_size), tb, kv, force, p.advance)
 
     t0 = time.time()

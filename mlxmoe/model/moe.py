@@ -55,6 +55,7 @@ is set: the forward is mlx-lm's own.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -95,16 +96,64 @@ def _attach(module, state: MoeState) -> None:
     object.__setattr__(module, "_moe", state)
 
 
+class _Spans(threading.local):
+    """The spans in force on this thread (an engine's; tests run several nodes in one process),
+    innermost last: (module, child name, stand-in) and (state, field, value, old value). `pristine`
+    lifts them all for a while (a peer's request served while this node's own step waits on a peer)."""
+
+    def __init__(self):
+        self.children: list[tuple] = []
+        self.fields: list[tuple] = []
+
+
+_SPANS = _Spans()
+
+
 @contextmanager
 def replaced_child(module, name: str, fn):
     """Within the block, `module.<name>` is `fn` instead of its child module:
     an instance attribute shadows an nn.Module's child of that name
     (Module.__getattr__ runs only as a fallback)."""
     object.__setattr__(module, name, fn)
+    entry = (module, name, fn)
+    _SPANS.children.append(entry)
     try:
         yield
     finally:
+        _drop(_SPANS.children, entry)
         object.__delattr__(module, name)
+
+
+def _drop(spans: list, entry: tuple) -> None:
+    """Remove `entry` itself (modules and states compare by content, not identity)."""
+    del spans[next(i for i, e in enumerate(spans) if e is entry)]
+
+
+@contextmanager
+def pristine(states=()):
+    """Within the block, every block computes as installed: the spans in force
+    (replaced children, hooks, steps turned off, masks) are lifted, and the
+    quality meter of `states` is off; all come back after. A node serving a
+    peer's `experts` request while its own routed step waits on a peer (each
+    node may be inside a step that replaced this very layer's experts) runs
+    its own masked blocks, not the waiting step's stand-ins."""
+    children, fields = list(_SPANS.children), list(_SPANS.fields)
+    meters = [(st, st.meter) for st in states]
+    for module, name, _ in reversed(children):
+        object.__delattr__(module, name)
+    for st, name, _, old in reversed(fields):
+        setattr(st, name, old)
+    for st, _ in meters:
+        st.meter = None
+    try:
+        yield
+    finally:
+        for st, m in meters:
+            st.meter = m
+        for st, name, value, _ in fields:
+            setattr(st, name, value)
+        for module, name, fn in children:
+            object.__setattr__(module, name, fn)
 
 
 class StopForward(Exception):
@@ -311,14 +360,17 @@ def set_eligible(block, n_experts: int, eligible: list[int] | None) -> None:
 def _setting(modules, name: str, values):
     """Within the block, field `name` of each module's state is values[i]."""
     states = [m._moe for m in modules]
-    old = [getattr(s, name) for s in states]
-    for s, v in zip(states, values):
+    entries = [(s, name, v, getattr(s, name)) for s, v in zip(states, values)]
+    for s, _, v, _ in entries:
         setattr(s, name, v)
+    _SPANS.fields.extend(entries)
     try:
         yield
     finally:
-        for s, v in zip(states, old):
-            setattr(s, name, v)
+        for e in entries:
+            _drop(_SPANS.fields, e)
+        for s, _, _, old in entries:
+            setattr(s, name, old)
 
 
 def dynamic_mask(modules, fn):

@@ -2,11 +2,14 @@
 batched forward per step (docs/ARCHITECTURE.md, "Batching").
 
 A generation is a `Row`. New rows prefill their prompt alone (one row per
-forward, so a session's own route and plain caches apply), in chunks of
-`prefill_tokens`, as many chunks per step as fit in `prefill_tokens` (at least
-one), so a long prompt delays the running rows by about one chunk per step,
-never by its whole length. A row's chunks are the same whatever else runs (a
-quantized cache makes the numbers depend on them).
+forward, so a session's own route and plain caches apply), in chunks. With no
+row decoding a step takes chunks of up to PREFILL_TOKENS (mlx-lm's prefill
+step: a lone prompt prefills as fast as mlx-lm's); beside decoding rows, only as
+many prompt tokens as the measured prefill rate fits in PREFILL_BUDGET_S, so a
+long prompt delays the running streams by about that much per step, never by its
+whole length (`Pace`). With quantized KV the first chunk's size changes its
+numbers (it attends unquantized, as in mlx-lm): a prompt prefilled beside
+running streams may differ in the last bits from the same prompt alone.
 When only the prompt's last token is left, the row joins the decoding batch:
 mlx-lm's GenerationBatch (its pipelined step, per-row samplers and logits
 processors), with the rows' caches merged into batch caches (node/batch_cache.py).
@@ -28,6 +31,7 @@ the batch caches allocate) fits beside the other sessions' caches.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,9 +41,11 @@ import mlx.core as mx
 from mlxmoe.errors import PeerError
 from mlxmoe.model import meter
 from mlxmoe.model.moe import hooked, unhooked
-from mlxmoe.node.batch_cache import is_batched, merge
+from mlxmoe.node.batch_cache import is_batched, merge, quantize
 
-PREFILL_TOKENS = 512  # prompt tokens computed per step, over all waiting rows
+PREFILL_TOKENS = 2048  # the largest prompt chunk a step computes (mlx-lm's prefill step size)
+PREFILL_BUDGET_S = 1.0  # beside decoding rows, a step's prompt chunks take about this long
+PREFILL_MIN = 16  # ... and hold at least this many tokens (a long prompt always progresses)
 METER_EVERY = 8  # decode steps per quality-meter sample (it costs the fused layer step and a router matmul)
 NO_LIMIT = 1 << 40  # GenerationBatch's own max_tokens: rows end here (Row.max_tokens), not there
 STEP = 256  # KV caches grow in blocks of this many tokens
@@ -72,15 +78,47 @@ class Row:
 
 
 def prefill_chunk(model, tokens: list[int], cache: list, kv_group_size: int, kv_bits: int | None) -> None:
-    """One prompt chunk into a session's own caches, then quantized as the node keeps its KV
-    (after the first chunk, as mlx-lm's generate_step does) and evaluated. The batch's prefill
-    and Node.prefill both fill caches so, in chunks of PREFILL_TOKENS: the same chunks give
-    the same quantized KV."""
-    from mlx_lm.generate import maybe_quantize_kv_cache
-
+    """One prompt chunk into a session's own caches, then quantized as the node keeps its KV and
+    evaluated (the batch's prefill and Node.prefill). As mlx-lm's generate_step does, the first
+    chunk attends to its own KV unquantized; later chunks see quantized KV, whatever their size."""
     model(mx.array([tokens]), cache=cache)
-    maybe_quantize_kv_cache(cache, 0, kv_group_size, kv_bits)
+    quantize(cache, kv_group_size, kv_bits)
     mx.eval([c.state for c in cache])
+
+
+class Pace:
+    """Prompt tokens per step: `max_tokens` while no row decodes; beside decoding
+    rows as many as the measured rate (smoothed) fits in `budget_s`, at least
+    PREFILL_MIN (budget_s None: always max_tokens)."""
+
+    def __init__(self, max_tokens: int = PREFILL_TOKENS, budget_s: float | None = PREFILL_BUDGET_S):
+        self.max_tokens, self.budget_s = max_tokens, budget_s
+        self.rate: float | None = None  # prompt tokens per second
+
+    def tokens(self, decoding: bool) -> int:
+        if not decoding or self.budget_s is None:
+            return self.max_tokens
+        if self.rate is None:
+            return min(PREFILL_MIN, self.max_tokens)
+        return max(PREFILL_MIN, min(self.max_tokens, int(self.rate * self.budget_s)))
+
+    def record(self, n: int, seconds: float) -> None:
+        r = n / max(seconds, 1e-6)
+        self.rate = r if self.rate is None else 0.7 * self.rate + 0.3 * r
+
+
+def guarded(row: Row, fn, keep: int | None = None, fallback=None):
+    """`fn` (a row's logits processor or sampler) as one that cannot fail the
+    batch: its error becomes the row's (the step then ends that row alone),
+    and it returns its argument `keep` (the logits, unchanged) or fallback(*args)."""
+    def call(*args):
+        if row.error is None:
+            try:
+                return fn(*args)
+            except Exception as e:  # a grammar past its limits, a sampler's bad value: this row's failure
+                row.error = e
+        return args[keep] if keep is not None else fallback(*args)
+    return call
 
 
 def padded_bytes(lengths: list[int], per_token: float) -> int:
@@ -89,6 +127,14 @@ def padded_bytes(lengths: list[int], per_token: float) -> int:
     if not lengths:
         return 0
     return int(len(lengths) * -(-max(lengths) // STEP) * STEP * per_token)
+
+
+def without(logprobs: mx.array, ids) -> mx.array:
+    """Log-probabilities with `ids` never drawn (the template's turn start), renormalised."""
+    if ids is None or not len(ids):
+        return logprobs
+    out = logprobs.at[..., mx.array(ids) if isinstance(ids, list) else ids].add(-mx.inf)
+    return out - mx.logsumexp(out, axis=-1, keepdims=True)
 
 
 class Greedy:
@@ -104,8 +150,9 @@ class Greedy:
         self.calls: list = []
 
     def __call__(self, logprobs):
-        y = mx.argmax(logprobs if self.ban is None else logprobs.at[..., self.ban].add(-mx.inf), axis=-1)
-        lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0].astype(mx.float32)  # the model's, before the ban
+        logprobs = without(logprobs, self.ban)  # the distribution the token is drawn from
+        y = mx.argmax(logprobs, axis=-1)
+        lp = mx.take_along_axis(logprobs, y[:, None], axis=-1)[:, 0].astype(mx.float32)
         mx.async_eval(lp)
         self.calls.append(lp)
         return y
@@ -127,14 +174,14 @@ class LogProb:
 
 class Batch:
     def __init__(self, model, blocks: list, sessions, per_token: float, kv_bits: int | None,
-                 kv_group_size: int, banned: list[int] = (), prefill_tokens: int = PREFILL_TOKENS):
+                 kv_group_size: int, banned: list[int] = ()):
         self.model, self.blocks, self.sessions = model, blocks, sessions
         self.metered = None  # the Loaded model to meter (a node whose experts are masked), set by the node
         self._meter_pending = None  # (rows, shares [B]) of the last metered step, read one step later
         self.greedy = Greedy(list(banned))
         self._lists: dict = {}
         self.per_token, self.kv_bits, self.kv_group_size = per_token, kv_bits, kv_group_size
-        self.prefill_tokens = prefill_tokens
+        self.pace = Pace()
         self.rows: dict[int, Row] = {}
         self.gen = None  # mlx-lm GenerationBatch of the decoding rows
         self.steps = 0
@@ -148,6 +195,9 @@ class Batch:
         self._uids += 1
         row = Row(self._uids, session, list(prompt[cached:-1]), prompt[-1], list(prompt[:-1]), sampler or self.greedy,
                   chosen, processors, max_tokens, route, session_meter, cache=session.cache, seen=self.steps)
+        row.processors = [guarded(row, p, keep=-1) for p in processors]
+        if sampler is not None:
+            row.sampler = guarded(row, sampler, fallback=lambda lp: mx.argmax(lp, axis=-1))
         session.cache = None  # the row holds it now (and gives it back at the end)
         self.rows[row.uid] = row
         return row
@@ -168,6 +218,10 @@ class Batch:
 
     def _gen_bytes(self) -> int:
         return sum(c.nbytes for c in self.gen.prompt_cache if not c.empty()) if self.gen is not None else 0
+
+    def decoding(self) -> bool:
+        """Some rows decode: prompt work is paced beside them."""
+        return self.gen is not None and len(self.gen) > 0
 
     def info(self) -> dict:
         """Plain numbers for the node's info(): rows decoding and prefilling, steps taken."""
@@ -225,15 +279,18 @@ class Batch:
                 r.state = "ended"  # its stream takes the last tokens, then finish()
 
     def _prefill(self) -> None:
-        budget, joining = self.prefill_tokens, []
+        chunk = budget = self.pace.tokens(self.decoding())
+        joining = []
         for r in [r for r in self.rows.values() if r.state == "prefill"]:
             if r.cache is None:
                 r.cache = self._new_cache()
             while r.todo and budget > 0:
-                n = min(len(r.todo), self.prefill_tokens)  # a row's chunks do not depend on other rows
+                n = min(len(r.todo), chunk)  # not cut to the budget left: a row's chunks do not depend on others
                 try:
+                    t0 = time.perf_counter()
                     with self._routes([r]):
                         prefill_chunk(self.model, r.todo[:n], r.cache, self.kv_group_size, self.kv_bits)
+                    self.pace.record(n, time.perf_counter() - t0)
                 except Exception as e:
                     return self._fail([r], e, drop_cache=True)
                 if r.error is not None:  # its peer was lost: the chunk's KV (computed with zeros) is trimmed
@@ -322,11 +379,7 @@ class Batch:
 
     def _own(self, cache: list) -> list:
         """Caches every decoding row shares the kind of: quantized when the node's KV is."""
-        from mlx_lm.models.cache import KVCache
-
-        if self.kv_bits:
-            return [c.to_quantized(self.kv_group_size, self.kv_bits) if type(c) is KVCache else c for c in cache]
-        return cache
+        return quantize(list(cache), self.kv_group_size, self.kv_bits)
 
     # ------------------------------------------------------------ failures
     def _fail(self, rows: list[Row], err: BaseException | None, drop_cache: bool = False, trim: int = 0) -> None:

@@ -20,11 +20,28 @@ from mlx.utils import tree_map
 
 def merge(caches: list) -> object:
     """The batch cache of one layer from each row's own cache of that layer."""
-    from mlx_lm.models.cache import BatchKVCache, QuantizedKVCache
+    from mlx_lm.models.cache import QuantizedKVCache
 
     if isinstance(caches[0], QuantizedKVCache):
         return BatchQuantizedKVCache.merge(caches)
-    return BatchKVCache.merge(caches)
+    return caches[0].merge(caches)  # mlx-lm's own: BatchKVCache, BatchRotatingKVCache, ...
+
+
+def quantizable(cache) -> bool:
+    """mlx-lm quantizes only the plain KVCache: a sliding-window layer's
+    RotatingKVCache (gpt_oss) raises NotImplementedError, so it stays unquantized."""
+    from mlx_lm.models.cache import KVCache
+
+    return type(cache) is KVCache
+
+
+def quantize(caches: list, group_size: int, bits: int | None) -> list:
+    """The caches with every quantizable layer quantized (in place, and returned)."""
+    if bits:
+        for i, c in enumerate(caches):
+            if quantizable(c):
+                caches[i] = c.to_quantized(group_size=group_size, bits=bits)
+    return caches
 
 
 def is_batched(cache) -> bool:

@@ -92,6 +92,7 @@ class TokenEvent:
     logprob: float
     finish_reason: str | None = None
     top_logprobs: list[dict] | None = None
+    piece: str | None = None  # the token's own text (logprobs name tokens so); `text` is what the stream adds
 
 
 class _Pending:
@@ -144,9 +145,15 @@ class Engine(Protocol):
         The iterator may yield PENDING between events (no token this round); closing it ends the
         generation."""
 
-    def prefill(self, session_id: str, prompt: list[int]) -> int:
+    def prepare(self, params: GenParams) -> None:
+        """Any thread, before generate: the work a request needs that may take long and never touches
+        the model (a grammar compiles, bounded in time), so the engine thread only finds it done.
+        MlxMoeError naming the field when a spec cannot be enforced."""
+
+    def prefill(self, session_id: str, prompt: list[int], paced: bool = False) -> int:
         """Fill the session's cache with `prompt` without generating; returns the number of tokens
-        computed (0 when the session already holds exactly `prompt`). Errors as generate's."""
+        computed (0 when the session already holds exactly `prompt`). paced: compute only a step's
+        worth (the caller asks again until 0, so other work runs in between). Errors as generate's."""
 
     def close_session(self, session_id: str) -> bool:
         """Forget the session and its cache; False if it was unknown."""
@@ -172,6 +179,7 @@ class Frontend(Protocol):
     """The router's placement front end (node.trunk.TrunkFrontend; tests/fakes.FakeFrontend)."""
 
     manifest: Any  # .model_id, .hash, .n_groups: which nodes the router accepts
+    sampling_defaults: dict  # what a request that leaves a sampling field out gets (model_defaults)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text."""

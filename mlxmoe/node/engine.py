@@ -5,6 +5,7 @@ log-probabilities, every active generation decoded in one batched step
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -18,17 +19,21 @@ import numpy as np
 from mlxmoe import wire
 from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node import grammar
-from mlxmoe.node.batch import PREFILL_TOKENS, Batch, Row, prefill_chunk
+from mlxmoe.node.batch import Batch, Row, prefill_chunk, without
+from mlxmoe.node.batch_cache import quantizable, quantize
 from mlxmoe.node.contract import PENDING, SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
 from mlxmoe.model.meter import SessionMeter
-from mlxmoe.model.moe import state_of
+from mlxmoe.model.moe import pristine, state_of
 from mlxmoe.node.remote.route import Remote, routed_local
 from mlxmoe.node.sessions import Session, SessionStore
 from mlxmoe.node.tokens import Tokens, end_ids, special_ids, turn_start
 from mlxmoe.node.trunk import gate_logits
+
+log = logging.getLogger("mlxmoe.node")
+
 
 class Node(Tokens):
     def __init__(self, loaded: Loaded, tokenizer, *, kv_bits: int | None = 8, kv_group_size: int | None = None,
@@ -52,6 +57,9 @@ class Node(Tokens):
         if self.kv_note:
             self.kv_bits = None
             per_token = self._kv_bytes_per_token()
+        self.kv_note = self.kv_note or self._unquantized_layers()
+        if self.kv_note:
+            log.warning("KV cache: %s", self.kv_note)
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_budget()
         self.sessions = SessionStore(budget, per_token)
         self.batch = Batch(self.model, [loaded.blocks[l] for l in self.manifest.moe_layers], self.sessions,
@@ -76,41 +84,52 @@ class Node(Tokens):
 
     # ------------------------------------------------------------ KV
     def _kv_bytes_per_token(self) -> float:
-        """KV bytes per token, measured: one token through a fresh cache."""
+        """KV bytes per token, measured: one token through a fresh cache.
+        Layers mlx-lm cannot quantize (sliding-window RotatingKVCache) count unquantized."""
         cache = self._new_cache()
         self.model(mx.array([[0]]), cache=cache)
-        elems, itemsize = 0, 2
+        total = 0.0
         for c in cache:
             for t in (getattr(c, "keys", None), getattr(c, "values", None)):
                 if not isinstance(t, mx.array):
                     continue
-                elems += t.shape[1] * t.shape[-1] if t.ndim == 4 else t.shape[-1]
-                itemsize = t.dtype.size
+                elems = t.shape[1] * t.shape[-1] if t.ndim == 4 else t.shape[-1]
                 if self.kv_group_size is None:  # largest standard group that divides the head size
                     self.kv_group_size = next((g for g in (64, 32) if t.shape[-1] % g == 0), 64)
-                if self.kv_bits and t.shape[-1] % self.kv_group_size:
+                if not (self.kv_bits and quantizable(c)):
+                    total += elems * t.dtype.size
+                    continue
+                if t.shape[-1] % self.kv_group_size:
                     raise MlxMoeError(f"--kv-bits {self.kv_bits}: head size {t.shape[-1]} is not a multiple of the KV "
                                       f"quantization group size {self.kv_group_size}; use --kv-bits 16 for this model")
-        if self.kv_bits:  # packed values + a scale and a bias per group
-            return elems * (self.kv_bits / 8 + 2 * itemsize / self.kv_group_size)
-        return elems * itemsize
+                total += elems * (self.kv_bits / 8 + 2 * t.dtype.size / self.kv_group_size)  # packed + scale + bias
+        return total
+
+    def _unquantized_layers(self) -> str | None:
+        """Which layers keep an unquantized cache although the node quantizes its KV (said once)."""
+        if not self.kv_bits:
+            return None
+        kinds = [type(c).__name__ for c in self._new_cache() if not quantizable(c)]
+        if not kinds:
+            return None
+        return (f"{len(kinds)} of {len(self.model.layers)} layers keep an unquantized KV cache "
+                f"({', '.join(sorted(set(kinds)))}: mlx-lm cannot quantize it, e.g. sliding-window attention)")
 
     def _check_quantized_kv(self) -> str | None:
         """One decode step on a quantized KV cache: MLX's CUDA backend has no
         quantized matmul for some head sizes (e.g. 64 at 8 bits in MLX 0.32.4),
-        and a node must not fail at its first token. Returns why the cache
-        stays unquantized, or None."""
-        if not self.kv_bits or mx.default_device() == mx.cpu:
+        mlx-lm's quantized attention has no attention sinks (gpt_oss), and a
+        node must not fail at its first token. Returns why the cache stays
+        unquantized, or None."""
+        if not self.kv_bits:
             return None
-        from mlx_lm.generate import maybe_quantize_kv_cache
-
         cache = self._new_cache()
         self.model(mx.array([[0] * 9]), cache=cache)
-        maybe_quantize_kv_cache(cache, 0, self.kv_group_size, self.kv_bits)
+        quantize(cache, self.kv_group_size, self.kv_bits)
         try:
             mx.eval(self.model(mx.array([[0]]), cache=cache))
         except (RuntimeError, ValueError) as e:
-            return f"--kv-bits {self.kv_bits} fails on this backend ({str(e)[:160]}); the KV cache is unquantized"
+            return f"--kv-bits {self.kv_bits} fails for this model here ({str(e)[:160]}); the KV cache is unquantized"
         return None
 
     def _new_cache(self):
@@ -172,8 +191,8 @@ class Node(Tokens):
         if params.temperature == 0 and params.top_logprobs == 0:
             sampler, chosen = None, deque()  # the batch's shared greedy sampler fills `chosen`
         else:
-            sampler, chosen = _logprob_sampler(_ban(stream_sampler(params, self.vocab_size), self.banned),
-                                               min(params.top_logprobs, self.vocab_size))
+            sampler, chosen = _logprob_sampler(stream_sampler(params, self.vocab_size),
+                                               min(params.top_logprobs, self.vocab_size), self.banned)
         s.busy = True
         row = self.batch.add(s, list(prompt), n, sampler, chosen, processors + ([constrained] if constrained else []),
                              max_tokens, route, self.meters.setdefault(s.id, SessionMeter()))
@@ -181,9 +200,14 @@ class Node(Tokens):
         return RowStream(self.batch, row, self._stream(row, list(prompt), out, chosen, params, max_tokens),
                          lambda: self._end(s, row, list(prompt) + out))
 
-    def prefill(self, session_id: str, prompt: list[int], step: int = PREFILL_TOKENS) -> int:
+    def prepare(self, params: GenParams) -> None:
+        grammar.precompile(params.grammar, self.tokenizer, self.vocab_size)
+
+    def prefill(self, session_id: str, prompt: list[int], paced: bool = False) -> int:
         """Fill `session_id`'s cache with `prompt` without generating (reusing
-        any cached prefix); returns the number of tokens actually computed."""
+        any cached prefix); returns the number of tokens actually computed.
+        paced: at most one step's worth (Batch.pace); the caller asks again
+        until it returns 0, so streams decode in between."""
         self.check_prompt(prompt, GenParams(max_tokens=1))
         s = self.sessions.get(session_id)
         if s.busy:
@@ -192,15 +216,20 @@ class Node(Tokens):
             return 0
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n)
+        pace = self.batch.pace
+        end = min(len(prompt), n + pace.tokens(self.batch.decoding())) if paced else len(prompt)
         route = self.remote.last_route(s.id)  # the session's latest routing mode, if remote
         try:
-            for i in range(n, len(prompt), step):
+            for i in range(n, end, pace.max_tokens):
+                chunk = prompt[i:min(end, i + pace.max_tokens)]
+                t0 = time.perf_counter()
                 with route.active() if route else nullcontext():
-                    prefill_chunk(self.model, prompt[i:i + step], s.cache, self.kv_group_size, self.kv_bits)
+                    prefill_chunk(self.model, chunk, s.cache, self.kv_group_size, self.kv_bits)
+                pace.record(len(chunk), time.perf_counter() - t0)
         finally:
-            _settle(s, list(prompt))
+            _settle(s, list(prompt[:end]))
             s.last_used = time.time()
-        return len(prompt) - n
+        return end - n
 
     def _stream(self, row: Row, prompt, out: list, chosen, params, max_tokens):
         """The row's TokenEvents (RowStream's `events`); `out` collects its tokens."""
@@ -211,6 +240,7 @@ class Node(Tokens):
         for ev in text_events(pairs, detok, self.eos, params.stop, max_tokens, turn, params.resume_chars, open_end,
                               self.special):
             out.append(ev.token)
+            ev.piece = self._piece(ev.token)
             yield ev
 
     def _end(self, s: Session, row: Row, seq: list[int]) -> None:
@@ -267,11 +297,12 @@ class Node(Tokens):
         With `ids` (routing "split"): expert ids[i] applied to row rows[i]
         (default: row i), unweighted; one output row per id."""
         a = wire.decode_tensor(x)
-        if ids is None:
-            y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1])).reshape(a.shape)
-        else:
-            y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids, rows)
-        mx.eval(y)
+        with pristine([state_of(b) for b in self.loaded.blocks.values()]):  # this node's own step may be waiting
+            if ids is None:
+                y = routed_local(self.loaded.blocks[layer], a.reshape(1, -1, a.shape[-1])).reshape(a.shape)
+            else:
+                y = self._chosen_experts(layer, a.reshape(-1, a.shape[-1]), ids, rows)
+            mx.eval(y)
         return wire.encode_tensor(y)
 
     def _chosen_experts(self, layer: int, x: mx.array, ids: list[int], rows: list[int] | None) -> mx.array:
@@ -384,17 +415,19 @@ def _settle(s: Session, seq: list[int]):
             s.cache, s.tokens = None, []
 
 
-def _logprob_sampler(sample, n_top: int = 0):
+def _logprob_sampler(sample, n_top: int = 0, banned: list[int] = ()):
     """Wrap a sampler so the chosen token's log-probability (and the n_top most
     likely tokens, best first) is computed in the same step as the token.
     Reading it later costs nothing; indexing the logprobs vector after the
     fact would queue a new op behind the next step and stall mlx-lm's
     pipelined decode loop (measured: 0.64x on CUDA). The log-probabilities
-    are those the sampler sees: after logit_bias, penalties and grammar,
-    before temperature and top-p/top-k/min-p."""
+    are those of the distribution the token is drawn from: after logit_bias,
+    penalties and grammar (as mlx-lm reports them), without the `banned`
+    tokens (renormalised), before temperature and top-p/top-k/min-p."""
     chosen = deque()
 
     def sampler(logprobs):
+        logprobs = without(logprobs, banned)
         y = sample(logprobs)
         lp = mx.take_along_axis(logprobs, y[..., None], axis=-1).squeeze().astype(mx.float32)
         ids = vals = None
@@ -439,19 +472,6 @@ def stream_sampler(p: GenParams, vocab: int):
         return mx.random.categorical(logprobs * (1.0 / p.temperature), key=sub)
 
     return sample
-
-
-def _ban(sample, ids: list[int]):
-    """A sampler that never picks `ids` (the template's turn start). Inside
-    the sampler, not a logits processor: reported log-probabilities stay the model's."""
-    if not ids:
-        return sample
-    idx = mx.array(ids)
-
-    def banned(logprobs):
-        return sample(logprobs.at[..., idx].add(-mx.inf))
-
-    return banned
 
 
 PENALTY_CONTEXT = 20  # tokens each penalty looks back on (mlx-lm's default)

@@ -9,66 +9,19 @@ A grammar spec is plain data (it crosses the wire in GenParams.grammar):
     {"type": "json_schema", "schema": {...}}
     {"type": "tool_call", "tools": [OpenAI tools], "choice": "required" | {"name": ...}}
 The tool call text is cluster/api/tools.py's format: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+Specs become grammars in grammar_spec.py (no MLX: the router's API checks them with the same code):
+schemas under the strict rule, each grammar compiled once, bounded in time, and checked before
+the row joins the batch; here, each row deep-copies the compiled matcher.
 """
 
 from __future__ import annotations
-
-import json
 
 import mlx.core as mx
 import numpy as np
 
 from mlxmoe.errors import MlxMoeError
-
-TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
-# Compact JSON: a small model left free to emit whitespace may never stop.
-JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-
-
-def tool_schema(tools: list, choice) -> dict:
-    """JSON schema of one call {"name", "arguments"} of a declared function (or of
-    the named one). MlxMoeError naming the field on bad tools / choice."""
-    if not isinstance(tools, list) or not tools:
-        raise MlxMoeError("tools: expected a non-empty list of functions")
-    calls = {}
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise MlxMoeError(f"tools[{i}].function.name: expected a function with a name")
-        params = fn.get("parameters") or {"type": "object"}
-        if not isinstance(params, dict):
-            raise MlxMoeError(f"tools[{i}].function.parameters: expected a JSON schema object")
-        calls[fn["name"]] = {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
-                             "required": ["name", "arguments"], "additionalProperties": False}
-    if isinstance(choice, dict):
-        name = (choice.get("function") or choice).get("name")
-        if name not in calls:
-            raise MlxMoeError(f"tool_choice: function {name!r} is not among the declared tools")
-        return calls[name]
-    if choice != "required":
-        raise MlxMoeError(f"tool_choice: {choice!r} is not constrained (expected 'required' or a named function)")
-    return next(iter(calls.values())) if len(calls) == 1 else {"anyOf": list(calls.values())}
-
-
-def grammar_text(spec: dict) -> str:
-    """The llguidance grammar of a spec. MlxMoeError naming the field when it is malformed."""
-    import llguidance
-
-    if not isinstance(spec, dict):
-        raise MlxMoeError("grammar: expected an object")
-    kind = spec.get("type")
-    if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
-    if kind == "json_schema":
-        schema = spec.get("schema")
-        if not isinstance(schema, dict):
-            raise MlxMoeError("response_format.json_schema.schema: expected a JSON schema object")
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-    if kind == "tool_call":
-        schema = {**tool_schema(spec.get("tools"), spec.get("choice", "required")), "x-guidance": JSON_OPTIONS}
-        lark = f"start: {json.dumps(TOOL_CALL_START)} call {json.dumps(TOOL_CALL_END)}\ncall: %json {json.dumps(schema)}\n"
-        return llguidance.LLMatcher.grammar_from_lark(lark)
-    raise MlxMoeError(f"grammar.type: {kind!r} is not one of json_object, json_schema, tool_call")
+from mlxmoe.node.grammar_spec import (JSON_OPTIONS, TOOL_CALL_END, TOOL_CALL_START, compile_spec,  # noqa: F401
+                                      grammar_text, strict, tool_schema)
 
 
 _TOKENIZERS: dict = {}  # id(tokenizer) -> (tokenizer, LLTokenizer): building one costs ~0.1-1 s
@@ -93,16 +46,10 @@ class Constrained:
     (tokens[-1], from the previous call's mask), then masks disallowed tokens to -inf."""
 
     def __init__(self, spec: dict, tokenizer, vocab_size: int):
-        import llguidance
-
         self.vocab_size = vocab_size
-        try:
-            text = grammar_text(spec)
-        except (ValueError, TypeError) as e:  # llguidance on a schema it cannot read
-            raise MlxMoeError(f"grammar: {e}") from None
-        self.matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size), text)
-        if self.matcher.is_error():
-            raise MlxMoeError(f"grammar: {self.matcher.get_error()}")
+        # compiled (or taken from the cache) and checked here, before the row joins the batch:
+        # a schema that cannot be enforced is an MlxMoeError naming its field (grammar_spec.py)
+        self.matcher = compile_spec(spec, ll_tokenizer(tokenizer, vocab_size)).deep_copy()
         self.started = False
 
     @property
@@ -113,6 +60,8 @@ class Constrained:
     def allowed(self) -> np.ndarray:
         """Boolean mask over the vocabulary of the tokens the grammar allows next."""
         words = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        if self.matcher.is_error():  # past the parser limits (grammar_spec.LIMITS): this row ends, with why
+            raise MlxMoeError(f"grammar: {self.matcher.get_error().splitlines()[0][:240]}")
         return np.unpackbits(words, bitorder="little")[:self.vocab_size].astype(bool)
 
     def advance(self, token: int) -> None:
@@ -143,3 +92,11 @@ def processor(spec: dict | None, tokenizer, vocab_size: int, resume: list[int] =
             raise MlxMoeError(f"params.resume: token {t} of the resumed turn does not fit the grammar "
                               f"({c.matcher.get_error()})")
     return c
+
+
+def precompile(spec: dict | None, tokenizer, vocab_size: int) -> None:
+    """Compile and check a spec into the cache (grammar_spec.compile_spec) from any thread, so that
+    `processor` on the engine thread finds it ready; MlxMoeError naming the field when it cannot be
+    enforced. A no-op without a spec or a tokenizer."""
+    if spec is not None and tokenizer is not None:
+        compile_spec(spec, ll_tokenizer(tokenizer, vocab_size))

@@ -11,8 +11,9 @@ import mlx.core as mx
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.placement import PlacementScores
-from mlxmoe.model.load import Loaded, load_bundle, load_tokenizer
+from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
 from mlxmoe.model.moe import GateRecorder
+from mlxmoe.node.contract import SAMPLING_DEFAULTS, model_defaults
 from mlxmoe.node.tokens import Tokens
 
 
@@ -33,12 +34,14 @@ def gate_logits(loaded: Loaded, tokens: list[int], layers: list[int] | None = No
 class TrunkFrontend(Tokens):
     """Implements node.contract.Frontend."""
 
-    def __init__(self, loaded: Loaded, tokenizer):
+    def __init__(self, loaded: Loaded, tokenizer, sampling_defaults: dict | None = None):
         self.loaded, self.tokenizer, self.manifest = loaded, tokenizer, loaded.manifest
+        self.sampling_defaults = sampling_defaults or dict(SAMPLING_DEFAULTS)
 
     @classmethod
     def load(cls, bundle_dir, verify: bool = True) -> "TrunkFrontend":
-        return cls(load_bundle(bundle_dir, None, experts=False, verify=verify), load_tokenizer(bundle_dir))
+        return cls(load_bundle(bundle_dir, None, experts=False, verify=verify), load_tokenizer(bundle_dir),
+                   model_defaults(load_generation_config(bundle_dir)))
 
     def score(self, tokens: list[int]) -> PlacementScores:
         t0 = time.perf_counter()

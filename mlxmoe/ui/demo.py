@@ -68,19 +68,21 @@ def ensure_key(root: Path) -> Path:
     return key
 
 
-def wait_ready(url: str, n_nodes: int, procs: list, timeout: float = 120) -> dict:
+def wait_ready(url: str, n_nodes: int, children: "Children", timeout: float = 120) -> dict:
+    """Until the router reports `n_nodes` nodes up. The router must be our child
+    and listen on the URL's port: whatever else answers there is not the demo."""
+    router, port = children.procs[-1], int(url.rsplit(":", 1)[1])
     deadline = time.time() + timeout
     status = {}
     while time.time() < deadline:
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            raise MlxMoeError(f"a demo process exited early (exit code {dead[0].returncode}): {' '.join(dead[0].args[3:6])}")
+        children.check()
         try:
             with urllib.request.urlopen(url + "/status", timeout=2) as r:
                 status = json.load(r)
-            if sum(p["state"] == "up" for p in status.get("peers", [])) >= n_nodes:
+            if sum(p["state"] == "up" for p in status.get("peers", [])) >= n_nodes and listening(router.pid, port):
+                children.check()
                 return status
-        except OSError:
+        except (OSError, ValueError, AttributeError, TypeError):  # not up yet, or not an mlxmoe router
             pass
         time.sleep(0.5)
     raise MlxMoeError(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
@@ -139,12 +141,51 @@ def _pdeathsig(parent: int):
     return preexec
 
 
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` listens on TCP `port` (True where the system will not say)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:  # gone, or a zombie
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 class Children:
     """The demo's child processes, each in its own process group."""
 
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}  # pid -> its log
         self._r, self._w = os.pipe()  # the demo holds the only write end
+
+    def check(self) -> None:
+        """MlxMoeError naming the first child that exited, with its log's last line."""
+        for p in self.procs:
+            if p.poll() is None:
+                continue
+            args = [str(a) for a in p.args[3:]]
+            what = ("router" if args[:1] == ["serve"] else
+                    f"node {args[args.index('--group') + 1]}" if "--group" in args[:-1] else " ".join(args[:2]))
+            log = self.logs.get(p.pid)
+            if p.returncode < 0:
+                why = f"was killed by signal {-p.returncode}"
+            else:  # its own error is its log's last line
+                tail = last_line(log).removeprefix("Error: ") if log else ""
+                why = f"exited (exit code {p.returncode})" + (f": {tail}" if tail else "")
+            raise MlxMoeError(f"the demo's {what} {why}" + (f"; log: {log}" if log else ""))
 
     def start(self, cmd: list[str], log: Path, boot: str | None = None) -> subprocess.Popen:
         """Run `boot` (default: CHILD_BOOT, i.e. `mlxmoe CMD`) with `cmd` as its arguments."""
@@ -154,6 +195,7 @@ class Children:
                                  stdin=subprocess.DEVNULL, start_new_session=True, env=env, pass_fds=(self._r,),
                                  preexec_fn=_pdeathsig(os.getpid()) if sys.platform.startswith("linux") else None)
         self.procs.append(p)
+        self.logs[p.pid] = log
         return p
 
     def stop(self, grace: float = 10) -> None:
@@ -197,6 +239,33 @@ def on_signals(cleanup) -> None:
 PREFERRED_PORT = 8000  # what chat, doctor and menubar try when no demo state is found
 
 
+class PortInUse(MlxMoeError):
+    """A --port another process holds."""
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> str:
+    return f"port {port} on {host} is in use (another mlxmoe or another program); choose another with --port"
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> None:
+    """PortInUse when another process holds `port` on `host`; other bind errors
+    (an address this Mac lacks) are left to the server to report."""
+    import errno
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except OSError:
+        return
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(port_in_use(port, host)) from None
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the router binds: TIME_WAIT is free
@@ -238,11 +307,13 @@ def clear_state(url: str) -> None:
         pass
 
 
-def serve_forever(url: str) -> int:
-    """--serve: keep the cluster up until a signal; chat from another terminal."""
+def serve_forever(url: str, children: "Children") -> int:
+    """--serve: keep the cluster up until a signal; chat from another terminal.
+    A child that dies ends the demo (MlxMoeError): no half cluster stays up."""
     print(f"serving until Ctrl-C; in another terminal: mlxmoe chat (finds {url})", file=sys.stderr, flush=True)
     while True:
-        time.sleep(3600)
+        children.check()
+        time.sleep(1.0)
 
 
 def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode: str, serve: bool = False) -> int:
@@ -251,6 +322,8 @@ def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode:
     started is stopped on the way out, on SIGTERM and SIGHUP too."""
     from mlxmoe.ui.chat import run_interactive, run_once
 
+    if port:
+        check_port(port)  # an explicit --port that is taken is an error, before any work
     root_p = Path(root).expanduser()
     (root_p / "logs").mkdir(parents=True, exist_ok=True)
     quiet = bool(ask and as_json)
@@ -279,14 +352,14 @@ def run_demo(root, groups: int, port: int, ask: str | None, as_json: bool, mode:
                         "--peers", str(peers), "--no-mdns", "--mode", mode], root_p / "logs" / "router.log")
         if not quiet:
             print(f"starting {groups} nodes and a router (logs in {root_p / 'logs'}) ...", file=sys.stderr)
-        wait_ready(url, groups, children.procs)
+        wait_ready(url, groups, children)
         write_state(url)
         if not quiet:
             print(f"ready: OpenAI-compatible API at {url}/v1, status page at {url}/", file=sys.stderr, flush=True)
         if ask:
             rc = run_once(url, ask, model=None, system=None, as_json=as_json)
         elif serve:
-            rc = serve_forever(url)
+            rc = serve_forever(url, children)
         else:
             rc = run_interactive(url, model=None, system=None)
     except KeyboardInterrupt:

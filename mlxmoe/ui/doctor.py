@@ -8,6 +8,7 @@ raise: a broken optional piece is reported, not crashed on.
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 import threading
@@ -212,9 +213,10 @@ def check_cluster(url: str | None) -> tuple[list[Check], dict | None]:
     return checks, status
 
 
-def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
-    """Validate distribution.json and that its files exist with the listed
-    sizes (sha256 is skipped: hashing hundreds of GB is the node's job)."""
+def check_bundle(bundle: str, cluster_hash: str | None = None, progress_mode: str = "quiet") -> list[Check]:
+    """Validate distribution.json, then every file it lists: present, its size,
+    and its sha256, as a node checks them before it loads (a bit flip found
+    here is one the node would refuse). `progress_mode`: while hashing."""
     from mlxmoe.bundle.manifest import Manifest
     from mlxmoe.errors import MlxMoeError
 
@@ -224,23 +226,59 @@ def check_bundle(bundle: str, cluster_hash: str | None = None) -> list[Check]:
         return [Check("manifest", "fail", str(e), "point --bundle at a directory made by `mlxmoe split`")]
     checks = [Check("manifest", "ok", f"{m.model_id}, {m.n_groups} groups, manifest {m.hash}")]
     try:
-        m.verify_files(bundle, check_hash=False)
-        checks.append(Check("bundle files", "ok", f"{len(m.files)} files present with the sizes the manifest lists"))
+        m.verify_files(bundle, check_hash=False)  # missing or short: said at once, before any hashing
+        bad = corrupt_files(bundle, m, progress_mode)
     except MlxMoeError as e:
         checks.append(Check("bundle files", "fail", str(e),
                             "copy the bundle again (a node needs the trunk, the overlay and its own group file)"))
+    except OSError as e:
+        checks.append(Check("bundle files", "fail", f"{e.filename or bundle}: cannot read: {e.strerror or e}",
+                            "check the disk and the file's permissions"))
+    else:
+        if bad:
+            names, paths = ", ".join(bad), ", ".join(os.path.join(bundle, n) for n in bad)
+            checks.append(Check("bundle files", "fail",
+                                f"{paths}: sha256 does not match distribution.json (corrupt: a bad copy or a failing "
+                                "disk); a node refuses this bundle",
+                                f"copy {names} again from the bundle you split (`mlxmoe copy SRC {bundle} --group G` "
+                                "copies a node's files and verifies them), or split again"))
+        else:
+            checks.append(Check("bundle files", "ok", f"{len(m.files)} files present, sizes and sha256 as the "
+                                "manifest lists"))
     if cluster_hash and m.hash != cluster_hash:
         checks.append(Check("bundle vs cluster", "fail", f"this bundle is manifest {m.hash}, the router serves "
                             f"{cluster_hash}", "use the same bundle (same distribution.json) as the router"))
     return checks
 
 
-def run_checks(url: str | None = None, bundle: str | None = None) -> list[Check]:
+def corrupt_files(bundle: str, m, progress_mode: str = "quiet") -> list[str]:
+    """The bundle files whose sha256 is not the manifest's (sizes already checked).
+    Hashed here in chunks, not with Manifest.verify_files, to show progress:
+    a real bundle is hundreds of GB."""
+    import hashlib
+    from pathlib import Path
+
+    from mlxmoe.progress import progress
+
+    bad = []
+    with progress(sum(f["size"] for f in m.files.values()), "checking sha256", progress_mode) as p:
+        for name, meta in m.files.items():
+            h = hashlib.sha256()
+            with open(Path(bundle) / name, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                    p.advance(len(chunk))
+            if h.hexdigest() != meta["sha256"]:
+                bad.append(name)
+    return bad
+
+
+def run_checks(url: str | None = None, bundle: str | None = None, progress_mode: str = "quiet") -> list[Check]:
     checks = [check_mlx(), check_moe_path(), check_cpu_blas(), check_memory(), check_mdns(), check_key(), check_cert()]
     cluster, status = check_cluster(url)
     checks += cluster
     if bundle:
-        checks += check_bundle(bundle, (status or {}).get("manifest_hash"))
+        checks += check_bundle(bundle, (status or {}).get("manifest_hash"), progress_mode)
     return checks
 
 

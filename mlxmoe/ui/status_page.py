@@ -181,8 +181,10 @@ JS = r"""
   function placement(s) {
     var lp = s.last_placement, card = el("div", {"class": "card", id: "placement"}, el("h2", {}, "Latest placement"));
     if (!lp) { card.appendChild(el("p", {"class": "muted empty"}, "No session has been placed yet.")); return card; }
+    var where = lp.node ? " \u2192 " + lp.node + ", group " + lp.group +
+      (String(lp.group) === String(lp.best) ? "" : " (best scored: group " + lp.best + ")") : " \u2192 best scored: group " + lp.best;
     card.appendChild(el("p", {"class": "muted"}, "Session ", el("span", {"class": "mono"}, lp.session),
-      " \u2192 group " + lp.best + " \u00b7 margin " + num(lp.margin, 3) + " \u00b7 scored at layers " +
+      where + " \u00b7 margin " + num(lp.margin, 3) + " \u00b7 scored at layers " +
       (lp.layers || []).join(", ") + " \u00b7 " + num(lp.elapsed_ms, 1) + " ms"));
     var bars = el("div", {"class": "bars"});
     sortedScores(lp.scores).forEach(function (gs) {

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.parse
 from pathlib import Path
 
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tool_cases import ADD, WEATHER
 
 from fakes import ByteDetokenizer, FakeEngine, FakeFrontend, LocalCluster, decode
+from mlxmoe.cluster import node_server
 from mlxmoe.cluster.api import tools as tl
+from mlxmoe.node import grammar_spec
 from mlxmoe.node.stream import text_events
 
 pytestmark = pytest.mark.timeout(240)
@@ -43,8 +47,9 @@ class Scripted(FakeEngine):
         self.answer, self.params, self.prompts = answer, [], []
 
     def generate(self, session_id, prompt, params):
-        self.params.append(params)
-        self.prompts.append(decode(prompt))
+        if session_id != getattr(node_server, "SELF_CHECK", None):  # the node's own start-up check is no request
+            self.params.append(params)
+            self.prompts.append(decode(prompt))
         return super().generate(session_id, prompt, params)
 
     def _gen(self, session_id, ctx, params, max_tokens):
@@ -206,6 +211,89 @@ def test_hostile_input_is_a_400_naming_the_field(fake, extra, param):
     assert (status, out["error"]["param"]) == (400, param), out
 
 
+def test_a_call_cut_by_max_tokens_is_a_call_with_finish_length(fake):
+    """Not the raw <tool_call> text as content: tool_calls with the arguments text so far, finish_reason "length"."""
+    kw = dict(model="fake-moe", messages=USER, tools=TOOLS, tool_choice="required", max_tokens=60)
+    r = client(fake).chat.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.finish_reason == "length" and ch.message.content is None
+    (call,) = ch.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Pa')
+    chunks = list(client(fake).chat.completions.create(**kw, stream=True))
+    (d,) = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert (d.function.name, d.function.arguments) == ("get_weather", '{"city": "Pa')
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+HOSTILE = [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}], "tool_choice": "required"},
+     "tools[0].function.parameters"),
+    ({"tools": TOOLS + [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}}}]}, "tools[2].function.parameters"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "anyOf": [{"$ref": "#"}, {"allOf": [{"$ref": "#"}]}]}}}}, "response_format.json_schema.schema"),
+]
+
+
+@pytest.mark.parametrize("extra, param", HOSTILE, ids=[p for _, p in HOSTILE])
+def test_a_schema_that_cannot_end_is_a_fast_400_before_any_node(fake, extra, param):
+    n = len(fake.engines[0].params)
+    t0 = time.monotonic()
+    status, out = post(fake, {"messages": USER, **extra})
+    assert (status, out["error"]["param"]) == (400, param), out
+    assert time.monotonic() - t0 < 2.0 and len(fake.engines[0].params) == n  # no node was asked
+
+
+def test_strict_rule_reaches_the_node_as_sent():
+    """The API sends the request's schemas as they are; the node applies the strict rule itself (one rule,
+    node/grammar_spec.py), so a spec sent over the RPC directly is held to it too."""
+    assert grammar_spec.strict(WEATHER) == WEATHER  # already closed: unchanged
+    open_ = {"type": "object", "properties": {"city": {"type": "string"}}}
+    assert grammar_spec.strict(open_) == {**open_, "additionalProperties": False}
+
+
+JSON_TYPES = ["string", "integer", "object", "array", "null", "nonsense"]
+LEAF = st.sampled_from([True, {}, {"$ref": "#"}, {"$ref": "#/$defs/d"}, {"$ref": "#/nope"}, {"type": "string", "pattern": "(("},
+                        {"type": "string", "pattern": "((a|b)*)*c"}, {"enum": []}, {"type": "string", "format": "bogus"}]
+                       ) | st.builds(lambda t: {"type": t}, st.sampled_from(JSON_TYPES))
+
+
+def _schema(inner):
+    obj = st.builds(lambda p, r, a: {"type": "object", "properties": p, "required": r, **a},
+                    st.dictionaries(st.sampled_from(["a", "b", "$ref"]), inner, max_size=3),
+                    st.lists(st.sampled_from(["a", "b", "c"]), max_size=2),
+                    st.sampled_from([{}, {"additionalProperties": True}, {"additionalProperties": False}]))
+    return st.one_of(obj, st.builds(lambda i, n: {"type": "array", "items": i, "minItems": n}, inner, st.integers(0, 2)),
+                     st.builds(lambda k, xs: {k: xs}, st.sampled_from(["anyOf", "oneOf", "allOf"]),
+                               st.lists(inner, min_size=1, max_size=3)))
+
+
+HOSTILE_SCHEMAS = st.builds(lambda root, d: {**root, "$defs": {"d": d}} if isinstance(root, dict) else root,
+                            st.recursive(LEAF, _schema, max_leaves=10), st.recursive(LEAF, _schema, max_leaves=6))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(schema=HOSTILE_SCHEMAS, where=st.sampled_from(["tool", "response_format"]))
+def test_hostile_schemas_are_a_200_or_a_400_naming_the_field_in_time(fake, schema, where):
+    """Random nested / recursive schemas: the router answers (the fake node does not enforce grammars) or
+    refuses with a 400 naming the field, within the compile bound: never a 5xx, never a hang."""
+    if where == "tool":
+        extra, param = ({"tools": [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+                         "tool_choice": "required"}, "tools[0].function.parameters")
+    else:
+        extra, param = ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+                        "response_format.json_schema.schema")
+    t0 = time.monotonic()
+    status, out = post(fake, {"messages": USER, "max_tokens": 4, **extra})
+    assert status in (200, 400), out
+    if status == 400:
+        assert out["error"]["param"] == param, out
+    assert time.monotonic() - t0 < 2 * grammar_spec.COMPILE_SECONDS + 1
+
+
 def test_parallel_tool_calls_is_accepted(fake):
     r = client(fake).chat.completions.create(model="fake-moe", messages=USER, tools=TOOLS, tool_choice="required",
                                              parallel_tool_calls=False)
@@ -242,6 +330,28 @@ def test_real_required_call_valid_and_streamed_the_same(real):
     (d,) = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
     assert (d.function.name, d.function.arguments) == (call.function.name, call.function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_real_forced_call_with_open_schemas_ends_and_a_cut_one_says_length(real):
+    """Greedy, "required", schemas without additionalProperties (the runaway users hit): a valid call of
+    declared keys, finish_reason "tool_calls"; cut by max_tokens: the call so far, finish_reason "length"."""
+    open_tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}}}]
+    cl = client(real)
+    model = cl.models.list().data[0].id
+    kw = dict(model=model, messages=USER, tools=open_tools, tool_choice="required", temperature=0.0)
+    ch = cl.chat.completions.create(**kw, max_tokens=120).choices[0]
+    assert ch.finish_reason == "tool_calls", ch
+    (call,) = ch.message.tool_calls
+    assert set(json.loads(call.function.arguments)) <= {"city", "unit"}
+    ch = cl.chat.completions.create(**kw, max_tokens=30).choices[0]
+    assert ch.finish_reason == "length" and ch.message.content is None, ch
+    (cut,) = ch.message.tool_calls
+    assert cut.function.name == "get_weather" and call.function.arguments.startswith(cut.function.arguments)
+    chunks = list(cl.chat.completions.create(**kw, max_tokens=30, stream=True))
+    (d,) = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert (d.function.name, d.function.arguments) == (cut.function.name, cut.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_real_response_formats(real):

@@ -21,6 +21,7 @@ import pytest
 import fakes
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster.mobility import Mobility, load_router_config
+from mlxmoe.cluster.node_server import SELF_CHECK
 from mlxmoe.cluster.router.sessions import session_ref
 
 pytestmark = pytest.mark.timeout(90)
@@ -38,7 +39,8 @@ class Engine(FakeEngine):
         self.imported: list[str] = []
 
     def generate(self, session_id, prompt, params):
-        self.params.append(params.to_dict())
+        if session_id != SELF_CHECK:  # the node's start-up check is not a chat
+            self.params.append(params.to_dict())
         for ev in super().generate(session_id, prompt, params):
             ev.logprob += self.lp_bias
             yield ev
@@ -80,6 +82,7 @@ class Conversation:
     def turn(self, text):
         self.msgs.append({"role": "user", "content": text})
         self.headers, out = chat(self.cl, self.msgs, max_tokens=self.max_tokens, **self.extra)
+        self.last = out
         reply = out.choices[0].message.content
         assert reply == expected_text(encode_chat(self.msgs), self.max_tokens)  # nothing lost or repeated
         assert out.usage.prompt_tokens == len(encode_chat(self.msgs))
@@ -213,6 +216,56 @@ class PeerFails(Engine):
         # PeerError from inside the stream, as a node whose expert peer is lost
         self.peer_fail_after = self.after if params.routing == "group" else None
         return super().generate(session_id, prompt, params)
+
+
+class LosesPeer(Engine):
+    """Its onehop/split peer `lost` (a URL) is gone: a stream routed through it fails after `after`
+    tokens (PeerError), as a node whose expert peer died mid-step."""
+
+    def __init__(self, *a, after=3, **kw):
+        super().__init__(*a, **kw)
+        self.after, self.lost = after, None
+
+    def generate(self, session_id, prompt, params):
+        self.peer_fail_after = self.after if self.lost in params.peers.values() else None
+        return super().generate(session_id, prompt, params)
+
+
+@pytest.mark.parametrize("mode", ["onehop", "split"])
+def test_a_lost_peer_is_replaced_by_a_node_of_its_group_and_the_text_is_kept(mode):
+    engines = [LosesPeer(group=0), Engine(group=1), Engine(group=1), Engine(group=2)]
+    with cluster(engines) as c:
+        conv = Conversation(c, "lost", mode=mode)
+        conv.turn("hello")
+        used = engines[0].params[-1]["peers"]["1"]
+        engines[0].lost = used
+        c.kill([c.node_url(i) for i in range(4)].index(used))
+        conv.turn("again")  # fails after 3 tokens, continues with group 1's other node: exact text
+        spare = next(c.node_url(i) for i in (1, 2) if c.node_url(i) != used)
+        assert engines[0].params[-1]["peers"] == {"1": spare, "2": c.node_url(3)}
+        st = session(c, conv.headers["x-mlxmoe-session"])
+        assert st["without_groups"] == [] and st["node"] == c.peer_name(0)
+        assert "mlxmoe" not in conv.last.model_extra
+
+
+@pytest.mark.parametrize("mode", ["onehop", "split"])
+def test_a_lost_peer_with_no_other_node_of_its_group_is_told(mode):
+    engines = [LosesPeer(group=0), Engine(group=1), Engine(group=2)]
+    with cluster(engines) as c:
+        conv = Conversation(c, "told", mode=mode)
+        conv.turn("hello")
+        engines[0].lost = c.node_url(2)
+        c.kill(2)
+        msgs = conv.msgs + [{"role": "user", "content": "again"}]
+        chunks = list(conv.cl.chat.completions.create(model="fake-moe", messages=msgs, max_tokens=6, stream=True,
+                                                      extra_body={"mlxmoe": {"mode": mode}}))
+        last = chunks[-1].model_extra.get("mlxmoe") or {}
+        assert last.get("without_groups") == [2] and "group(s) [2]" in last["note"]
+        assert engines[0].params[-1]["peers"] == {"1": c.node_url(1)}
+        assert session(c, conv.headers["x-mlxmoe-session"])["without_groups"] == [2]
+        r = conv.cl.chat.completions.create(model="fake-moe", messages=msgs, max_tokens=6,
+                                            extra_body={"mlxmoe": {"mode": mode}})
+        assert r.model_extra["mlxmoe"]["without_groups"] == [2]
 
 
 @pytest.mark.parametrize("after", [0, 3])

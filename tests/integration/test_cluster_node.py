@@ -249,3 +249,30 @@ def test_fuzz_http_never_5xx(node_url, op, body, sign):
     if status >= 400:
         err = msgpack.unpackb(raw)["error"]
         assert err["message"] and err["code"]
+
+
+def test_control_answers_do_not_wait_behind_compute():
+    """While the engine thread is busy (a long prefill: the first token held), info and close answer at once."""
+    import threading
+
+    hold = threading.Event()
+    eng = FakeEngine(group=0, hold=hold)
+
+    async def t(c, node):
+        await c.call("prefill", {"session": "idle", "prompt": [1, 2, 3]})
+        busy = asyncio.ensure_future(collect(c, "busy", [4, 5, 6], max_tokens=2))
+        deadline = time.time() + 5
+        while not node.server.worker.load()["busy"] and time.time() < deadline:
+            await asyncio.sleep(0.02)
+        t0 = time.perf_counter()
+        info = await c.call("info")
+        closed = await c.call("close", {"session": "idle"})
+        took = time.perf_counter() - t0
+        hold.set()
+        await busy
+        await asyncio.sleep(0.1)
+        return info, closed, took
+    info, closed, took = run(t, eng)
+    assert took < 2.0 and info["busy"] and info["streams"] == 1
+    assert closed == {"closed": True, "deferred": True}
+    assert "idle" not in eng.sessions  # closed once the engine was free

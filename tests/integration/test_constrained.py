@@ -3,6 +3,7 @@ sampled): tool_choice="required" gives a valid call of a declared function, json
 output validates, json_object output parses. The small model would not manage unaided."""
 
 import json
+import time
 from pathlib import Path
 
 import jsonschema
@@ -71,3 +72,57 @@ def test_bad_grammar_is_refused_before_generation(node):
     with pytest.raises(MlxMoeError, match="grammar.type"):
         node.generate(None, [1, 2, 3], GenParams(grammar={"type": "yaml"}))
     assert node.info()["active_sessions"] == 0
+
+
+OPEN_TOOLS = [  # no additionalProperties anywhere: the strict rule closes them (node/grammar_spec.py)
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}]
+
+
+@pytest.mark.parametrize("question", ["What is the weather in Paris?", "Add 2 and 3."])
+def test_forced_call_with_open_schemas_ends_with_declared_keys_only(node, question):
+    """The runaway users hit: greedy, tool_choice "required", schemas without additionalProperties; the
+    model once filled `arguments` with undeclared keys until max_tokens. Now the call ends (finish "stop")
+    with declared keys only, each once."""
+    msgs, _ = tools.render([{"role": "user", "content": question}], OPEN_TOOLS, "required", template_tools=False)
+    text = answer(node, msgs, tools.tool_grammar(OPEN_TOOLS, "required"), temperature=0.0)
+    content, (call,) = tools.parse_tool_calls(text)
+    declared = {t["function"]["name"]: t["function"]["parameters"]["properties"] for t in OPEN_TOOLS}
+    args = json.loads(call["function"]["arguments"])
+    assert set(args) <= set(declared[call["function"]["name"]]), text
+    body = text[len(tools.TOOL_CALL_START):-len(tools.TOOL_CALL_END)]
+    assert json.loads(body, object_pairs_hook=lambda kv: (len(kv) == len(dict(kv)) or pytest.fail(text), dict(kv))[1])
+
+
+def test_json_schema_without_additional_properties_keeps_to_its_keys(node):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    text = answer(node, [{"role": "user", "content": "Weather in Oslo as JSON."}], tools.response_format_grammar(rf))
+    assert set(json.loads(text)) <= {"city", "sunny"}, text
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_call_with_finish_length(node):
+    msgs, _ = tools.render([{"role": "user", "content": "What is the weather in Paris?"}], TOOLS, "required",
+                           template_tools=False)
+    events = list(node.generate(None, node.encode_chat(msgs),
+                                GenParams(max_tokens=30, grammar=tools.tool_grammar(TOOLS, "required"))))
+    assert events[-1].finish_reason == "length"
+    content, (call,) = tools.parse_tool_calls("".join(e.text for e in events))
+    assert content == "" and call["function"]["name"] in {"get_weather", "add"}
+    assert not call["function"]["arguments"].endswith("}}")  # the arguments text so far
+
+
+@pytest.mark.parametrize("grammar, field", [
+    ({"type": "tool_call", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}],
+      "choice": "required"}, "tools[0].function.parameters"),
+    ({"type": "json_schema", "schema": {"$ref": "#"}}, "response_format.json_schema.schema"),
+])
+def test_a_hostile_schema_is_refused_before_the_row_exists(node, grammar, field):
+    """As a spec that reached the node over the RPC directly: refused at once naming the field, no session."""
+    before = node.info()["active_sessions"]
+    t0 = time.monotonic()
+    with pytest.raises(MlxMoeError, match="^" + field.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
+        node.generate(None, node.encode_chat([{"role": "user", "content": "hi"}]), GenParams(grammar=grammar))
+    assert time.monotonic() - t0 < 1.0 and node.info()["active_sessions"] == before

@@ -414,3 +414,28 @@ def test_batched_routed_rows_share_one_call_per_peer_per_layer_step(bundle):
     assert a == want_hop and b == want_hop and local == want_local
     assert st["hop-a"]["remote_calls"] > 0 and st["hop-b"]["remote_calls"] > 0
     assert shared_calls < 2 * alone_calls  # batched steps sent both rows' hidden states in one call
+
+
+@pytest.mark.parametrize("routing", ["split", "onehop"])
+def test_nodes_calling_each_other_at_once_give_what_each_gives_alone(bundle, routing):
+    """Two nodes decode at the same time, each borrowing the other's experts: while one waits on its
+    peer inside a routed step (its experts module replaced by the split's stand-in), it serves the
+    peer's own request with its pristine blocks. Each text is what it is alone; no 5xx."""
+    with Servers(bundle, [0, 1], f32=True) as s:
+        def params(g):
+            return {"max_tokens": N_TOKENS, "routing": routing, "peers": {str(1 - g): s.url(1 - g)}}
+
+        async def one(g, sid, prompt):
+            frames = [f async for f in s.client(g).generate(sid, prompt, params(g))]
+            return [f["token"] for f in frames if f["t"] == "tok"]
+
+        prompts = {g: [p + 7 * g for p in PROMPT] for g in (0, 1)}
+        alone = {g: s.run(one(g, f"alone-{g}", prompts[g])) for g in (0, 1)}
+
+        async def together():
+            return await asyncio.gather(*(one(g, f"both-{g}-{i}", prompts[g]) for g in (0, 1) for i in range(3)))
+        both = s.run(together())
+        served = [s.call(g, "info")["experts_served"] for g in (0, 1)]
+    assert all(len(t) == N_TOKENS for t in both)
+    assert both == [alone[g] for g in (0, 1) for _ in range(3)]
+    assert all(n > 0 for n in served)

@@ -229,3 +229,37 @@ def test_one_shot_completion_shows_only_while_it_streams():
         go.set()
         t.join(20)
         assert done and json.loads(get(c.api_url + "/status")[2])["sessions"] == []
+
+
+class BrokenEngine(FakeEngine):
+    """An engine that loads but cannot generate (as gpt_oss did with a quantized KV cache)."""
+
+    def generate(self, session_id, prompt, params):
+        raise NotImplementedError("RotatingKVCache Quantization NYI")
+
+
+def test_a_node_that_cannot_generate_is_not_up():
+    with LocalCluster([BrokenEngine(group=0)]) as c:
+        status, _, body = get(c.api_url + "/health")
+        health = json.loads(body)
+        assert status == 503 and health["nodes_up"] == 0 and health["nodes_known"] == 1
+        assert any("cannot generate: NotImplementedError: RotatingKVCache" in w for w in health["why"])
+        peer = json.loads(get(c.api_url + "/status")[2])["peers"][0]
+        assert peer["state"] == "down" and "cannot generate" in peer["reason"]
+        with pytest.raises(openai.APIStatusError) as e:
+            client(c).chat.completions.create(model="fake-moe", messages=MSGS, max_tokens=4)
+        assert e.value.status_code == 503
+
+
+def test_health_says_why_no_node_is_up_and_logs_no_down_before_up(caplog):
+    caplog.set_level(logging.INFO, logger="mlxmoe")
+    with LocalCluster([FakeEngine(group=0)]) as c:
+        assert get(c.api_url + "/health")[0] == 200
+        c.kill(0)
+        deadline = time.time() + 15
+        while get(c.api_url + "/health")[0] == 200 and time.time() < deadline:
+            time.sleep(0.2)
+        status, _, body = get(c.api_url + "/health")
+        assert status == 503 and json.loads(body)["why"]
+    peer_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("peer ")]
+    assert peer_lines and ": up" in peer_lines[0], peer_lines  # its first news is "up", not "down"

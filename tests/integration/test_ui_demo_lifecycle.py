@@ -116,6 +116,27 @@ def test_demo_stops_every_child(env, demo_dir, sig):
             os.kill(p, signal.SIGKILL)
 
 
+@pytest.mark.timeout(400)
+def test_demo_serve_stops_when_a_child_dies(env, demo_dir):
+    """--serve watches its children: one that dies ends the demo (non-zero), never a half cluster."""
+    proc = start_demo(env, demo_dir, free_port())
+    try:
+        wait_state(env, proc)
+        kids = children_of(proc.pid)
+        import psutil
+        node0 = next(p for p in kids if "--group 0 " in " ".join(psutil.Process(p).cmdline()))
+        os.kill(node0, signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        err = proc.stderr.read()
+        assert "Error: the demo's node 0 was killed by signal 9; log: " in err and "Traceback" not in err, err
+        assert wait_gone(kids) == [], "children left running"
+        assert not (Path(env["XDG_CONFIG_HOME"]) / "mlxmoe" / "demo.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 # --- each parent-death mechanism alone, with a sleeping child ----------------------------
 
 PARENT = textwrap.dedent("""

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import sys
 import types
@@ -30,7 +31,8 @@ def make_bundle(d, trunk_bytes=b"abc"):
     d.mkdir()
     m = Manifest(model={"id": "tiny-moe"}, moe={"moe_layers": [0], "top_k": 1, "n_experts": 2}, n_groups=2,
                  grouping={"layers": {"0": [[0], [1]]}}, overlay={"layers": {}}, quantization={},
-                 files={"trunk.safetensors": {"sha256": "-", "size": 3, "role": "trunk"}})
+                 files={"trunk.safetensors": {"sha256": hashlib.sha256(b"abc").hexdigest(), "size": 3,
+                                              "role": "trunk"}})
     m.save(d)
     if trunk_bytes is not None:
         (d / "trunk.safetensors").write_bytes(trunk_bytes)
@@ -110,7 +112,8 @@ def test_mdns(monkeypatch):
     assert doctor.check_mdns().status == "ok" and Closes.closed
 
 
-def test_cluster_checks(monkeypatch):
+def test_cluster_checks(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # a demo running on this machine is not "the default"
     checks, status = doctor.check_cluster("http://127.0.0.1:9")
     assert status is None and checks[0].status == "fail" and "mlxmoe serve" in checks[0].fix
     monkeypatch.setattr(doctor, "DEFAULT_URL", "http://127.0.0.1:9")
@@ -149,6 +152,32 @@ def test_bundle_checks(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "distribution.json").write_text("{nope")
     assert "not valid JSON" in doctor.check_bundle(str(tmp_path / "junk"))[0].detail
+
+
+def test_bundle_check_finds_a_bit_flip(tmp_path):
+    """Sizes alone pass a flipped bit that the node then refuses: doctor hashes."""
+    make_bundle(tmp_path / "flip", trunk_bytes=b"abd")
+    checks = doctor.check_bundle(str(tmp_path / "flip"))
+    c = checks[-1]
+    assert c.name == "bundle files" and c.status == "fail"
+    assert str(tmp_path / "flip" / "trunk.safetensors") in c.detail and "sha256 does not match" in c.detail
+    assert "copy trunk.safetensors again" in c.fix and "mlxmoe copy" in c.fix
+
+
+def test_bundle_check_shows_progress_while_hashing(tmp_path, monkeypatch):
+    import io
+
+    from mlxmoe import progress as progress_mod
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    monkeypatch.setattr(sys, "stderr", out)
+    make_bundle(tmp_path / "b")
+    assert [c.status for c in doctor.check_bundle(str(tmp_path / "b"), progress_mode="bar")] == ["ok", "ok"]
+    assert "checking sha256" in out.getvalue() and progress_mod.is_terminal(out)
 
 
 def all_ok(monkeypatch):

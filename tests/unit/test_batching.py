@@ -9,7 +9,7 @@ import pytest
 
 import tiny
 from mlxmoe.bundle.split import split
-from mlxmoe.node.batch import padded_bytes
+from mlxmoe.node.batch import Pace, padded_bytes
 from mlxmoe.node.contract import PENDING, GenParams
 from mlxmoe.node.engine import Node
 
@@ -76,7 +76,8 @@ def jobs_of(node):
 @pytest.mark.parametrize("group", [None, 0])
 def test_batched_rows_equal_each_session_alone(bundle, kv_bits, group):
     node = Node.load(bundle, group, kv_bits=kv_bits)
-    node.batch.prefill_tokens = 16  # long prompts prefill over several steps, beside decoding rows
+    node.batch.pace = Pace(16, None)  # long prompts prefill over several steps, beside decoding rows, in the
+    # same chunks as alone (paced by time, 8-bit KV's first chunk would differ)
     jobs = jobs_of(node)
     together, widest = drive(node, jobs)
     assert widest >= 3  # they really decoded together
@@ -187,3 +188,46 @@ def test_masked_node_meters_each_batched_session(bundle):
     full = Node.load(bundle, None, kv_bits=None)
     alone(full, "f", p, GenParams(max_tokens=2 * METER_EVERY))
     assert full.info()["session_stats"]["f"].get("quality_meter") is None
+
+
+def test_a_failing_row_ends_alone_and_the_batch_goes_on(bundle, monkeypatch):
+    """A row's logits processor (a grammar past its limits) fails mid-decode: that row ends with its own
+    error, its caches keep the tokens it delivered, and every other row of the batch decodes on unharmed."""
+    from mlxmoe.errors import MlxMoeError
+    from mlxmoe.node import engine
+
+    real, calls = engine.sampling_processors, []
+
+    def failing(tokens, logits):
+        calls.append(1)
+        if len(calls) >= 4:
+            raise MlxMoeError("grammar: token 27 was not allowed (parser error: Too many items)")
+        return logits
+
+    monkeypatch.setattr(engine, "sampling_processors",
+                        lambda p, v: real(p, v) + ([failing] if p.frequency_penalty == 0.5 else []))
+    node = Node.load(bundle, 0, kv_bits=None)
+    a, b = node.encode("the quick brown fox"), node.encode("def add(a, b):")
+    expected = alone(node, "good-alone", a, GenParams(max_tokens=12))
+    streams = {"good": node.generate("good", a, GenParams(max_tokens=12)),
+               "bad": node.generate("bad", b, GenParams(max_tokens=12, frequency_penalty=0.5))}
+    got, errors, widest = {"good": [], "bad": []}, {}, 0
+    while streams:
+        for sid, it in list(streams.items()):
+            try:
+                ev = next(it)
+            except StopIteration:
+                del streams[sid]
+                continue
+            except MlxMoeError as e:
+                errors[sid] = e
+                del streams[sid]
+                continue
+            if ev is not PENDING:
+                got[sid].append(ev)
+        widest = max(widest, len(node.batch.gen) if node.batch.gen is not None else 0)
+    assert widest == 2 and list(errors) == ["bad"] and "token 27" in str(errors["bad"])
+    same(got["good"], expected)
+    s = node.sessions.sessions["bad"]
+    assert len(got["bad"]) >= 2 and s.tokens == b + [e.token for e in got["bad"]] and not s.busy
+    assert all(c.offset == len(s.tokens) for c in s.cache)

@@ -55,8 +55,14 @@ def test_tie_goes_to_least_loaded_node():
     front = FakeFrontend(fixed={0: 0.5, 1: 0.495, 2: 0.1})  # 0 and 1 within tie_margin
     with LocalCluster(three(), frontend=front) as c:
         cl = client(c)
-        nodes = [chat(cl, [{"role": "user", "content": f"q{i}"}], max_tokens=2)[0]["x-mlxmoe-node"] for i in range(4)]
+        nodes = [chat(cl, [{"role": "user", "content": f"q{i}"}], max_tokens=2, temperature=0.7)[0]["x-mlxmoe-node"]
+                 for i in range(4)]
         assert sorted(nodes) == sorted([c.peer_name(0), c.peer_name(1)] * 2)  # spread, never group 2
+        # greedy (the default): each prompt has its group among the tied ones, different prompts spread
+        again = {i: {chat(cl, [{"role": "user", "content": f"p{i}"}], max_tokens=2)[0]["x-mlxmoe-node"]
+                     for _ in range(2)} for i in range(8)}
+        assert all(len(v) == 1 for v in again.values())
+        assert set().union(*again.values()) == {c.peer_name(0), c.peer_name(1)}
 
 
 def test_overloaded_best_node_goes_to_next():
@@ -207,9 +213,11 @@ def test_ignored_peer_of_other_manifest():
         assert h["x-mlxmoe-node"] == c.peer_name(0)
 
 
-def test_client_disconnect_mid_stream_frees_the_node_session():
+def test_client_disconnect_mid_stream_frees_the_node_session(caplog):
     import http.client
+    import logging
     import urllib.parse
+    caplog.set_level(logging.INFO)
     with LocalCluster(three(delay=0.02)) as c:
         u = urllib.parse.urlparse(c.api_url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
@@ -226,6 +234,11 @@ def test_client_disconnect_mid_stream_frees_the_node_session():
                 "gone", None).lock.locked()):
             time.sleep(0.05)
         assert not c.engines[0].busy and c.engines[0].generated < 500  # the node stopped generating
+        time.sleep(0.3)  # the access lines of the ended streams
+        lines = [r.getMessage() for r in caplog.records]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], lines  # quietly
+        ended = [ln for ln in lines if "op=generate" in ln or "path=/v1/chat/completions" in ln]
+        assert ended and all("status=499" in ln for ln in ended), ended  # no 5xx on router or node
         h, _ = chat(client(c, default_headers={"X-Session-Id": "gone"}), [{"role": "user", "content": "topic0"}],
                     max_tokens=3)
         assert h["x-mlxmoe-node"] == c.peer_name(0)

@@ -42,3 +42,14 @@ def test_cli_plan(ckpt):
     assert r.exit_code == 0 and json.loads(r.output)["basis"] == "safetensors headers"
     r = CliRunner().invoke(main, ["plan", "mixtral-8x7b", "--nodes", "lots"])
     assert r.exit_code != 0 and "expected e.g. 3x64GB" in r.output
+
+
+def test_plan_says_gpt_oss_kv_stays_16_bit(ckpt):
+    r = plan(str(ckpt("gpt_oss")), parse_nodes("2x16GB"), context=1024, kv_bits=8)
+    k = r["counts"]
+    assert k["kv_plain_elems_per_token"] == k["kv_elems_per_token"] and "16-bit" in r["kv_note"]
+    assert r["per_node"]["kv"] == pytest.approx(k["kv_elems_per_token"] * 1024 * 2)
+    assert plan(str(ckpt("gpt_oss")), parse_nodes("16GB"), kv_bits=None)["kv_note"] is None
+    assert plan(str(ckpt("qwen3_moe")), parse_nodes("16GB"), kv_bits=8)["kv_note"] is None
+    out = CliRunner().invoke(main, ["plan", str(ckpt("gpt_oss")), "--nodes", "16GB"]).output
+    assert "kv: 100% of the KV cache stays 16-bit" in out

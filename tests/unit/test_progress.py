@@ -84,3 +84,65 @@ def test_progress_option():
     assert r.exit_code == 0 and json.loads(r.output.splitlines()[-1])["done"] == 2
     assert "--progress [bar|quiet|json]" in CliRunner().invoke(cmd, ["--help"]).output
     assert CliRunner().invoke(cmd, ["--progress", "loud"]).exit_code == 2
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_not_a_terminal_gets_plain_lines_not_redraws(monkeypatch):
+    """A file, pipe or CI log: a line at the start, at most one per PLAIN_INTERVAL, one at the end."""
+    from mlxmoe import progress as mod
+
+    out = io.StringIO()
+    with progress(4 * 2**20, "split ref", "bar", stream=out) as p:
+        for _ in range(4):
+            p.advance(2**20)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert text.splitlines()[0] == "split ref: 0.0/4.0 MiB"
+    assert text.splitlines()[-1].startswith("split ref: done 4.0/4.0 MiB in ")
+    assert len(text.splitlines()) == 2  # updates within PLAIN_INTERVAL print nothing
+
+    now = [0.0]
+    monkeypatch.setattr(mod.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    with progress(10, "calibrate", "bar", stream=out, unit="items") as p:
+        for _ in range(10):
+            now[0] += 4.0  # a line every third update: PLAIN_INTERVAL is 10 s
+            p.advance(1)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "calibrate: 0/10" and lines[-1] == "calibrate: done 10/10 in 40.0s (0.2/s)"
+    assert lines[1:-1] == ["calibrate: 3/10 (30%), 0.2/s", "calibrate: 6/10 (60%), 0.2/s", "calibrate: 9/10 (90%), 0.2/s"]
+
+
+def test_not_a_terminal_says_where_it_stopped():
+    out = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with progress(10, "x", "bar", stream=out, unit="items") as p:
+            p.advance(3)
+            raise RuntimeError("boom")
+    assert out.getvalue().splitlines()[-1].startswith("x: stopped at 3/10 in ")
+
+
+def test_a_terminal_gets_the_bar():
+    out = Tty()
+    with progress(3 * 2**20, "Writing trunk", "bar", stream=out) as p:
+        p.advance(3 * 2**20)
+    assert "\r" in out.getvalue() and "━" in out.getvalue() and "3.0/3.0 MiB" in out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["bar", "json"])
+@pytest.mark.parametrize("stream", [Tty, io.StringIO])
+def test_lazy_shows_nothing_before_the_first_update(mode, stream):
+    """A validation error before any work draws no 0% bar (split)."""
+    out = stream()
+    with pytest.raises(ValueError):
+        with progress(10, "split", mode, stream=out, lazy=True):
+            raise ValueError("--groups 99")
+    assert out.getvalue() == ""
+    out = stream()
+    with progress(10, "split", mode, stream=out, lazy=True) as p:
+        p.advance(10)
+    assert "10" in out.getvalue()

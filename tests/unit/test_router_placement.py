@@ -138,3 +138,9 @@ def test_stalled_engine_is_down_busy_one_is_not():
     assert pl.stalled(301.0, 300.0) and not pl.stalled(12.0, 300.0)
     for junk in (None, "9999", True, [1], {"s": 1}):  # a node's info is data, not trusted types
         assert not pl.stalled(junk, 300.0)
+
+
+def test_a_probe_timing_out_while_our_stream_prefills_is_busy_not_down():
+    assert not pl.down_after_failed_probe("timeout", streaming_at=None, now=100.0, grace=2.0, inflight=1)
+    assert pl.down_after_failed_probe("timeout", streaming_at=None, now=100.0, grace=2.0, inflight=0)
+    assert pl.down_after_failed_probe("unreachable", streaming_at=None, now=100.0, grace=2.0, inflight=1)  # refused

@@ -17,6 +17,7 @@ from mlxmoe.errors import BundleError, ContextOverflow, ManifestError, MlxMoeErr
 from mlxmoe.bundle.manifest import group_file
 from mlxmoe.node.contract import GenParams
 from mlxmoe.model.load import load_bundle
+from mlxmoe.node.batch import without
 from mlxmoe.node.engine import Node
 from mlxmoe.bundle.split import split
 
@@ -193,6 +194,12 @@ def test_quantized_kv_cache_and_prefix_reuse(qnode_bundle):
     assert counting.fed - reused >= len(turn2)
 
 
+def never(ids: list[int]):
+    """An mlx-lm logits processor: the node never samples the template's turn start, and reports
+    log-probabilities of the distribution it samples from."""
+    return lambda tokens, logits: logits.at[..., mx.array(ids)].add(-mx.inf)
+
+
 def test_node_matches_mlx_lm_generation_with_quantized_kv(qnode_bundle):
     from mlx_lm.generate import generate_step
 
@@ -200,7 +207,8 @@ def test_node_matches_mlx_lm_generation_with_quantized_kv(qnode_bundle):
     prompt = node.encode("the quick brown fox")
     ours = [(e.token, e.logprob) for e in node.generate(None, prompt, GenParams(max_tokens=8))]
     ref = [(int(t), float(lp[t])) for t, lp in generate_step(mx.array(prompt), node.model, max_tokens=8,
-                                                               kv_bits=8, kv_group_size=32, quantized_kv_start=0)]
+                                                               kv_bits=8, kv_group_size=32, quantized_kv_start=0,
+                                                               logits_processors=[never(node.banned)])]
     assert [t for t, _ in ours] == [t for t, _ in ref]
     np.testing.assert_allclose([l for _, l in ours], [l for _, l in ref], atol=1e-5)
 
@@ -211,7 +219,7 @@ def test_logprobs_match_teacher_forcing(qnode_bundle):
     evs = list(node.generate(None, prompt, GenParams(max_tokens=5)))
     toks = prompt + [e.token for e in evs]
     logits = node.logits(toks)
-    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    lp = without(logits - mx.logsumexp(logits, axis=-1, keepdims=True), node.banned)  # the turn start is never drawn
     for i, e in enumerate(evs):
         assert abs(lp[len(prompt) - 1 + i, e.token].item() - e.logprob) < 1e-4
 
@@ -362,3 +370,60 @@ def test_node_keeps_kv_unquantized_where_the_backend_cannot_run_quantized_attent
     monkeypatch.undo()
     assert node.kv_bits is None and "kv-bits 8" in node.info()["kv_note"]
     assert len([e for e in node.generate(None, [1, 2, 3], GenParams(max_tokens=5, temperature=0.0))]) == 5
+
+
+def test_gpt_oss_generates_with_default_kv_bits(bundles):
+    """split's default is 8-bit KV; mlx-lm cannot quantize gpt_oss's (attention sinks, sliding-window
+    RotatingKVCache): the node keeps it 16-bit, says so, and generates as with --kv-bits 16."""
+    _, b = bundles("gpt_oss")
+    node = Node.load(b, 0)  # the manifest's kv_bits: 8
+    assert node.kv_bits is None and "unquantized" in node.kv_note and node.info()["kv_note"] == node.kv_note
+    plain = Node.load(b, 0, kv_bits=None)
+    assert plain.kv_note is None
+    params = GenParams(max_tokens=5)
+    assert [e.token for e in node.generate(None, IDS[0], params)] == [e.token for e in plain.generate(None, IDS[0], params)]
+
+
+def test_sliding_window_caches_stay_unquantized():
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache
+
+    from mlxmoe.node.batch_cache import quantize
+
+    caches = [KVCache(), RotatingKVCache(max_size=8)]
+    for c in caches:
+        c.update_and_fetch(mx.zeros((1, 2, 3, 64)), mx.zeros((1, 2, 3, 64)))
+    out = quantize(caches, 64, 8)
+    assert isinstance(out[0], QuantizedKVCache) and isinstance(out[1], RotatingKVCache)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.1])
+def test_logprobs_are_mlx_lms_for_the_chosen_token_and_its_alternatives(bundles, penalty):
+    """Greedy and top_logprobs from one distribution, mlx-lm's own (after its logits processors): the chosen
+    token is the first alternative, with the same log-probability."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    src, b = bundles("qwen3_moe")
+    node = Node.load(b, None, kv_bits=None)
+    events = list(node.generate(None, IDS[0], GenParams(max_tokens=6, repetition_penalty=penalty, top_logprobs=4)))
+    procs = make_logits_processors(repetition_penalty=penalty if penalty != 1.0 else None, repetition_context_size=20)
+    procs.append(never(node.banned))
+    assert node.banned
+    ref = list(generate_step(mx.array(IDS[0]), mlx_lm_model(src), max_tokens=6, logits_processors=procs))
+    for ev, (tok, lps) in zip(events, ref):
+        assert ev.token == int(tok)
+        assert ev.logprob == pytest.approx(lps[tok].item(), abs=1e-4)
+        top = np.argsort(-np.array(lps))[:4]
+        assert [t["token"] for t in ev.top_logprobs] == top.tolist()
+        assert [t["logprob"] for t in ev.top_logprobs] == pytest.approx(np.array(lps)[top].tolist(), abs=1e-4)
+        assert ev.top_logprobs[0]["token"] == ev.token and ev.piece == node.tokenizer.decode([ev.token])
+
+
+def test_a_banned_token_is_out_of_the_distribution():
+    from mlxmoe.node.batch import Greedy
+
+    lp = mx.log(mx.array([[0.5, 0.3, 0.2]]))
+    out = without(lp, [0])
+    assert np.allclose(np.exp(np.array(out)), [[0, 0.6, 0.4]], atol=1e-6)
+    g = Greedy([0])
+    assert g(lp).tolist() == [1] and g.calls[0].tolist() == pytest.approx([np.log(0.6)], abs=1e-6)

@@ -46,7 +46,9 @@ def test_plain_text_has_no_calls_and_lone_angle_brackets_stay():
 @pytest.mark.parametrize("text", [
     "<tool_call>{not json}</tool_call>",
     '<tool_call>{"arguments": {}}</tool_call>',  # no name
-    '<tool_call>{"name": "add", "argu',  # truncated by max_tokens
+    '<tool_call>{"name": "ad',  # cut by max_tokens inside the name: no call yet
+    '<tool_call>{"arguments": {"a": 1',  # cut, and no name before it
+    "<tool_call>not json",
     "<tool_call>",
 ])
 def test_broken_calls_stay_content(text):
@@ -54,9 +56,29 @@ def test_broken_calls_stay_content(text):
     assert calls == [] and content == text
 
 
+@pytest.mark.parametrize("text, name, args", [
+    ('<tool_call>{"name": "add", "argu', "add", ""),
+    ('<tool_call>{"name": "add", "arguments": ', "add", ""),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1, "b"', "add", '{"a": 1, "b"'),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Par', "get_weather", '{"city": "Par'),
+    ('<tool_call>{"name": "add", "arguments": {"a": 1}', "add", '{"a": 1}'),  # the object whole, the tag cut
+    ('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_', "add", '{"a": 1}'),
+    ('Sure. <tool_call>\n{"name": "add",\n "arguments": {"a"', "add", '{"a"'),
+])
+def test_a_call_cut_by_max_tokens_is_still_a_call(text, name, args):
+    """As the API reports it (finish_reason "length"): the call with the arguments text produced so far."""
+    content, calls = tools.parse_tool_calls(text, ids())
+    assert content == text[:text.index(tools.TOOL_CALL_START)]
+    assert calls == [{"id": "call_0", "type": "function", "function": {"name": name, "arguments": args}}]
+    p = tools.ToolCallParser(ids())
+    events = [e for ch in text for e in p.feed(ch)] + p.finish()  # streamed one character at a time
+    assert [e["tool_call"]["function"] for e in events if "tool_call" in e] == [{"name": name, "arguments": args}]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["Hi ", "x<y ", "<tool", "<tool_call", call_text("add", {"a": 1}),
-                                 call_text("get_weather", {"city": "<tool_call> in a string"}), "done."]), max_size=6),
+                                 call_text("get_weather", {"city": "<tool_call> in a string"}), "done.",
+                                 '<tool_call>{"name": "add", "arguments": {"a": 1', '<tool_call>{"na']), max_size=6),
        st.data())
 def test_streamed_deltas_split_anywhere_give_the_whole_answer(parts, data):
     text = "".join(parts)

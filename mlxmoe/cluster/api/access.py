@@ -15,7 +15,7 @@ log = logging.getLogger("mlxmoe.access")
 # the order of a text line; other fields follow in their own order
 FIELDS = ("method", "path", "op", "status", "session", "node", "group", "mode", "prompt_tokens",
           "completion_tokens", "ttft_s", "tok_s", "finish_reason", "ms")
-QUIET_PATHS = ("/status", "/status/public", "/health", "/", "/chat")  # polled by pages and tools: logged at debug level
+QUIET_PATHS = ("/status", "/status/public", "/health", "/", "/chat", "/favicon.ico")  # polled by pages and tools: logged at debug level
 
 
 def _value(v) -> str:

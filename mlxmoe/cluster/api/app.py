@@ -21,7 +21,7 @@ from mlxmoe.cluster.api import openai as oa
 from mlxmoe.cluster.api import sse
 from mlxmoe.cluster.api import tools as tl
 from mlxmoe.cluster.api.openai import ApiError
-from mlxmoe.cluster.limits import cap_connections
+from mlxmoe.cluster.limits import GuardedSite, Limits
 from mlxmoe.cluster.router import Rejected, Router, Session, Turn
 from mlxmoe.errors import MlxMoeError, RpcError, classify
 
@@ -31,9 +31,9 @@ log = logging.getLogger("mlxmoe.api")
 @dataclass(frozen=True)
 class HttpLimits:
     """The router's HTTP limits (aiohttp's own knobs; SECURITY.md)."""
-    idle_timeout: float = 15.0  # aiohttp's keepalive_timeout: also closes a connection whose headers never complete
+    idle_timeout: float = 15.0  # aiohttp's keepalive_timeout: an idle keep-alive connection is closed
     body_timeout: float = 30.0  # a whole body, once the headers are in
-    max_connections: int = 256  # past this, a new connection is closed at once
+    connections: Limits = Limits()  # counted from accept, per address and in all (cluster/limits.py)
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 64
@@ -112,7 +112,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = oa.include_usage(body)
     hint, mode = oa.session_hint(request.headers, body), oa.requested_mode(request.headers, body)
     oa.check_messages_fit(messages, router.context_limit)
-    st = _structured(router, body, messages)
+    st = await asyncio.to_thread(_structured, router, body, messages)  # grammars compile off the event loop
     params = {**params, "grammar": st.grammar} if st.grammar else params
     tokens = await router.encode_chat(st.messages, **st.template_kwargs)  # once: the same ids are scored and sent
     s = await _session(router, tokens, "messages", hint, messages, mode, owner)
@@ -135,7 +135,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     out = oa.chat_completion(base, reply, lps if logprobs else None, _finish(turn, bool(calls)), _usage(turn))
     if calls:
         out["choices"][0]["message"].update(content=reply or None, tool_calls=calls)
-    return web.json_response(out, headers=router.headers(s))
+    return web.json_response(_noticed(out, turn), headers=router.headers(s))
 
 
 # ---------------------------------------------------------------- tools and structured output
@@ -164,6 +164,12 @@ def _finish(turn: Turn, calls: bool) -> str:
     """OpenAI's finish_reason: "tool_calls" when the answer ended (not cut off) with calls."""
     reason = turn.finish_reason or "length"
     return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _noticed(obj: dict, turn: Turn) -> dict:
+    """The answer (or its final chunk) with what the client should know of how it ran (Turn.notice)."""
+    notice = turn.notice()
+    return {**obj, "mlxmoe": notice} if notice else obj
 
 
 def _tool_deltas(events: list[dict]) -> list[dict]:
@@ -196,7 +202,7 @@ async def _stream_chat(request, router, turn, messages, base, logprobs, include_
         for d in _tool_deltas(parser.finish() if parser else []):
             calls += "tool_calls" in d
             await sse.send(resp, oa.chat_chunk(chunk, d))
-        await sse.send(resp, oa.chat_chunk(chunk, {}, None, _finish(turn, calls > 0)))
+        await sse.send(resp, _noticed(oa.chat_chunk(chunk, {}, None, _finish(turn, calls > 0)), turn))
         if include_usage:
             await sse.send(resp, {**chunk, "choices": [], "usage": _usage(turn)})
         await sse.done(resp)
@@ -212,7 +218,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt, params = oa.parse_prompt(body), oa.gen_params(body)
     oa.check_logit_bias(params, router.vocab_size)
     oa.check_model(body, router.model_names())
-    grammar = oa.completion_grammar(body)
+    grammar = await asyncio.to_thread(oa.completion_grammar, body)
     params = {**params, "grammar": grammar} if grammar else params
     stream = oa.flag(body, "stream")
     n_lp = oa.completion_logprobs(body)
@@ -239,7 +245,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     lp = oa.completion_lp(frames) if n_lp is not None else None
     out = {**base, "choices": [oa.completion_choice(text, lp, turn.finish_reason or "length")],
            "usage": _usage(turn)}
-    return web.json_response(out, headers=router.headers(s))
+    return web.json_response(_noticed(out, turn), headers=router.headers(s))
 
 
 async def _stream_completion(request, router, turn, base, n_lp, include_usage) -> web.StreamResponse:
@@ -254,7 +260,8 @@ async def _stream_completion(request, router, turn, base, n_lp, include_usage) -
         except RpcError as e:
             await _send_error(resp, e)
             return resp
-        await sse.send(resp, {**base, "choices": [oa.completion_choice("", None, turn.finish_reason or "length")]})
+        await sse.send(resp, _noticed({**base, "choices": [oa.completion_choice("", None, turn.finish_reason or "length")]},
+                                      turn))
         if include_usage:
             await sse.send(resp, {**base, "choices": [], "usage": _usage(turn)})
         await sse.done(resp)
@@ -306,19 +313,29 @@ async def health(request: web.Request) -> web.Response:
     """Open to anyone (load balancers, scripts): counts only, no ids, no keys.
     200 while at least one node is up, else 503, in the same shape."""
     router = request.app[ROUTER_KEY]
+    why = sorted({p.reason for p in router.peers.peers.values() if p.state != "up" and p.reason})
     body = health_body(router.model, len(router.peers.live()), len(router.peers.peers), len(router.sessions),
-                       time.time() - router.started)
+                       time.time() - router.started, why)
     return web.json_response(body, status=200 if body["nodes_up"] else 503)
 
 
-def health_body(model: str, up: int, known: int, sessions: int, uptime_s: float) -> dict:
-    return {"status": "ok" if up else "unavailable", "nodes_up": up, "nodes_known": known, "model": model,
+def health_body(model: str, up: int, known: int, sessions: int, uptime_s: float, why: list[str] = ()) -> dict:
+    """`why`: the distinct reasons nodes are not up, said when none is."""
+    body = {"status": "ok" if up else "unavailable", "nodes_up": up, "nodes_known": known, "model": model,
             "sessions": sessions, "uptime_s": round(uptime_s, 1)}
+    if not up:
+        body["why"] = list(why) or ["no node found yet"]
+    return body
 
 
 async def web_chat(request: web.Request) -> web.Response:
     """The web chat page: static HTML; it calls /v1 with the user's own key, if any."""
     return web.Response(text=request.app[CHAT_PAGE_KEY](), content_type="text/html")
+
+
+async def no_favicon(request: web.Request) -> web.Response:
+    """Browsers ask for /favicon.ico (the status page has no icon; the chat page has one inline): 204, not 404."""
+    return web.Response(status=204)
 
 
 @web.middleware
@@ -332,8 +349,11 @@ async def access_middleware(request: web.Request, handler):
     except web.HTTPException as e:
         status = e.status
         raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        status = 499  # the client went away
+    except ConnectionResetError:  # the client went away mid-answer: its turn is closed (turn.close), no 5xx
+        status = 499
+        return request.get(sse.STREAM) or web.Response(status=499)
+    except asyncio.CancelledError:
+        status = 499
         raise
     finally:
         d = {"method": request.method, "path": request.path, "status": status}
@@ -381,6 +401,7 @@ def make_app(router: Router, page=None, limits: HttpLimits = HttpLimits(), chat_
     if chat_page is not None:
         app[CHAT_PAGE_KEY] = chat_page
         app.router.add_get("/chat", web_chat)
+    app.router.add_get("/favicon.ico", no_favicon)
     return app
 
 
@@ -405,9 +426,13 @@ async def start_router(router: Router, host: str = "127.0.0.1", port: int = 8000
                            shutdown_timeout=2.0, keepalive_timeout=limits.idle_timeout,
                            max_line_size=limits.max_line_size, max_field_size=limits.max_field_size,
                            max_headers=limits.max_headers)
-    await runner.setup()
-    cap_connections(runner.server, limits.max_connections)
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await runner.setup()
+        await GuardedSite(runner, host, port, limits=limits.connections, name="router").start()
+    except BaseException:  # e.g. the port is taken: close the router's client session and thread too
+        await runner.cleanup()
+        await router.stop()
+        raise
     return RunningRouter(router, runner, host, runner.addresses[0][1])
 
 

@@ -10,12 +10,12 @@ import math
 import os
 from typing import Any
 
-import llguidance
 from aiohttp import web
 
 from mlxmoe.cluster.api import tools as tl
-from mlxmoe.errors import MlxMoeError, RpcError
+from mlxmoe.errors import AdmissionError, MlxMoeError, RpcError
 from mlxmoe.modes import ROUTER_MODES
+from mlxmoe.node import grammar_spec
 
 MAX_BODY = 8 << 20
 MAX_TOKENS_DEFAULT = 512
@@ -300,10 +300,12 @@ def parse_tools(body: dict) -> tuple[list | None, Any]:
         raise ApiError(400, "'tool_choice.type' must be 'function'", "tool_choice.type", "invalid_value")
     opt(body, "parallel_tool_calls", (bool,), "true or false")  # accepted; under "required" one call is made
     try:
-        tl.check_tool_choice(ts, choice)
-        return ts, choice
+        forced = tl.tool_grammar(ts, choice)
     except MlxMoeError as e:
         raise ApiError(400, str(e)[:300], "tool_choice", "invalid_value") from None
+    if forced is not None and len(ts) > 1 and forced["choice"] == "required":
+        _compile(forced, None)  # the whole grammar the node will get (each function's alone is checked)
+    return ts, choice
 
 
 def _tool(t: Any, where: str) -> dict:
@@ -322,24 +324,27 @@ def _tool(t: Any, where: str) -> dict:
         raise ApiError(400, f"'{where}.function.description' must be a string", f"{where}.function.description",
                        "invalid_type")
     params = fn.get("parameters", {"type": "object", "properties": {}})
-    _schema(params, f"{where}.function.parameters")
+    if not isinstance(params, dict):
+        raise ApiError(400, f"'{where}.function.parameters' must be a JSON schema object", f"{where}.function.parameters",
+                       "invalid_type")
+    _compile({"type": "tool_call", "tools": [{"type": "function", "function": {"name": name, "parameters": params}}],
+              "choice": "required"}, f"{where}.function.parameters")
     return {"type": "function", "function": {"name": name, **({"description": text(desc, f"{where}.function.description")}
                                                                if desc else {}), "parameters": params}}
 
 
-def _schema(s: Any, where: str) -> None:
-    """A JSON schema object that llguidance can compile (checked here, so a bad one is a 400 naming the field
-    before any node is asked)."""
-    if not isinstance(s, dict):
-        raise ApiError(400, f"'{where}' must be a JSON schema object", where, "invalid_type")
+def _compile(spec: dict, where: str | None) -> None:
+    """A grammar spec compiled and checked as the node will (node/grammar_spec.py: the strict rule, llguidance's
+    limits, a time bound, a cache), so a schema that cannot be enforced is a 400 naming its field before any
+    node is asked."""
     try:
-        bad, why = llguidance.LLMatcher.validate_grammar_with_warnings(llguidance.LLMatcher.grammar_from_json_schema(s))
-        err = "; ".join(why)
-    except (ValueError, TypeError, RecursionError) as e:
-        bad, err = True, str(e)
-    if bad:
-        raise ApiError(400, f"'{where}' is not a JSON schema this server can enforce: {err}"[:300], where,
-                       "invalid_value")
+        grammar_spec.compile_spec(spec, None, where)
+    except AdmissionError as e:
+        raise ApiError(503, str(e)[:300], None, "overloaded", headers={"Retry-After": "1"}) from None
+    except MlxMoeError as e:
+        field, _, why = str(e).partition(": ")
+        raise ApiError(400, f"'{field}' is not a JSON schema this server can enforce: {why}"[:300], field,
+                       "invalid_value") from None
 
 
 def parse_response_format(body: dict) -> dict | None:
@@ -356,7 +361,11 @@ def parse_response_format(body: dict) -> dict | None:
         if not isinstance(js, dict):
             raise ApiError(400, "'response_format.json_schema' must be an object {name, schema, strict}",
                            "response_format.json_schema", "invalid_type")
-        _schema(js.get("schema"), "response_format.json_schema.schema")
+        schema = js.get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object",
+                           "response_format.json_schema.schema", "invalid_type")
+        _compile({"type": "json_schema", "schema": schema}, "response_format.json_schema.schema")
     elif kind not in ("text", "json_object"):
         raise ApiError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}"[:300],
                        "response_format.type", "invalid_value")
@@ -518,8 +527,15 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
+def piece(f: dict) -> str:
+    """A token frame's token as the vocabulary spells it (its `text` is what the stream added, which a
+    held-back space or stop-string prefix moves between tokens)."""
+    p = f.get("piece")
+    return p if isinstance(p, str) else f["text"]
+
+
 def chat_lp(f: dict) -> dict:
-    return {"token": f["text"], "logprob": f["logprob"], "bytes": list(f["text"].encode()), "top_logprobs": top_list(f)}
+    return {"token": piece(f), "logprob": f["logprob"], "bytes": list(piece(f).encode()), "top_logprobs": top_list(f)}
 
 
 def chat_completion(base: dict, reply: str, lps: list[dict] | None, finish_reason: str, use: dict) -> dict:
@@ -544,6 +560,6 @@ def completion_lp(frames: list[dict], offset: int = 0) -> dict:
     for f in frames:
         offs.append(o)
         o += len(f["text"])
-    return {"tokens": [f["text"] for f in frames], "token_logprobs": [f["logprob"] for f in frames],
+    return {"tokens": [piece(f) for f in frames], "token_logprobs": [f["logprob"] for f in frames],
             "top_logprobs": [{t["text"]: t["logprob"] for t in f.get("top") or []} for f in frames]
             if any(f.get("top") for f in frames) else None, "text_offset": offs}

@@ -9,8 +9,12 @@ from typing import Any
 from aiohttp import web
 
 
+STREAM = web.RequestKey("mlxmoe_stream", web.StreamResponse)  # the request's open stream (a client that leaves)
+
+
 async def open_stream(request: web.Request, headers: dict) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers})
+    request[STREAM] = resp
     await resp.prepare(request)
     return resp
 

@@ -136,19 +136,64 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def to_openai(body: str, index: int, new_id=new_call_id) -> dict | None:
+def to_openai(body: str, index: int, new_id=new_call_id, closed: bool = True) -> dict | None:
     """One tool call's text (between the tags) as an OpenAI tool_call; None when it is not
-    a JSON {"name": str, "arguments": ...} (a truncated call, say)."""
+    a JSON {"name": str, "arguments": ...}. closed=False: the call was cut short (max_tokens):
+    a call whose name is whole is still one, with the arguments text produced so far."""
     try:
         call = json.loads(body.strip())
     except json.JSONDecodeError:
-        return None
+        call = None if closed else _cut_call(body)
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     args = call.get("arguments", call.get("parameters", {}))
     return {"index": index, "id": new_id(), "type": "function",
             "function": {"name": call["name"],
                          "arguments": args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)}}
+
+
+def _cut_call(body: str) -> dict | None:
+    """The start of a call object cut short, {"name": ..., "arguments": text so far}, read member by
+    member; None unless its name is whole (the text is no call then)."""
+    dec, text = json.JSONDecoder(), body.lstrip()
+    if not text.startswith("{"):
+        return None
+    out, i = {}, 1
+    while True:
+        i = _skip(text, i, "")
+        try:
+            key, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            break
+        i = _skip(text, i, ":")
+        if i is None or not isinstance(key, str):
+            break
+        i = _skip(text, i, "")
+        try:
+            value, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:  # the member the cut fell in: its text so far
+            if key in ("arguments", "parameters"):
+                out.setdefault(key, text[i:])
+            break
+        out.setdefault(key, value)
+        i = _skip(text, i, ",")
+        if i is None:
+            break
+    if not isinstance(out.get("name"), str):
+        return None
+    out.setdefault("arguments", out.pop("parameters", ""))
+    return out
+
+
+def _skip(text: str, i: int, sep: str) -> int | None:
+    """Past whitespace and, when sep is given, past sep and the whitespace after it (None: sep is not there)."""
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    if not sep:
+        return i
+    if not text.startswith(sep, i):
+        return None
+    return _skip(text, i + len(sep), "")
 
 
 def _held(text: str, tag: str) -> int:
@@ -188,7 +233,8 @@ class ToolCallParser:
         return out
 
     def finish(self) -> list[dict]:
-        """The rest: held-back text, or an unterminated call (parsed if whole JSON, else content)."""
+        """The rest: held-back text, or an unterminated call (cut short by max_tokens: a call when
+        its name is whole, with the arguments text so far; else content)."""
         rest, self.buf = self.buf, ""
         if self.in_call:
             self.in_call = False
@@ -199,7 +245,7 @@ class ToolCallParser:
         return [{"content": text}] if text else []
 
     def _call(self, body: str, closed: bool = True) -> list[dict]:
-        call = to_openai(body, self.calls, self.new_id)
+        call = to_openai(body, self.calls, self.new_id, closed)
         if call is None:
             return self._content(TOOL_CALL_START + body + (TOOL_CALL_END if closed else ""))
         self.calls += 1

@@ -9,12 +9,14 @@ import json
 import logging
 import secrets
 import time
+import zlib
+from array import array
 from typing import Any
 
 import aiohttp
 
 from mlxmoe.cluster.client import NodeClient
-from mlxmoe.cluster.discovery import Browser, Peer, PeerTable
+from mlxmoe.cluster.discovery import NOT_PROBED, WAITING, Browser, Peer, PeerTable
 from mlxmoe.cluster.mobility import Mobility
 from mlxmoe.cluster.router import meter, migration, placement
 from mlxmoe.cluster.router.sessions import Session, SessionIndex, session_ref
@@ -84,17 +86,26 @@ class Router:
         self.model, self.manifest_hash, self.n_groups = man.model_id, man.hash, man.n_groups
         self.peers.manifest_hash, self.peers.n_groups, self.peers.model = man.hash, man.n_groups, man.model_id
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """What a request that leaves a sampling field out gets (the node resolves the same)."""
+        return self.frontend.sampling_defaults if self.frontend is not None else {}
+
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        if self.frontend is None:
-            self._bind(await self.worker.call(self.frontend_factory))
-        from mlxmoe.cluster.tls import client_context
-        ssl = client_context(self.tls) if self.tls is not None else True
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl))
-        if self.mdns:
-            self.browser = Browser(self._on_mdns, self.interface)
-            await self.browser.start()
-        await self.probe_all()
+        try:
+            if self.frontend is None:
+                self._bind(await self.worker.call(self.frontend_factory))
+            from mlxmoe.cluster.tls import client_context
+            ssl = client_context(self.tls) if self.tls is not None else True
+            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ssl=ssl))
+            if self.mdns:
+                self.browser = Browser(self._on_mdns, self.interface)
+                await self.browser.start()
+            await self.probe_all()
+        except BaseException:  # a half-started router: no unclosed session, no thread left running
+            await self.stop()
+            raise
         self._spawn(self._warn_if_alone())
         self._probe_task = asyncio.ensure_future(self._probe_loop())
 
@@ -108,6 +119,7 @@ class Router:
         if self.http:
             await self.http.close()
         self.worker.stop()
+        await asyncio.to_thread(self.worker.join, 10)  # MLX aborts the process if its thread outlives it
 
     def _spawn(self, coro) -> None:
         t = asyncio.ensure_future(coro)
@@ -153,10 +165,14 @@ class Router:
             self._log_key_refusal(p, e)
             if e.code == "manifest_mismatch":
                 self.peers._set(p, "ignored", e.message)
-            elif not placement.down_after_failed_probe(e.code, self.streaming_at.get(p.name), time.time(), timeout):
+            elif not placement.down_after_failed_probe(e.code, self.streaming_at.get(p.name), time.time(), timeout,
+                                                       p.inflight):
                 log.info("peer %s: info probe failed (%s) but it is streaming to us: busy, not down", p.name, e.message)
-            elif p.state == "up" or (p.state == "down" and p.reason == "not probed yet"):
+            elif p.state == "up" or (p.state == "down" and p.reason in (NOT_PROBED, WAITING)):
                 self.peers.mark_down(p, f"info probe failed: {e.message}")  # keep an earlier, better reason
+            return
+        if isinstance(info.get("unavailable"), str):  # up and answering, but its engine cannot generate
+            self.peers.mark_down(p, f"its engine cannot generate: {info['unavailable'][:300]}")
             return
         self.peers.from_info(p, info)
         p.streams, p.queued = _count(info.get("streams")), _count(info.get("queued"))
@@ -271,7 +287,8 @@ class Router:
         a deterministic request's (`params`: temperature 0 or a seed) by group id among tied groups."""
         return placement.rank_candidates(self.peers.live(), s.scores, s.ranked, self.tie_margin, self.busy_until,
                                          time.time(), pinned=s.peer, exclude=exclude,
-                                         deterministic=placement.deterministic(params or {}))
+                                         deterministic=placement.deterministic(params or {}, self.sampling_defaults),
+                                         tie_key=s.tie_key)
 
     def group_for(self, s: Session, p: Peer) -> int:
         return placement.group_for(s.ranked, p.groups)
@@ -293,7 +310,9 @@ class Router:
         """Generate params for `s` on `p`: the mode's routing fields (none for
         strictly local decode, so nodes without remote calls still serve pin)."""
         if s.mode in PER_LAYER:
-            return {**params, "routing": s.mode, "peers": placement.remote_peers(self.group_urls(skip=p), p.groups)}
+            peers = placement.remote_peers(self.group_urls(skip=p), p.groups)  # a lost node's replica, if any
+            s.without = placement.missing_groups(self.n_groups, p.groups, peers)
+            return {**params, "routing": s.mode, "peers": peers}
         eg = s.expert_group
         if eg is not None and eg not in p.groups:
             url = self.group_urls(skip=p).get(str(eg))
@@ -374,7 +393,7 @@ class Router:
             raise ContextOverflow(f"prompt: {problem}")
         sc, ms = await self.score(tokens)
         s = Session(id=new_session_id(), scores=dict(sc.scores), ranked=list(sc.ranked),
-                    margin=float(sc.margin), ephemeral=hint is None and messages is None,
+                    margin=float(sc.margin), tie_key=zlib.crc32(array("i", tokens).tobytes()), ephemeral=hint is None and messages is None,
                     mode=mode or self.mob.mode, owner=owner,
                     ttl=self.api_session_ttl if hint is None else None)
         self.sessions.add(s, hint)
@@ -467,8 +486,14 @@ class Router:
         return {"model": self.model, "manifest_hash": self.manifest_hash, "uptime_s": time.time() - self.started,
                 "peers": [self._peer_status(d) for d in self.peers.status()],
                 "sessions": shown,
-                "last_placement": lp and {**lp, "session": show(lp["session"])}, "counters": dict(self.counters),
+                "last_placement": lp and self._placed(lp, show), "counters": dict(self.counters),
                 "mobility": self.mob.to_dict(), "traffic": self.traffic()}
+
+    def _placed(self, lp: dict, show) -> dict:
+        """The latest placement with where its session runs now (the best-scored group may have had no
+        free node, or lost a race or a failover since)."""
+        s = self.sessions.get(lp["session"])
+        return {**lp, "session": show(lp["session"]), "node": s.peer if s else None, "group": s.group if s else None}
 
     def _peer_status(self, d: dict) -> dict:
         """A peer's status with its load: the node's streams and queue as of

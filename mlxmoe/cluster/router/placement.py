@@ -20,6 +20,8 @@ gives the same text) every time."""
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import Iterable, Protocol, Sequence
 
 GONE = ("unreachable", "disconnected", "timeout")  # RPC error codes that mean the node itself is gone
@@ -47,10 +49,15 @@ def stalled(stalled_s, limit: float) -> bool:
     return isinstance(stalled_s, (int, float)) and not isinstance(stalled_s, bool) and stalled_s > limit
 
 
-def down_after_failed_probe(code: str, streaming_at: float | None, now: float, grace: float) -> bool:
+def down_after_failed_probe(code: str, streaming_at: float | None, now: float, grace: float,
+                            inflight: int = 0) -> bool:
     """Does a failed health probe mean the node is down? Not when it only
     timed out while one of our streams from it delivered a token within
-    `grace` seconds: it is busy, and a stream that stalls fails over by itself."""
+    `grace` seconds, or while it prefills a stream of ours (`inflight`, no
+    token yet): it is busy, and a stream that stalls fails over by itself
+    (token_timeout, first_token_timeout)."""
+    if code == "timeout" and inflight > 0:
+        return False
     if code in ("timeout", "unreachable") and streaming_at is not None:
         return now - streaming_at > grace
     return True
@@ -71,30 +78,34 @@ def node_rank(p: PeerLike, busy_until: dict[str, float], now: float) -> tuple:
     return busy(p.name, busy_until, now), load(p)
 
 
-def deterministic(params: dict) -> bool:
-    """Does this request ask for reproducible text (temperature 0, or a seed)?
-    An unset temperature is the model's default, which may sample: not deterministic."""
-    return params.get("seed") is not None or params.get("temperature") == 0
+def deterministic(params: dict, defaults: dict | None = None) -> bool:
+    """Does this request get reproducible text (temperature 0, or a seed)? An
+    unset temperature is the model's default (`defaults`): greedy unless its
+    generation_config samples."""
+    t = params.get("temperature")
+    return params.get("seed") is not None or (t if t is not None else (defaults or {}).get("temperature")) == 0
 
 
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
                     tie_margin: float, busy_until: dict[str, float], now: float,
-                    pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False) -> list:
+                    pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False,
+                    tie_key: int = 0) -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
     within `tie_margin` of the best tie, and replicas of one group tie; for a
-    `deterministic` request tied groups go by group id, so only replicas tie),
-    then least loaded (load())."""
+    `deterministic` request tied groups go in an order fixed by `tie_key`, the
+    prompt's: the same prompt always lands on the same group, different prompts
+    spread; only replicas tie), then least loaded (load())."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
     def bucket(p: PeerLike) -> tuple:
         g = group_for(ranked, p.groups)
         if g not in scores:
-            return len(ranked), 0
+            return len(ranked), b""
         if best - scores[g] <= tie_margin:
-            return 0, g if deterministic else 0
-        return ranked.index(g), 0
+            return 0, hashlib.blake2b(f"{tie_key}:{g}".encode(), digest_size=8).digest() if deterministic else b""
+        return ranked.index(g), b""
 
     out = [p for p in peers if p.name not in exclude]
     out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))
@@ -131,6 +142,11 @@ def destinations(peers: Iterable[PeerLike], group: int, busy_until: dict[str, fl
     """Nodes serving `group` (hard migration targets), best first, not `skip`."""
     return sorted((p for p in peers if group in p.groups and p.name != skip),
                   key=lambda p: node_rank(p, busy_until, now))
+
+
+def missing_groups(n_groups: int, own_groups: Iterable[int], peers: dict[str, str]) -> list[int]:
+    """The groups a per-layer routing (onehop/split) has no node for: their experts are not used."""
+    return sorted(set(range(n_groups)) - set(own_groups) - {int(g) for g in peers})
 
 
 def remote_peers(urls: dict[str, str], own_groups: Iterable[int]) -> dict[str, str]:

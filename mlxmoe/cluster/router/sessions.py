@@ -21,6 +21,7 @@ class Session:
     scores: dict[int, float]
     ranked: list[int]
     margin: float
+    tie_key: int = 0  # of its first prompt: orders tied groups for deterministic requests (placement)
     peer: str | None = None  # pinned node (Peer.name)
     group: int | None = None
     turns: int = 0
@@ -36,6 +37,7 @@ class Session:
     streak: tuple = (None, 0)  # (challenger group, consecutive checks it won)
     last_check: dict | None = None
     migrations: list[dict] = field(default_factory=list)
+    without: list[int] = field(default_factory=list)  # onehop/split: groups no live node serves (placement)
     race: dict | None = None
     remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
     meter: list = field(default_factory=list)  # the quality meter of its last turns (router/meter.py)
@@ -104,6 +106,7 @@ class Session:
                 "mode": self.mode, "routing": self.routing,
                 "expert_group": self.group if self.expert_group is None else self.expert_group,
                 "migrations": list(self.migrations), "last_check": self.last_check, "race": self.race,
+                "without_groups": list(self.without),
                 "remote_calls": sum(int(v.get("remote_calls") or 0) for v in self.remote.values()),
                 "remote_bytes": sum(int(v.get("remote_bytes") or 0) for v in self.remote.values()),
                 "remote_s": round(sum(float(v.get("remote_s") or 0) for v in self.remote.values()), 4),

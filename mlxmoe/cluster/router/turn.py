@@ -63,6 +63,7 @@ class Turn:
         self._first: dict | None = None
         self._queued: list[dict] = []  # race winner's frames, already in `generated`
         self._closed = False
+        self.without: set[int] = set()  # groups whose experts some of this turn's tokens ran without
         self.started = time.time()
         self.first_at: float | None = None  # first token's arrival (TTFT = first_at - started)
         self.ended_at: float | None = None
@@ -106,6 +107,7 @@ class Turn:
                 p.active_sessions += 1  # until the next probe says better: spreads quick placements
             s.peer, s.group = p.name, r.group_for(s, p)
             self._frames, self._first = frames, first_frame
+            self.without |= set(s.without)
             return
         r.count("rejected")
         if retry_after is not None:
@@ -213,6 +215,15 @@ class Turn:
         if self.first_at is None:
             self.first_at = time.time()
         self.s.got_token()
+
+    def notice(self) -> dict | None:
+        """What the client is told beside the answer (the final chunk's `mlxmoe`): groups whose
+        experts part of it ran without (onehop/split, no live node of theirs)."""
+        if not self.without:
+            return None
+        return {"without_groups": sorted(self.without),
+                "note": f"part of this answer ran without the experts of group(s) {sorted(self.without)}: "
+                        "no live node serves them"}
 
     def stats(self) -> dict:
         """This turn for the access log: session ref, node, group, tokens, TTFT, tok/s."""
