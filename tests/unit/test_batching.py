@@ -231,3 +231,28 @@ def test_a_failing_row_ends_alone_and_the_batch_goes_on(bundle, monkeypatch):
     s = node.sessions.sessions["bad"]
     assert len(got["bad"]) >= 2 and s.tokens == b + [e.token for e in got["bad"]] and not s.busy
     assert all(c.offset == len(s.tokens) for c in s.cache)
+
+
+def test_prompt_work_beside_decoding_rows_is_paced(bundle):
+    """Beside a decoding row, a step (and a member's paced prefill call) computes only what the
+    measured rate fits in the budget: a long prompt never holds the engine for its whole length."""
+    node = Node.load(bundle, 0, kv_bits=None)
+    node.batch.pace = Pace(2048, 0.05)
+    node.batch.pace.rate = 400.0  # tokens/s: 20 tokens per step
+    long = node.encode("the quick brown fox jumps over the lazy dog " * 6)
+    running = node.generate("running", node.encode("def add(a, b):"), GenParams(max_tokens=40))
+    next(running)
+    assert node.batch.decoding()
+    pieces = []
+    while (n := node.prefill("member", long, paced=True)) > 0:
+        pieces.append(n)
+        node.batch.pace.rate = 400.0  # (each call measures anew: keep the test's pace)
+        next(running)  # the running stream decodes in between
+    assert sum(pieces) == len(long) and len(pieces) >= 3 and max(pieces) <= 20
+    whole = Node.load(bundle, 0, kv_bits=None)
+    whole.prefill("member", long)
+    a, b = node.sessions.sessions["member"], whole.sessions.sessions["member"]
+    assert a.tokens == b.tokens == long
+    for x, y in zip(a.cache, b.cache):
+        np.testing.assert_allclose(np.array(x.keys[..., :x.offset, :]), np.array(y.keys[..., :y.offset, :]), atol=1e-5)
+    running.close()
