@@ -65,10 +65,24 @@ class Manifest:
         return list(self.grouping["layers"][str(layer)][g])
 
     def expert_bytes(self) -> float:
-        """Bytes of one routed expert at one layer (from the group files' sizes)."""
-        total = sum(f["size"] for f in self.files.values() if f["role"] == "group")
+        """Bytes of one routed expert at one layer (from the group and overlay files' sizes)."""
+        total = sum(f["size"] for f in self.files.values() if f["role"] in ("group", "overlay"))
         rows = sum(len(self.group_experts(l, g)) for l in self.moe_layers for g in range(self.n_groups))  # overlap repeats rows
-        return total / rows
+        if any(f["role"] == "overlay" for f in self.files.values()):
+            rows += sum(len(self.overlay_experts(l)) for l in self.moe_layers)
+        return total / max(rows, 1)
+
+    def left_out(self, layer: int) -> list[int]:
+        """Experts no node holds at `layer` (a layout whose nodes together hold less than the model)."""
+        return list(self.grouping.get("left_out", {}).get(str(layer), []))
+
+    def placement_layers(self) -> list[int]:
+        """The MoE layers placement scores (a layout's first layer whose node sets differ; else the first)."""
+        return list(self.grouping.get("placement", {}).get("layers") or self.moe_layers[:1])
+
+    def whole_layers(self) -> list[int]:
+        """MoE layers whose every expert is in the overlay (on every node; the router's front end loads them)."""
+        return [l for l in self.moe_layers if len(self.overlay_experts(l)) == self.n_experts]
 
     @property
     def overlapping(self) -> bool:
@@ -145,8 +159,9 @@ class Manifest:
             groups = layers.get(str(layer))
             if not isinstance(groups, list) or len(groups) != self.n_groups:
                 raise ManifestError(f"{where}: grouping.layers[{layer}] must list {self.n_groups} groups")
-            check_partition(groups, n, f"{where}: grouping.layers[{layer}]", self.overlapping)
             ov = self.overlay_experts(layer)
+            check_partition(groups, n, f"{where}: grouping.layers[{layer}]", self.overlapping,
+                            set(ov) | set(self.left_out(layer)))
             bad = [e for e in ov if not (isinstance(e, int) and 0 <= e < n)]
             if bad or len(set(ov)) != len(ov):
                 raise ManifestError(f"{where}: overlay.layers[{layer}]: experts must be distinct ids in 0..{n - 1}, got {bad or ov}")
@@ -175,11 +190,12 @@ class Manifest:
                 raise BundleError(f"{p}: sha256 does not match {FILENAME}; the file is corrupt or from another split")
 
 
-def check_partition(groups, n: int, where: str, overlap: bool = False):
-    """Every expert in exactly one group; with overlap=True in at least one."""
-    seen: dict[int, int] = {}
+def check_partition(groups, n: int, where: str, overlap: bool = False, elsewhere: set = frozenset()):
+    """Every expert in exactly one group; with overlap=True in at least one, or `elsewhere` (the
+    overlay, or left out: a layout's coverage below 1), and then a group may be empty."""
+    seen: dict[int, int] = {e: -1 for e in elsewhere} if overlap else {}
     for g, ids in enumerate(groups):
-        if not isinstance(ids, list) or not ids:
+        if not isinstance(ids, list) or (not ids and not (overlap and elsewhere)):
             raise ManifestError(f"{where}: group {g} must be a non-empty list of expert ids")
         if len(set(ids)) != len(ids):
             raise ManifestError(f"{where}: group {g} lists an expert twice")

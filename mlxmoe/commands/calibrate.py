@@ -40,6 +40,11 @@ def parse_budget(text: str | None) -> tuple | None:
 @click.option("--set-size", type=int, help="domain-sets: experts per node per layer (default: 1.5x a plain 1/N share).")
 @click.option("--set-budget", help="domain-sets: memory per node instead of --set-size: bytes for the node's weights "
               "(trunk + overlay + its set, e.g. 2GB) or a ratio of a plain node's (trunk + 1/N of the experts, e.g. 1.5x).")
+@click.option("--budgets", help="One eligible set per node, sized to each node's memory and laid out by measurement: "
+              "multiples of a plain share (1x,1.5x,3x) or each Mac's memory (24GB,64GB,192GB; KV at --context "
+              "and OS headroom taken off, as `plan` counts). A budget that holds every expert serves the exact model.")
+@click.option("--context", type=int, default=32768, show_default=True,
+              help="--budgets in bytes: the context each node keeps KV for.")
 @click.option("--groups", "n_groups", type=int, help="Number of groups when regrouping (default: the bundle's).")
 @click.option("--source", help="Re-split from this checkpoint instead of rewriting the bundle's own expert files.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write the calibrated bundle here (default: in place).")
@@ -54,11 +59,15 @@ def parse_budget(text: str | None) -> tuple | None:
               help="--heal: Adam learning rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule, strategy, set_size, set_budget,
-                  n_groups, source, out, no_super_check, heal, heal_params, heal_steps, heal_lr, as_json):
+                  budgets, context, n_groups, source, out, no_super_check, heal, heal_params, heal_steps, heal_lr,
+                  as_json):
     """Measure gate statistics on a prompt suite and write an overlay (and,
     with --grouping, a grouping) into BUNDLE.
 
-    Example: mlxmoe calibrate bundles/qwen3-30b --overlay-per-layer 8 --grouping coactivation
+    \b
+    Examples:
+      mlxmoe calibrate bundles/qwen3-30b --budgets 24GB,64GB,192GB   # the layout for your Macs
+      mlxmoe calibrate bundles/qwen3-30b --overlay-per-layer 8 --grouping coactivation
     """
     if overlay_per_layer is not None and overlay_bytes is not None:
         raise click.UsageError("give --overlay-per-layer or --overlay-bytes, not both")
@@ -71,11 +80,16 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     budget = parse_budget(set_budget)
     warn_builtin(bundle, [("--suite", suites)])
     mode = "json" if as_json else "bar"
-    regroup = any(v is not None for v in (overlay_per_layer, overlay_bytes, strategy, set_size, set_budget, n_groups, source))
+    regroup = any(v is not None for v in (overlay_per_layer, overlay_bytes, strategy, set_size, set_budget, n_groups,
+                                          source, budgets))
     r = {}
     if regroup or not heal:
+        from mlxmoe.quality.layout import parse_budgets
+
+        per_node = clean_errors(parse_budgets, budgets) if budgets else None
+        kv = clean_errors(kv_bytes_for, bundle, context) if per_node and any(k == "bytes" for k, _ in per_node) else 0
         r = clean_errors(calibrate, bundle, suites, overlay_per_layer, size, overlay_rule, strategy, source, out, n_groups,
-                         not no_super_check, mode, set_size, budget)
+                         not no_super_check, mode, set_size, budget, per_node, kv)
     if heal:
         from mlxmoe.quality.heal import heal_bundle, parse_trainable
 
@@ -91,6 +105,8 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
     c = r["calibration"]
     click.echo(f"calibrated {r['out']}  (manifest {r['manifest_hash']})")
     click.echo(f"  tokens: {sum(c['tokens'].values())} over {len(c['tokens'])} domains ({', '.join(c['suites'])})")
+    if "layout" in c:
+        return echo_layout(c["layout"])
     click.echo(f"  overlay: {c['overlay_per_layer']} experts/layer by {c['overlay_rule']}, "
                f"{c['overlay_bytes_per_node'] / 1e6:.1f} MB per node; grouping: {c['grouping']}")
     if "set_size" in c:
@@ -98,6 +114,28 @@ def calibrate_cmd(bundle, suites, overlay_per_layer, overlay_bytes, overlay_rule
                    + (f" (budget {c['set_budget']})" if c.get("set_budget") else "")
                    + f", x{c['mem_ratio']:.2f} the memory of a plain node")
     click.echo(f"  super experts: {c['super_experts'] or 'none found'}")
+
+
+def kv_bytes_for(bundle: str, context: int) -> float:
+    """A node's KV cache at `context` tokens, as `plan` counts it (the bundle's KV bits)."""
+    from mlxmoe.bundle.manifest import Manifest
+    from mlxmoe.bundle.plan import counts_from_config, node_bytes
+
+    m = Manifest.load(bundle)
+    k = counts_from_config(m.model["config"])
+    return node_bytes(k, 1, context=context, kv_bits=m.quantization.get("kv_bits"))["kv"]
+
+
+def echo_layout(lay: dict) -> None:
+    click.echo(f"  layout for {len(lay['nodes'])} nodes ({', '.join(lay['budgets'])}); placement scores at MoE layer "
+               f"{lay['placement']['layers']}; coverage {lay['coverage']:.1%}")
+    for g, nd in enumerate(lay["nodes"]):
+        q = nd.get("held_out") or {}
+        qual = (f"held out: ppl x{q['mean']['ppl_ratio']:.3f} mean / x{q['worst']['ppl_ratio']:.3f} worst, "
+                f"agreement {q['mean']['agreement']:.2f}") if q else ""
+        what = "every expert (the exact model)" if nd["full_model"] else f"{nd['experts']} experts"
+        click.echo(f"  node {g}: {nd['budget']:>8s}  {what}, {nd['bytes'] / 1e6:.1f} MB (x{nd['mem_ratio']:.2f}), "
+                   f"whole layers {nd['whole_layers'] or '-'}; {qual}")
 
 
 def echo_heal(r: dict) -> None:

@@ -56,11 +56,14 @@ class Loaded:
             moe.set_eligible(b, n, None if per_layer is None else per_layer[l])
 
 
-def _files_for(m: Manifest, group, experts: bool) -> list[str]:
+def _files_for(m: Manifest, group, experts) -> list[str]:
+    overlay = [OVERLAY_FILE] if OVERLAY_FILE in m.files else []
+    if experts == WHOLE:
+        return [TRUNK_FILE] + (overlay if m.whole_layers() else [])
     if not experts:
         return [TRUNK_FILE]
-    if group is None:
-        return [TRUNK_FILE] + [group_file(g) for g in range(m.n_groups)]
+    if group is None:  # (a layout keeps the experts every node holds in the overlay alone)
+        return [TRUNK_FILE] + [group_file(g) for g in range(m.n_groups)] + overlay
     if not 0 <= group < m.n_groups:
         raise BundleError(f"group {group} does not exist: this bundle has groups 0..{m.n_groups - 1}")
     extra = [OVERLAY_FILE] if OVERLAY_FILE in m.files else []
@@ -68,10 +71,18 @@ def _files_for(m: Manifest, group, experts: bool) -> list[str]:
     return [TRUNK_FILE, group_file(group)] + extra
 
 
-def _expert_weights(d: Path, m: Manifest, arch: Arch, group) -> tuple[dict, dict]:
-    """Stacked local expert tensors and the global ids of their rows, per layer."""
-    if group is None:
+def _expert_weights(d: Path, m: Manifest, arch: Arch, group, whole: bool = False) -> tuple[dict, dict]:
+    """Stacked local expert tensors and the global ids of their rows, per layer (whole: only the
+    layers whose every expert is in the overlay, for the router's front end)."""
+    if whole:
+        keep = m.whole_layers()
+        ov = mx.load(str(d / OVERLAY_FILE)) if keep else {}
+        parts = [({n: t for n, t in ov.items() if int(n.split(".")[2]) in keep},
+                  [m.overlay_experts(l) if l in keep else [] for l in m.moe_layers])]
+    elif group is None:
         parts = [(mx.load(str(d / group_file(g))), [m.group_experts(l, g) for l in m.moe_layers]) for g in range(m.n_groups)]
+        if OVERLAY_FILE in m.files:
+            parts.append((mx.load(str(d / OVERLAY_FILE)), [m.overlay_experts(l) for l in m.moe_layers]))
     else:
         parts = [(mx.load(str(d / group_file(group))), [m.group_experts(l, group) for l in m.moe_layers])]
         if OVERLAY_FILE in m.files:
@@ -89,8 +100,10 @@ def _expert_weights(d: Path, m: Manifest, arch: Arch, group) -> tuple[dict, dict
     for i, l in enumerate(m.moe_layers):
         ids = [e for _, ids in parts for e in ids[i]]
         # the full model keeps experts in global order, so that masks (eval) index it directly
-        order = first_rows(ids) if group is None else None
-        local_ids[l] = sorted(set(ids)) if group is None else ids
+        order = first_rows(ids) if group is None and not whole else None
+        if whole and not ids:
+            continue  # not loaded: the front end stops before this layer's experts
+        local_ids[l] = sorted(set(ids)) if group is None and not whole else ids
         prefix = f"model.layers.{l}.{arch.block}.{arch.experts}."
         names = {n for w, _ in parts for n in w if n.startswith(prefix)}
         for n in names:
@@ -98,6 +111,9 @@ def _expert_weights(d: Path, m: Manifest, arch: Arch, group) -> tuple[dict, dict
             t = pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
             weights[n] = t if order is None or order == list(range(len(ids))) else t[mx.array(order)]
     return weights, local_ids
+
+
+WHOLE = "whole"  # load_bundle(experts=WHOLE): the trunk and the layers whose every expert is on every node
 
 
 def _resize_experts(model, m: Manifest, arch: Arch, local_ids: dict):
@@ -112,9 +128,11 @@ def _resize_experts(model, m: Manifest, arch: Arch, local_ids: dict):
                     lin.bias = lin.bias[:n]
 
 
-def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, verify: bool = True,
+def load_bundle(bundle_dir, group: int | None = None, *, experts: bool | str = True, verify: bool = True,
                 dtype=None, healed: bool = True) -> Loaded:
-    """`healed=False`: leave out the group's healed parameters (before/after comparisons)."""
+    """experts=False: the trunk alone; experts=WHOLE: the trunk and the layers every node holds whole
+    (the router's front end scores placement after them). `healed=False`: leave out the group's
+    healed parameters (before/after comparisons)."""
     from mlx_lm.utils import _get_classes, infer_quant_config
 
     d = Path(bundle_dir)
@@ -132,7 +150,7 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
     local_ids: dict = {}
     expert_bytes = 0
     if experts:
-        ew, local_ids = _expert_weights(d, m, arch, group)
+        ew, local_ids = _expert_weights(d, m, arch, group, whole=experts == WHOLE)
         expert_bytes = sum(t.nbytes for t in ew.values())
         weights.update(ew)
     _resize_experts(model, m, arch, local_ids)
@@ -144,7 +162,7 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
 
     nn.quantize(model, group_size=64, bits=4, class_predicate=quantized)
     try:
-        model.load_weights(list(weights.items()), strict=experts)
+        model.load_weights(list(weights.items()), strict=experts is True)
     except ValueError as e:
         raise BundleError(f"{d}: bundle does not fit the {config['model_type']} model of its manifest: {e}") from None
     for l in m.moe_layers:
@@ -156,13 +174,13 @@ def load_bundle(bundle_dir, group: int | None = None, *, experts: bool = True, v
     model.eval()
     mx.eval(model.parameters())
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    loaded = Loaded(model, m, arch, group if experts else None, local_ids,
+    loaded = Loaded(model, m, arch, group if experts is True else None, local_ids,
                     {"trunk": total - expert_bytes if experts else total, "experts": expert_bytes, "total": total})
     if experts and group is not None and healed and heal_file(group) in m.files:
         # before the fused paths read the weights; a node with every expert eligible ignores them
         applied = heal.apply_to_node(loaded, dict(mx.load(str(d / heal_file(group)))))
         loaded.bytes["heal"] = m.files[heal_file(group)]["size"] if applied else 0  # on disk; merged in memory
-    if experts:
+    if experts is True:
         fused.install(loaded)
     return loaded
 

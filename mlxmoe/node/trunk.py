@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.placement import PlacementScores
-from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
+from mlxmoe.model.load import WHOLE, Loaded, load_bundle, load_generation_config, load_tokenizer
 from mlxmoe.model.moe import GateRecorder
 from mlxmoe.node.contract import SAMPLING_DEFAULTS, model_defaults
 from mlxmoe.node.tokens import Tokens
@@ -40,11 +40,12 @@ class TrunkFrontend(Tokens):
 
     @classmethod
     def load(cls, bundle_dir, verify: bool = True) -> "TrunkFrontend":
-        return cls(load_bundle(bundle_dir, None, experts=False, verify=verify), load_tokenizer(bundle_dir),
+        """The trunk, and the MoE layers every node holds whole (a layout's: placement scores after them)."""
+        return cls(load_bundle(bundle_dir, None, experts=WHOLE, verify=verify), load_tokenizer(bundle_dir),
                    model_defaults(load_generation_config(bundle_dir)))
 
     def score(self, tokens: list[int]) -> PlacementScores:
         t0 = time.perf_counter()
-        s = score_groups(self.manifest, gate_logits(self.loaded, tokens))
+        s = score_groups(self.manifest, gate_logits(self.loaded, tokens, self.manifest.placement_layers()))
         s.elapsed_ms = (time.perf_counter() - t0) * 1e3
         return s

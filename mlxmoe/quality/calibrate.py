@@ -21,6 +21,7 @@ import numpy as np
 from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, Manifest, first_rows, group_file
 from mlxmoe.bundle.writer import write_bundle
 from mlxmoe.errors import MlxMoeError
+from mlxmoe.quality import autolayout
 from mlxmoe.quality import grouping as gr
 from mlxmoe.quality.metrics import kl_per_token, logp_of
 from mlxmoe.quality.stats import collect
@@ -105,12 +106,20 @@ def rebundle(bundle: Path, out: Path, grouping: dict, overlay: dict, calibration
 
 
 def _all_experts(bundle: Path, m: Manifest) -> dict:
-    parts = [(mx.load(str(bundle / group_file(g))), g) for g in range(m.n_groups)]
+    """name -> (layer, [E, ...] rows in global order) from the group files and the overlay (a
+    layout keeps the experts every node holds there alone)."""
+    parts = [(mx.load(str(bundle / group_file(g))), lambda l, g=g: m.group_experts(l, g)) for g in range(m.n_groups)]
+    if OVERLAY_FILE in m.files:
+        parts.append((mx.load(str(bundle / OVERLAY_FILE)), m.overlay_experts))
     out = {}
-    for name in parts[0][0]:
+    for name in sorted({n for w, _ in parts for n in w}):
         l = int(name.split(".")[2])
-        ids = [e for _, g in parts for e in m.group_experts(l, g)]
-        stacked = mx.concatenate([w[name] for w, _ in parts], axis=0)
+        have = [(w, ids(l)) for w, ids in parts if name in w]
+        ids = [e for _, i in have for e in i]
+        if len(set(ids)) < m.n_experts:
+            raise MlxMoeError(f"{bundle}: layer {l} holds {len(set(ids))} of {m.n_experts} experts (a layout that "
+                              "left some out): calibrate from the full bundle, or give --source")
+        stacked = mx.concatenate([w[name] for w, _ in have], axis=0)
         out[name] = (l, stacked[mx.array(first_rows(ids))])  # row e = global expert e
     return out
 
@@ -129,9 +138,12 @@ def _save_rows(path: Path, full: dict, rows_for):
 def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay_bytes: int | None = None,
               rule: str = "mass", strategy: str | None = None, source: str | None = None, out=None,
               n_groups: int | None = None, super_check: bool = True, progress_mode: str = "quiet",
-              set_size: int | None = None, set_budget: tuple | None = None) -> dict:
+              set_size: int | None = None, set_budget: tuple | None = None, budgets: list | None = None,
+              kv_bytes: float = 0.0) -> dict:
     """`set_budget`: ("bytes", n) or ("ratio", r) per node, for domain-sets
-    instead of `set_size` (grouping.set_size_for_budget)."""
+    instead of `set_size` (grouping.set_size_for_budget). `budgets`: one per node
+    (layout.parse_budgets): the automatic layout (autolayout.py) instead of a
+    grouping; `kv_bytes` is what a node keeps for its KV cache when a budget is bytes."""
     from mlxmoe.model.load import load_bundle, load_tokenizer
     from mlxmoe.progress import progress
 
@@ -143,7 +155,10 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
         raise MlxMoeError(f"--grouping {strategy!r}: choose from {', '.join(gr.STRATEGIES + gr.SET_STRATEGIES)}")
     names, passages = load_suites(suites, "calibration")
     m = Manifest.load(bundle)
-    groups = n_groups or m.n_groups
+    if budgets is not None and (strategy or set_size or set_budget or overlay_per_layer or overlay_bytes):
+        raise MlxMoeError("--budgets finds the grouping and overlay itself: leave out --grouping, --set-size, "
+                          "--set-budget and the overlay options")
+    groups = len(budgets) if budgets is not None else n_groups or m.n_groups
     if strategy in gr.SET_STRATEGIES:  # fail before the statistics pass, not after
         gr.check_set_domains([p.domain for p in passages], groups)
         known_ov = m.expert_bytes() * len(m.moe_layers) * (overlay_per_layer or 0) if overlay_bytes is None else overlay_bytes
@@ -156,8 +171,13 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
         raise MlxMoeError("--set-size / --set-budget size domain-sets: give them with --grouping domain-sets")
     loaded = load_bundle(bundle)
     items = tokenize(load_tokenizer(bundle), passages)
+    held = []
+    if budgets is not None:  # the report is on passages the layout never saw
+        items, held = autolayout.split_held_out(items)
     with progress(sum(len(i) for _, i in items), "calibrate", progress_mode, unit="items") as p:
         stats = collect(loaded, items, p.advance)
+    if budgets is not None:
+        return _layout(bundle, out, m, loaded, stats, items, held, budgets, kv_bytes, names, source, progress_mode)
     sup = find_super_experts(loaded, stats, items) if super_check else {"experts": {}, "checked": []}
     stats.super_experts = sup["experts"]
     per_expert = m.expert_bytes()
@@ -193,16 +213,33 @@ def calibrate(bundle, suites=None, overlay_per_layer: int | None = None, overlay
     }
     overlay = {"source": f"calibrate:{rule}", "layers": {str(l): v for l, v in ov.items() if v}}
     del loaded
-    if source:
-        from mlxmoe.bundle.split import split
+    return {"out": str(out), "manifest_hash": _write(bundle, out, m, source, gmap, overlay, calib).hash,
+            "calibration": calib}
 
-        q = m.quantization
-        e, t = q.get("experts") or {}, q.get("trunk") or {}
-        new = split(source, str(out), groups, overlay, gmap, e.get("bits"), e.get("group_size", 64), t.get("bits"),
-                    q.get("kv_bits"), force=True, calibration=calib)
-    else:
-        new = rebundle(bundle, out, gmap, overlay, calib)
-    return {"out": str(out), "manifest_hash": new.hash, "calibration": calib}
+
+def _layout(bundle, out, m, loaded, stats, fit, held, budgets, kv_bytes, names, source, progress_mode) -> dict:
+    from mlxmoe.progress import progress
+
+    with progress(autolayout.work(stats, fit, held, len(budgets)), "layout", progress_mode, unit="passes") as p:
+        gmap, overlay, report = autolayout.build(loaded, m, stats, fit, held, budgets, kv_bytes, advance=p.advance)
+    calib = {"suites": names, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "tokens": dict(stats.tokens), "passages": len(fit), "grouping": "layout", "layout": report,
+             "stats": stats.summary()}
+    del loaded
+    return {"out": str(out), "manifest_hash": _write(bundle, out, m, source, gmap, overlay, calib).hash,
+            "calibration": calib}
+
+
+def _write(bundle, out, m: Manifest, source, gmap: dict, overlay: dict, calib: dict) -> Manifest:
+    """The calibrated bundle: re-split from `source`, or rewritten from the bundle's own files."""
+    if not source:
+        return rebundle(bundle, out, gmap, overlay, calib)
+    from mlxmoe.bundle.split import split
+
+    q = m.quantization
+    e, t = q.get("experts") or {}, q.get("trunk") or {}
+    return split(source, str(out), len(next(iter(gmap["layers"].values()))), overlay, gmap, e.get("bits"),
+                 e.get("group_size", 64), t.get("bits"), q.get("kv_bits"), force=True, calibration=calib)
 
 
 def _keep_grouping(m: Manifest, n_groups: int, ov: dict) -> dict:

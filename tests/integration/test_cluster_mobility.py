@@ -107,6 +107,8 @@ def cluster(engines, fixed=None, **mob):
     ({"mlxmoe": "race"}, None, "mlxmoe"),
     ({"mlxmoe": {"mode": "fastest"}}, None, "mlxmoe.mode"),
     ({"mlxmoe": {"mode": 3}}, None, "mlxmoe.mode"),
+    ({"mlxmoe": {"prefer": "fast"}}, None, "mlxmoe.prefer"),
+    ({"mlxmoe": {"prefer": 1}}, None, "mlxmoe.prefer"),
     ({"mlxmoe": {"mdoe": "race"}}, None, "mlxmoe.mdoe"),
     ({}, "teleport", "X-Mlxmoe-Mode"),
     ({"mlxmoe": {"mode": "race"}}, "soft", "X-Mlxmoe-Mode"),

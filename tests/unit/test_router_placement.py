@@ -144,3 +144,12 @@ def test_a_probe_timing_out_while_our_stream_prefills_is_busy_not_down():
     assert not pl.down_after_failed_probe("timeout", streaming_at=None, now=100.0, grace=2.0, inflight=1)
     assert pl.down_after_failed_probe("timeout", streaming_at=None, now=100.0, grace=2.0, inflight=0)
     assert pl.down_after_failed_probe("unreachable", streaming_at=None, now=100.0, grace=2.0, inflight=1)  # refused
+
+
+def test_prefer_quality_keeps_the_best_node_and_speed_takes_the_least_loaded():
+    scores = {0: 0.5, 1: 0.8, 2: 0.95}  # node c holds the largest set (a 3x budget): it serves best
+    ranked = [2, 1, 0]
+    ps = [loaded("a", [0]), loaded("b", [1]), loaded("c", [2], inflight=4)]
+    assert pl.rank_candidates(ps, scores, ranked, 0.02, {}, 0.0)[0].name == "c"  # quality, whatever its load
+    assert pl.rank_candidates(ps, scores, ranked, 0.02, {}, 0.0, prefer="speed")[0].name == "a"
+    assert pl.rank_candidates(ps, scores, ranked, 0.02, {"c": 10.0}, 0.0)[0].name == "b"  # full: spills to the next

@@ -26,7 +26,8 @@ SEED_LIMIT = 1 << 64  # nodes seed with an unsigned 64-bit integer
 BODY_TIMEOUT = 30.0  # seconds to receive a whole body once the headers are in
 SESSION_HEADERS = ("X-Mlxmoe-Session", "X-Session-Id")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-EXTENSION_FIELDS = ("mode",)  # the "mlxmoe" object of a request body
+EXTENSION_FIELDS = ("mode", "prefer")  # the "mlxmoe" object of a request body
+PREFER = ("quality", "speed")  # "mlxmoe": {"prefer": ...}: the node that serves best, or the least loaded
 MODE_HEADER = "X-Mlxmoe-Mode"
 
 
@@ -491,6 +492,16 @@ def requested_mode(headers, body: dict) -> str | None:
                            "invalid_value")
         mode = h
     return mode
+
+
+def requested_prefer(body: dict) -> str | None:
+    """"mlxmoe": {"prefer": "quality" | "speed"}: where a new chat goes (requested_mode checked the object)."""
+    ext = body.get("mlxmoe")
+    prefer = ext.get("prefer") if isinstance(ext, dict) else None
+    if prefer is not None and prefer not in PREFER:
+        raise ApiError(400, f"'mlxmoe.prefer' must be one of {', '.join(PREFER)}, got {prefer!r}"[:300],
+                       "mlxmoe.prefer", "invalid_value")
+    return prefer
 
 
 async def read_json(request: web.Request, timeout: float = BODY_TIMEOUT) -> dict:

@@ -89,13 +89,14 @@ def deterministic(params: dict, defaults: dict | None = None) -> bool:
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
                     tie_margin: float, busy_until: dict[str, float], now: float,
                     pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False,
-                    tie_key: int = 0) -> list:
+                    tie_key: int = 0, prefer: str = "quality") -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
     within `tie_margin` of the best tie, and replicas of one group tie; for a
     `deterministic` request tied groups go in an order fixed by `tie_key`, the
     prompt's: the same prompt always lands on the same group, different prompts
-    spread; only replicas tie), then least loaded (load())."""
+    spread; only replicas tie), then least loaded (load()). prefer="speed": load
+    before rank (a chat may go to a node with a smaller set: it serves it sooner)."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
@@ -108,7 +109,10 @@ def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked:
         return ranked.index(g), b""
 
     out = [p for p in peers if p.name not in exclude]
-    out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))
+    if prefer == "speed":
+        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), load(p), bucket(p)))
+    else:
+        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))
     return out
 
 

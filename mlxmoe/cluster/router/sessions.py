@@ -32,6 +32,7 @@ class Session:
     keys: list[str] = field(default_factory=list)  # hints and prefix hashes that lead here
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     mode: str = DEFAULT_MODE
+    prefer: str = "quality"  # where it goes: the node that serves it best, or ("speed") the least loaded
     expert_group: int | None = None  # soft migration: the group computing every MoE layer's experts
     context: list[int] = field(default_factory=list)  # last turn's prompt + reply
     streak: tuple = (None, 0)  # (challenger group, consecutive checks it won)
@@ -103,7 +104,7 @@ class Session:
         return {**self.live(now), "active": self.streaming or now - self.last_used <= active_s,
                 "api": self.ttl is not None, "id": self.id, "ref": self.ref, "node": self.peer, "group": self.group,
                 "scores": {str(g): s for g, s in self.scores.items()}, "margin": self.margin,
-                "mode": self.mode, "routing": self.routing,
+                "mode": self.mode, "routing": self.routing, "prefer": self.prefer,
                 "expert_group": self.group if self.expert_group is None else self.expert_group,
                 "migrations": list(self.migrations), "last_check": self.last_check, "race": self.race,
                 "without_groups": list(self.without),
