@@ -80,3 +80,32 @@ def hf_model(path):
 
 def config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+# A suite of three kinds of text for the tiny tokenizer (layouts need one domain cluster per node).
+SUITE = [{"domain": d, "text": t} for d, texts in {
+    "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+             "class A:\n    def f(self):\n        return 1\n", "import os\nprint(os.getcwd())\n",
+             "while True:\n    break\n", "x = [i * i for i in range(5)]\n"],
+    "prose": ["the quick brown fox jumps over the lazy dog", "a mixture of experts routes each token",
+              "the dog sleeps in the sun all day long", "mixture models of experts are large",
+              "the fox runs over the hill and away", "each token goes to a few experts"],
+    "records": ['{"name": "mlxmoe", "groups": 3}', '{"id": 1, "ok": true}', '{"a": [1, 2, 3]}',
+                '{"key": "value", "n": 42}', '{"x": 1.5, "y": -2}', '{"list": [], "map": {}}'],
+}.items() for t in texts]
+
+
+def make_layout(d: Path, budgets=(("ratio", 1.0), ("ratio", 1.3), ("ratio", 2.0))) -> tuple[Path, dict]:
+    """A tiny qwen3_moe split unquantized, then `calibrate --budgets`: three unequal nodes, the
+    last holding every expert (its trunk dwarfs its experts: 2x a plain share holds them all).
+    Returns (the layout bundle, its calibration report)."""
+    from mlxmoe.bundle.split import split
+    from mlxmoe.quality.calibrate import calibrate
+
+    d = Path(d)
+    src = make_checkpoint("qwen3_moe", d / "src", seed=5)
+    split(str(src), d / "b", 2, bits=None, trunk_bits=None)
+    suite = d / "suite.jsonl"
+    suite.write_text("\n".join(json.dumps(r) for r in SUITE))
+    r = calibrate(d / "b", [str(suite)], out=d / "lay", budgets=list(budgets))
+    return d / "lay", r["calibration"]["layout"]

@@ -198,6 +198,33 @@ def heal_bytes(source: str) -> int:
     return Manifest.load(p).heal_bytes() if p.is_file() else 0
 
 
+def layout_of(source: str) -> dict | None:
+    """A layout bundle's nodes (`calibrate --budgets`): per node its set (experts, bytes of trunk +
+    experts from the bundle's files, mem_ratio, whole layers, full_model) and its expected quality,
+    pinned, on the calibration suite's held-out passages (None where not measured). None: no layout."""
+    from mlxmoe.bundle.manifest import FILENAME, Manifest
+
+    p = Path(source) / FILENAME
+    if not p.is_file():
+        return None
+    m = Manifest.load(p)
+    if m.grouping.get("strategy") != "layout" or not m.grouping.get("nodes"):
+        return None
+    lay = (m.calibration or {}).get("layout") or {}
+    measured = lay.get("nodes") or []
+    out = []
+    for g, nd in enumerate(m.grouping["nodes"]):
+        q = (measured[g].get("held_out") if g < len(measured) else None) or None
+        expected = q and {"ppl_ratio": q["mean"]["ppl_ratio"], "worst_ppl_ratio": q["worst"]["ppl_ratio"],
+                          "agreement": q["mean"]["agreement"], "worst_agreement": q["worst"]["agreement"],
+                          "kl": q["mean"]["kl"], "passages": q.get("passages")}
+        out.append({"group": g, **{k: nd.get(k) for k in ("budget", "experts", "bytes", "mem_ratio", "whole_layers",
+                                                           "full_model")}, "expected": expected})
+    return {"budgets": lay.get("budgets") or [nd.get("budget") for nd in out], "nodes": out,
+            "coverage": lay.get("coverage", 1.0), "placement_layers": m.placement_layers(),
+            "slots_per_node": m.n_experts * len(m.moe_layers)}
+
+
 def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
     k, basis = resolve_counts(source)
     usable = [n * headroom for n in nodes]
@@ -205,11 +232,19 @@ def plan(source: str, nodes: list[float], *, headroom=0.75, **kw) -> dict:
     fit = next((n for n, b in per.items() if b["total"] <= min(usable)), None)
     n_groups = min(len(nodes), k.n_experts)
     b = per[n_groups]
-    return {"source": source, "basis": basis, "params_total": k.total, "params_active": k.active,
-            "counts": asdict(k), "n_groups": n_groups, "per_node": b, "heal_bytes_per_node": heal_bytes(source),
-            "nodes": [{"memory": n, "usable": u, "fits": b["total"] <= u} for n, u in zip(nodes, usable)],
-            "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom},
-            "kv_note": kv_note(k, kw.get("kv_bits", 8))}
+    r = {"source": source, "basis": basis, "params_total": k.total, "params_active": k.active,
+         "counts": asdict(k), "n_groups": n_groups, "per_node": b, "heal_bytes_per_node": heal_bytes(source),
+         "expert_bytes": qbytes(k.expert, kw.get("bits", 4), kw.get("group_size", 64)),
+         "nodes": [{"memory": n, "usable": u, "fits": b["total"] <= u} for n, u in zip(nodes, usable)],
+         "smallest_fitting_groups": fit, "settings": {**kw, "headroom": headroom},
+         "kv_note": kv_note(k, kw.get("kv_bits", 8))}
+    lay = layout_of(source)
+    if lay is not None:
+        if len(lay["nodes"]) == len(nodes):  # the layout's node g on the g-th Mac: its weights + KV
+            for nd, u in zip(lay["nodes"], usable):
+                nd["fits"] = nd["bytes"] + b["kv"] <= u
+        r["layout"] = lay
+    return r
 
 
 def kv_note(k: Counts, kv_bits: int | None) -> str | None:

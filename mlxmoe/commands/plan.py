@@ -49,6 +49,8 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
     try:
         r = plan(source, parse_nodes(nodes), headroom=headroom, bits=bits_, trunk_bits=tb, group_size=int(group_size),
                  overlay_per_layer=overlay_per_layer, context=context, kv_bits=kv)
+        if "layout" not in r:
+            _layout_sets(r)
         if chip or link:
             r["cost"] = _cost(source, len(r["nodes"]), chip or "m4-max", link or "10gbe", bits_, tb, int(group_size),
                               kv, eval_report, chats)
@@ -72,7 +74,10 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
                    "into weights the node already holds (no extra memory)")
     for i, n in enumerate(r["nodes"]):
         verdict = "fits" if n["fits"] else "does NOT fit"
-        click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}")
+        click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}"
+                   + (f"; {_set_text(n['layout_set'])}" if "layout_set" in n else ""))
+    if "layout" in r:
+        _print_layout(r["layout"])
     fit = r["smallest_fitting_groups"]
     if fit is None:
         click.echo("no group count fits: the trunk + KV alone exceed the smallest node")
@@ -81,6 +86,49 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
         click.echo(f"smallest group count that fits: {fit}{enough}")
     if "cost" in r:
         _print_cost(r["cost"], chats)
+
+
+def _layout_sets(r: dict) -> None:
+    """Per node, the set `calibrate --budgets` with these Macs' memory would give it: (MoE layer,
+    expert) pairs beside the trunk and KV, as plan counts them (quality/layout.node_slots)."""
+    from mlxmoe.quality.layout import node_slots
+
+    k, b, headroom = r["counts"], r["per_node"], r["settings"]["headroom"]
+    every = k["n_experts"] * k["n_moe_layers"]
+    for n in r["nodes"]:
+        try:
+            (slots,) = node_slots([("bytes", n["memory"])], k["n_experts"], k["n_moe_layers"], r["expert_bytes"],
+                                  b["trunk"], b["kv"], headroom, k["top_k"])
+            n["layout_set"] = {"experts": slots, "of": every, "full_model": slots >= every}
+        except MlxMoeError as e:
+            n["layout_set"] = {"experts": None, "of": every, "full_model": False, "why": str(e)}
+
+
+def _set_text(s: dict) -> str:
+    if s["full_model"]:
+        return "calibrate --budgets: every expert: the exact model"
+    if s["experts"] is None:
+        return "calibrate --budgets: too small for top_k experts per layer"
+    return f"calibrate --budgets: {s['experts']} of {s['of']} experts ({s['experts'] / s['of']:.0%})"
+
+
+def _print_layout(lay: dict) -> None:
+    from mlxmoe.bundle.plan import size_unit
+
+    click.echo(f"layout ({', '.join(str(x) for x in lay['budgets'])}; coverage {lay['coverage']:.1%}; placement "
+               f"scores at MoE layer {', '.join(str(x) for x in lay['placement_layers'])}); per node, from the "
+               "bundle's files, and its quality pinned (held-out, vs the full model):")
+    for nd in lay["nodes"]:
+        what = ("every expert: the exact model" if nd["full_model"]
+                else f"{nd['experts']} of {lay['slots_per_node']} experts")
+        unit, scale = size_unit(nd["bytes"])
+        fits = "" if "fits" not in nd else ("fits with its KV; " if nd["fits"] else "does NOT fit with its KV; ")
+        q = nd["expected"]
+        qual = (f"ppl x{q['ppl_ratio']:.3f} mean / x{q['worst_ppl_ratio']:.3f} worst, agreement "
+                f"{q['agreement']:.2f} / {q['worst_agreement']:.2f}") if q else "quality not measured"
+        click.echo(f"  node {nd['group']}: {nd['budget'] or '?':>7s}  {what}, {nd['bytes'] / scale:.2f} {unit} "
+                   f"(x{nd['mem_ratio']:.2f}), whole layers {', '.join(map(str, nd['whole_layers'] or [])) or '-'}"
+                   f"; {fits}{qual}")
 
 
 def _cost(source, nodes, chip, link, bits, trunk_bits, group_size, kv_bits, eval_report, chats):

@@ -31,7 +31,8 @@ from mlxmoe.quality import layout as lo
 from mlxmoe.quality.metrics import logp_of, token_metrics
 
 HOLD_OUT_EVERY = 5  # every fifth passage of a domain is held out of fitting (the report's)
-COST_PASSAGES = 6  # per cluster, for the per-layer costs
+COST_PASSAGES = 4  # per domain of a cluster, for the per-layer costs ...
+COST_TOKENS = 256  # ... each cut to this many tokens (costs rank layers; they need not be precise)
 
 
 def split_held_out(items: list[tuple[str, list[int]]]) -> tuple[list, list]:
@@ -60,7 +61,8 @@ def layer_costs(loaded, items, stats: gr.Stats, clusters: list[list[str]], share
     """MoE layer -> KL (nats/token) of masking that layer alone, each passage to its cluster's
     `share` most used experts there."""
     w = wants(stats, clusters)
-    by_cluster = [[(d, ids) for d, ids in items if d in c][:COST_PASSAGES * max(1, len(c))] for c in clusters]
+    by_cluster = [[(d, ids[:COST_TOKENS]) for dom in c for d, ids in [x for x in items if x[0] == dom][:COST_PASSAGES]]
+                  for c in clusters]
     refs = [[logp_of(loaded, ids) for _, ids in part] for part in by_cluster]
     costs = {}
     for li, l in enumerate(stats.layers):
@@ -142,5 +144,5 @@ def build(loaded, m: Manifest, stats: gr.Stats, fit, held, budgets: list[tuple[s
 
 def work(stats: gr.Stats, fit, held, n_nodes: int) -> int:
     """Progress units of build(): per-layer cost passes, then held-out passes per node."""
-    clusters = min(n_nodes, len(stats.domains))
-    return len(stats.layers) * min(len(fit), COST_PASSAGES * len(stats.domains) + clusters) + len(held) * n_nodes
+    per_domain = {d: min(COST_PASSAGES, sum(x[0] == d for x in fit)) for d in stats.domains}
+    return len(stats.layers) * sum(per_domain.values()) + len(held) * n_nodes

@@ -19,6 +19,10 @@ Metrics per domain (continuation tokens only):
 - regret_nats: mean log-prob lost to the oracle, nats/token
 - node_bytes: trunk + the node's experts (group ∪ overlay), from file sizes
 
+`nodes` (the bundle's own configuration): each node's quality when every
+chat is pinned to it (the same runs, every passage on that node), with its
+bytes and memory ratio (a layout's `grouping.nodes`, else from file sizes).
+
 One-hop routing (node/remote/, routing="onehop") is evaluated on the same
 full model with a per-token dynamic mask: at every MoE layer and token, the
 eligible set of the group holding the most top-k router mass (ties: the
@@ -54,7 +58,9 @@ from mlxmoe.model import heal as mh, meter
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.moe import GateRecorder
 
-PLACEMENTS = ("first", "layers", "race", "oracle")
+TIE_MARGIN = 0.02  # the router's default (mlxmoe.cluster.router.placement: groups this close tie)
+
+PLACEMENTS = ("first", "router", "layers", "race", "oracle")
 
 
 @dataclass
@@ -243,10 +249,18 @@ def placement_scores(m: Manifest, it: Item, cfg: Config, mode: str, runs: Runs, 
         return runs.race[i]
     if mode == "oracle":
         return -runs.nll[i]
-    layers = m.moe_layers[:1] if mode == "first" else m.moe_layers
+    if mode == "router":  # what the router scores: the first MoE layer where the nodes' sets differ (layouts)
+        layers = [next((l for l in m.moe_layers if any(s[l] != cfg.sets[0][l] for s in cfg.sets)), m.moe_layers[0])]
+    else:
+        layers = m.moe_layers[:1] if mode == "first" else m.moe_layers
     logits = {l: it.gates[l][: it.prompt] for l in layers}
     s = score_groups(m, logits, dict(enumerate(cfg.sets)))
-    return np.array([s.scores[g] for g in range(len(cfg.sets))])
+    scores = np.array([s.scores[g] for g in range(len(cfg.sets))])
+    if mode == "router":  # as the router breaks ties (placement.rank_candidates): the larger set, then the score
+        held = np.array([sum(len(v) for v in sets.values()) for sets in cfg.sets], dtype=np.float64)
+        tied = scores >= scores.max() - TIE_MARGIN
+        return np.where(tied, 1.0 + held / held.max() + scores * 1e-3, scores)
+    return scores
 
 
 def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str, ref_nll: np.ndarray,
@@ -282,6 +296,52 @@ def summarize(m: Manifest, items: list[Item], cfg: Config, runs: Runs, mode: str
                                              nll, ref_nll)
         detail["passages"] = per_passage(items, n_tok, placed, kl, agree, nll, ref_nll)
         detail["meter_kl"] = meter_correlation(meter_, kl / n_tok)
+    return out
+
+
+NODE_METRICS = ("capture", "kl", "agreement", "ppl_ratio")
+
+
+def node_sizes(m: Manifest, cfg: Config) -> list[dict]:
+    """Per node of `cfg`: bytes and mem_ratio, from a layout's `grouping.nodes` when `cfg` holds the
+    bundle's own sets (with the node's budget, experts, whole layers, full_model), else from file sizes."""
+    trunk, per = m.files[TRUNK_FILE]["size"], m.expert_bytes()
+    plain = plain_bytes(m, cfg.n_groups, trunk, per)
+    lay = m.grouping.get("nodes") if m.grouping.get("strategy") == "layout" else None
+    out = []
+    for g, sets in enumerate(cfg.sets):
+        if lay and len(lay) == len(cfg.sets):
+            nd = lay[g]
+            out.append({"bytes": int(nd["bytes"]), "mem_ratio": round(float(nd["mem_ratio"]), 4),
+                        **{k: nd[k] for k in ("budget", "experts", "whole_layers", "full_model") if k in nd}})
+            continue
+        held = sum(len(v) for v in sets.values())
+        b = node_bytes(m, sets, trunk, per)
+        out.append({"bytes": b, "mem_ratio": round(b / plain, 4), "experts": held,
+                    "full_model": held == m.n_experts * len(m.moe_layers)})
+    return out
+
+
+def node_summaries(m: Manifest, items: list[Item], cfg: Config, runs: Runs, ref_nll: np.ndarray) -> list[dict]:
+    """Each node of `cfg` with every passage pinned to it: per domain, domain-balanced mean (with
+    bootstrap 95% intervals) and worst of capture (its own set's), KL, agreement and ppl_ratio."""
+    n_tok = np.array([len(it.ids) - it.prompt for it in items], dtype=np.float64)
+    doms_of = [it.domain for it in items]
+    out = []
+    for g, (sets, size) in enumerate(zip(cfg.sets, node_sizes(m, cfg))):
+        caps = np.array([capture(m, it.gates, [sets]) for it in items])
+        kl, agree, nll = runs.kl[:, g], runs.agree[:, g], runs.nll[:, g]
+        doms = {}
+        for dom in sorted(set(doms_of)):
+            sel = np.array([d == dom for d in doms_of])
+            t = n_tok[sel].sum()
+            doms[dom] = {"capture": float(caps[sel].mean()), "kl": float(kl[sel].sum() / t),
+                         "agreement": float(agree[sel].sum() / t),
+                         "ppl_ratio": float(math.exp((nll[sel].sum() - ref_nll[sel].sum()) / t)),
+                         "tokens": int(t), "passages": int(sel.sum())}
+        mean, worst = aggregate(doms, NODE_METRICS)
+        cis = mean_intervals(doms_of, n_tok, {"capture": caps, "kl": kl, "agreement": agree}, nll, ref_nll)
+        out.append({"group": g, **size, "mean": mean, "intervals": cis, "worst": worst, "domains": doms})
     return out
 
 
@@ -398,9 +458,13 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
     if not all(it.ref_logp is not None for it in items):
         reference(loaded, items, advance)
     ref_nll = ref_nll_of(items)
-    results = []
+    results, nodes, healed = [], None, None
     for cfg in cfgs:
         runs = run_config(loaded, items, cfg, race_tokens, advance)
+        if cfg.name == f"g{m.n_groups}/bundle":  # the bundle's own nodes, each with every chat pinned to it
+            nodes = node_summaries(m, items, cfg, runs, ref_nll)
+        elif cfg.name == f"g{m.n_groups}/bundle+heal":
+            healed = node_summaries(m, items, cfg, runs, ref_nll)
         for mode in placements:
             detail = {}
             doms = summarize(m, items, cfg, runs, mode, ref_nll, detail)
@@ -416,7 +480,12 @@ def evaluate(loaded, items: list[Item], cfgs: list[Config], placements=PLACEMENT
         n_tok[it.domain] = n_tok.get(it.domain, 0) + len(it.ids) - it.prompt
     ref = {d: {"ppl": float(math.exp(sum(r for r, it in zip(ref_nll, items) if it.domain == d) / n_tok[d]))}
            for d in sorted(n_tok)}
-    return {"tokens": n_tok, "passages": len(items), "reference": ref, "results": results}
+    out = {"tokens": n_tok, "passages": len(items), "reference": ref, "results": results}
+    if nodes is not None:
+        for nd, h in zip(nodes, healed or []):  # as the node serves it: its healed parameters loaded
+            nd["heal"] = {k: h[k] for k in ("mean", "intervals", "worst", "domains")}
+        out["nodes"] = nodes
+    return out
 
 
 def work_units(items, cfgs) -> int:

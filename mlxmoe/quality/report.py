@@ -34,7 +34,21 @@ def table(report: dict, title: str = "masked routing vs full model"):
                   f"{mean['capture']:.3f}", with_ci(mean["kl"], ci.get("kl")),
                   with_ci(mean["agreement"], ci.get("agreement")), with_ci(mean["ppl_ratio"], ci.get("ppl_ratio")),
                   f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}", with_ci(mean["regret"], ci.get("regret"), ".2f"))
+    if report.get("nodes"):
+        t.add_section()
+        for nd in report["nodes"]:
+            t.add_row(*node_row(nd))
     return t
+
+
+def node_row(nd: dict) -> list[str]:
+    """One node of the bundle with every chat pinned to it (eval's `nodes`), in table()'s columns."""
+    mean, worst, ci = nd["mean"], nd["worst"], nd.get("intervals", {})
+    what = ", ".join(x for x in (nd.get("budget"), "every expert" if nd.get("full_model") else None) if x)
+    return [f"node {nd['group']}" + (f" ({what})" if what else ""), "pinned", f"{nd['bytes'] / 1e6:.2f}",
+            f"{nd['mem_ratio']:.2f}", f"{mean['capture']:.3f}", with_ci(mean["kl"], ci.get("kl")),
+            with_ci(mean["agreement"], ci.get("agreement")), with_ci(mean["ppl_ratio"], ci.get("ppl_ratio")),
+            f"{worst['ppl_ratio']:.3f}", f"{worst['agreement']:.3f}", "-"]
 
 
 def onehop_table(r: dict):

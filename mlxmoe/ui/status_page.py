@@ -107,6 +107,14 @@ JS = r"""
     return t;
   }
 
+  function quality(q) {  // a layout node's held-out perplexity ratio to the full model, e.g. "×1.04 (worst ×1.09)"
+    if (!q || typeof q.ppl_ratio !== "number") return el("span", {"class": "quality muted"}, "-");
+    return el("span", {"class": "quality", title: "perplexity vs the full model on held-out text, pinned to this node" +
+      (typeof q.agreement === "number" ? "; greedy agreement " + q.agreement.toFixed(2) : "")},
+      "\u00d7" + q.ppl_ratio.toFixed(2) + (typeof q.worst_ppl_ratio === "number" ?
+        " (worst \u00d7" + q.worst_ppl_ratio.toFixed(2) + ")" : ""));
+  }
+
   function peers(s) {
     var rows = (s.peers || []).map(function (p) {
       var mismatch = p.manifest_hash && s.manifest_hash && p.manifest_hash !== s.manifest_hash;
@@ -118,13 +126,15 @@ JS = r"""
         bytes(p.free_memory),
         String(p.active_sessions == null ? "?" : p.active_sessions),
         el("span", {"class": "queue", title: "streams decoding + waiting"}, String(p.queue_depth == null ? "?" : p.queue_depth)),
+        quality(p.expected_quality),
         p.backend || "?",
         el("span", {"class": "mono" + (mismatch ? " warn" : ""), title: p.manifest_hash || ""}, short(p.manifest_hash)),
         el("span", {"class": "mono muted"}, p.url || "")
       ];
     });
     return el("div", {"class": "card", id: "peers"}, el("h2", {}, "Peers (" + rows.length + ")"),
-      table(["Name", "Group", "State", "Why", "Free memory", "Sessions", "Queue", "Backend", "Manifest", "URL"], rows,
+      table(["Name", "Group", "State", "Why", "Free memory", "Sessions", "Queue", "Expected quality", "Backend",
+             "Manifest", "URL"], rows,
             "No peers yet. Start `mlxmoe node` on each Mac; they are found over Bonjour."));
   }
 

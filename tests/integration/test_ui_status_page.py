@@ -165,3 +165,27 @@ def test_generating_sessions_first_with_counts(tmp_path):
     assert "generating · 12.3 tok/s" in sessions and 'class="sstate kept"' in body
     assert body.index('id="sessions"') < body.index('id="peers"')  # above the fold
     assert 'href="/chat"' in body
+
+
+def quality_status():
+    """sample_status with layout nodes' expected quality on two of its peers (Router._peer_status)."""
+    st = sample_status()
+    st["peers"][0]["expected_quality"] = {"ppl_ratio": 1.0412, "worst_ppl_ratio": 1.0893, "agreement": 0.93}
+    st["peers"][1]["expected_quality"] = {"ppl_ratio": 1.0, "worst_ppl_ratio": 1.0, "agreement": 1.0}
+    return st
+
+
+def test_render_embeds_expected_quality():
+    page = render(quality_status())
+    assert embedded(page)["peers"][0]["expected_quality"]["worst_ppl_ratio"] == 1.0893
+    assert "Expected quality" in page and "worst \\u00d7" in page  # the renderer's column and its text
+
+
+@needs_chromium
+def test_peers_show_expected_quality_in_chromium(tmp_path):
+    with FakeRouter(status=quality_status()) as srv:
+        dom = chromium(tmp_path, "--dump-dom", srv.url + "/")
+    body = dom[dom.index("<body"):dom.index("<noscript>")]
+    shown = re.findall(r'<span class="quality[^"]*"[^>]*>([^<]*)</span>', body)
+    assert shown == ["×1.04 (worst ×1.09)", "×1.00 (worst ×1.00)", "-"], shown
+    assert "Expected quality" in text_of(body, "peers") and "greedy agreement 0.93" in body

@@ -3,15 +3,12 @@ coverage as pure functions; then `calibrate --budgets` end to end on a tiny chec
 
 from __future__ import annotations
 
-import json
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import tiny
 from mlxmoe.bundle.manifest import Manifest
-from mlxmoe.bundle.split import split
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.quality import layout as lo
 
@@ -63,29 +60,9 @@ def test_grouping_puts_what_every_node_holds_in_the_overlay_and_scores_after_who
     assert g["placement"] == {"layers": [1], "whole": [0]} and g["overlap"] and "left_out" not in g
 
 
-SUITE = [{"domain": d, "text": t} for d, texts in {
-    "code": ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
-             "class A:\n    def f(self):\n        return 1\n", "import os\nprint(os.getcwd())\n",
-             "while True:\n    break\n", "x = [i * i for i in range(5)]\n"],
-    "prose": ["the quick brown fox jumps over the lazy dog", "a mixture of experts routes each token",
-              "the dog sleeps in the sun all day long", "mixture models of experts are large",
-              "the fox runs over the hill and away", "each token goes to a few experts"],
-    "records": ['{"name": "mlxmoe", "groups": 3}', '{"id": 1, "ok": true}', '{"a": [1, 2, 3]}',
-                '{"key": "value", "n": 42}', '{"x": 1.5, "y": -2}', '{"list": [], "map": {}}'],
-}.items() for t in texts]
-
-
 @pytest.fixture(scope="module")
 def layout_bundle(tmp_path_factory):
-    from mlxmoe.quality.calibrate import calibrate
-
-    d = tmp_path_factory.mktemp("layout")
-    src = tiny.make_checkpoint("qwen3_moe", d / "src", seed=5)
-    split(str(src), d / "b", 2, bits=None, trunk_bits=None)
-    suite = d / "suite.jsonl"
-    suite.write_text("\n".join(json.dumps(r) for r in SUITE))
-    r = calibrate(d / "b", [str(suite)], out=d / "lay", budgets=[("ratio", 1.0), ("ratio", 1.3), ("ratio", 2.0)])
-    return d / "lay", r["calibration"]["layout"]
+    return tiny.make_layout(tmp_path_factory.mktemp("layout"))
 
 
 def test_calibrate_budgets_writes_one_set_per_node_sized_to_its_budget(layout_bundle):

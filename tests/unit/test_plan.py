@@ -53,3 +53,51 @@ def test_plan_says_gpt_oss_kv_stays_16_bit(ckpt):
     assert plan(str(ckpt("qwen3_moe")), parse_nodes("16GB"), kv_bits=8)["kv_note"] is None
     out = CliRunner().invoke(main, ["plan", str(ckpt("gpt_oss")), "--nodes", "16GB"]).output
     assert "kv: 100% of the KV cache stays 16-bit" in out
+
+
+# ------------------------------------------------------------------ layouts (calibrate --budgets)
+
+from test_eval_nodes import layout_bundle  # noqa: E402,F401  (the fixture: a layout made with 1x,1.5x,3x)
+
+
+def test_plan_shows_a_layout_bundles_nodes_and_expected_quality(layout_bundle):
+    from mlxmoe.bundle.manifest import Manifest
+
+    b, _ = layout_bundle
+    m = Manifest.load(b)
+    r = plan(str(b), parse_nodes("24GB,64GB,192GB"), context=1024)
+    lay = r["layout"]
+    assert lay["budgets"] == ["1x", "1.5x", "3x"] and lay["coverage"] == m.calibration["layout"]["coverage"]
+    for nd, want, held in zip(lay["nodes"], m.grouping["nodes"], m.calibration["layout"]["nodes"]):
+        assert {k: nd[k] for k in want} == want and nd["fits"]
+        q = held["held_out"]
+        assert nd["expected"]["ppl_ratio"] == q["mean"]["ppl_ratio"] and nd["expected"]["agreement"] == q["mean"]["agreement"]
+        assert nd["expected"]["worst_ppl_ratio"] == q["worst"]["ppl_ratio"]
+    full = [nd for nd in lay["nodes"] if nd["full_model"]]
+    assert full and all(nd["expected"]["ppl_ratio"] == pytest.approx(1.0, abs=2e-3) for nd in full)
+    assert all("layout_set" not in n for n in r["nodes"])
+    out = CliRunner().invoke(main, ["plan", str(b), "--nodes", "24GB,64GB,192GB"])
+    assert out.exit_code == 0, out.output
+    assert "layout (1x, 1.5x, 3x" in out.output and "every expert: the exact model" in out.output
+    assert out.output.count("ppl x") == 3
+    js = CliRunner().invoke(main, ["plan", str(b), "--nodes", "24GB,64GB,192GB", "--json"])
+    assert js.exit_code == 0 and len(json.loads(js.output)["layout"]["nodes"]) == 3
+
+
+def test_plan_says_what_calibrate_budgets_would_give_each_node():
+    from mlxmoe.quality.layout import node_slots
+
+    r = CliRunner().invoke(main, ["plan", "qwen3-235b-a22b", "--nodes", "24GB,64GB,192GB", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    k, b = rep["counts"], rep["per_node"]
+    every = k["n_experts"] * k["n_moe_layers"]
+    small, mid, big = (n["layout_set"] for n in rep["nodes"])
+    assert small["experts"] is None and "top_k" in small["why"]  # 18 GB usable: trunk + KV leave too little
+    assert mid["experts"] == node_slots([("bytes", 64e9)], k["n_experts"], k["n_moe_layers"], rep["expert_bytes"],
+                                        b["trunk"], b["kv"], 0.75, k["top_k"])[0]
+    assert 0 < mid["experts"] < every and not mid["full_model"]
+    assert big["experts"] == every and big["full_model"]
+    assert "layout" not in rep
+    out = CliRunner().invoke(main, ["plan", "qwen3-235b-a22b", "--nodes", "24GB,64GB,192GB"]).output
+    assert f"{mid['experts']} of {every} experts" in out and "every expert: the exact model" in out

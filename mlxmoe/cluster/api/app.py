@@ -74,10 +74,11 @@ async def _body(request: web.Request) -> tuple[str, dict]:
     return owner, body
 
 
-async def _session(router: Router, tokens: list[int], where: str, hint, messages, mode, owner: str) -> Session:
+async def _session(router: Router, tokens: list[int], where: str, hint, messages, mode, owner: str,
+                   prefer: str | None = None) -> Session:
     oa.check_tokens(tokens, router.vocab_size, router.context_limit, where)
     try:
-        return await router.session_for(tokens, hint, messages, mode, owner=owner)
+        return await router.session_for(tokens, hint, messages, mode, owner=owner, prefer=prefer)
     except MlxMoeError as e:
         status, code = classify(e)
         raise ApiError(status if status < 500 else 400, str(e)[:300], where, code) from None
@@ -115,7 +116,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = await asyncio.to_thread(_structured, router, body, messages)  # grammars compile off the event loop
     params = {**params, "grammar": st.grammar} if st.grammar else params
     tokens = await router.encode_chat(st.messages, **st.template_kwargs)  # once: the same ids are scored and sent
-    s = await _session(router, tokens, "messages", hint, messages, mode, owner)
+    s = await _session(router, tokens, "messages", hint, messages, mode, owner, oa.requested_prefer(body))
     turn = await _open(router, s, tokens, params)
     request[TURN] = turn
     base = {"id": oa.new_id("chatcmpl"), "created": int(time.time()), "model": router.model}
@@ -229,7 +230,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     tokens = prompt if isinstance(prompt, list) else await router.encode(prompt)
     if not tokens:
         raise ApiError(400, "'prompt' is empty", "prompt", "invalid_value")
-    s = await _session(router, tokens, "prompt", hint, None, mode, owner)
+    s = await _session(router, tokens, "prompt", hint, None, mode, owner, oa.requested_prefer(body))
     turn = await _open(router, s, tokens, params)
     request[TURN] = turn
     base = {"id": oa.new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": router.model}

@@ -87,6 +87,16 @@ class Router:
         self.peers.manifest_hash, self.peers.n_groups, self.peers.model = man.hash, man.n_groups, man.model_id
 
     @property
+    def held_experts(self) -> dict[int, int]:
+        """Experts each group's node holds over all MoE layers (a layout's nodes differ), from the manifest."""
+        m = self.frontend.manifest if self.frontend is not None else None
+        if not hasattr(m, "eligible"):
+            return {}
+        if getattr(self, "_held", None) is None:
+            self._held = {g: sum(len(m.eligible(g, l)) for l in m.moe_layers) for g in range(m.n_groups)}
+        return self._held
+
+    @property
     def sampling_defaults(self) -> dict:
         """What a request that leaves a sampling field out gets (the node resolves the same)."""
         return self.frontend.sampling_defaults if self.frontend is not None else {}
@@ -288,7 +298,7 @@ class Router:
         return placement.rank_candidates(self.peers.live(), s.scores, s.ranked, self.tie_margin, self.busy_until,
                                          time.time(), pinned=s.peer, exclude=exclude,
                                          deterministic=placement.deterministic(params or {}, self.sampling_defaults),
-                                         tie_key=s.tie_key)
+                                         tie_key=s.tie_key, prefer=s.prefer, held=self.held_experts)
 
     def group_for(self, s: Session, p: Peer) -> int:
         return placement.group_for(s.ranked, p.groups)
@@ -377,7 +387,8 @@ class Router:
         return None
 
     async def session_for(self, tokens: list[int], hint: str | None = None,
-                          messages: list[dict] | None = None, mode: str | None = None, owner: str = "") -> Session:
+                          messages: list[dict] | None = None, mode: str | None = None, owner: str = "",
+                          prefer: str | None = None) -> Session:
         """The existing session of `owner` this request continues, or a new one
         placed now. `mode` (None: the session's own, or the router's default
         for a new one). A session id of another owner is unknown (SessionIndex.find)."""
@@ -387,6 +398,7 @@ class Router:
                 s.ttl = None  # continued by its id: the client keeps it, not a one-shot request
             if mode is not None and mode != s.mode:
                 s.set_mode(mode)
+            s.prefer = prefer or s.prefer
             return s
         problem = self.prompt_problem(tokens)
         if problem is not None:  # never score what no node can run (SECURITY.md: validate before any work)
@@ -394,7 +406,7 @@ class Router:
         sc, ms = await self.score(tokens)
         s = Session(id=new_session_id(), scores=dict(sc.scores), ranked=list(sc.ranked),
                     margin=float(sc.margin), tie_key=zlib.crc32(array("i", tokens).tobytes()), ephemeral=hint is None and messages is None,
-                    mode=mode or self.mob.mode, owner=owner,
+                    mode=mode or self.mob.mode, owner=owner, prefer=prefer or "quality",
                     ttl=self.api_session_ttl if hint is None else None)
         self.sessions.add(s, hint)
         self.last_placement = {"session": s.id, "scores": {str(g): v for g, v in sc.scores.items()},
@@ -499,6 +511,8 @@ class Router:
         """A peer's status with its load: the node's streams and queue as of
         its last info, the streams this router has open on it, and the queue
         depth placement ranks by (placement.load)."""
+        q = expected_quality(getattr(self.frontend, "manifest", None), d.get("groups"))
+        d = {**d, "expected_quality": q} if q else d
         p = self.peers.peers.get(d["name"]) or self.peer(d["name"])
         if p is None:
             return d
@@ -514,6 +528,25 @@ class Router:
 def session_order(sessions) -> list[Session]:
     """Generating first (in-flight chats above the fold), then oldest first."""
     return sorted(sessions, key=lambda s: (not s.streaming, s.created))
+
+
+def expected_quality(manifest, groups) -> dict | None:
+    """A peer's expected quality, pinned, from a layout bundle's calibration (each node's measured
+    quality on held-out passages, `calibration.layout.nodes[g].held_out`): {"ppl_ratio": mean,
+    "worst_ppl_ratio": worst domain, "agreement": mean}; over several groups, the worst of them.
+    None when the manifest has no such measurement for every one of `groups`."""
+    cal = getattr(manifest, "calibration", None)
+    nodes = ((cal.get("layout") or {}).get("nodes") if isinstance(cal, dict) else None) or []
+    held = [nodes[g].get("held_out") if isinstance(g, int) and 0 <= g < len(nodes) and isinstance(nodes[g], dict)
+            else None for g in groups or []]
+    if not held or not all(isinstance(h, dict) and "mean" in h and "worst" in h for h in held):
+        return None
+    try:
+        return {"ppl_ratio": round(max(float(h["mean"]["ppl_ratio"]) for h in held), 4),
+                "worst_ppl_ratio": round(max(float(h["worst"]["ppl_ratio"]) for h in held), 4),
+                "agreement": round(min(float(h["mean"]["agreement"]) for h in held), 4)}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _count(v: Any) -> int:

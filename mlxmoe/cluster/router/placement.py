@@ -89,24 +89,30 @@ def deterministic(params: dict, defaults: dict | None = None) -> bool:
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
                     tie_margin: float, busy_until: dict[str, float], now: float,
                     pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False,
-                    tie_key: int = 0, prefer: str = "quality") -> list:
+                    tie_key: int = 0, prefer: str = "quality", held: dict[int, int] | None = None) -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
     within `tie_margin` of the best tie, and replicas of one group tie; for a
-    `deterministic` request tied groups go in an order fixed by `tie_key`, the
-    prompt's: the same prompt always lands on the same group, different prompts
-    spread; only replicas tie), then least loaded (load()). prefer="speed": load
-    before rank (a chat may go to a node with a smaller set: it serves it sooner)."""
+    `deterministic` request tied groups go by score, an exact tie in an order
+    fixed by `tie_key`, the prompt's: the same prompt always lands on the same
+    group; only replicas tie), then least loaded (load()). Among tied groups a
+    larger set (`held`: experts a group holds over all layers, a layout's unequal
+    nodes) goes first: the placement layer cannot see what it holds after it.
+    prefer="speed": load before rank (a chat may go to a node with a smaller set:
+    it serves it sooner)."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
     def bucket(p: PeerLike) -> tuple:
         g = group_for(ranked, p.groups)
         if g not in scores:
-            return len(ranked), b""
+            return len(ranked), 0, 0.0, b""
         if best - scores[g] <= tie_margin:
-            return 0, hashlib.blake2b(f"{tie_key}:{g}".encode(), digest_size=8).digest() if deterministic else b""
-        return ranked.index(g), b""
+            bigger = -(held or {}).get(g, 0)
+            if not deterministic:
+                return 0, bigger, 0.0, b""
+            return 0, bigger, -scores[g], hashlib.blake2b(f"{tie_key}:{g}".encode(), digest_size=8).digest()
+        return ranked.index(g), 0, 0.0, b""
 
     out = [p for p in peers if p.name not in exclude]
     if prefer == "speed":
