@@ -228,6 +228,15 @@ class GuardedSite(web.BaseSite):
 
     def _spoke(self, c: _Conn) -> None:
         asyncio.get_running_loop().remove_reader(c.sock.fileno())
+        try:
+            said = c.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            said = b"?"  # spuriously readable: let TLS wait for it
+        except OSError:
+            said = b""
+        if not said:  # it hung up without a word: no TLS state for it
+            c.sock.close()
+            return
         self._hand_over(c)
 
     def _hand_over(self, c: _Conn) -> None:

@@ -112,6 +112,9 @@ class NodeServer:
             if self.unavailable:
                 log.error("node %s cannot generate, so it is not up: %s", self.name, self.unavailable)
             await self.worker.call(self.worker.refresh_snapshot)  # the engine is idle now: health has data from the start
+            # what a peer's `experts` call is checked against, known now: asking the engine later could wait on a
+            # job that waits on that very peer (two nodes calling each other)
+            self._experts_spec = (self.worker.snapshot or {}).get("experts_op")
         if self.identity is None:
             self.identity = engine_identity(self.engine)
         return self.identity
@@ -391,7 +394,7 @@ class NodeServer:
 
     async def _op_experts(self, body: dict, src: str) -> dict:
         layer, x = body["layer"], body["x"]
-        spec = self._experts_spec or (await self.worker.call(self.engine.info))["experts_op"]
+        spec = self._experts_spec
         if spec is None:
             raise Unsupported("this node does not serve remote experts")
         self._experts_spec = spec

@@ -206,8 +206,9 @@ class Node(Tokens):
     def prefill(self, session_id: str, prompt: list[int], paced: bool = False) -> int:
         """Fill `session_id`'s cache with `prompt` without generating (reusing
         any cached prefix); returns the number of tokens actually computed.
-        paced: at most one step's worth (Batch.pace); the caller asks again
-        until it returns 0, so streams decode in between."""
+        paced: at most a step's worth beside decoding rows (Batch.pace), even
+        when none decodes yet (a chat may arrive meanwhile); the caller asks
+        again until it returns 0, so other work runs in between."""
         self.check_prompt(prompt, GenParams(max_tokens=1))
         s = self.sessions.get(session_id)
         if s.busy:
@@ -217,7 +218,7 @@ class Node(Tokens):
         n = self._reuse(s, list(prompt))
         self.sessions.admit(s, len(prompt) - n)
         pace = self.batch.pace
-        end = min(len(prompt), n + pace.tokens(self.batch.decoding())) if paced else len(prompt)
+        end = min(len(prompt), n + pace.tokens(True)) if paced else len(prompt)
         route = self.remote.last_route(s.id)  # the session's latest routing mode, if remote
         try:
             for i in range(n, end, pace.max_tokens):

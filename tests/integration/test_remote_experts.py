@@ -16,6 +16,7 @@ tokens; in float32 the two agree to 1e-5, so test c loads the nodes in float32
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import aiohttp
@@ -430,11 +431,13 @@ def test_nodes_calling_each_other_at_once_give_what_each_gives_alone(bundle, rou
             return [f["token"] for f in frames if f["t"] == "tok"]
 
         prompts = {g: [p + 7 * g for p in PROMPT] for g in (0, 1)}
-        alone = {g: s.run(one(g, f"alone-{g}", prompts[g])) for g in (0, 1)}
 
-        async def together():
+        async def together():  # first, on fresh nodes: neither has served an experts call yet
             return await asyncio.gather(*(one(g, f"both-{g}-{i}", prompts[g]) for g in (0, 1) for i in range(3)))
+        t0 = time.monotonic()
         both = s.run(together())
+        assert time.monotonic() - t0 < 25  # no node waited out a peer's timeout (30 s)
+        alone = {g: s.run(one(g, f"alone-{g}", prompts[g])) for g in (0, 1)}
         served = [s.call(g, "info")["experts_served"] for g in (0, 1)]
     assert all(len(t) == N_TOKENS for t in both)
     assert both == [alone[g] for g in (0, 1) for _ in range(3)]

@@ -244,9 +244,12 @@ def test_prompt_work_beside_decoding_rows_is_paced(bundle):
     next(running)
     assert node.batch.decoding()
     pieces = []
-    while (n := node.prefill("member", long, paced=True)) > 0:
+    while True:
+        node.batch.pace.rate = 400.0  # (each step measures anew: keep the test's pace)
+        n = node.prefill("member", long, paced=True)
+        if not n:
+            break
         pieces.append(n)
-        node.batch.pace.rate = 400.0  # (each call measures anew: keep the test's pace)
         next(running)  # the running stream decodes in between
     assert sum(pieces) == len(long) and len(pieces) >= 3 and max(pieces) <= 20
     whole = Node.load(bundle, 0, kv_bits=None)
