@@ -1,8 +1,9 @@
 """The cluster key: 32 random bytes shared by every Mac of one cluster.
 
-Stored as hex text in ~/.config/mlxmoe/cluster.key (mode 0600). Every node
+Stored as hex text in cluster.key (mode 0600) in the config home:
+$MLXMOE_HOME, else $XDG_CONFIG_HOME/mlxmoe, else ~/.config/mlxmoe. Every node
 RPC carries an HMAC made with it, so a device without the key gets nothing.
-`MLXMOE_CLUSTER_KEY_FILE` overrides the default path.
+`MLXMOE_CLUSTER_KEY_FILE` overrides the key's own path.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import stat
 from pathlib import Path
 
 ENV_VAR = "MLXMOE_CLUSTER_KEY_FILE"
+HOME_VAR = "MLXMOE_HOME"
 KEY_BYTES = 32
 
 
@@ -20,12 +22,21 @@ class ClusterKeyError(Exception):
     """The key file is missing, unreadable or malformed (message says which and how to fix)."""
 
 
+def config_home() -> Path:
+    """The folder of cluster.key, the CA and this Mac's certificate: $MLXMOE_HOME,
+    else $XDG_CONFIG_HOME/mlxmoe, else ~/.config/mlxmoe."""
+    env = os.environ.get(HOME_VAR)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mlxmoe"
+
+
 def default_path() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "mlxmoe" / "cluster.key"
+    return config_home() / "cluster.key"
 
 
 def create_key(path: Path | None = None, force: bool = False) -> Path:

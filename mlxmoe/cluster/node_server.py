@@ -26,6 +26,7 @@ from mlxmoe.node.contract import Engine, GenParams, TokenEvent
 from mlxmoe import wire
 from mlxmoe.errors import MlxMoeError, Unsupported, classify
 from mlxmoe.cluster.limits import GuardedSite, Limits
+from mlxmoe.cluster.parts import add_node_routes
 from mlxmoe.cluster.worker import EngineWorker
 from mlxmoe.cluster.api import access
 from mlxmoe.cluster.router.sessions import session_ref, tok_s
@@ -134,6 +135,7 @@ class NodeServer:
         app = web.Application(client_max_size=max(wire.OP_MAX_BYTES.values()) + 1)
         app.router.add_post("/rpc/{op}", self.handle)
         app.router.add_get("/hello", self.hello)
+        add_node_routes(app, self)  # GET /parts/{mh}/{name}: its bundle files, for joining nodes (cluster/parts.py)
         return app
 
     async def hello(self, request: web.Request) -> web.Response:

@@ -1,10 +1,12 @@
 """The cluster CA and this Mac's certificate: mutual TLS between router and
 nodes and between nodes (docs/SECURITY.md, "Transport").
 
-Files live beside the cluster key (~/.config/mlxmoe/ by default):
+Files live beside the cluster key (the config home: $MLXMOE_HOME, else
+~/.config/mlxmoe/; keys.config_home()):
   ca.pem    the cluster CA certificate (public; every Mac has it)
   ca.key    the CA's private key (mode 0600; travels with cluster.key, so a
-            node issues its own certificate at first start)
+            node issues its own certificate at first start, or stays on the
+            first Mac, which signs the others' CSRs: cluster/join.py)
   cert.pem, cert.key   this Mac's certificate and key, signed by the CA
 
 Every connection verifies the peer's certificate against the cluster CA only
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -90,12 +92,17 @@ def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, hosts: list[str
                days: int = CERT_DAYS) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM) for one Mac, signed by the CA; usable as
     server and as client (a node is both)."""
+    key = _new_key()
+    return _sign(ca_cert_pem, ca_key_pem, key.public_key(), name, list(hosts), days), _key_pem(key)
+
+
+def _sign(ca_cert_pem: bytes, ca_key_pem: bytes, public_key, name: str, hosts: list[str], days: int) -> bytes:
+    """The one node-certificate builder (issue_cert and sign_csr): same extensions, same validity."""
     ca = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
-    key = _new_key()
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .issuer_name(ca.subject).public_key(public_key).serial_number(x509.random_serial_number())
             .not_valid_before(_now() - dt.timedelta(minutes=5))
             .not_valid_after(min(_now() + dt.timedelta(days=days), ca.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -104,7 +111,70 @@ def issue_cert(ca_cert_pem: bytes, ca_key_pem: bytes, name: str, hosts: list[str
             .add_extension(_san([name, *hosts]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+CSR_MAX_HOSTS = 16
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def make_csr(name: str, hosts: list[str] = ()) -> tuple[bytes, bytes]:
+    """(CSR PEM, key PEM): a certificate signing request for this Mac (what
+    `sign_csr` on the CA's Mac turns into a node certificate); the key never
+    leaves this Mac."""
+    key = _new_key()
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+    names = [h for h in dict.fromkeys(hosts) if h and h != name and h not in ("0.0.0.0", "::")][:CSR_MAX_HOSTS]
+    if names:
+        builder = builder.add_extension(_san(names), critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def csr_request(csr_pem: bytes) -> tuple[x509.CertificateSigningRequest, str, list[str]]:
+    """(CSR, name, hosts) of a CSR fit to sign, or ValueError naming what is wrong:
+    a valid self-signature, an EC P-256 key, a plain name (1-63 of [A-Za-z0-9._-]),
+    at most CSR_MAX_HOSTS DNS names or IP addresses. Its other extensions are ignored."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except (ValueError, TypeError):
+        raise ValueError("not a PEM certificate signing request") from None
+    try:
+        if not csr.is_signature_valid:
+            raise ValueError("the CSR's signature is not valid")
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise ValueError(f"the CSR's signature or key cannot be read ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ValueError("the CSR's key must be EC P-256")
+    cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    name = str(cns[0].value) if len(cns) == 1 else ""
+    if not 1 <= len(name) <= 63 or not set(name) <= _NAME_CHARS:
+        raise ValueError("the CSR must name one Mac: one common name of 1-63 letters, digits, '.', '-' or '_'")
+    hosts: list[str] = []
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = []
+    except ValueError as e:
+        raise ValueError(f"the CSR's extensions cannot be read ({e})") from None
+    for gn in san:
+        if isinstance(gn, x509.IPAddress) and not isinstance(gn.value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            hosts.append(str(gn.value))
+        elif isinstance(gn, x509.DNSName) and 1 <= len(gn.value) <= 253 and set(gn.value) <= _NAME_CHARS:
+            hosts.append(gn.value)
+        else:
+            raise ValueError("the CSR's alternative names must be DNS names or IP addresses")
+    if len(hosts) > CSR_MAX_HOSTS:
+        raise ValueError(f"the CSR names {len(hosts)} hosts (at most {CSR_MAX_HOSTS})")
+    return csr, name, hosts
+
+
+def sign_csr(ca_cert_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, days: int = CERT_DAYS) -> bytes:
+    """A node certificate (PEM) for the CSR's key, name and hosts, signed by the
+    CA exactly as issue_cert signs (ValueError if the CSR is unfit: csr_request)."""
+    csr, name, hosts = csr_request(csr_pem)
+    return _sign(ca_cert_pem, ca_key_pem, csr.public_key(), name, hosts, days)
 
 
 def cert_problem(cert_pem: bytes, ca_cert_pem: bytes, now: dt.datetime | None = None) -> str | None:
