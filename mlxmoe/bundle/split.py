@@ -210,7 +210,12 @@ def load_json_arg(path, what):
         raise MlxMoeError(f"{path}: {what} file is not valid JSON: {e}") from None
 
 
-def make_grouping(facts, n_groups: int, spec: dict | None, where="--grouping") -> dict:
+LAYOUT_FIELDS = ("nodes", "placement", "left_out")  # a layout's (quality/layout.py): kept as given
+
+
+def make_grouping(facts, n_groups: int, spec: dict | None, where="--grouping", overlay: dict | None = None) -> dict:
+    """The manifest's grouping from a --grouping spec; `overlay` (make_overlay's): with "overlap", an
+    expert in the overlay or a layout's left_out needs no group, and a group may be empty."""
     n, k = facts.n_experts, facts.top_k
     if n_groups < 1 or n_groups > n:
         raise ManifestError(f"--groups {n_groups}: must be between 1 and the number of experts ({n})")
@@ -225,13 +230,16 @@ def make_grouping(facts, n_groups: int, spec: dict | None, where="--grouping") -
     if not isinstance(overlap, bool):
         raise ManifestError(f"{where}: field 'overlap' must be true or false")
     out = {}
+    left_out = spec.get("left_out") or {}
     for l in facts.moe_layers:
         groups = layers.get(str(l))
         if groups is None or len(groups) != n_groups:
             raise ManifestError(f"{where}: layer {l} needs exactly {n_groups} groups")
-        check_partition(groups, n, f"{where}: layer {l}", overlap)
+        elsewhere = set((overlay or {}).get("layers", {}).get(str(l), [])) | set(left_out.get(str(l), []))
+        check_partition(groups, n, f"{where}: layer {l}", overlap, elsewhere)
         out[str(l)] = [sorted(g) for g in groups]
-    made = {"strategy": spec.get("strategy", "explicit"), "layers": out}
+    made = {"strategy": spec.get("strategy", "explicit"), "layers": out,
+            **{k: spec[k] for k in LAYOUT_FIELDS if k in spec}}
     return {**made, "overlap": True} if overlap else made
 
 
@@ -271,8 +279,8 @@ def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bit
     config = normalize_config(src.config)
     arch = get_arch(config.get("model_type"), str(src.path / "config.json"))
     facts = moe_facts(config)
-    grouping = make_grouping(facts, n_groups, grouping)
     overlay = make_overlay(facts, overlay)
+    grouping = make_grouping(facts, n_groups, grouping, overlay=overlay)
     check_groups_fit(facts, grouping, overlay)
 
     experts = Experts(src, arch, None if src.is_mlx else bits, group_size)

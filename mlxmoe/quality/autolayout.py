@@ -6,10 +6,13 @@ On the calibration suite, with the full model loaded:
    when only that layer is masked to a plain share of the experts its
    passages' cluster uses most (`layer_costs`);
 3. per node, its budget in experts (layout.node_slots), spread over the layers
-   where the measured cost says they buy the most (layout.allocate: whole
-   layers first where the loss concentrates), filled with the experts its
-   cluster uses most, every expert on some node while they fit
-   (layout.node_sets);
+   where the measured cost says they buy the most (layout.allocate), filled
+   with the experts its cluster uses most, every expert on some node while they
+   fit (layout.node_sets); with 0, 1, ... of the costliest layers whole on every
+   node (layout.whole_candidates), each candidate measured as the router will
+   place it (`placed_kl`: KL of the node the router picks, scored at the first
+   layer where the nodes differ, on a validation slice of the suite) and the
+   best kept;
 4. each node's quality, pinned: KL, greedy agreement and perplexity ratio to the
    full model on held-out passages of the suite (every fifth passage of each
    domain, never fitted on), per domain and overall (`node_quality`).
@@ -31,6 +34,9 @@ from mlxmoe.quality import layout as lo
 from mlxmoe.quality.metrics import logp_of, token_metrics
 
 HOLD_OUT_EVERY = 5  # every fifth passage of a domain is held out of fitting (the report's)
+VALIDATE_EVERY = 4  # every fourth remaining passage chooses between candidate layouts
+PROMPT_TOKENS = 32  # what placement sees of a validation passage (as eval scores placement)
+TIE_MARGIN = 0.02  # the router's (cluster/router/placement.py): groups this close tie, the larger set first
 COST_PASSAGES = 4  # per domain of a cluster, for the per-layer costs ...
 COST_TOKENS = 256  # ... each cut to this many tokens (costs rank layers; they need not be precise)
 
@@ -108,6 +114,46 @@ def node_quality(loaded, items, sets: list[dict], advance=lambda n: None) -> lis
     return out
 
 
+def placed_kl(loaded, refs: list, sets: list[dict], layers: list[int]) -> float:
+    """Domain-balanced mean KL (nats/token) of the node the router picks for each validation
+    passage: scored on its first PROMPT_TOKENS at the first MoE layer where the sets differ
+    (ties within TIE_MARGIN to the larger set, then the score), measured on the rest."""
+    from mlxmoe.model.placement import score_groups
+
+    at = next((l for l in layers if any(s[l] != sets[0][l] for s in sets)), layers[0])
+    held = [sum(len(v) for v in s.values()) for s in sets]
+    per: dict[str, list] = {}
+    for d, ids, ref, gates in refs:
+        sc = score_groups(loaded.manifest, {at: gates[at][:PROMPT_TOKENS]}, dict(enumerate(sets))).scores
+        best = max(sc.values())
+        g = max(sc, key=lambda x: (sc[x] >= best - TIE_MARGIN, held[x], sc[x]))
+        loaded.set_eligible(sets[g])
+        kl, _, _ = token_metrics(ref[:-1], logp_of(loaded, ids)[:-1], mx.array(ids[1:]))
+        acc = per.setdefault(d, [0.0, 0])
+        acc[0] += float(kl[PROMPT_TOKENS - 1:].sum().item())
+        acc[1] += len(ids) - PROMPT_TOKENS
+    loaded.set_eligible(None)
+    return float(np.mean([a / max(n, 1) for a, n in per.values()])) if per else 0.0  # (no passage long enough)
+
+
+def validation_refs(loaded, items) -> list:
+    """(domain, ids, reference log-probs, router logits per layer) of the validation passages."""
+    from mlxmoe.model.moe import GateRecorder
+
+    loaded.set_eligible(None)
+    out = []
+    for d, ids in items:
+        ids = ids[:COST_TOKENS]
+        if len(ids) <= PROMPT_TOKENS + 1:
+            continue
+        with GateRecorder(loaded.gates) as rec:
+            ref = logp_of(loaded, ids)
+        gates = {l: v[0] for l, v in rec.by_layer().items()}
+        mx.eval(ref, gates)
+        out.append((d, ids, ref, gates))
+    return out
+
+
 def build(loaded, m: Manifest, stats: gr.Stats, fit, held, budgets: list[tuple[str, float]], kv_bytes: float = 0.0,
           headroom: float = 0.75, advance=lambda n: None) -> tuple[dict, dict, dict]:
     """(grouping, overlay, report) of the layout for `budgets`, one node each."""
@@ -121,8 +167,14 @@ def build(loaded, m: Manifest, stats: gr.Stats, fit, held, budgets: list[tuple[s
     clusters = gr.cluster_domains(stats, n)
     plain_share = -(-E // n)
     costs = layer_costs(loaded, fit, stats, clusters, plain_share, advance)
-    sizes = [lo.allocate(s, costs, E, k) for s in slots]
-    sets, left_out = lo.node_sets(sizes, wants(stats, clusters), stats.balanced("mass"), layers)
+    val = validation_refs(loaded, fit[VALIDATE_EVERY - 1::VALIDATE_EVERY])
+    tried = []
+    for whole in lo.whole_candidates(slots, costs, E, k):
+        sizes = [lo.allocate(s, costs, E, k, whole) for s in slots]
+        sets, left_out = lo.node_sets(sizes, wants(stats, clusters), stats.balanced("mass"), layers)
+        tried.append((placed_kl(loaded, val, sets, layers) if len(slots) > 1 else 0.0, whole, sizes, sets, left_out))
+        advance(len(val))
+    kl, whole, sizes, sets, left_out = min(tried, key=lambda t: (t[0], t[1]))
     plain = trunk + per * len(layers) * E / n
     nodes = []
     for (kind, v), s, size in zip(budgets, slots, sizes):
@@ -135,6 +187,8 @@ def build(loaded, m: Manifest, stats: gr.Stats, fit, held, budgets: list[tuple[s
     quality = node_quality(loaded, held, sets, advance) if held else [None] * n
     report = {"budgets": [nd["budget"] for nd in nodes], "clusters": clusters,
               "layer_costs": {str(l): round(c, 5) for l, c in costs.items()},
+              "candidates": [{"whole_layers": w, "validation_kl": round(v, 5)} for v, w, *_ in tried],
+              "whole_layers": whole, "validation_passages": len(val),
               "nodes": [{**nd, "held_out": q} for nd, q in zip(nodes, quality)],
               "coverage": round(1 - sum(len(v) for v in left_out.values()) / (E * len(layers)), 4),
               "left_out": {str(l): v for l, v in left_out.items()}, "placement": grouping["placement"],
@@ -145,4 +199,6 @@ def build(loaded, m: Manifest, stats: gr.Stats, fit, held, budgets: list[tuple[s
 def work(stats: gr.Stats, fit, held, n_nodes: int) -> int:
     """Progress units of build(): per-layer cost passes, then held-out passes per node."""
     per_domain = {d: min(COST_PASSAGES, sum(x[0] == d for x in fit)) for d in stats.domains}
-    return len(stats.layers) * sum(per_domain.values()) + len(held) * n_nodes
+    candidates = len(stats.layers) // 2 + 1
+    return (len(stats.layers) * sum(per_domain.values()) + candidates * len(fit) // VALIDATE_EVERY
+            + len(held) * n_nodes)

@@ -5,8 +5,8 @@ Pure functions over plain numbers (calibrate.py measures and writes):
 - `node_slots`: a node's budget (a multiple of a plain share, or bytes) as the
   number of (MoE layer, expert) pairs it can hold beside the trunk and its KV;
 - `allocate`: how many experts each MoE layer gets on one node, from the
-  measured cost of masking that layer alone (loss concentrates in few layers on
-  some models: those become whole first);
+  measured cost of masking that layer alone, with the costliest layers whole
+  (how many: `whole_candidates`, each tried and measured by autolayout.py);
 - `node_sets`: which experts, per node and layer (the ones the node's domain
   cluster uses most), with every expert on some node while the nodes together
   hold enough (else the least used are left out: coverage below 1);
@@ -23,8 +23,6 @@ import numpy as np
 
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.units import parse_size
-
-WHOLE_SNAP = 0.9  # a layer allocated at least this share of its experts is made whole (cheaper to place)
 
 
 def parse_budgets(spec: str) -> list[tuple[str, float]]:
@@ -72,17 +70,21 @@ def _loss(cost: float, n: int, n_experts: int) -> float:
     return cost * (1.0 - n / n_experts) ** 2
 
 
-def allocate(slots: int, costs: dict[int, float], n_experts: int, top_k: int) -> dict[int, int]:
-    """Experts per MoE layer for a node of `slots`: every layer at least top_k, then one slot at a
-    time where the modelled loss falls most (so a layer whose masking costs the most fills first),
-    then layers nearly whole are made whole (their slots taken from the cheapest layers)."""
+def allocate(slots: int, costs: dict[int, float], n_experts: int, top_k: int, whole: int = 0) -> dict[int, int]:
+    """Experts per MoE layer for a node of `slots`: the `whole` costliest layers get every expert
+    (as many of them as leave top_k for each other layer), every other layer at least top_k, then
+    one slot at a time where the modelled loss falls most (a layer whose masking costs the most
+    fills first)."""
     layers = sorted(costs)
     if slots >= n_experts * len(layers):
         return {l: n_experts for l in layers}
     size = {l: top_k for l in layers}
     left = slots - top_k * len(layers)
+    for l in sorted(layers, key=lambda x: -costs[x])[:whole]:
+        if left >= n_experts - top_k:
+            size[l], left = n_experts, left - (n_experts - top_k)
     gain = lambda l: _loss(costs[l], size[l], n_experts) - _loss(costs[l], size[l] + 1, n_experts)
-    heap = [(-gain(l), l) for l in layers]
+    heap = [(-gain(l), l) for l in layers if size[l] < n_experts]
     heapq.heapify(heap)
     while left > 0 and heap:
         _, l = heapq.heappop(heap)
@@ -90,21 +92,14 @@ def allocate(slots: int, costs: dict[int, float], n_experts: int, top_k: int) ->
         left -= 1
         if size[l] < n_experts:
             heapq.heappush(heap, (-gain(l), l))
-    for l in sorted(layers, key=lambda x: -costs[x]):  # snap: nearly whole layers become whole
-        short = n_experts - size[l]
-        if 0 < short <= (1 - WHOLE_SNAP) * n_experts:
-            donors = sorted((x for x in layers if x != l and size[x] > top_k and size[x] < n_experts),
-                            key=lambda x: costs[x])
-            room = sum(size[x] - top_k for x in donors)
-            if room >= short:
-                size[l] = n_experts
-                for x in donors:
-                    take = min(short, size[x] - top_k)
-                    size[x] -= take
-                    short -= take
-                    if not short:
-                        break
     return size
+
+
+def whole_candidates(slots: list[int], costs: dict[int, float], n_experts: int, top_k: int) -> list[int]:
+    """How many whole layers are worth trying: 0, and up to as many as the smallest node holds
+    beside top_k everywhere else (at most half the layers: beyond, the rest starve)."""
+    fit = (min(slots) - top_k * len(costs)) // max(1, n_experts - top_k)
+    return list(range(0, int(min(fit, len(costs) // 2)) + 1))
 
 
 def node_sets(sizes: list[dict[int, int]], wants: list[np.ndarray], mass: np.ndarray,

@@ -91,3 +91,13 @@ def test_the_full_budget_node_is_the_full_model_and_the_router_scores_after_whol
     sc = front.score([3, 17, 99, 250, 7, 42])
     assert sc.layers == m.placement_layers() and sorted(sc.scores) == [0, 1, 2]
     assert sc.scores[2] >= max(sc.scores[0], sc.scores[1])  # the node holding every expert serves it best
+
+
+def test_whole_layers_are_made_whole_first_as_far_as_every_node_can():
+    costs = {0: 0.4, 1: 0.13, 2: 0.09, 3: 0.09, 4: 0.08, 5: 0.09}  # the reference model's measured costs
+    size = lo.allocate(173, costs, 48, 6, whole=1)
+    assert size[0] == 48 and sum(size.values()) == 173 and min(size.values()) >= 6
+    two = lo.allocate(173, costs, 48, 6, whole=2)
+    assert two[0] == two[1] == 48 and sum(two.values()) == 173
+    assert lo.whole_candidates([173, 173, 173], costs, 48, 6) == [0, 1, 2, 3]
+    assert lo.whole_candidates([40, 300], costs, 48, 6) == [0]  # the smallest node has no room for one
