@@ -76,6 +76,11 @@ def plan_cmd(source, nodes, context, kv_bits, bits, trunk_bits, group_size, over
         verdict = "fits" if n["fits"] else "does NOT fit"
         click.echo(f"  node {i}: {n['memory'] / GB:.0f} GB, usable {n['usable'] / GB:.1f} GB -> {verdict}"
                    + (f"; {_set_text(n['layout_set'])}" if "layout_set" in n else ""))
+    cover = r.get("layout_coverage")
+    if cover is not None:
+        click.echo(f"  together: {cover['held']} of {cover['of']} experts"
+                   + ("" if cover["coverage"] >= 1 else f": coverage {cover['coverage']:.0%}, the "
+                      f"{cover['of'] - cover['held']} least used left out by calibrate --budgets (it measures the loss)"))
     if "layout" in r:
         _print_layout(r["layout"])
     fit = r["smallest_fitting_groups"]
@@ -102,6 +107,8 @@ def _layout_sets(r: dict) -> None:
             n["layout_set"] = {"experts": slots, "of": every, "full_model": slots >= every}
         except MlxMoeError as e:
             n["layout_set"] = {"experts": None, "of": every, "full_model": False, "why": str(e)}
+    held = min(every, sum(n["layout_set"]["experts"] or 0 for n in r["nodes"]))
+    r["layout_coverage"] = {"held": held, "of": every, "coverage": round(held / every, 4)}
 
 
 def _set_text(s: dict) -> str:

@@ -101,3 +101,10 @@ def test_plan_says_what_calibrate_budgets_would_give_each_node():
     assert "layout" not in rep
     out = CliRunner().invoke(main, ["plan", "qwen3-235b-a22b", "--nodes", "24GB,64GB,192GB"]).output
     assert f"{mid['experts']} of {every} experts" in out and "every expert: the exact model" in out
+
+
+def test_plan_says_how_much_of_the_model_the_macs_hold_together():
+    r = CliRunner().invoke(main, ["plan", "qwen3-235b-a22b", "--nodes", "24GB,32GB,48GB"])
+    assert r.exit_code == 0 and "together:" in r.output and "least used left out" in r.output
+    r = CliRunner().invoke(main, ["plan", "qwen3-235b-a22b", "--nodes", "3x192GB", "--json"])
+    assert json.loads(r.output)["layout_coverage"]["coverage"] == 1.0
