@@ -10,6 +10,7 @@ import click
 
 # name -> (module in mlxmoe/commands/, attribute, one-line help shown in `mlxmoe --help`)
 COMMANDS = {
+    "up": ("mlxmoe.commands.up", "up_cmd", "Create or join the cluster, get this Mac's part and serve: one command per Mac."),
     "plan": ("mlxmoe.commands.plan", "plan_cmd", "Show per-node memory for a model on your Macs (reads headers only)."),
     "split": ("mlxmoe.commands.split", "split_cmd", "Split a checkpoint into trunk + expert-group bundles + manifest."),
     "copy": ("mlxmoe.commands.copy", "copy_cmd", "Copy the files one node needs from a bundle, verified."),

@@ -234,6 +234,8 @@ OP_SCHEMAS: dict[str, dict] = {
     # one MoE layer's routed-expert output for hidden states x, routed as this node's own block would
     "experts": {"_required": ["layer", "x"], "layer": "int", "x": TENSOR_SCHEMA, "ids": "list[int]",
                 "rows": "list[int]"},
+    # a new manifest of the same model in which this node's part is unchanged (a Mac joined: `mlxmoe up`)
+    "adopt": {"_required": ["manifest"], "manifest": "any"},
 }
 OPS = tuple(OP_SCHEMAS)
 

@@ -272,6 +272,17 @@ class FakeEngine:
         finally:
             self.busy.discard(session_id)
 
+    def adopt(self, manifest: dict) -> str:
+        """A fake manifest {"model_id", "hash", "n_groups"}: same model, this engine's group still in it."""
+        if not isinstance(manifest, dict) or manifest.get("model_id") != self.manifest.model_id:
+            raise MlxMoeError("manifest: another model than this node's")
+        if not isinstance(manifest.get("hash"), str) or not isinstance(manifest.get("n_groups"), int) \
+                or not self.group < manifest["n_groups"]:
+            raise MlxMoeError("manifest: needs a hash and this node's group")
+        self.manifest = SimpleNamespace(model_id=self.manifest.model_id, hash=manifest["hash"],
+                                        n_groups=manifest["n_groups"])
+        return self.manifest.hash
+
     def prepare(self, params: GenParams) -> None:
         """A grammar compiles (on the byte tokenizer) as a node's does: bad specs are refused before any row."""
         if params.grammar is not None:

@@ -664,15 +664,18 @@ class RunningJoin:
 
 async def start_join(home: str | Path | None = None, host: str = "0.0.0.0", port: int = JOIN_PORT, *,
                      name: str | None = None, limits: Limits = Limits(max_connections=64, per_address=16),
-                     **kw) -> RunningJoin:
+                     routes: Callable[[web.Application], None] | None = None, **kw) -> RunningJoin:
     """Serve the join endpoint of the Mac whose config home is `home` (it
     must hold ca.pem, ca.key and cluster.key; its own certificate is issued
     if missing) on host:port over TLS, behind the same connection limits as a
-    node. `kw`: JoinServer's (key_path, clock, failures_per_minute)."""
+    node. `routes(app)` adds routes of its own (`mlxmoe up`'s enrollment).
+    `kw`: JoinServer's (key_path, clock, failures_per_minute)."""
     home = Path(home).expanduser() if home else default_home()
     _first_mac_files(home)
     ident = tls.ensure_identity(home, name or default_name(), tls.default_hosts(host))
     app = join_app(home, **kw)
+    if routes is not None:
+        routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0,
                            keepalive_timeout=5.0, **HTTP_LIMITS)
     await runner.setup()

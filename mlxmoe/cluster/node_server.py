@@ -359,6 +359,15 @@ class NodeServer:
             return {"closed": known, "deferred": True}
         return {"closed": bool(await job) or known}
 
+    async def _op_adopt(self, body: dict, src: str) -> dict:
+        """A Mac joined: the same model under a new manifest, this node's part unchanged (`mlxmoe up`)."""
+        mh = await self.worker.call(self.engine.adopt, body["manifest"])
+        self.identity = engine_identity(self.engine)
+        await self.worker.call(self.worker.refresh_snapshot)
+        self._changed()  # Bonjour TXT: the new hash
+        log.info("node %s serves manifest %s now", self.name, mh)
+        return {"manifest_hash": mh}
+
     async def _op_export_session(self, body: dict, src: str) -> dict:
         return await self.worker.call(self.engine.export_session, body["session"])
 
@@ -633,7 +642,7 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
     port = runner.addresses[0][1]
     adv = None
     if advertise:
-        props = lambda: txt_props(ident, server.stats(), tls=tls is not None)
+        props = lambda: txt_props(server.identity, server.stats(), tls=tls is not None)  # (adopt changes it)
         adv = Advertiser(port, props(), interface=interface, host_ip=host, name=name)
         await adv.start()
         server.on_change = lambda: adv.update(props())

@@ -174,6 +174,10 @@ class Engine(Protocol):
     def attach_cluster(self, key: bytes) -> None:
         """The cluster key, which signs this engine's own calls to peers (set by the node server)."""
 
+    def adopt(self, manifest: dict) -> str:
+        """Serve a new manifest (as a dict) of the same model in which this engine's part is
+        unchanged (a Mac joined); returns its hash. MlxMoeError naming what differs."""
+
 
 class Frontend(Protocol):
     """The router's placement front end (node.trunk.TrunkFrontend; tests/fakes.FakeFrontend)."""

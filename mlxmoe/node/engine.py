@@ -5,6 +5,7 @@ log-probabilities, every active generation decoded in one batched step
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -328,6 +329,35 @@ class Node(Tokens):
         if s.busy:  # its cache is ahead of its tokens until the stream ends
             raise SessionBusy(f"session {session_id}: still generating; export it after the stream ends")
         return {"id": s.id, "tokens": list(s.tokens), "caches": export_caches(s.cache), "manifest": self.manifest.hash}
+
+    def adopt(self, manifest: dict) -> str:
+        """Serve `manifest` from now on: the same model, in which this node's group holds exactly
+        what it holds (its files byte for byte): another Mac joined the cluster (`mlxmoe up`), so
+        the groups, their files and the hash changed around it. The bundle's distribution.json is
+        replaced too (a restart serves the same). Returns the new hash; MlxMoeError naming what
+        differs, and then nothing changes."""
+        from mlxmoe.bundle.manifest import FILENAME, TRUNK_FILE, Manifest, group_file
+
+        if not isinstance(manifest, dict):
+            raise MlxMoeError("manifest: expected an object")
+        new, old, g = Manifest.from_dict(manifest, "manifest"), self.manifest, self.group
+        if (new.model, new.moe, new.quantization) != (old.model, old.moe, old.quantization):
+            raise MlxMoeError(f"manifest: another model or quantization than this node's ({old.model_id})")
+        if g is None or g >= new.n_groups:
+            raise MlxMoeError(f"manifest: has no group {g} (this node's)")
+        mine = [TRUNK_FILE, group_file(g)]
+        if [new.files.get(f, {}).get("sha256") for f in mine] != [old.files[f]["sha256"] for f in mine]:
+            raise MlxMoeError(f"manifest: the files of group {g} differ from this node's: a new part, not a new plan")
+        if any(new.eligible(g, l) != old.eligible(g, l) for l in old.moe_layers):
+            raise MlxMoeError(f"manifest: group {g} holds other experts there than here")
+        if self.bundle_dir:
+            tmp = os.path.join(self.bundle_dir, f".{FILENAME}.adopt")
+            with open(tmp, "w") as f:
+                json.dump(new.to_dict(), f, indent=1)
+            os.replace(tmp, os.path.join(self.bundle_dir, FILENAME))
+        self.manifest = self.loaded.manifest = self.remote.m = new
+        self.remote.links.clear()  # they named the old hash
+        return new.hash
 
     def import_session(self, state: dict) -> str:
         if state.get("manifest") != self.manifest.hash:

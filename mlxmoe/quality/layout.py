@@ -102,6 +102,27 @@ def whole_candidates(slots: list[int], costs: dict[int, float], n_experts: int, 
     return list(range(0, int(min(fit, len(costs) // 2)) + 1))
 
 
+def grow(sets: list[dict[int, list[int]]], slots: int, layers: list[int], n_experts: int,
+         top_k: int) -> dict[int, list[int]]:
+    """The set of a Mac joining nodes that hold `sets` (they keep them: `mlxmoe up` without a
+    re-plan): `slots` spread evenly over the layers, at each layer the experts the fewest nodes
+    hold first (coverage grows), then in id order (contiguous ranges while nothing is calibrated)."""
+    sizes = allocate(slots, {l: 1.0 for l in layers}, n_experts, top_k)
+    out = {}
+    for l in layers:
+        held = np.zeros(n_experts, dtype=np.int64)
+        for s in sets:
+            held[s[l]] += 1
+        out[l] = sorted(np.lexsort((np.arange(n_experts), held))[:sizes[l]].tolist())
+    return out
+
+
+def left_out(sets: list[dict[int, list[int]]], layers: list[int], n_experts: int) -> dict[int, list[int]]:
+    """Per layer, the experts no node holds (while the Macs together hold less than the model)."""
+    out = {l: sorted(set(range(n_experts)) - {e for s in sets for e in s[l]}) for l in layers}
+    return {l: v for l, v in out.items() if v}
+
+
 def node_sets(sizes: list[dict[int, int]], wants: list[np.ndarray], mass: np.ndarray,
               layers: list[int]) -> tuple[list[dict[int, list[int]]], dict[int, list[int]]]:
     """Per node and layer, the `sizes[g][l]` experts node g's traffic uses most (`wants[g]`:

@@ -101,3 +101,13 @@ def test_whole_layers_are_made_whole_first_as_far_as_every_node_can():
     assert two[0] == two[1] == 48 and sum(two.values()) == 173
     assert lo.whole_candidates([173, 173, 173], costs, 48, 6) == [0, 1, 2, 3]
     assert lo.whole_candidates([40, 300], costs, 48, 6) == [0]  # the smallest node has no room for one
+
+
+def test_a_joining_mac_takes_what_the_others_lack_first():
+    first = lo.grow([], 10, [0, 1], 8, 2)
+    assert first == {0: [0, 1, 2, 3, 4], 1: [0, 1, 2, 3, 4]}  # contiguous while nothing is calibrated
+    second = lo.grow([first], 8, [0, 1], 8, 2)
+    assert second == {0: [0, 5, 6, 7], 1: [0, 5, 6, 7]}  # the uncovered first
+    assert lo.left_out([first, second], [0, 1], 8) == {}
+    assert lo.left_out([first], [0, 1], 8) == {0: [5, 6, 7], 1: [5, 6, 7]}
+    assert lo.grow([], 100, [0, 1], 8, 2) == {0: list(range(8)), 1: list(range(8))}  # every expert

