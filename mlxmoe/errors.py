@@ -1,6 +1,8 @@
 """One error hierarchy. Every message names the file, tensor, field or peer at
-fault; CLI commands print them without a traceback, and the node server maps
-them to HTTP by class (`status`, `code`): `classify` is the one place that does."""
+fault; CLI commands print them without a traceback. Every error class derives
+from MlxMoeError and carries its HTTP `status` and `code`; `classify` (a node's
+answer) and `api_error` (the router's API, whose dialects only shape the body)
+are the one place errors become statuses."""
 
 from __future__ import annotations
 
@@ -59,7 +61,18 @@ class PeerError(MlxMoeError):
         self.peer = peer
 
 
-class RpcError(Exception):
+class ApiError(MlxMoeError):
+    """A request refused (or failed) at the router's API: the status, the request field at fault as the
+    client wrote it (`param`), a code and headers (Retry-After). Each dialect shapes the body (cluster/api/)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+
+class RpcError(MlxMoeError):
     """A node answered with an error (or the call failed). `retryable` says
     whether another node may succeed where this one failed."""
 
@@ -79,3 +92,22 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, (ValueError, TypeError)):
         return 400, "bad_request"
     return 500, "internal"
+
+
+def api_error(exc: BaseException, param: str | None = None) -> ApiError:
+    """Any error as the router's API reports it; `param`: the request field an error of the prompt names.
+    A node's refusal is the client's 400, a node's failure a 502, a bug a 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RpcError):
+        if exc.code == "context_length_exceeded":
+            return ApiError(400, exc.message, param, exc.code)
+        if 400 <= exc.status < 500:
+            return ApiError(400, f"node {exc.peer} refused the request: {exc.message}", None, exc.code)
+        return ApiError(502, f"node {exc.peer} failed: {exc.message}", None, exc.code)
+    status, code = classify(exc)
+    if status >= 500 and not isinstance(exc, MlxMoeError):
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}"[:300], None, "internal")
+    retry = getattr(exc, "retry_after", None)
+    headers = {"Retry-After": str(max(1, int(round(retry))))} if retry and status in (429, 503) else {}
+    return ApiError(status, str(exc)[:300], param, code, headers)

@@ -47,7 +47,8 @@ from typing import Any
 
 import msgpack
 
-from mlxmoe.modes import ROUTING_MODES
+from mlxmoe import params
+from mlxmoe.errors import MlxMoeError
 
 PROTOCOL_VERSION = 2
 AUTH_HEADER = "X-MLXMoE-Auth"
@@ -63,7 +64,7 @@ MAX_PROMPT_TOKENS = 1 << 20
 MAX_FRAME_BYTES = 1 << 20  # one stream frame
 
 
-class WireError(Exception):
+class WireError(MlxMoeError):
     """A request that must be refused: HTTP status, a short code, and a
     message naming the offending field."""
 
@@ -183,25 +184,8 @@ class ReplayGuard:
 # are dicts. `REQUIRED` lists required fields; every other field is optional,
 # and fields not in the schema are refused.
 
-PARAMS_SCHEMA = {
-    "_required": ["max_tokens"],
-    "max_tokens": "int",
-    "temperature": "num?",  # nil: the model's default (node/contract.py resolve)
-    "top_p": "num?",
-    "stop": "list[str]",
-    "seed": "int?",
-    # routing modes (node/remote/): where each MoE layer's routed experts run
-    "routing": "str",
-    "expert_group": "int?",
-    "peers": "dict[str,str]",  # str(group) -> node URL, from the router
-    "resume": "int", "resume_chars": "int", "open_end": "bool",  # exact splice (node/stream.py text_events)
-    "grammar": "dict?",  # constrained decoding (node/grammar.py), checked by the node; the op's size limit bounds it
-    # sampling (node/engine.py; nil: the model's default)
-    "top_k": "int?", "min_p": "num?", "repetition_penalty": "num?",
-    "presence_penalty": "num", "frequency_penalty": "num", "logit_bias": "dict[str,num]", "top_logprobs": "int",
-}
-MAX_LOGIT_BIAS = 1024  # entries of params.logit_bias
-MAX_PEERS = 256
+# generate's params: a GenParams as a dict, its fields' types from the one table (mlxmoe/params.py)
+PARAMS_SCHEMA = {"_required": ["max_tokens"], **{name: f.wire for name, f in params.FIELDS.items()}}
 
 # An activation tensor: raw little-endian bytes of `shape` in `dtype`.
 TENSOR_SCHEMA = {"_required": ["dtype", "shape", "data"], "dtype": "str", "shape": "list[int]", "data": "bytes"}
@@ -304,14 +288,10 @@ def _check_values(op: str, body: dict) -> None:
     """Range checks the type schema cannot express."""
     p = body.get("params")
     if p is not None:
-        if not 0 <= p["max_tokens"] <= 1 << 20:
-            raise WireError(400, "schema", "field 'body.params.max_tokens': must be 0..1048576", "body.params.max_tokens")
-        if not 0.0 <= _or(p.get("temperature"), 0.0) <= 100.0:
-            raise WireError(400, "schema", "field 'body.params.temperature': must be 0..100", "body.params.temperature")
-        if not 0.0 < _or(p.get("top_p"), 1.0) <= 1.0:
-            raise WireError(400, "schema", "field 'body.params.top_p': must be in (0, 1]", "body.params.top_p")
-        _check_sampling(p)
-        _check_routing(p)
+        try:
+            params.check(p, "body.params")  # the ranges: the same check as the API's and the engine's
+        except params.ParamError as e:
+            raise WireError(400, "schema", f"field {e}", e.param) from None
     if "x" in body:
         shape = check_tensor(body["x"], "body.x")
         check_expert_ids(body.get("ids"), body.get("rows"), math.prod(shape[:-1]))
@@ -326,50 +306,6 @@ def _check_values(op: str, body: dict) -> None:
     sess = body.get("session")
     if sess is not None and not 1 <= len(sess) <= 256:
         raise WireError(400, "schema", "field 'body.session': must be 1..256 characters", "body.session")
-
-
-def _or(v, default):
-    return default if v is None else v
-
-
-_SAMPLING_BOUNDS = {"top_k": (0, 1 << 24), "min_p": (0.0, 1.0), "repetition_penalty": (0.0, 100.0),
-                    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0), "top_logprobs": (0, 20)}
-
-
-def _check_sampling(p: dict) -> None:
-    """Bounds of the sampling fields (the API's, node/engine.py check_sampling's)."""
-    for k, (lo, hi) in _SAMPLING_BOUNDS.items():
-        v = p.get(k)
-        if v is not None and not lo <= v <= hi:
-            raise WireError(400, "schema", f"field 'body.params.{k}': must be {lo}..{hi}", f"body.params.{k}")
-    bias = p.get("logit_bias") or {}
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise WireError(400, "schema", f"field 'body.params.logit_bias': at most {MAX_LOGIT_BIAS} entries",
-                        "body.params.logit_bias")
-    for k, v in bias.items():
-        if not k.isdigit() or len(k) > 9 or not -100 <= v <= 100:
-            raise WireError(400, "schema", f"field 'body.params.logit_bias': {k[:20]!r} must be a token id with a "
-                            "bias in -100..100", "body.params.logit_bias")
-
-
-def _check_routing(p: dict) -> None:
-    where = "body.params"
-    if p.get("routing", "local") not in ROUTING_MODES:
-        raise WireError(400, "schema", f"field '{where}.routing': {p['routing']!r} is not one of {', '.join(ROUTING_MODES)}",
-                        f"{where}.routing")
-    eg = p.get("expert_group")
-    if eg is not None and not 0 <= eg < 1 << 16:
-        raise WireError(400, "schema", f"field '{where}.expert_group': must be 0..65535", f"{where}.expert_group")
-    peers = p.get("peers") or {}
-    if len(peers) > MAX_PEERS:
-        raise WireError(400, "schema", f"field '{where}.peers': at most {MAX_PEERS} entries", f"{where}.peers")
-    for g, url in peers.items():
-        if not g.isdigit() or len(g) > 5:
-            raise WireError(400, "schema", f"field '{where}.peers': key {g[:20]!r} is not a group id", f"{where}.peers")
-        if not url.startswith(("http://", "https://")) or len(url) > 512:
-            raise WireError(400, "schema", f"field '{where}.peers.{g}': must be an http(s) URL", f"{where}.peers.{g}")
-    if p.get("routing") == "group" and eg is None:
-        raise WireError(400, "schema", f"field '{where}.expert_group': required with routing 'group'", f"{where}.expert_group")
 
 
 def check_tensor(t: dict, where: str) -> tuple[int, ...]:

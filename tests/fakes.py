@@ -21,7 +21,8 @@ from typing import Iterator
 
 from mlxmoe.errors import AdmissionError, ContextOverflow, MlxMoeError, PeerError, SessionBusy, Unsupported
 from mlxmoe.model.placement import PlacementScores
-from mlxmoe.node.contract import SAMPLING_DEFAULTS, GenParams, TokenEvent
+from mlxmoe.node.contract import TokenEvent
+from mlxmoe.params import SAMPLING_DEFAULTS, GenParams
 from mlxmoe.node.remote.peers import Inbox
 from mlxmoe.node.stream import check_resume, text_events
 from mlxmoe.cluster.node_server import SELF_CHECK

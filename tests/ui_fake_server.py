@@ -54,7 +54,7 @@ def _router_status(n_peers: int) -> dict:
             reply = _post(c.api_url + "/v1/chat/completions", {"model": MODEL, "messages": msgs, "max_tokens": 4},
                           {"X-Session-Id": "ui-sample"})
             msgs += [reply["choices"][0]["message"], {"role": "user", "content": "and then?"}]
-        c.run(c.router.probe_all())  # peers' load as the nodes report it, not the router's guess
+        c.run(c.router.fleet.probe_all())  # peers' load as the nodes report it, not the router's guess
         with urllib.request.urlopen(c.api_url + "/status", timeout=10) as r:
             return json.load(r)
 

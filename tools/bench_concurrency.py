@@ -40,7 +40,7 @@ CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message['ro
                  "+ '<|im_end|>' + '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
                  "{%- endif %}")
 # runs mlx_lm.server in a child that also stops when the benchmark dies (ui/demo.py's watchdog)
-MLX_LM_BOOT = ("from mlxmoe.ui.demo import watch_parent; watch_parent(); import sys, runpy; "
+MLX_LM_BOOT = ("from mlxmoe.children import watch_parent; watch_parent(); import sys, runpy; "
                "sys.argv[0] = 'mlx_lm.server'; runpy.run_module('mlx_lm.server', run_name='__main__')")
 
 
@@ -462,7 +462,8 @@ def main(argv=None) -> int:
     if a.table:
         print(table(json.loads(a.table.read_text())))
         return 0
-    from mlxmoe.ui.demo import Children, on_signals
+    from mlxmoe.children import Children
+    from mlxmoe.ui.demo import on_signals
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = quantized_copy(a.model_dir, a.workdir) if a.model_dir else prepare_model(a.synthesize, a.workdir)

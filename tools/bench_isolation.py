@@ -319,7 +319,7 @@ class Cluster:
     n_groups: int
     url: str
     node_urls: list[str]
-    children: object  # ui.demo.Children
+    children: object  # mlxmoe.children.Children
     logs: list[Path]  # nodes', then the router's
     bundle: Path
 
@@ -339,7 +339,8 @@ LIVE: list[Cluster] = []  # stopped by main's finally and by the signal handler
 
 
 def start_cluster(name: str, n_groups: int, work: Path, timeout: float) -> Cluster:
-    from mlxmoe.ui.demo import Children, ensure_bundle, ensure_key, free_port, wait_ready
+    from mlxmoe.children import Children
+    from mlxmoe.ui.demo import ensure_bundle, ensure_key, free_port, wait_ready
 
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -393,7 +393,7 @@ def main() -> None:
         tmp = Path(tmp)
         if a.bundle is None:
             from mlxmoe.ui.demo import ensure_bundle
-            a.bundle = str(ensure_bundle(tmp, 3, quiet=True))
+            a.bundle = str(ensure_bundle(tmp, 3, quiet=True, equal=True))
         t0 = time.time()
         rows = run_cluster(a, a.bundle, tmp)
         qual = None if a.no_quality else quality(a.bundle, a.passages)

@@ -18,6 +18,7 @@ import msgpack
 
 from mlxmoe import wire
 from mlxmoe.errors import RpcError
+from mlxmoe.params import GenParams
 
 
 # Who we are to a node: the sessions a `held` list names are this sender's.
@@ -106,11 +107,12 @@ class NodeClient:
             except wire.WireError as e:
                 raise self._err(0, e.code, f"node {self.url}: {e.message}", False) from None
 
-    async def generate(self, session: str, prompt: list[int], params: dict,
+    async def generate(self, session: str, prompt: list[int], params: GenParams | dict,
                        token_timeout: float = 60.0) -> AsyncIterator[dict]:
         """Yield the node's frames ({"t": "tok"|"end"}). Raises RpcError for an
         error frame, an HTTP error, a dropped connection, or a silent node."""
-        resp, nonce = await self._post("generate", {"session": session, "prompt": prompt, "params": params}, None)
+        resp, nonce = await self._post("generate", {"session": session, "prompt": prompt,
+                                                  "params": params.to_dict() if isinstance(params, GenParams) else params}, None)
         async with resp:
             if resp.status != 200:
                 raise await self._error_from(resp)

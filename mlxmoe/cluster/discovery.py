@@ -73,6 +73,7 @@ class Advertiser:
         self.azc = AsyncZeroconf(interfaces=_interfaces(self.interface), ip_version=IPVersion.V4Only)
         self.info = self._service_info(f"{self.name}.{SERVICE_TYPE}")
         await self.azc.async_register_service(self.info, allow_name_change=True)
+        self.name = self.info.name.removesuffix("." + SERVICE_TYPE)  # "name (2)" if another service had it
         self._last_update = time.monotonic()
         log.info("advertising %s on %s:%d", self.info.name, ",".join(self.ips), self.port)
 
@@ -83,10 +84,10 @@ class Advertiser:
 
     def update(self, props: dict) -> None:
         """New TXT values; sent now or after the rate limit expires."""
-        if props == self.props or self.azc is None:
+        if props == self.props:
             return
-        self.props = dict(props)
-        if self._pending is not None:
+        self.props = dict(props)  # not yet registered: start() sends these
+        if self.azc is None or self._pending is not None:
             return
         wait = max(0.0, TXT_MIN_INTERVAL_S - (time.monotonic() - self._last_update))
         self._pending = asyncio.get_running_loop().call_later(wait, self._flush)
@@ -190,16 +191,13 @@ class Peer:
     inflight: int = 0  # streams this router has open on it
     streams: int = 0  # streams the node is decoding, and waiting (its queue depth), as of its last info
     queued: int = 0
+    bonjour: bool = False  # a Bonjour record names it (a static peer may have one too)
 
     def status(self) -> dict:
         d = asdict(self)
         for k in ("model", "last_seen", "verified", "inflight", "streams", "queued"):  # load: Router.status
             d.pop(k)
         return d
-
-    @property
-    def load(self) -> tuple:
-        return (max(self.active_sessions, self.inflight), -self.free_memory, self.name)
 
 
 def load_static_peers(path: str | Path) -> list[str]:
@@ -254,7 +252,12 @@ class PeerTable:
         txt, url = rec["txt"], self.scheme(rec["url"])
         p = self.peers.get(name)
         if p is None or p.url != url:
-            p = self.peers[name] = Peer(name=name, url=url, source="mdns")
+            p = self.by_url(url)
+            if p is None or p.source != "static":
+                p = self.peers[name] = Peer(name=name, url=url, source="mdns")
+            elif p.name == p.url:
+                p.name = name  # a --peers node that Bonjour also shows is one peer, with its advertised name
+        p.bonjour = True
         try:
             p.protocol = int(txt.get("proto", "0"))
             p.groups = [int(g) for g in txt.get("groups", "").split(",") if g.strip()]
@@ -269,7 +272,7 @@ class PeerTable:
     def from_info(self, p: Peer, info: dict) -> None:
         """An authenticated info RPC answered: it is the ground truth."""
         groups = [int(g) for g in info.get("groups", [])]
-        if p.source == "mdns" and p.groups and sorted(groups) != sorted(p.groups):
+        if p.bonjour and p.groups and sorted(groups) != sorted(p.groups):
             self._set(p, "ignored", f"advertises groups {p.groups} over Bonjour but serves {groups}")
             return
         p.groups, p.manifest_hash = groups, info.get("manifest_hash")
@@ -302,7 +305,7 @@ class PeerTable:
     def _set(self, p: Peer, state: str, reason: str | None) -> None:
         if (p.state, p.reason) != (state, reason) and reason not in (NOT_PROBED, WAITING):  # not yet known: no news
             # a peer never seen up that is down (a node still loading as the router starts) is not news either:
-            # the router warns once if no node comes up (Router._warn_if_alone)
+            # the router warns once if no node comes up (Fleet._warn_if_alone)
             first_down = state == "down" and p.reason in (NOT_PROBED, WAITING)
             news = log.warning if state == "ignored" else log.debug if first_down else log.info
             news("peer %s (%s): %s%s", p.name, p.url, state, f" - {reason}" if reason else "")

@@ -13,13 +13,17 @@ import secrets
 import stat
 from pathlib import Path
 
+from mlxmoe.errors import MlxMoeError
+
 ENV_VAR = "MLXMOE_CLUSTER_KEY_FILE"
 HOME_VAR = "MLXMOE_HOME"
 KEY_BYTES = 32
 
 
-class ClusterKeyError(Exception):
+class ClusterKeyError(MlxMoeError):
     """The key file is missing, unreadable or malformed (message says which and how to fix)."""
+
+    status, code = 500, "cluster_key"  # this Mac's own file: no request of a client is at fault
 
 
 def config_home() -> Path:

@@ -21,15 +21,16 @@ from typing import Callable
 
 from aiohttp import web
 
-from mlxmoe.node.contract import Engine, GenParams, TokenEvent
+from mlxmoe.node.contract import Engine, TokenEvent
+from mlxmoe.params import GenParams
 
 from mlxmoe import wire
 from mlxmoe.errors import MlxMoeError, Unsupported, classify
 from mlxmoe.cluster.limits import GuardedSite, Limits
 from mlxmoe.cluster.parts import add_node_routes
 from mlxmoe.cluster.worker import EngineWorker
-from mlxmoe.cluster.api import access
-from mlxmoe.cluster.router.sessions import session_ref, tok_s
+from mlxmoe.cluster import accesslog
+from mlxmoe.cluster.sessionview import session_ref, tok_s
 
 log = logging.getLogger("mlxmoe.node")
 ACCESS = web.RequestKey("mlxmoe_access", dict)  # request key: this RPC's access-line fields (session ref, tokens, TTFT, tok/s)
@@ -193,7 +194,7 @@ class NodeServer:
                 self._transports.discard(t)
             d = {"op": request.match_info.get("op"), "status": status, **request.get(ACCESS, {})}
             d["ms"] = round((time.perf_counter() - t0) * 1000, 1)
-            access.emit(d, quiet=d["op"] == "info")  # info is the router's probe, every few seconds
+            accesslog.emit(d, quiet=d["op"] == "info")  # info is the router's probe, every few seconds
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         op = request.match_info["op"]
@@ -640,14 +641,15 @@ async def start_node(engine: Engine | None, key: bytes, host: str = "0.0.0.0", p
         await asyncio.to_thread(server.worker.join, 10)
         raise
     port = runner.addresses[0][1]
+    server.name = name or default_name(ident["groups"], port)  # the site is up: its answers name it from now on
     adv = None
     if advertise:
         props = lambda: txt_props(server.identity, server.stats(), tls=tls is not None)  # (adopt changes it)
-        adv = Advertiser(port, props(), interface=interface, host_ip=host, name=name)
+        adv = Advertiser(port, props(), interface=interface, host_ip=host, name=server.name)
+        server.on_change = lambda: adv.update(props())  # before registering: an adopt meanwhile is not lost
         await adv.start()
-        server.on_change = lambda: adv.update(props())
+        server.name = adv.name  # Bonjour may have renamed it (another service had the name)
         server.refresher = asyncio.ensure_future(_refresh_every(server, TXT_REFRESH_S))
-    server.name = adv.name if adv else (name or default_name(ident["groups"], port))
     node = RunningNode(server, runner, host, port, adv, tls=tls is not None)
     node.expirer = asyncio.ensure_future(_expire_every(server))
     return node

@@ -47,7 +47,7 @@ from aiohttp import web
 
 from mlxmoe import wire
 from mlxmoe.bundle.manifest import FILENAME, Manifest
-from mlxmoe.cluster.api import access
+from mlxmoe.cluster import accesslog
 from mlxmoe.errors import BundleError, ManifestError, MlxMoeError
 
 log = logging.getLogger("mlxmoe.parts")
@@ -103,8 +103,8 @@ class PartsServer:
         except ConnectionResetError:  # the client went away (or stopped reading): 499, quietly
             return web.Response(status=499)
         finally:
-            access.emit({"method": "GET", "op": "part", "status": status, "file": request.match_info.get("name"),
-                         "bytes": sent[0], "ms": round((time.perf_counter() - t0) * 1000, 1)})
+            accesslog.emit({"method": "GET", "op": "part", "status": status, "file": request.match_info.get("name"),
+                            "bytes": sent[0], "ms": round((time.perf_counter() - t0) * 1000, 1)})
 
     async def _handle(self, request: web.Request, sent: list) -> web.StreamResponse:
         node, epoch = self.who()

@@ -35,13 +35,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mlxmoe.errors import MlxMoeError
+
 CA_DAYS = 3650
 CERT_DAYS = 825
 CA_CERT, CA_KEY, CERT, KEY = "ca.pem", "ca.key", "cert.pem", "cert.key"
 
 
-class TlsError(Exception):
+class TlsError(MlxMoeError):
     """A CA or certificate file is missing, unreadable or wrong (message says how to fix)."""
+
+    status, code = 500, "tls"  # this Mac's own files: no request of a client is at fault
 
 
 # ---------------------------------------------------------------- pure: make and check

@@ -25,10 +25,8 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from pathlib import Path
 from aiohttp import web
 
 from mlxmoe.bundle.manifest import FILENAME, TRUNK_FILE, Manifest
+from mlxmoe.children import Children
 from mlxmoe.errors import MlxMoeError
 from mlxmoe.quality import layout as lo
 
@@ -274,10 +273,9 @@ def part_dir(home: Path, manifest: Manifest) -> Path:
     return home / "bundles" / safe
 
 
-def start_node_process(home: Path, bundle: Path, group: int, host: str, port: int, log_path: Path) -> subprocess.Popen:
-    """The coordinator's own node, as `mlxmoe node` in a child process (one thread drives MLX per process)."""
-    env = {**os.environ, "MLXMOE_HOME": str(home)}
-    cmd = [sys.executable, "-m", "mlxmoe.cli", "node", str(bundle), "--group", str(group), "--host", host,
-           "--port", str(port)]
-    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def start_node_process(children: Children, home: Path, bundle: Path, group: int, host: str, port: int,
+                       log_path: Path) -> subprocess.Popen:
+    """The coordinator's own node, as `mlxmoe node` in a child process (one thread drives MLX per process) that
+    stops with this one, even killed (mlxmoe/children.py: its port is not left taken)."""
+    return children.start(["node", str(bundle), "--group", str(group), "--host", host, "--port", str(port)],
+                          log_path, env={"MLXMOE_HOME": str(home)}, mode="ab")

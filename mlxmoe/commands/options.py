@@ -3,6 +3,7 @@ words its own way are passed in (the words are part of its behaviour)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -137,7 +138,7 @@ def setup_logging(verbose: bool, level: str = "info", as_json: bool = False) -> 
 
     handler = logging.StreamHandler()
     if as_json:
-        from mlxmoe.cluster.api.access import JsonFormatter
+        from mlxmoe.cluster.accesslog import JsonFormatter
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
@@ -190,3 +191,39 @@ def check_source(source: str, what: str = "directory") -> None:
         return
     if source.startswith(("/", ".", "~")) or os.sep in source or (os.altsep and os.altsep in source):
         raise click.ClickException(f"no such {what}: {source}")
+
+
+def api_key_option(f):
+    return click.option("--api-key", "api_key", envvar="MLXMOE_API_KEY", default=None, metavar="KEY|FILE",
+                        help="Require an API key ('Authorization: Bearer KEY' or 'x-api-key: KEY') on the APIs and "
+                             "/status: the key, or a file of keys (one a line; each client's sessions are its own). "
+                             "Required with a router address other than loopback. Env: MLXMOE_API_KEY.")(f)
+
+
+def api_keys(value: str | None) -> list[str]:
+    """--api-key: a path to a file of keys (one a line, # comments), or the key itself."""
+    if not value:
+        return []
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        if not keys:
+            raise click.ClickException(f"--api-key: {value} holds no key")
+        return keys
+    return [value.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve anywhere
+
+
+def check_bind(host: str, keys: list[str]) -> None:
+    """An API reachable from the network needs a key (SECURITY.md)."""
+    if not keys and not is_loopback(host):
+        raise click.ClickException(f"--host {host} opens the API to the network: give it an API key "
+                                   "(--api-key KEY|FILE or MLXMOE_API_KEY), or keep --host 127.0.0.1")

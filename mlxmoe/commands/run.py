@@ -53,7 +53,7 @@ def run_cmd(bundle, group, prompt, system, raw, max_tokens, temp, top_p, seed, s
     \b
         mlxmoe run bundles/ref --group auto -p "Write a haiku about rivers"
     """
-    from mlxmoe.node.contract import GenParams
+    from mlxmoe.params import GenParams
     from mlxmoe.node.local import generate_local
 
     def show(ev):

@@ -2,42 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
-import os
-
 import click
 
-from mlxmoe.commands.options import (check_port, interface_option, key_option, load_key, load_tls, mode_option,
-                                     run_server, setup_logging, tls_option, log_options)
-
-
-def api_keys(value: str | None) -> list[str]:
-    """--api-key: a path to a file of keys (one a line, # comments), or the key itself."""
-    if not value:
-        return []
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            keys = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-        if not keys:
-            raise click.ClickException(f"--api-key: {value} holds no key")
-        return keys
-    return [value.strip()]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name may resolve anywhere
-
-
-def check_bind(host: str, keys: list[str]) -> None:
-    """An API reachable from the network needs a key (SECURITY.md)."""
-    if not keys and not is_loopback(host):
-        raise click.ClickException(f"--host {host} opens the API to the network: give it an API key "
-                                   "(--api-key KEY|FILE or MLXMOE_API_KEY), or keep --host 127.0.0.1")
+from mlxmoe.commands.options import (api_key_option, api_keys, check_bind, check_port, interface_option, key_option,
+                                     load_key, load_tls, log_options, mode_option, run_server, setup_logging,
+                                     tls_option)
 
 
 @click.command("serve")
@@ -45,10 +14,7 @@ def check_bind(host: str, keys: list[str]) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address for the API. The default keeps it on this Mac; 0.0.0.0 opens it to your network.")
 @click.option("--port", default=8000, show_default=True, help="Port for the API.")
-@click.option("--api-key", "api_key", envvar="MLXMOE_API_KEY", default=None, metavar="KEY|FILE",
-              help="Require 'Authorization: Bearer KEY' on /v1 and /status: the key, or a file of keys (one a line; "
-                   "each client's sessions are its own). Required with a --host other than loopback. "
-                   "Env: MLXMOE_API_KEY.")
+@api_key_option
 @key_option
 @click.option("--peers", "peers_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML file listing nodes to use without Bonjour ([[peers]] url = \"http://IP:PORT\"); "

@@ -51,16 +51,13 @@ def token_cmd(ttl, uses, host, port, serve, home, join_token, name, force, verbo
     ca.key (where you ran `mlxmoe init`). Treat a token like a password until
     it is used or expired.
     """
-    from mlxmoe.cluster import join, tls
+    from mlxmoe.cluster import join
 
     home = Path(home).expanduser() if home else join.default_home()
     if join_token:
         if verbose:
             setup_logging(False, "info")
-        try:
-            ident = clean_errors(join.join, join_token, home, name=name, force=force)
-        except tls.TlsError as e:
-            raise click.ClickException(str(e)) from None
+        ident = clean_errors(join.join, join_token, home, name=name, force=force)  # TlsError too: an MlxMoeError
         click.echo(f"Joined: wrote cluster.key, ca.pem, cert.pem and cert.key to {ident.ca.parent}.")
         return
     seconds = parse_duration(ttl)
@@ -81,7 +78,4 @@ def token_cmd(ttl, uses, host, port, serve, home, join_token, name, force, verbo
             click.echo(f"Serving joins on port {running.port} until token {tok.id} is used up or expires "
                        f"(Ctrl-C stops).", err=True)
             sys.stderr.flush()
-        try:
-            run_server(join.serve_join(home, "0.0.0.0", bound, until_spent=tok.id, ready=ready), "0.0.0.0", bound)
-        except tls.TlsError as e:
-            raise click.ClickException(str(e)) from None
+        run_server(join.serve_join(home, "0.0.0.0", bound, until_spent=tok.id, ready=ready), "0.0.0.0", bound)

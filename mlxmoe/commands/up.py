@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from mlxmoe.commands.options import check_port, clean_errors, parse_size, run_server, setup_logging
+from mlxmoe.commands.options import (api_key_option, api_keys, check_bind, check_port, clean_errors, parse_size,
+                                     run_server, setup_logging)
 
 
 @click.command("up")
@@ -18,12 +19,14 @@ from mlxmoe.commands.options import check_port, clean_errors, parse_size, run_se
 @click.option("--name", help="This Mac's name in the cluster (default: its host name).")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address the node (and the join server) listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="The router's port (first Mac).")
-@click.option("--router-host", default="127.0.0.1", show_default=True, help="Address the router listens on.")
+@click.option("--router-host", default="127.0.0.1", show_default=True,
+              help="Address the router's API listens on (first Mac). Another than loopback needs --api-key.")
+@api_key_option
 @click.option("--node-port", default=7420, show_default=True, type=int, help="This Mac's node's port.")
 @click.option("--join-port", default=7419, show_default=True, type=int, help="The first Mac's join server's port.")
 @click.option("--no-mdns", is_flag=True, help="No Bonjour (members are told of each other directly).")
 @click.option("-v", "--verbose", is_flag=True)
-def up_cmd(source, token, memory, name, host, port, router_host, node_port, join_port, no_mdns, verbose):
+def up_cmd(source, token, memory, name, host, port, router_host, api_key, node_port, join_port, no_mdns, verbose):
     """Start this Mac's part of the cluster, creating or joining it: one command per Mac.
 
     \b
@@ -48,6 +51,7 @@ def up_cmd(source, token, memory, name, host, port, router_host, node_port, join
     home.mkdir(parents=True, exist_ok=True)
     state = json.loads((home / upm.STATE).read_text()) if (home / upm.STATE).exists() else {}
     mem = parse_size(memory, "--memory") if memory else default_memory()
+    keys = api_keys(api_key)
     for p, h in ((node_port, host), (port, router_host)) if not token and state.get("role") != "member" else \
             ((node_port, host),):
         check_port(h, p)
@@ -59,7 +63,9 @@ def up_cmd(source, token, memory, name, host, port, router_host, node_port, join
         if not source and not state:
             raise click.UsageError("give SOURCE (a bundle, checkpoint or Hugging Face repo) on the first Mac, "
                                    "or --join TOKEN on another")
-        coro = coordinator(home, source, state, mem, name, host, router_host, port, node_port, join_port, not no_mdns)
+        check_bind(router_host, keys)
+        coro = coordinator(home, source, state, mem, name, host, router_host, port, node_port, join_port, not no_mdns,
+                           keys)
     run_server(coro, host, node_port)
 
 
@@ -77,12 +83,13 @@ def advertised(host: str) -> str:
 
 
 async def coordinator(home: Path, source, state: dict, memory: int, name, host, router_host, port, node_port,
-                      join_port, mdns: bool) -> None:
+                      join_port, mdns: bool, api_keys: list[str]) -> None:
     from mlxmoe.cluster import tls
     from mlxmoe.cluster.api import start_router
     from mlxmoe.cluster.join import default_name, start_join
     from mlxmoe.cluster.keys import create_key, load_key
     from mlxmoe.cluster.router import Router
+    from mlxmoe.children import Children
     from mlxmoe.cluster.up import Coordinator, Member, start_node_process
     from mlxmoe.cluster.worker import until_signalled
     from mlxmoe.node.trunk import TrunkFrontend
@@ -107,9 +114,10 @@ async def coordinator(home: Path, source, state: dict, memory: int, name, host, 
         print(f"planning for this Mac ({memory / 1e9:.3g} GB) ...", flush=True)
         clean_errors(coord.first, Member(name, memory, node_url))
     (home / "logs").mkdir(exist_ok=True)
-    node = start_node_process(home, layout, 0, host, node_port, home / "logs" / "node.log")
+    children = Children("up")
+    node = start_node_process(children, home, layout, 0, host, node_port, home / "logs" / "node.log")
     router = Router(None, key, frontend_factory=lambda: TrunkFrontend.load(layout, verify=False),
-                    static_peers=[mb.node_url for mb in coord.members], mdns=mdns, tls=ident)
+                    static_peers=[mb.node_url for mb in coord.members], mdns=mdns, tls=ident, api_keys=api_keys)
     coord.router = router
     running = join = None
     try:
@@ -139,11 +147,7 @@ async def coordinator(home: Path, source, state: dict, memory: int, name, host, 
             await running.stop()
         else:
             await router.stop()
-        node.terminate()
-        try:
-            node.wait(10)
-        except Exception:  # noqa: BLE001
-            node.kill()
+        children.stop()
 
 
 async def wait_up(router, node, log: Path, timeout: float = 300.0) -> None:
@@ -155,7 +159,7 @@ async def wait_up(router, node, log: Path, timeout: float = 300.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise click.ClickException(f"this Mac's node did not come up in {timeout:.0f}s; log: {log}")
         await asyncio.sleep(0.5)
-        await router.probe_all()
+        await router.fleet.probe_all()
 
 
 def ensure_master(home: Path, source: str) -> Path:

@@ -88,7 +88,7 @@ def bench(bundle=None, source=None, synthetic=None, layers=12, bits=4, groups=3,
 
     from mlx_lm.generate import generate_step
 
-    from mlxmoe.node.contract import GenParams
+    from mlxmoe.params import GenParams
     from mlxmoe.model import fused
     from mlxmoe.node.engine import Node, backend_name
     from mlxmoe.model.reference import mlx_lm_model

@@ -10,74 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
+from mlxmoe.params import GenParams  # the typed request (mlxmoe/params.py)
+
 if TYPE_CHECKING:  # annotations only: this module stays plain data
     from mlxmoe.model.placement import PlacementScores
-
-
-@dataclass
-class GenParams:
-    max_tokens: int = 256
-    temperature: float | None = 0.0
-    top_p: float | None = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    # where MoE layers' routed experts run (node/remote/): "local" | "group" | "onehop" | "split"
-    routing: str = "local"
-    expert_group: int | None = None  # routing="group": the group computing every MoE layer
-    peers: dict[str, str] = field(default_factory=dict)  # str(group) -> node URL
-    # a turn continued after a failover/migration (node/stream.py): the prompt's last `resume` tokens are
-    # this turn's output so far, of whose text the client already has `resume_chars` characters
-    resume: int = 0
-    resume_chars: int = 0
-    open_end: bool = False  # max_tokens ends this call, not the turn (race): nothing held back is flushed
-    # constrained decoding (node/grammar.py): {"type": "json_object"} | {"type": "json_schema", "schema": ...}
-    # | {"type": "tool_call", "tools": [...], "choice": "required" | {"name": ...}}; None: free text
-    grammar: dict | None = None
-    # sampling beyond temperature/top_p (mlx-lm's samplers and logits processors, node/engine.py). For the
-    # fields that may be None, None means "the model's default" (generation_config.json, else SAMPLING_DEFAULTS):
-    # the API sends None for what a request leaves out; library callers get the plain values below
-    top_k: int | None = 0  # 0: off
-    min_p: float | None = 0.0  # 0: off
-    repetition_penalty: float | None = 1.0  # 1: off (mlx-lm's multiplicative penalty over the last 20 tokens)
-    presence_penalty: float = 0.0  # OpenAI's additive penalties (mlx-lm's processors)
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] = field(default_factory=dict)  # str(token id) -> added to its logit
-    top_logprobs: int = 0  # alternatives per token in TokenEvent.top_logprobs (0..20)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GenParams":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-# What a request that leaves a sampling field out gets when the model's generation_config.json does not say.
-# repetition_penalty 1.1: greedy decoding of small or masked models falls into loops (the reference model's
-# demo answer repeated itself for 512 tokens); mlx-lm's penalty only touches the last 20 tokens.
-SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.1}
-GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def model_defaults(generation_config: dict | None) -> dict:
-    """The sampling defaults of a model: its generation_config.json's values
-    (do_sample false means greedy, as in transformers), else SAMPLING_DEFAULTS."""
-    out = dict(SAMPLING_DEFAULTS)
-    gc = generation_config if isinstance(generation_config, dict) else {}
-    for k in GENERATION_CONFIG_KEYS:
-        v = gc.get(k)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
-            out[k] = type(SAMPLING_DEFAULTS[k])(v)
-    if gc.get("do_sample") is False:
-        out["temperature"] = 0.0
-    return out
-
-
-def resolve(params: GenParams, defaults: dict) -> GenParams:
-    """`params` with every None sampling field replaced by the model's default."""
-    from dataclasses import replace
-    return replace(params, **{k: defaults.get(k, SAMPLING_DEFAULTS[k]) for k in SAMPLING_DEFAULTS
-                              if getattr(params, k) is None})
 
 
 @dataclass

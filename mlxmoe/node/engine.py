@@ -22,7 +22,8 @@ from mlxmoe.errors import ContextOverflow, MlxMoeError, SessionBusy
 from mlxmoe.node import grammar
 from mlxmoe.node.batch import Batch, Row, prefill_chunk, without
 from mlxmoe.node.batch_cache import quantizable, quantize
-from mlxmoe.node.contract import PENDING, SAMPLING_DEFAULTS, GenParams, TokenEvent, model_defaults, resolve
+from mlxmoe.node.contract import PENDING, TokenEvent
+from mlxmoe.params import SAMPLING_DEFAULTS, GenParams, check, model_defaults, resolve
 from mlxmoe.node.kvstate import export_caches, import_caches
 from mlxmoe.node.stream import NullDetokenizer, check_resume, text_events
 from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_tokenizer
@@ -336,7 +337,8 @@ class Node(Tokens):
         the groups, their files and the hash changed around it. The bundle's distribution.json is
         replaced too (a restart serves the same). Returns the new hash; MlxMoeError naming what
         differs, and then nothing changes."""
-        from mlxmoe.bundle.manifest import FILENAME, TRUNK_FILE, Manifest, group_file
+        from mlxmoe.bundle.copy import node_files
+        from mlxmoe.bundle.manifest import FILENAME, Manifest
 
         if not isinstance(manifest, dict):
             raise MlxMoeError("manifest: expected an object")
@@ -345,8 +347,8 @@ class Node(Tokens):
             raise MlxMoeError(f"manifest: another model or quantization than this node's ({old.model_id})")
         if g is None or g >= new.n_groups:
             raise MlxMoeError(f"manifest: has no group {g} (this node's)")
-        mine = [TRUNK_FILE, group_file(g)]
-        if [new.files.get(f, {}).get("sha256") for f in mine] != [old.files[f]["sha256"] for f in mine]:
+        mine = node_files(old, [g])  # trunk, group, overlay, healing, tokenizer: all this node loaded
+        if node_files(new, [g]) != mine or any(new.files[f].get("sha256") != old.files[f].get("sha256") for f in mine):
             raise MlxMoeError(f"manifest: the files of group {g} differ from this node's: a new part, not a new plan")
         if any(new.eligible(g, l) != old.eligible(g, l) for l in old.moe_layers):
             raise MlxMoeError(f"manifest: group {g} holds other experts there than here")
@@ -521,26 +523,11 @@ def sampling_processors(p: GenParams, vocab: int) -> list:
 
 
 def check_sampling(p: GenParams, vocab: int) -> None:
-    """Sampling fields after resolve(): values mlx-lm's samplers accept."""
-    def num(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-    for name, lo, hi in (("temperature", 0, 100), ("top_p", 0, 1), ("min_p", 0, 1), ("repetition_penalty", 0, 100),
-                         ("presence_penalty", -2, 2), ("frequency_penalty", -2, 2)):
-        v = getattr(p, name)
-        if not num(v) or not lo <= v <= hi:
-            raise MlxMoeError(f"params.{name}: must be a number in {lo}..{hi}, got {v!r}"[:200])
-    if not isinstance(p.top_k, int) or isinstance(p.top_k, bool) or p.top_k < 0:
-        raise MlxMoeError(f"params.top_k: must be an integer >= 0, got {p.top_k!r}"[:200])
-    if not isinstance(p.top_logprobs, int) or isinstance(p.top_logprobs, bool) or not 0 <= p.top_logprobs <= 20:
-        raise MlxMoeError(f"params.top_logprobs: must be an integer in 0..20, got {p.top_logprobs!r}"[:200])
-    if not isinstance(p.logit_bias, dict):
-        raise MlxMoeError("params.logit_bias: must map token ids to numbers")
-    for k, v in p.logit_bias.items():
-        if not str(k).isdigit() or not 0 <= int(k) < vocab:
+    """Sampling fields after resolve(): the ranges of mlxmoe/params.py, and logit_bias ids in the vocabulary."""
+    check(p.to_dict())
+    for k in p.logit_bias:
+        if int(k) >= vocab:
             raise MlxMoeError(f"logit_bias: token id {str(k)[:20]!r} is outside the vocabulary (0..{vocab - 1})")
-        if not num(v) or not -100 <= v <= 100:
-            raise MlxMoeError(f"logit_bias: the bias of token {k} must be a number in -100..100")
 
 
 def backend_name() -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from mlxmoe.errors import MlxMoeError
-from mlxmoe.node.contract import GenParams
+from mlxmoe.params import GenParams
 
 
 def generate_local(bundle, group: str, prompt: str, params: GenParams, *, system=None, raw=False, kv_bits=None,

@@ -13,7 +13,7 @@ from mlxmoe.model.placement import score_groups
 from mlxmoe.model.placement import PlacementScores
 from mlxmoe.model.load import WHOLE, Loaded, load_bundle, load_generation_config, load_tokenizer
 from mlxmoe.model.moe import GateRecorder
-from mlxmoe.node.contract import SAMPLING_DEFAULTS, model_defaults
+from mlxmoe.params import SAMPLING_DEFAULTS, model_defaults
 from mlxmoe.node.tokens import Tokens
 
 

@@ -36,7 +36,7 @@ from mlxmoe.quality.metrics import logp_of, token_metrics
 HOLD_OUT_EVERY = 5  # every fifth passage of a domain is held out of fitting (the report's)
 VALIDATE_EVERY = 4  # every fourth remaining passage chooses between candidate layouts
 PROMPT_TOKENS = 32  # what placement sees of a validation passage (as eval scores placement)
-TIE_MARGIN = 0.02  # the router's (cluster/router/placement.py): groups this close tie, the larger set first
+TIE_MARGIN = 0.02  # the router's (cluster/router/ranking.py): groups this close tie, the larger set first
 COST_PASSAGES = 4  # per domain of a cluster, for the per-layer costs ...
 COST_TOKENS = 256  # ... each cut to this many tokens (costs rank layers; they need not be precise)
 

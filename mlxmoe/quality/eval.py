@@ -58,7 +58,7 @@ from mlxmoe.model import heal as mh, meter
 from mlxmoe.model.placement import score_groups
 from mlxmoe.model.moe import GateRecorder
 
-TIE_MARGIN = 0.02  # the router's default (mlxmoe.cluster.router.placement: groups this close tie)
+TIE_MARGIN = 0.02  # the router's default (mlxmoe.cluster.router.ranking: groups this close tie)
 
 PLACEMENTS = ("first", "router", "layers", "race", "oracle")
 

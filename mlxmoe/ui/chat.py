@@ -23,6 +23,7 @@ from typing import Callable
 
 import aiohttp
 
+from mlxmoe.errors import MlxMoeError
 from mlxmoe.ui import base_url, fetch_status
 
 
@@ -34,8 +35,10 @@ def client_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=TIMEOUT)
 
 
-class ChatError(Exception):
+class ChatError(MlxMoeError):
     """The server refused or could not be reached; the message says which."""
+
+    status, code = 502, "router_failed"  # the client's view: the server upstream of it failed it
 
 
 @dataclass

@@ -19,20 +19,26 @@ import time
 import urllib.request
 from pathlib import Path
 
+from mlxmoe.children import Children
 from mlxmoe.errors import MlxMoeError
 
 REFERENCE = ASSETS / "reference-moe"
 # Three Macs of different sizes (docs/QUALITY.md, Layouts): what `calibrate --budgets 1x,1.5x,3x` finds on the
 # reference model; the 3x node holds every expert, so a free one answers as the full model.
 LAYOUTS = {3: ASSETS / "groupings" / "reference-moe-g3-layout-1x-1.5x-3x.json"}
+# Three equal Macs, overlapping domain sets (the demo's layout before layouts were measured): no node holds
+# every expert and each leans to a domain, so placement and migration have something to choose (tests,
+# benchmarks).
+EQUAL_LAYOUTS = {3: ASSETS / "groupings" / "reference-moe-g3-domain-sets29.json"}
 
 
-def layout(n_groups: int) -> tuple[dict | None, dict | None]:
+def layout(n_groups: int, equal: bool = False) -> tuple[dict | None, dict | None]:
     """(grouping, overlay) the demo splits with: the shipped layout, else contiguous groups."""
-    if n_groups not in LAYOUTS:
+    layouts = EQUAL_LAYOUTS if equal else LAYOUTS
+    if n_groups not in layouts:
         return None, None
-    d = json.loads(LAYOUTS[n_groups].read_text())
-    return d["grouping"], d["overlay"]
+    d = json.loads(layouts[n_groups].read_text())
+    return (d["grouping"], d["overlay"]) if "grouping" in d else (d, None)  # a layout, or a grouping alone
 
 
 def free_port() -> int:
@@ -41,17 +47,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_bundle(root: Path, n_groups: int, quiet: bool) -> Path:
-    """Split the reference model once; reuse the bundle while it validates."""
+def ensure_bundle(root: Path, n_groups: int, quiet: bool, equal: bool = False) -> Path:
+    """Split the reference model once; reuse the bundle while it validates.
+    `equal`: the layout for equal Macs (EQUAL_LAYOUTS) instead of the demo's unequal one."""
     from mlxmoe.bundle.manifest import Manifest
     from mlxmoe.bundle.split import split
 
-    out = root / f"reference-{n_groups}g"
-    grouping, overlay = layout(n_groups)
+    out = root / f"reference-{n_groups}g{'-equal' if equal else ''}"
+    grouping, overlay = layout(n_groups, equal)
     try:
         m = Manifest.load(out)
         m.verify_files(out, check_hash=False)
-        if m.n_groups == n_groups and (grouping is None or (m.grouping == grouping and m.overlay == overlay)):
+        if m.n_groups == n_groups and (grouping is None or (m.grouping == grouping and overlay in (None, m.overlay))):
             return out
     except MlxMoeError:
         pass
@@ -96,59 +103,6 @@ def wait_ready(url: str, n_nodes: int, children: "Children", timeout: float = 12
     raise MlxMoeError(f"the demo cluster did not come up within {timeout:.0f}s (last status: {status})")
 
 
-# --- children: started in their own process group, stopped with their parent -------------
-# Three ways a child learns that the demo is gone (docs/ARCHITECTURE.md, ui):
-#  1. the demo's SIGINT/SIGTERM/SIGHUP handler kills every child's process group;
-#  2. Linux: prctl(PR_SET_PDEATHSIG, SIGTERM), set between fork and exec, so even
-#     SIGKILL of the demo sends the children SIGTERM;
-#  3. everywhere (macOS has no PDEATHSIG): each child holds the read end of a pipe
-#     whose only write end the demo holds; a watchdog thread in the child reads it,
-#     and EOF (the demo exited, however) makes the child SIGTERM itself.
-PARENT_PIPE_ENV = "MLXMOE_PARENT_PIPE"
-PR_SET_PDEATHSIG = 1
-# Run by each child before the command line: start the watchdog, then `mlxmoe ...`.
-CHILD_BOOT = ("import sys, runpy; from mlxmoe.ui.demo import watch_parent; watch_parent(); "
-              "sys.argv[0] = 'mlxmoe'; runpy.run_module('mlxmoe.cli', run_name='__main__')")
-
-
-def watch_parent() -> None:
-    """In a child: if $MLXMOE_PARENT_PIPE names a pipe, SIGTERM ourselves when
-    it reaches EOF (the parent died), and exit hard if SIGTERM did not end us."""
-    import threading
-
-    fd = os.environ.pop(PARENT_PIPE_ENV, None)
-    if not fd or not fd.isdigit():
-        return
-
-    def watch():
-        try:
-            while os.read(int(fd), 1):
-                pass
-        except OSError:
-            pass
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(10)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="mlxmoe-parent-watch", daemon=True).start()
-
-
-def _pdeathsig(parent: int):
-    """preexec_fn (Linux): SIGTERM when the parent dies; exit if it already has."""
-    import ctypes
-
-    try:  # looked up here: between fork and exec nothing may import or allocate much
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec():
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-    return preexec
-
-
 def listening(pid: int, port: int) -> bool:
     """Whether process `pid` listens on TCP `port` (True where the system will not say)."""
     import psutil
@@ -161,75 +115,6 @@ def listening(pid: int, port: int) -> bool:
     except psutil.Error:  # gone, or a zombie
         return False
     return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
-
-
-def last_line(log: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-class Children:
-    """The demo's child processes, each in its own process group."""
-
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
-        self.logs: dict[int, Path] = {}  # pid -> its log
-        self._r, self._w = os.pipe()  # the demo holds the only write end
-
-    def check(self) -> None:
-        """MlxMoeError naming the first child that exited, with its log's last line."""
-        for p in self.procs:
-            if p.poll() is None:
-                continue
-            args = [str(a) for a in p.args[3:]]
-            what = ("router" if args[:1] == ["serve"] else
-                    f"node {args[args.index('--group') + 1]}" if "--group" in args[:-1] else " ".join(args[:2]))
-            log = self.logs.get(p.pid)
-            if p.returncode < 0:
-                why = f"was killed by signal {-p.returncode}"
-            else:  # its own error is its log's last line
-                tail = last_line(log).removeprefix("Error: ") if log else ""
-                why = f"exited (exit code {p.returncode})" + (f": {tail}" if tail else "")
-            raise MlxMoeError(f"the demo's {what} {why}" + (f"; log: {log}" if log else ""))
-
-    def start(self, cmd: list[str], log: Path, boot: str | None = None) -> subprocess.Popen:
-        """Run `boot` (default: CHILD_BOOT, i.e. `mlxmoe CMD`) with `cmd` as its arguments."""
-        env = {**os.environ, PARENT_PIPE_ENV: str(self._r)}
-        with open(log, "w") as out:
-            p = subprocess.Popen([sys.executable, "-c", boot or CHILD_BOOT, *cmd], stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True, env=env, pass_fds=(self._r,),
-                                 preexec_fn=_pdeathsig(os.getpid()) if sys.platform.startswith("linux") else None)
-        self.procs.append(p)
-        self.logs[p.pid] = log
-        return p
-
-    def stop(self, grace: float = 10) -> None:
-        """SIGTERM every child's group, SIGKILL what is left after `grace` s."""
-        for p in self.procs:
-            _killpg(p, signal.SIGTERM)
-        end = time.monotonic() + grace
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _killpg(p, signal.SIGKILL)
-                p.wait()
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._r = self._w = -1
-
-
-def _killpg(p: subprocess.Popen, sig) -> None:
-    try:
-        os.killpg(p.pid, sig)  # its own group: whatever it started goes too
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def on_signals(cleanup) -> None:

@@ -14,13 +14,16 @@ import sys
 import webbrowser
 from dataclasses import dataclass, field
 
+from mlxmoe.errors import MlxMoeError
 from mlxmoe.ui import base_url, fetch_status
 
 POLL_S = 3.0
 
 
-class MenubarUnavailable(Exception):
+class MenubarUnavailable(MlxMoeError):
     """This system cannot show a menu-bar app."""
+
+    status, code = 501, "unsupported"
 
 
 @dataclass
@@ -138,7 +141,7 @@ def current_state(url: str, node_name: str | None = None) -> MenubarState:
     from mlxmoe.ui import service
 
     node_name = node_name or socket.gethostname()
-    installed = service.unit_path("node").exists()
+    installed = service.controlled_role() is not None
     try:
         status, error = fetch_status(url), None
     except (OSError, ValueError) as e:
@@ -164,7 +167,7 @@ def run_menubar(url: str, node_name: str | None = None) -> None:
         subprocess.Popen(["osascript", "-e", script])
 
     def control(fn):
-        if err := fn("node"):
+        if err := fn(service.controlled_role() or "node"):
             rumps.alert("mlxmoe", err)
 
     actions = {

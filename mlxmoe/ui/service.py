@@ -1,6 +1,8 @@
 """Login services: launchd agents on macOS, systemd user units on Linux.
 
-One service per role (`node`, `router`); `both` means one of each. Files
+One service per role (`node`, `router`); `both` means one of each; `up` runs
+`mlxmoe up` (this Mac's part of the cluster: with SOURCE on the first Mac,
+bare on a member, which restarts from its config home's up.json). Files
 land under the user's home (`Path.home()` honours $HOME, and
 $XDG_CONFIG_HOME is honoured on Linux), so tests point HOME at a temp dir.
 The service runs `<this python> -m mlxmoe.cli ...` by absolute path:
@@ -17,22 +19,30 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlxmoe.cluster.keys import config_home
 from mlxmoe.errors import MlxMoeError
 
 ROLES = ("node", "router")
-DESCRIPTION = {"node": "mlxmoe node (serves one expert group)", "router": "mlxmoe router (OpenAI-compatible API)"}
+DESCRIPTION = {"node": "mlxmoe node (serves one expert group)", "router": "mlxmoe router (OpenAI-compatible API)",
+               "up": "mlxmoe up (this Mac's part of the cluster)"}
 
 
 def roles(role: str) -> list[str]:
     if role == "both":
         return list(ROLES)
-    if role not in ROLES:
-        raise MlxMoeError(f"unknown service role {role!r}: use node, router or both")
+    if role not in ROLES and role != "up":
+        raise MlxMoeError(f"unknown service role {role!r}: use node, router, both or up")
     return [role]
 
 
 def is_macos(platform: str | None = None) -> bool:
     return (platform or sys.platform) == "darwin"
+
+
+def controlled_role(platform: str | None = None) -> str | None:
+    """The installed service that runs this Mac's node, for the menu bar's Start/Stop: `up` (its node is a
+    child) else `node`; None when neither is installed."""
+    return next((r for r in ("up", "node") if unit_path(r, platform).exists()), None)
 
 
 def label(role: str) -> str:
@@ -57,11 +67,20 @@ def log_hint(role: str, platform: str | None = None) -> str:
     return f"journalctl --user -u mlxmoe-{role}"
 
 
-def command(role: str, bundle: str, group: int | None = None, port: int | None = None,
-            peers: str | None = None) -> list[str]:
-    """The argv the service runs: `mlxmoe node BUNDLE --group G [--port P]` or
+def command(role: str, bundle: str | None, group: int | None = None, port: int | None = None,
+            peers: str | None = None, *, source: str | None = None, memory: str | None = None,
+            node_port: int | None = None) -> list[str]:
+    """The argv the service runs: `mlxmoe node BUNDLE --group G [--port P]`,
     `mlxmoe serve BUNDLE [--port P] [--peers FILE]` (the router loads the
-    bundle's trunk to place chats)."""
+    bundle's trunk to place chats) or `mlxmoe up [SOURCE] [--memory M]
+    [--port P] [--node-port N]`."""
+    if role == "up":
+        argv = [sys.executable, "-m", "mlxmoe.cli", "up"]
+        if source is not None:  # a path as an absolute one (the service starts in $HOME); a repo id as it is
+            argv.append(str(Path(source).expanduser().resolve()) if Path(source).expanduser().exists() else source)
+        for opt, v in (("--memory", memory), ("--port", port), ("--node-port", node_port)):
+            argv += [opt, str(v)] if v is not None else []
+        return argv
     argv = [sys.executable, "-m", "mlxmoe.cli", "node" if role == "node" else "serve",
             str(Path(bundle).expanduser().resolve())]
     if role == "node":
@@ -75,8 +94,9 @@ def command(role: str, bundle: str, group: int | None = None, port: int | None =
 
 def _env() -> dict[str, str]:
     env = {"PYTHONUNBUFFERED": "1"}  # log lines appear as they happen
-    if os.environ.get("MLXMOE_CLUSTER_KEY_FILE"):
-        env["MLXMOE_CLUSTER_KEY_FILE"] = os.environ["MLXMOE_CLUSTER_KEY_FILE"]
+    for var in ("MLXMOE_CLUSTER_KEY_FILE", "MLXMOE_HOME"):  # the config home: keys, certificate, up.json
+        if os.environ.get(var):
+            env[var] = os.environ[var]
     return env
 
 
@@ -113,9 +133,9 @@ def systemd_unit(role: str, argv: list[str]) -> str:
             f"[Install]\nWantedBy=default.target\n")
 
 
-def render(role: str, bundle: str, group: int | None = None, platform: str | None = None,
-           port: int | None = None, peers: str | None = None) -> bytes:
-    argv = command(role, bundle, group, port, peers)
+def render(role: str, bundle: str | None, group: int | None = None, platform: str | None = None,
+           port: int | None = None, peers: str | None = None, **up) -> bytes:
+    argv = command(role, bundle, group, port, peers, **up)
     return launchd_plist(role, argv) if is_macos(platform) else systemd_unit(role, argv).encode()
 
 
@@ -161,21 +181,35 @@ def stop(role: str) -> str | None:
 
 
 def install(role: str, *, bundle: str | None = None, group: int | None = None, dry_run: bool = False,
-            start_now: bool = True, ports: dict[str, int] | None = None, peers: str | None = None) -> list[str]:
+            start_now: bool = True, ports: dict[str, int] | None = None, peers: str | None = None,
+            source: str | None = None, memory: str | None = None) -> list[str]:
     """Write (and start) the service file(s); return lines to show the user.
-    `ports`: role -> the port it listens on; `peers`: the router's --peers file."""
+    `ports`: role -> the port it listens on (`up`: the router's; its node's under "node");
+    `peers`: the router's --peers file; `source`, `memory`: `mlxmoe up`'s SOURCE and --memory."""
     out = []
     ports = ports or {}
     if peers is not None and "router" not in roles(role):
         raise MlxMoeError("--peers is the router's: use it with --role router or both")
+    if role != "up" and (source or memory):
+        raise MlxMoeError("--source and --memory are `mlxmoe up`'s: use them with --role up")
     for r in roles(role):
-        if not bundle:
-            raise MlxMoeError(f"the {r} service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
-        if not Path(bundle).expanduser().is_dir():
-            raise MlxMoeError(f"bundle directory not found: {bundle}")
-        if r == "node" and group is None:
-            raise MlxMoeError("the node service needs --group G (which expert group of the bundle this Mac serves)")
-        path, content = unit_path(r), render(r, bundle, group, port=ports.get(r), peers=peers)
+        if r == "up":
+            if bundle or group is not None:
+                raise MlxMoeError("the up service takes --source (the first Mac's model), not --bundle or --group")
+            if source is None and not (config_home() / "up.json").is_file():
+                raise MlxMoeError(f"the up service needs --source SOURCE on the first Mac; on another Mac run "
+                                  f"`mlxmoe up --join TOKEN` once first (a bare `mlxmoe up` restarts it from "
+                                  f"{config_home() / 'up.json'}, not found)")
+            path = unit_path(r)
+            content = render(r, None, port=ports.get("up"), source=source, memory=memory, node_port=ports.get("node"))
+        else:
+            if not bundle:
+                raise MlxMoeError(f"the {r} service needs --bundle PATH (the bundle directory made by `mlxmoe split`)")
+            if not Path(bundle).expanduser().is_dir():
+                raise MlxMoeError(f"bundle directory not found: {bundle}")
+            if r == "node" and group is None:
+                raise MlxMoeError("the node service needs --group G (which expert group of the bundle this Mac serves)")
+            path, content = unit_path(r), render(r, bundle, group, port=ports.get(r), peers=peers)
         if dry_run:
             out += [f"# would write {path}", content.decode()]
             if start_now:

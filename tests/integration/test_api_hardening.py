@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fakes import FakeEngine, LocalCluster
 from mlxmoe.cluster.api.app import HttpLimits
 from mlxmoe.cluster.limits import Limits
-from mlxmoe.cluster.router.sessions import session_ref
+from mlxmoe.cluster.sessionview import session_ref
 
 pytestmark = pytest.mark.timeout(300)
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"

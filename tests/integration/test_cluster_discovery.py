@@ -41,6 +41,19 @@ def test_mdns_peer_waits_for_authenticated_info_then_up():
     assert [x.name for x in t.live()] == []
 
 
+def test_a_static_peer_seen_over_bonjour_is_one_peer():
+    """`mlxmoe up` gives the router its own node by URL and the node also advertises itself: one peer, named
+    as it advertises, still probed as a static peer (a Bonjour goodbye does not drop it)."""
+    t = PeerTable("h1", 3)
+    p = t.add_static("http://10.0.0.2:7420")
+    t.from_mdns("mac-g1", rec())
+    assert list(t.peers.values()) == [p] and p.name == "mac-g1" and p.source == "static" and p.bonjour
+    assert p.groups == [1]
+    t.from_info(p, info())
+    t.from_mdns("mac-g1", None)
+    assert p.state == "up" and [x.name for x in t.live()] == ["mac-g1"]
+
+
 @pytest.mark.parametrize("kw,why", [
     ({"mh": "other"}, "manifest hash other"),
     ({"proto": "99"}, "protocol 99"),
@@ -71,7 +84,7 @@ def test_static_peer_named_by_node_and_status_fields():
     assert st["name"] == "studio-g1-7420" and st["state"] == "up" and st["source"] == "static"
     assert st["moe_path"] == "fused-metal"
     assert set(st) == {"name", "url", "source", "groups", "manifest_hash", "protocol", "free_memory",
-                       "active_sessions", "state", "reason", "backend", "moe_path"}
+                       "active_sessions", "state", "reason", "backend", "moe_path", "bonjour"}
 
 
 def test_txt_has_no_secrets_and_round_trips():

@@ -22,7 +22,7 @@ import fakes
 from fakes import FakeEngine, FakeFrontend, LocalCluster, encode_chat, expected_text
 from mlxmoe.cluster.mobility import Mobility, load_router_config
 from mlxmoe.cluster.node_server import SELF_CHECK
-from mlxmoe.cluster.router.sessions import session_ref
+from mlxmoe.cluster.sessionview import session_ref
 
 pytestmark = pytest.mark.timeout(90)
 REFERENCE = Path(__file__).parents[2] / "mlxmoe" / "assets" / "reference-moe"
@@ -590,7 +590,7 @@ def test_netns_modes_across_hosts(tmp_path):
     import bench_mobility as bm
     from mlxmoe.ui.demo import ensure_bundle
 
-    bundle = ensure_bundle(tmp_path, 3, quiet=True)
+    bundle = ensure_bundle(tmp_path, 3, quiet=True, equal=True)
     a = argparse.Namespace(delays=[], modes="onehop,hard,race", conversations=1, turns=3, tokens=4)
     rows = {r["mode"]: r for r in bm.run_cluster(a, str(bundle), tmp_path) if "mode" in r}
     assert all(r["via"] in ("direct", "netem") and 3 <= r["tokens"] <= 12 for r in rows.values())

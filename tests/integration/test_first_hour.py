@@ -184,7 +184,7 @@ def test_start_router_closes_its_session_when_the_port_is_taken(taken):
         return r
 
     r = asyncio.run(go())
-    assert r.http is not None and r.http.closed and all(t.done() for t in r._tasks)
+    assert r.fleet.http is not None and r.fleet.http.closed and all(t.done() for t in r.fleet._tasks)
 
 
 def test_demo_on_a_taken_port(env, taken, tmp_path):

@@ -173,7 +173,7 @@ def test_chat_page_route_is_open_and_static():
 def test_json_access_lines_for_a_streamed_completion():
     import io
 
-    from mlxmoe.cluster.api.access import JsonFormatter
+    from mlxmoe.cluster.accesslog import JsonFormatter
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     handler.setFormatter(JsonFormatter())

@@ -93,10 +93,10 @@ def test_resume_with_byte_detokenizer_and_eos():
 
 
 def test_splice_params():
-    p = {"max_tokens": 20, "temperature": 0.0, "stop": ["x"]}
+    p = GenParams(max_tokens=20, temperature=0.0, stop=["x"])
     assert splice_params(p, 0, 0) == p  # a first connect sends what it always did
-    assert splice_params(p, 7, 9) == {**p, "max_tokens": 13, "resume": 7, "resume_chars": 9}
-    assert p == {"max_tokens": 20, "temperature": 0.0, "stop": ["x"]}
+    assert splice_params(p, 7, 9) == GenParams(max_tokens=13, temperature=0.0, stop=["x"], resume=7, resume_chars=9)
+    assert p == GenParams(max_tokens=20, temperature=0.0, stop=["x"])
 
 
 @pytest.mark.parametrize("resume,chars,field", [(-1, 0, "params.resume"), (5, 0, "params.resume"),

@@ -142,13 +142,13 @@ def test_demo_serve_stops_when_a_child_dies(env, demo_dir):
 PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from mlxmoe.ui import demo
+    from mlxmoe import children
     if sys.argv[1] == "pipe":   # the macOS path: only the pipe watchdog
-        demo._pdeathsig = lambda parent: None
-        demo.CHILD_BOOT = "from mlxmoe.ui.demo import watch_parent; watch_parent(); import time; time.sleep(120)"
+        children._pdeathsig = lambda parent: None
+        children.CHILD_BOOT = "from mlxmoe.children import watch_parent; watch_parent(); import time; time.sleep(120)"
     else:                       # Linux's PR_SET_PDEATHSIG alone
-        demo.CHILD_BOOT = "import time; time.sleep(120)"
-    kids = demo.Children()
+        children.CHILD_BOOT = "import time; time.sleep(120)"
+    kids = children.Children()
     p = kids.start([], Path(sys.argv[2]))
     print(p.pid, flush=True)
     time.sleep(120)

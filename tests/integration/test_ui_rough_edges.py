@@ -121,7 +121,7 @@ def test_router_warns_once_about_a_node_with_another_key(caplog):
                                      tls=fakes.test_identity())  # a member's certificate, another cluster key
                 c.router.peers.add_static(n.url)
                 for _ in range(3):
-                    await c.router.probe_all()
+                    await c.router.fleet.probe_all()
                 await n.stop()
                 return n.url
             url = c.run(other_key())

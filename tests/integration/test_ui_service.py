@@ -16,6 +16,7 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
     monkeypatch.delenv("MLXMOE_CLUSTER_KEY_FILE", raising=False)
+    monkeypatch.delenv("MLXMOE_HOME", raising=False)
     (tmp_path / "bundle dir").mkdir()
     return tmp_path
 
@@ -120,3 +121,76 @@ def test_start_failure_is_reported_not_raised(home, monkeypatch):
     out = service.install("router", bundle=str(home / "bundle dir"))
     assert out[-1] == "could not start router: `systemctl --user daemon-reload` failed: Failed to connect to bus"
     assert service.unit_path("router").exists()
+
+
+def test_up_service_first_mac_and_member(home, monkeypatch, no_service_manager):
+    """--role up: the first Mac's unit runs `mlxmoe up SOURCE`, a member's a bare `mlxmoe up` (it restarts
+    from its config home's up.json, which must be there), with --memory, --port and --node-port passed on."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    cli = f"ExecStart={sys.executable} -m mlxmoe.cli up"
+    r = CliRunner().invoke(service_cmd, ["install", "--role", "up", "--source", "mlx-community/Qwen3-30B-A3B-4bit",
+                                         "--memory", "48GB", "--port", "8001", "--node-port", "7421", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert f"{cli} mlx-community/Qwen3-30B-A3B-4bit --memory 48GB --port 8001 --node-port 7421\n" in r.output
+    assert "mlxmoe-up.service" in r.output and "Description=mlxmoe up" in r.output
+    assert not (home / ".config" / "systemd").exists()
+    # a source that is a path is written absolute (the service starts in $HOME)
+    monkeypatch.chdir(home)
+    r = CliRunner().invoke(service_cmd, ["install", "--role", "up", "--source", "bundle dir", "--dry-run"])
+    assert r.exit_code == 0 and f'{cli} "{home}/bundle dir"\n' in r.output, r.output
+    # a member: nothing to restart from until it has joined once
+    cfg = home / "cfg"
+    monkeypatch.setenv("MLXMOE_HOME", str(cfg))
+    r = CliRunner().invoke(service_cmd, ["install", "--role", "up", "--memory", "24GB", "--dry-run"])
+    assert r.exit_code == 1 and "mlxmoe up --join TOKEN" in r.output and "Traceback" not in r.output, r.output
+    cfg.mkdir()
+    (cfg / "up.json").write_text('{"role": "member", "coordinator": "https://10.0.0.1:7419", "name": "b"}')
+    out = service.install("up", memory="24GB")
+    path = home / ".config" / "systemd" / "user" / "mlxmoe-up.service"
+    assert out == [f"wrote {path}", "started up service"]
+    unit = path.read_text()
+    assert f"{cli} --memory 24GB\n" in unit and f"Environment=MLXMOE_HOME={cfg}\n" in unit
+    assert ["systemctl", "--user", "enable", "--now", "mlxmoe-up.service"] in no_service_manager
+    assert service.uninstall("up") == [f"removed {path}"] and not path.exists()
+
+
+def test_up_service_launchd(home, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    plist = plistlib.loads(service.render("up", None, port=8000, source="reference-moe", memory="64GB"))
+    assert plist["Label"] == "com.mlxmoe.up" and plist["KeepAlive"] is True
+    assert plist["ProgramArguments"] == [sys.executable, "-m", "mlxmoe.cli", "up", "reference-moe", "--memory", "64GB",
+                                         "--port", "8000"]
+    assert plist["StandardErrorPath"] == str(home / "Library" / "Logs" / "mlxmoe" / "up.err.log")
+
+
+def test_up_service_bad_input(home, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    r = CliRunner().invoke(service_cmd, ["install", "--role", "up", "--source", "x", "--memory", "lots", "--dry-run"])
+    assert r.exit_code == 2 and "--memory" in r.output
+    with pytest.raises(MlxMoeError, match="not --bundle or --group"):
+        service.install("up", bundle=str(home / "bundle dir"), source="x")
+    with pytest.raises(MlxMoeError, match="use them with --role up"):
+        service.install("node", bundle=str(home / "bundle dir"), group=0, source="x")
+    with pytest.raises(MlxMoeError, match="--peers is the router's"):
+        service.install("up", source="x", peers="p.toml")
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed (apt-get install -y systemd)")
+def test_systemd_analyze_verify_up(home, monkeypatch, no_service_manager):
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("MLXMOE_HOME", str(home / "config 100%"))
+    service.install("up", source=str(home / "bundle dir"), memory="48GB", ports={"up": 8001, "node": 7421})
+    path = home / ".config" / "systemd" / "user" / "mlxmoe-up.service"
+    r = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "mlxmoe" not in r.stderr, r.stderr
+
+
+def test_menubar_controls_the_service_that_runs_this_macs_node(home, monkeypatch, no_service_manager):
+    """`service install --role up` runs the node as up's child: the menu bar's Start/Stop drive that service."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert service.controlled_role() is None
+    service.install("node", bundle=str(home / "bundle dir"), group=0)
+    assert service.controlled_role() == "node"
+    service.install("up", source="reference-moe")
+    assert service.controlled_role() == "up"

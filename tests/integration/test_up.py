@@ -36,8 +36,8 @@ def free_ports(n: int) -> list[int]:
 class Mac:
     """One `mlxmoe up` with its own config home, output in a file."""
 
-    def __init__(self, home: Path, args: list[str]):
-        self.home, self.log = home, home.parent / f"{home.name}.log"
+    def __init__(self, home: Path, args: list[str], log: str | None = None):
+        self.home, self.log = home, home.parent / (log or f"{home.name}.log")
         env = {**os.environ, "MLXMOE_HOME": str(home), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", "up", *args], env=env,
                                      stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -59,6 +59,15 @@ class Mac:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def token(home: Path, port: int) -> str:
@@ -105,18 +114,18 @@ def test_three_macs_from_nothing_to_a_chat(tmp_path):
             assert r.status == 200 and json.load(r)["choices"][0]["message"]["content"]
         # a member restarts: the same part, nothing fetched again
         macs[1].stop()
-        again = Mac(tmp_path / "B2", [])  # (a log of its own; the home is B's)
-        again.proc.kill()
-        again = Mac.__new__(Mac)
-        again.home, again.log = tmp_path / "B", tmp_path / "B-again.log"
-        again.proc = subprocess.Popen([sys.executable, "-m", "mlxmoe.cli", "up", "--memory", "7MB", "--host",
-                                       "127.0.0.1", "--node-port", str(node[1]), "--no-mdns"],
-                                      env={**os.environ, "MLXMOE_HOME": str(tmp_path / "B"), "PYTHONUNBUFFERED": "1"},
-                                      stdout=open(again.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        again = Mac(tmp_path / "B", ["--memory", "7MB", "--host", "127.0.0.1", "--node-port", str(node[1]),
+                                     "--no-mdns"], log="B-again.log")
         macs.append(again)
         again.wait_for("ready: group 1")
         assert "0.0/" in again.output() or "done 0" in again.output() or "reused" in again.output() \
             or "in 0.0s" in again.output()
+        # the first Mac killed outright: its node (a child process) stops too, freeing its port
+        a.proc.kill()
+        deadline = time.time() + 30
+        while not port_free(node[0]):
+            assert time.time() < deadline, "the killed up's node still holds its port"
+            time.sleep(0.5)
     finally:
         for m in reversed(macs):
             m.stop()

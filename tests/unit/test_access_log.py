@@ -8,9 +8,10 @@ import shlex
 
 from click.testing import CliRunner
 
-from mlxmoe.cluster.api.access import JsonFormatter, format_line
+from mlxmoe.cluster.accesslog import JsonFormatter, format_line
 from mlxmoe.cluster.api.app import health_body
-from mlxmoe.cluster.router.sessions import Session, SessionIndex, session_ref, tok_s
+from mlxmoe.cluster.router.chats import Chat, ChatIndex
+from mlxmoe.cluster.sessionview import session_ref, tok_s
 from mlxmoe.ui.menubar import session_counts
 
 
@@ -40,7 +41,7 @@ def test_tok_s():
 
 
 def test_session_live_state_and_counts():
-    s = Session(id="s-1", scores={0: 1.0}, ranked=[0], margin=1.0)
+    s = Chat(id="s-1", scores={0: 1.0}, ranked=[0], margin=1.0)
     s.turns, s.tokens, s.last_used = 1, 10, 100.0
     st = s.status(now=1000.0, active_s=60)
     assert (st["generating"], st["active"], st["turns"], st["tokens"], st["tok_s"]) == (False, False, 1, 10, None)
@@ -59,9 +60,9 @@ def test_session_live_state_and_counts():
 
 
 def test_api_sessions_expire_on_their_own_ttl():
-    idx = SessionIndex()
-    api = Session(id="s-api", scores={}, ranked=[], margin=0, ttl=120.0, last_used=0.0)
-    named = Session(id="s-named", scores={}, ranked=[], margin=0, last_used=0.0)
+    idx = ChatIndex()
+    api = Chat(id="s-api", scores={}, ranked=[], margin=0, ttl=120.0, last_used=0.0)
+    named = Chat(id="s-named", scores={}, ranked=[], margin=0, last_used=0.0)
     idx.add(api), idx.add(named, "my-chat")
     assert [s.id for s in idx.expired(now=121.0, ttl=1800.0)] == ["s-api"]
     assert {s.id for s in idx.expired(now=1801.0, ttl=1800.0)} == {"s-api", "s-named"}
@@ -89,18 +90,18 @@ def test_log_options_on_serve_and_node():
 
 
 def test_setup_logging_json(capsys):
-    from mlxmoe.cluster.api import access
+    from mlxmoe.cluster import accesslog
     from mlxmoe.commands.options import setup_logging
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
         setup_logging(False, "warning", True)
-        access.emit({"path": "/v1/models", "status": 200})  # info: below warning
+        accesslog.emit({"path": "/v1/models", "status": 200})  # info: below warning
         logging.getLogger("mlxmoe.router").warning("no node is up")
         setup_logging(False, "info", True)
-        access.emit({"path": "/v1/models", "status": 200})
+        accesslog.emit({"path": "/v1/models", "status": 200})
         setup_logging(True, "error", False)  # -v wins: debug
-        access.emit({"path": "/status", "status": 200}, quiet=True)
+        accesslog.emit({"path": "/status", "status": 200}, quiet=True)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])

@@ -6,8 +6,9 @@ import click
 import pytest
 
 from mlxmoe.cluster.api import openai as oa
-from mlxmoe.cluster.router.sessions import Session, SessionIndex, session_ref
-from mlxmoe.commands.serve import api_keys, check_bind, is_loopback
+from mlxmoe.cluster.router.chats import Chat as Session, ChatIndex as SessionIndex
+from mlxmoe.cluster.sessionview import session_ref
+from mlxmoe.commands.options import api_keys, check_bind, is_loopback
 
 
 def _err(fn, *a):
@@ -44,7 +45,7 @@ def test_check_chars_and_numbers():
 
 
 def test_gen_params_seed_and_roles():
-    assert oa.gen_params({"seed": 2 ** 64 - 1})["seed"] == 2 ** 64 - 1
+    assert oa.gen_params({"seed": 2 ** 64 - 1}).seed == 2 ** 64 - 1
     for seed in (2 ** 64, -1, 10 ** 30):
         e = _err(oa.gen_params, {"seed": seed})
         assert e.param == "seed" and "binding" not in e.message

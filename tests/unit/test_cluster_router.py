@@ -79,7 +79,7 @@ def test_all_full_is_429_with_retry_after_then_recovers():
         assert ei.value.body["code"] == "overloaded"
         assert c.router.status()["counters"]["rejected"] == 1 and c.router.status()["sessions"] == []
         engines[0].max_sessions = None
-        c.router.busy_until.clear()
+        c.router.fleet.busy_until.clear()
         chat(client(c), [{"role": "user", "content": "hi"}], max_tokens=3)
 
 

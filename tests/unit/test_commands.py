@@ -97,3 +97,10 @@ def test_unknown_plan_preset_lists_the_presets():
     assert r.exit_code == 1
     assert r.output.startswith("Error: qwen3-999b: no such directory, and not a preset (deepseek-v3, kimi-k2.5, ")
     assert "qwen3-30b-a3b" in r.output and "qwen3-235b-a22b" in r.output
+
+
+def test_up_refuses_a_lan_router_without_an_api_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXMOE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLXMOE_API_KEY", raising=False)
+    r = CliRunner().invoke(main, ["up", "reference-moe", "--router-host", "10.1.2.3", "--memory", "1GB"])
+    assert r.exit_code != 0 and "API key" in r.output and "10.1.2.3" in r.output

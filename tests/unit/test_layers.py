@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "mlxmoe"
 # base modules (usable by all) 0 < bundle < kernels, model < node < quality < cluster < ui < commands, cli
-RANK = {"errors": 0, "units": 0, "progress": 0, "modes": 0, "wire": 0, "__init__": 0,
+RANK = {"errors": 0, "units": 0, "progress": 0, "modes": 0, "wire": 0, "params": 0, "children": 0, "__init__": 0,
         "bundle": 1, "kernels": 2, "model": 2, "node": 3, "quality": 4, "cluster": 5, "ui": 6,
         "commands": 7, "cli": 7}
 

@@ -2,12 +2,12 @@
 challenger must beat the session's current group by `margin` on
 consecutive checks; anything else resets the streak. Pure: no asyncio."""
 
-from mlxmoe.cluster.router import Session
+from mlxmoe.cluster.router import Chat
 from mlxmoe.cluster.router.migration import challenge
 
 
-def session(group=0, expert_group=None) -> Session:
-    return Session(id="s", scores={}, ranked=[], margin=0.0, group=group, expert_group=expert_group)
+def session(group=0, expert_group=None) -> Chat:
+    return Chat(id="s", scores={}, ranked=[], margin=0.0, group=group, expert_group=expert_group)
 
 
 def test_streak_counts_consecutive_wins_of_one_challenger():

@@ -9,8 +9,8 @@ import pytest
 
 from mlxmoe import wire
 from mlxmoe.cluster.api import openai as oa
-from mlxmoe.cluster.router import placement
-from mlxmoe.node.contract import SAMPLING_DEFAULTS, GenParams, model_defaults, resolve
+from mlxmoe.cluster.router import ranking as placement
+from mlxmoe.params import SAMPLING_DEFAULTS, GenParams, model_defaults, resolve
 from mlxmoe.node.stream import text_events
 
 
@@ -42,16 +42,16 @@ def test_resolve_fills_only_what_the_request_left_out():
 
 def test_api_leaves_unset_sampling_to_the_model():
     p = oa.gen_params({"messages": []})
-    assert p["temperature"] is None and p["top_p"] is None and p["repetition_penalty"] is None
-    assert p["top_k"] is None and p["min_p"] is None and p["top_logprobs"] == 0 and p["logit_bias"] == {}
+    assert p.temperature is None and p.top_p is None and p.repetition_penalty is None
+    assert p.top_k is None and p.min_p is None and p.top_logprobs == 0 and p.logit_bias == {}
     p = oa.gen_params({"messages": [], "temperature": 0, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2,
                        "presence_penalty": 1, "frequency_penalty": -1, "logit_bias": {"12": 100, "7": -3.5},
                        "logprobs": True, "top_logprobs": 4, "best_of": 1})
-    assert p["temperature"] == 0.0 and p["top_k"] == 5 and p["min_p"] == 0.1 and p["repetition_penalty"] == 1.2
-    assert p["presence_penalty"] == 1.0 and p["frequency_penalty"] == -1.0
-    assert p["logit_bias"] == {"12": 100.0, "7": -3.5} and p["top_logprobs"] == 4
-    assert oa.gen_params({"prompt": "x", "logprobs": 3})["top_logprobs"] == 3  # completions: logprobs is the count
-    wire.check_schema(p | {"max_tokens": 5}, wire.PARAMS_SCHEMA, "body.params")  # what the API sends, the wire takes
+    assert p.temperature == 0.0 and p.top_k == 5 and p.min_p == 0.1 and p.repetition_penalty == 1.2
+    assert p.presence_penalty == 1.0 and p.frequency_penalty == -1.0
+    assert p.logit_bias == {"12": 100.0, "7": -3.5} and p.top_logprobs == 4
+    assert oa.gen_params({"prompt": "x", "logprobs": 3}).top_logprobs == 3  # completions: logprobs is the count
+    wire.check_schema(p.edit(max_tokens=5).to_dict(), wire.PARAMS_SCHEMA, "body.params")  # what the API sends, the wire takes
 
 
 @pytest.mark.parametrize("body, param", [
@@ -121,8 +121,8 @@ def test_deterministic_requests_never_spread_across_tied_groups():
     firsts = {placement.rank_candidates(g1_busy, exact, ranked, 0.02, {}, 0.0, deterministic=True, tie_key=k)[0].name
               for k in range(40)}
     assert firsts == {"a", "d", "c"}  # an exact tie: different prompts spread over the groups
-    assert placement.deterministic({"temperature": 0.0}) and placement.deterministic({"temperature": 1, "seed": 3})
-    assert not placement.deterministic({"temperature": None}) and not placement.deterministic({"temperature": 0.7})
+    assert placement.deterministic(GenParams(temperature=0.0)) and placement.deterministic(GenParams(temperature=1, seed=3))
+    assert not placement.deterministic(GenParams(temperature=None)) and not placement.deterministic(GenParams(temperature=0.7))
     # left out: the model's default, greedy unless its generation_config samples
-    assert placement.deterministic({"temperature": None}, SAMPLING_DEFAULTS)
-    assert not placement.deterministic({}, model_defaults({"do_sample": True, "temperature": 0.6}))
+    assert placement.deterministic(GenParams(temperature=None), SAMPLING_DEFAULTS)
+    assert not placement.deterministic(GenParams(temperature=None), model_defaults({"do_sample": True, "temperature": 0.6}))

@@ -1,193 +1,103 @@
-"""The OpenAI dialect: request parsing and validation, and the shapes of
-responses, chunks and errors ({"error": {"message", "type", "param",
-"code"}}). Plain dicts in, plain dicts out; no router, no I/O but read_json."""
+"""The OpenAI dialect: POST /v1/chat/completions, POST /v1/completions (SSE streaming or not),
+GET /v1/models[/{id}]. A body is parsed once into a ChatRequest or PromptRequest (chat.py) and the
+options of its answer; the reply is written back as OpenAI's objects and chunks; errors as
+{"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from mlxmoe.cluster.api import chat, http, sse
 from mlxmoe.cluster.api import tools as tl
-from mlxmoe.errors import AdmissionError, MlxMoeError, RpcError
-from mlxmoe.modes import ROUTER_MODES
-from mlxmoe.node import grammar_spec
+from mlxmoe.cluster.api.fields import (MAX_CHARS_PER_TOKEN, MAX_MESSAGES, MAX_TOOLS, check_chars, check_messages_fit,
+                                       check_model, check_range, check_tokens, compile_grammar, flag, function_tool,
+                                       number, opt, requested_mode, requested_prefer, session_hint, stop_list, text,
+                                       unique_names)
+from mlxmoe.errors import ApiError, MlxMoeError, RpcError, api_error
+from mlxmoe.params import MAX_TOKENS_LIMIT, GenParams, check
 
-MAX_BODY = 8 << 20
+__all__ = ["ApiError", "MAX_CHARS_PER_TOKEN", "check_chars", "check_messages_fit", "check_model", "check_tokens",
+           "number", "text"]  # the field checks, as the OpenAI tests reach them
+
 MAX_TOKENS_DEFAULT = 512
-MAX_TOKENS_LIMIT = 1 << 20
-MAX_MESSAGES = 10000
-MAX_CHARS_PER_TOKEN = 64  # text longer than context * this cannot fit: refused before it is tokenized
-SEED_LIMIT = 1 << 64  # nodes seed with an unsigned 64-bit integer
-BODY_TIMEOUT = 30.0  # seconds to receive a whole body once the headers are in
-SESSION_HEADERS = ("X-Mlxmoe-Session", "X-Session-Id")
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-EXTENSION_FIELDS = ("mode", "prefer")  # the "mlxmoe" object of a request body
-PREFER = ("quality", "speed")  # "mlxmoe": {"prefer": ...}: the node that serves best, or the least loaded
-MODE_HEADER = "X-Mlxmoe-Mode"
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-        self.headers = headers or {}
-
-    def body(self, param: bool = True) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param if param else None,
-                          "code": self.code}}
-
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-
-def rpc_api_error(e: RpcError) -> ApiError:
-    """A node's refusal or failure, as the API reports it."""
-    if e.code == "context_length_exceeded":
-        return ApiError(400, e.message, "messages", e.code)
-    if 400 <= e.status < 500:
-        return ApiError(400, f"node {e.peer} refused the request: {e.message}", None, e.code)
-    return ApiError(502, f"node {e.peer} failed: {e.message}", None, e.code)
-
-
-# ---------------------------------------------------------------- validation
-
-def opt(body: dict, name: str, kinds: tuple, what: str, default: Any = None) -> Any:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) and bool not in kinds:
-        raise ApiError(400, f"'{name}' must be {what}", name, "invalid_type")
-    if not isinstance(v, kinds):
-        raise ApiError(400, f"'{name}' must be {what}", name, "invalid_type")
-    return v
-
-
-def number(body: dict, name: str, default: float) -> float:
-    """A finite number (json.loads accepts NaN, Infinity and ints too big for a float)."""
-    v = opt(body, name, (int, float), "a number", default)
-    try:
-        v = float(v)
-    except OverflowError:
-        v = math.inf
-    if not math.isfinite(v):
-        raise ApiError(400, f"'{name}' must be a finite number", name, "invalid_value")
-    return v
-
-
-def text(v: str, where: str) -> str:
-    """A string that can travel as UTF-8 (JSON may carry lone surrogates like "\\ud800")."""
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"'{where}' is not valid Unicode (a lone surrogate)", where, "invalid_value") from None
-    return v
-
-
-def check_range(name: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    if (v <= lo if lo_open else v < lo) or v > hi:
-        raise ApiError(400, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}", name,
-                       "invalid_value")
-
-
-def flag(body: dict, name: str) -> bool:
-    return bool(opt(body, name, (bool,), "true or false", False))
-
-
-def include_usage(body: dict) -> bool:
-    return flag(opt(body, "stream_options", (dict,), "an object", {}), "include_usage")
-
-
-def gen_params(body: dict) -> dict:
-    mt = body.get("max_completion_tokens")
-    name = "max_completion_tokens" if mt is not None else "max_tokens"
-    max_tokens = opt(body, name, (int,), "an integer", MAX_TOKENS_DEFAULT)
-    check_range(name, max_tokens, 1, MAX_TOKENS_LIMIT)
-    temperature = number(body, "temperature", None) if body.get("temperature") is not None else None
-    if temperature is not None:
-        check_range("temperature", temperature, 0.0, 2.0)
-    top_p = number(body, "top_p", None) if body.get("top_p") is not None else None
-    if top_p is not None:
-        check_range("top_p", top_p, 0.0, 1.0, lo_open=True)
-    stop = opt(body, "stop", (str, list), "a string or a list of strings", [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
-        raise ApiError(400, "'stop' must be a non-empty string or a list of up to 4 non-empty strings", "stop",
-                       "invalid_value")
-    stop = [text(x, "stop") for x in stop]
-    seed = opt(body, "seed", (int,), "an integer")
-    if seed is not None and not 0 <= seed < SEED_LIMIT:
-        raise ApiError(400, f"'seed' must be an integer in 0..2**64-1", "seed", "invalid_value")
-    n = opt(body, "n", (int,), "an integer", 1)
-    if n != 1:
-        raise ApiError(400, "'n' must be 1 (one completion per request)", "n", "unsupported_value")
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed,
-            **sampling_params(body)}
-
-
-# ---------------------------------------------------------------- sampling beyond temperature/top_p
-MAX_LOGIT_BIAS = 1024  # entries (the wire's limit too)
 TOP_LOGPROBS_LIMIT = 20
 
 
-def sampling_params(body: dict) -> dict:
-    """presence/frequency/repetition penalties, top_k, min_p, logit_bias and
-    the number of top_logprobs, as GenParams fields (None: the model's default,
-    node/contract.py model_defaults); best_of other than 1 is refused."""
-    best_of = opt(body, "best_of", (int,), "an integer", 1)
-    if best_of != 1:
+def error_body(e: ApiError, param: bool = True) -> dict:
+    kind = "invalid_request_error" if e.status < 500 else "server_error"
+    return {"error": {"message": e.message, "type": kind, "param": e.param if param else None, "code": e.code}}
+
+
+# ---------------------------------------------------------------- the request
+@dataclass(frozen=True)
+class Answer:
+    """How a request wants its answer written."""
+    stream: bool = False
+    logprobs: bool = False  # chat: per-token logprobs
+    completion_logprobs: int | None = None  # completions: alternatives per token (None: no logprobs)
+    include_usage: bool = False
+
+
+def chat_request(body: dict, headers) -> tuple[chat.ChatRequest, Answer]:
+    """A chat completions body, parsed once (grammars compile here: call it off the event loop)."""
+    messages, params = parse_messages(body), gen_params(body)
+    answer = Answer(flag(body, "stream"), chat_logprobs(body), None, include_usage(body))
+    tools, choice = parse_tools(body)
+    req = chat.ChatRequest(messages, params, tools, choice, parse_response_format(body), routing(headers, body))
+    return req, answer
+
+
+def prompt_request(body: dict, headers) -> tuple[chat.PromptRequest, Answer]:
+    """A completions body, parsed once (off the event loop, as chat_request)."""
+    prompt, params = parse_prompt(body), gen_params(body)
+    params = params.edit(grammar=completion_grammar(body))
+    answer = Answer(flag(body, "stream"), False, completion_logprobs(body), include_usage(body))
+    return chat.PromptRequest(prompt, params, routing(headers, body)), answer
+
+
+def routing(headers, body: dict) -> chat.Routing:
+    return chat.Routing(session_hint(headers, body), requested_mode(headers, body), requested_prefer(body))
+
+
+def include_usage(body: dict) -> bool:
+    return flag(opt(body, "stream_options", (dict,), "an object", {}), "include_usage", "stream_options.include_usage")
+
+
+def gen_params(body: dict) -> GenParams:
+    """The generation parameters of a body; ranges are GenParams' own (mlxmoe/params.py check), named as
+    OpenAI names them."""
+    mt = body.get("max_completion_tokens")
+    max_name = "max_completion_tokens" if mt is not None else "max_tokens"
+    max_tokens = opt(body, max_name, (int,), "an integer", MAX_TOKENS_DEFAULT)
+    check_range(max_name, max_tokens, 1, MAX_TOKENS_LIMIT)
+    seed = opt(body, "seed", (int,), "an integer")
+    if opt(body, "n", (int,), "an integer", 1) != 1:
+        raise ApiError(400, "'n' must be 1 (one completion per request)", "n", "unsupported_value")
+    if opt(body, "best_of", (int,), "an integer", 1) != 1:
         raise ApiError(400, "'best_of' must be 1 (one completion per request)", "best_of", "unsupported_value")
-    out = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        out[name] = number(body, name, 0.0)
-        check_range(name, out[name], -2.0, 2.0)
-    out["repetition_penalty"] = optional_number(body, "repetition_penalty", 0.0, 10.0, lo_open=True)
-    out["min_p"] = optional_number(body, "min_p", 0.0, 1.0)
     top_k = opt(body, "top_k", (int,), "an integer")
-    if top_k is not None:
-        check_range("top_k", top_k, 0, 1 << 20)
-    out["top_k"] = top_k
-    out["logit_bias"] = logit_bias(body)
-    out["top_logprobs"] = top_logprobs_count(body)
-    return out
-
-
-def optional_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
-    if body.get(name) is None:
-        return None
-    v = number(body, name, 0.0)
-    check_range(name, v, lo, hi, lo_open)
-    return v
+    p = GenParams(max_tokens=max_tokens, temperature=number(body, "temperature", None), top_p=number(body, "top_p", None),
+                  stop=stop_list(body.get("stop"), "stop", 4), seed=seed, top_k=top_k, min_p=number(body, "min_p", None),
+                  repetition_penalty=number(body, "repetition_penalty", None),
+                  presence_penalty=number(body, "presence_penalty", 0.0),
+                  frequency_penalty=number(body, "frequency_penalty", 0.0),
+                  logit_bias=logit_bias(body), top_logprobs=top_logprobs_count(body))
+    check(p.to_dict(), "", {"max_tokens": max_name, "top_logprobs": "top_logprobs" if "messages" in body else "logprobs"})
+    return p
 
 
 def logit_bias(body: dict) -> dict[str, float]:
-    """{"token id": bias in -100..100}; ids beyond the vocabulary the node refuses (naming logit_bias)."""
+    """{"token id": bias} (GenParams checks the ids' form and the biases; the node, that ids are in its vocabulary)."""
     b = opt(body, "logit_bias", (dict,), "an object mapping token ids to numbers", {})
-    if len(b) > MAX_LOGIT_BIAS:
-        raise ApiError(400, f"'logit_bias' has more than {MAX_LOGIT_BIAS} entries", "logit_bias", "invalid_value")
-    out = {}
-    for k, v in b.items():
-        if not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 9):
-            raise ApiError(400, f"'logit_bias' keys must be token ids (digits), got {k[:20]!r}", "logit_bias",
-                           "invalid_value")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
-            raise ApiError(400, f"'logit_bias[{k}]' must be a number in -100..100", "logit_bias", "invalid_value")
-        out[str(int(k))] = float(v)
-    return out
-
-
-def check_logit_bias(params: dict, vocab: int | None) -> None:
-    """logit_bias ids inside the vocabulary, when the router knows it (else the node refuses them)."""
-    bad = [k for k in params.get("logit_bias") or {} if vocab is not None and int(k) >= vocab]
-    if bad:
-        raise ApiError(400, f"'logit_bias': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})", "logit_bias",
-                       "invalid_value")
+    check({"logit_bias": b}, "")
+    return {str(int(k)): float(v) for k, v in b.items()}
 
 
 def top_logprobs_count(body: dict) -> int:
@@ -202,9 +112,20 @@ def top_logprobs_count(body: dict) -> int:
     return n
 
 
-def top_list(f: dict) -> list[dict]:
-    """A token frame's alternatives in the chat shape."""
-    return [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())} for t in f.get("top") or []]
+def chat_logprobs(body: dict) -> bool:
+    return flag(body, "logprobs")
+
+
+def completion_logprobs(body: dict) -> int | None:
+    """/v1/completions: the `logprobs` count (None: none), refusing echo and suffix."""
+    n_lp = opt(body, "logprobs", (int,), "an integer 0..5")
+    if n_lp is not None:
+        check_range("logprobs", n_lp, 0, 5)
+    if flag(body, "echo"):
+        raise ApiError(400, "'echo' is not supported", "echo", "unsupported_value")
+    if body.get("suffix") is not None:
+        raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_value")
+    return n_lp
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -245,11 +166,6 @@ def _content(c: Any, where: str, role: str) -> str:
             parts.append(text(p["text"], f"{where}[{j}].text"))
         return "".join(parts)
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", where, "invalid_type")
-
-
-# ---------------------------------------------------------------- tools and structured output
-
-MAX_TOOLS = 128
 
 
 def tool_message_fields(m: dict, where: str, role: str) -> dict:
@@ -293,20 +209,23 @@ def parse_tools(body: dict) -> tuple[list | None, Any]:
         if not isinstance(ts, list) or len(ts) > MAX_TOOLS:
             raise ApiError(400, f"'tools' must be a list of up to {MAX_TOOLS} functions", "tools", "invalid_type")
         ts = [_tool(t, f"tools[{i}]") for i, t in enumerate(ts)] or None
-        names = [t["function"]["name"] for t in ts or []]
-        if len(set(names)) < len(names):
-            raise ApiError(400, "'tools' declares a function name twice", "tools", "invalid_value")
+        unique_names(ts or [], "tools")
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and choice.get("type", "function") != "function":
         raise ApiError(400, "'tool_choice.type' must be 'function'", "tool_choice.type", "invalid_value")
     opt(body, "parallel_tool_calls", (bool,), "true or false")  # accepted; under "required" one call is made
+    check_choice(ts, choice, "tool_choice")
+    return ts, choice
+
+
+def check_choice(ts: list | None, choice: Any, where: str) -> None:
+    """tool_choice against the tools; a forced choice among several compiles whole, as the node will get it."""
     try:
         forced = tl.tool_grammar(ts, choice)
     except MlxMoeError as e:
-        raise ApiError(400, str(e)[:300], "tool_choice", "invalid_value") from None
+        raise ApiError(400, str(e)[:300], where, "invalid_value") from None
     if forced is not None and len(ts) > 1 and forced["choice"] == "required":
-        _compile(forced, None)  # the whole grammar the node will get (each function's alone is checked)
-    return ts, choice
+        compile_grammar(forced, None)  # each function's alone was checked
 
 
 def _tool(t: Any, where: str) -> dict:
@@ -316,36 +235,8 @@ def _tool(t: Any, where: str) -> dict:
     fn = t.get("function")
     if not isinstance(fn, dict):
         raise ApiError(400, f"'{where}.function' must be an object with a 'name'", f"{where}.function", "invalid_type")
-    name = fn.get("name")
-    if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-" for c in name):
-        raise ApiError(400, f"'{where}.function.name' must be 1-64 letters, digits, '_' or '-'",
-                       f"{where}.function.name", "invalid_value")
-    desc = fn.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise ApiError(400, f"'{where}.function.description' must be a string", f"{where}.function.description",
-                       "invalid_type")
-    params = fn.get("parameters", {"type": "object", "properties": {}})
-    if not isinstance(params, dict):
-        raise ApiError(400, f"'{where}.function.parameters' must be a JSON schema object", f"{where}.function.parameters",
-                       "invalid_type")
-    _compile({"type": "tool_call", "tools": [{"type": "function", "function": {"name": name, "parameters": params}}],
-              "choice": "required"}, f"{where}.function.parameters")
-    return {"type": "function", "function": {"name": name, **({"description": text(desc, f"{where}.function.description")}
-                                                               if desc else {}), "parameters": params}}
-
-
-def _compile(spec: dict, where: str | None) -> None:
-    """A grammar spec compiled and checked as the node will (node/grammar_spec.py: the strict rule, llguidance's
-    limits, a time bound, a cache), so a schema that cannot be enforced is a 400 naming its field before any
-    node is asked."""
-    try:
-        grammar_spec.compile_spec(spec, None, where)
-    except AdmissionError as e:
-        raise ApiError(503, str(e)[:300], None, "overloaded", headers={"Retry-After": "1"}) from None
-    except MlxMoeError as e:
-        field, _, why = str(e).partition(": ")
-        raise ApiError(400, f"'{field}' is not a JSON schema this server can enforce: {why}"[:300], field,
-                       "invalid_value") from None
+    return function_tool(fn.get("name"), fn.get("description"), fn.get("parameters"), where,
+                         ("function.name", "function.description", "function.parameters"))
 
 
 def parse_response_format(body: dict) -> dict | None:
@@ -366,7 +257,7 @@ def parse_response_format(body: dict) -> dict | None:
         if not isinstance(schema, dict):
             raise ApiError(400, "'response_format.json_schema.schema' must be a JSON schema object",
                            "response_format.json_schema.schema", "invalid_type")
-        _compile({"type": "json_schema", "schema": schema}, "response_format.json_schema.schema")
+        compile_grammar({"type": "json_schema", "schema": schema}, "response_format.json_schema.schema")
     elif kind not in ("text", "json_object"):
         raise ApiError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}"[:300],
                        "response_format.type", "invalid_value")
@@ -393,143 +284,114 @@ def parse_prompt(body: dict) -> str | list[int]:
                    "invalid_type" if "prompt" in body else "missing_required_parameter")
 
 
-def completion_logprobs(body: dict) -> int | None:
-    """/v1/completions: the `logprobs` count (None: none), refusing echo and suffix."""
-    n_lp = opt(body, "logprobs", (int,), "an integer 0..5")
-    if n_lp is not None:
-        check_range("logprobs", n_lp, 0, 5)
-    if flag(body, "echo"):
-        raise ApiError(400, "'echo' is not supported", "echo", "unsupported_value")
-    if body.get("suffix") is not None:
-        raise ApiError(400, "'suffix' is not supported", "suffix", "unsupported_value")
-    return n_lp
-
-
-def chat_logprobs(body: dict) -> bool:
-    logprobs = flag(body, "logprobs")
-    check_range("top_logprobs", opt(body, "top_logprobs", (int,), "an integer", 0), 0, 20)
-    return logprobs
-
-
-def session_hint(headers, body: dict) -> str | None:
-    found = [(headers.get(h), h) for h in SESSION_HEADERS]
-    for v, name in found + [(body.get("session_id"), "session_id"), (body.get("user"), "user")]:
-        if v is None or v == "":
-            continue
-        if not isinstance(v, str) or len(v) > 256:
-            raise ApiError(400, f"'{name}' must be a string of at most 256 characters", name, "invalid_value")
-        return text(v, name)
-    return None
-
-
-def check_model(body: dict, names: tuple[str, ...]) -> None:
-    """`model`, when given, must name the one model this router serves (404 model_not_found)."""
-    m = body.get("model")
-    if m is None:
-        return
-    if not isinstance(m, str):
-        raise ApiError(400, "'model' must be a string", "model", "invalid_type")
-    if m not in names:
-        raise ApiError(404, f"the model {m!r} does not exist; this router serves {names[0]!r}"[:300], "model",
-                       "model_not_found")
-
-
-def check_tokens(tokens: list[int], vocab: int | None, context: int | None, where: str) -> None:
-    """Token ids in the vocabulary and the prompt shorter than the context,
-    before anything (scoring, placement) spends time or memory on it."""
-    if vocab is not None:
-        bad = [t for t in tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"'{where}': token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})"[:300],
-                           where, "invalid_value")
-    elif any(not 0 <= t < 1 << 31 for t in tokens):
-        raise ApiError(400, f"'{where}': token ids must be in 0..2**31-1", where, "invalid_value")
-    if context is not None and len(tokens) >= context:
-        raise ApiError(400, f"'{where}' is {len(tokens)} tokens; the context limit is {context} tokens "
-                            "(prompt and at least one generated token)", where, "context_length_exceeded")
-
-
-def check_messages_fit(messages: list[dict], context: int | None) -> None:
-    """Messages that cannot fit (each costs at least one token, and no token
-    holds more than MAX_CHARS_PER_TOKEN characters) are refused before the
-    chat template and the tokenizer run."""
-    if context is not None and len(messages) >= context:
-        raise ApiError(400, f"'messages' has {len(messages)} entries; the context limit is {context} tokens",
-                       "messages", "context_length_exceeded")
-    check_chars(sum(len(m["content"]) for m in messages), context, "messages")
-
-
-def check_chars(n_chars: int, context: int | None, where: str) -> None:
-    """Text far longer than the context can hold is refused before it is tokenized."""
-    if context is not None and n_chars > context * MAX_CHARS_PER_TOKEN:
-        raise ApiError(400, f"'{where}' has {n_chars} characters, far more than the context limit of {context} "
-                            "tokens can hold", where, "context_length_exceeded")
-
-
-def requested_mode(headers, body: dict) -> str | None:
-    """The routing mode a request asks for ("mlxmoe": {"mode": ...} in the
-    body, or the X-Mlxmoe-Mode header), or None for the session's own."""
-    ext, mode = body.get("mlxmoe"), None
-    if ext is not None:
-        if not isinstance(ext, dict):
-            raise ApiError(400, "'mlxmoe' must be an object like {\"mode\": \"race\"}", "mlxmoe", "invalid_type")
-        for k in ext:
-            if k not in EXTENSION_FIELDS:
-                raise ApiError(400, f"'mlxmoe.{k}' is not a known option (known: {', '.join(EXTENSION_FIELDS)})"[:300],
-                               f"mlxmoe.{k}", "invalid_value")
-        mode = ext.get("mode")
-        if mode is not None and mode not in ROUTER_MODES:
-            raise ApiError(400, f"'mlxmoe.mode' must be one of {', '.join(ROUTER_MODES)}, got {mode!r}"[:300],
-                           "mlxmoe.mode", "invalid_value")
-    h = headers.get(MODE_HEADER)
-    if h is not None:
-        h = h.strip().lower()
-        if h not in ROUTER_MODES:
-            raise ApiError(400, f"header '{MODE_HEADER}' must be one of {', '.join(ROUTER_MODES)}, got {h!r}"[:300],
-                           MODE_HEADER, "invalid_value")
-        if mode is not None and mode != h:
-            raise ApiError(400, f"header '{MODE_HEADER}' ({h}) contradicts 'mlxmoe.mode' ({mode})", MODE_HEADER,
-                           "invalid_value")
-        mode = h
-    return mode
-
-
-def requested_prefer(body: dict) -> str | None:
-    """"mlxmoe": {"prefer": "quality" | "speed"}: where a new chat goes (requested_mode checked the object)."""
-    ext = body.get("mlxmoe")
-    prefer = ext.get("prefer") if isinstance(ext, dict) else None
-    if prefer is not None and prefer not in PREFER:
-        raise ApiError(400, f"'mlxmoe.prefer' must be one of {', '.join(PREFER)}, got {prefer!r}"[:300],
-                       "mlxmoe.prefer", "invalid_value")
-    return prefer
-
-
-async def read_json(request: web.Request, timeout: float = BODY_TIMEOUT) -> dict:
-    """The whole body (however many writes it came in), up to MAX_BODY
-    (the app's client_max_size): 413 past it, chunked or not; 408 if it
-    does not arrive within `timeout` seconds."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, f"request body is {request.content_length} bytes; the limit is {MAX_BODY}", None,
-                       "request_too_large")
+# ---------------------------------------------------------------- handlers: parse -> start -> respond
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    router, owner, body = await http.body_of(request)
+    req, answer = await asyncio.to_thread(chat_request, body, request.headers)  # grammars compile off the loop
+    check_model(body, router.model_names())
+    reply = await chat.start(router, owner, req)
+    request[http.TURN] = reply.turn
+    base = {"id": new_id("chatcmpl"), "created": int(time.time()), "model": router.model}
     try:
-        raw = await asyncio.wait_for(request.read(), timeout)
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body exceeds the {MAX_BODY}-byte limit", None, "request_too_large",
-                       headers={"Connection": "close"}) from None
-    except asyncio.TimeoutError:
-        raise ApiError(408, f"request body did not arrive within {timeout:g} s", None, "request_timeout",
-                       headers={"Connection": "close"}) from None
+        if answer.stream:
+            return await _stream_chat(request, reply, base, answer)
+        try:
+            content, calls, frames = await reply.collect()
+        except RpcError as e:
+            raise api_error(e) from None
+        out = chat_completion(base, content, [chat_lp(f) for f in frames] if answer.logprobs else None,
+                              reply.finish_reason, usage(*reply.usage))
+        if calls:
+            out["choices"][0]["message"].update(content=content or None, tool_calls=calls)
+        return web.json_response(noticed(out, reply), headers=reply.headers)
+    finally:
+        await reply.close()
+
+
+async def _stream_chat(request: web.Request, reply: chat.Reply, base: dict, answer: Answer) -> web.StreamResponse:
+    resp = await sse.open_stream(request, reply.headers)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    await sse.send(resp, chat_chunk(chunk, {"role": "assistant", "content": ""}))
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}"[:300], None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", None, "invalid_json")
-    return body
+        async for p in reply.parts():
+            lp = {"content": [chat_lp(p.frame)]} if answer.logprobs and p.frame is not None else None
+            if p.call is not None:
+                await sse.send(resp, chat_chunk(chunk, {"tool_calls": [p.call]}, lp))
+            elif p.text or lp:
+                await sse.send(resp, chat_chunk(chunk, {"content": p.text}, lp))
+    except RpcError as e:
+        await sse.send(resp, error_body(api_error(e), param=False))
+        return resp
+    await sse.send(resp, noticed(chat_chunk(chunk, {}, None, reply.finish_reason), reply))
+    if answer.include_usage:
+        await sse.send(resp, {**chunk, "choices": [], "usage": usage(*reply.usage)})
+    await sse.done(resp)
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    router, owner, body = await http.body_of(request)
+    req, answer = await asyncio.to_thread(prompt_request, body, request.headers)
+    check_model(body, router.model_names())
+    reply = await chat.start(router, owner, req)
+    request[http.TURN] = reply.turn
+    base = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": router.model}
+    try:
+        if answer.stream:
+            return await _stream_completion(request, reply, base, answer)
+        try:
+            content, _, frames = await reply.collect()
+        except RpcError as e:
+            raise api_error(e) from None
+        lp = completion_lp(frames) if answer.completion_logprobs is not None else None
+        out = {**base, "choices": [completion_choice(content, lp, reply.finish_reason)], "usage": usage(*reply.usage)}
+        return web.json_response(noticed(out, reply), headers=reply.headers)
+    finally:
+        await reply.close()
+
+
+async def _stream_completion(request: web.Request, reply: chat.Reply, base: dict, answer: Answer) -> web.StreamResponse:
+    resp = await sse.open_stream(request, reply.headers)
+    offset = 0
+    try:
+        async for p in reply.parts():
+            lp = completion_lp([p.frame], offset) if answer.completion_logprobs is not None else None
+            offset += len(p.text)
+            await sse.send(resp, {**base, "choices": [completion_choice(p.text, lp, None)]})
+    except RpcError as e:
+        await sse.send(resp, error_body(api_error(e), param=False))
+        return resp
+    await sse.send(resp, noticed({**base, "choices": [completion_choice("", None, reply.finish_reason)]}, reply))
+    if answer.include_usage:
+        await sse.send(resp, {**base, "choices": [], "usage": usage(*reply.usage)})
+    await sse.done(resp)
+    return resp
+
+
+def _model(router) -> dict:
+    return {"id": router.model, "object": "model", "created": int(router.started), "owned_by": "mlxmoe"}
+
+
+async def models(request: web.Request) -> web.Response:
+    http.client_of(request)
+    return web.json_response({"object": "list", "data": [_model(request.app[http.ROUTER_KEY])]})
+
+
+async def model(request: web.Request) -> web.Response:
+    http.client_of(request)
+    router = request.app[http.ROUTER_KEY]
+    check_model({"model": request.match_info["id"]}, router.model_names())
+    return web.json_response(_model(router))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{id:.+}", model)
 
 
 # ---------------------------------------------------------------- response shapes
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
@@ -538,11 +400,22 @@ def usage(n_prompt: int, n_completion: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion}
 
 
+def noticed(obj: dict, reply: chat.Reply) -> dict:
+    """The answer (or its final chunk) with what the client should know of how it ran."""
+    notice = reply.notice()
+    return {**obj, "mlxmoe": notice} if notice else obj
+
+
 def piece(f: dict) -> str:
     """A token frame's token as the vocabulary spells it (its `text` is what the stream added, which a
     held-back space or stop-string prefix moves between tokens)."""
     p = f.get("piece")
     return p if isinstance(p, str) else f["text"]
+
+
+def top_list(f: dict) -> list[dict]:
+    """A token frame's alternatives in the chat shape."""
+    return [{"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())} for t in f.get("top") or []]
 
 
 def chat_lp(f: dict) -> dict:

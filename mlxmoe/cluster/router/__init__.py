@@ -38,13 +38,17 @@ names and the node routing each maps to: mlxmoe/modes.py):
           tokens of the first answer; the best mean log-prob is pinned, its
           tokens streamed, the others' sessions closed
 
-Files: placement.py (pure ranking functions), sessions.py (Session, the
-index), turn.py (Turn, Rejected), migration.py (soft/hard), race.py,
-core.py (Router: peers, probing, wiring).
+Files: ranking.py (pure ranking of nodes), chats.py (Chat, the index),
+fleet.py (Fleet: peers, clients, probing, busy marks, candidates),
+context.py (TurnContext: what turn, race and migration use), turn.py (Turn,
+Rejected), migration.py (soft/hard), race.py, quality_watch.py (acting on
+the nodes' quality meter), core.py (Router: chats, turns, wiring).
 """
 
+from mlxmoe.cluster.router.chats import Chat
 from mlxmoe.cluster.router.core import Router
-from mlxmoe.cluster.router.sessions import Session
 from mlxmoe.cluster.router.turn import Rejected, Turn
 
-__all__ = ["Rejected", "Router", "Session", "Turn"]
+Session = Chat  # the old name, until cluster/api/ imports Chat
+
+__all__ = ["Chat", "Rejected", "Router", "Session", "Turn"]

@@ -4,27 +4,26 @@ by `margin`, make it the group computing the session's experts: soft (the
 node keeps trunk and KV and calls that group's node per MoE layer) or hard
 (the KV moves: export -> import -> re-pin -> close the old copy).
 
-Functions of (router, session): they use the Router's public methods only."""
+Functions of (turn context, chat): the fleet, the modes' settings, scoring
+and the counters (context.py), never the Router."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
-from mlxmoe.cluster.router.placement import GONE
-from mlxmoe.cluster.router.sessions import Session
+from mlxmoe.cluster.client import NodeClient
+from mlxmoe.cluster.router.chats import Chat
+from mlxmoe.cluster.router.context import TurnContext
+from mlxmoe.cluster.router.fleet import Fleet
+from mlxmoe.cluster.router.ranking import GONE
 from mlxmoe.errors import RpcError
-
-if TYPE_CHECKING:
-    from mlxmoe.cluster.client import NodeClient
-    from mlxmoe.cluster.router.core import Router
 
 log = logging.getLogger("mlxmoe.router")
 
 
-def challenge(s: Session, scores: dict[int, float], ranked: list[int], margin: float) -> tuple[int, float]:
+def challenge(s: Chat, scores: dict[int, float], ranked: list[int], margin: float) -> tuple[int, float]:
     """Update the session's streak from fresh scores: (best group, its lead over the current one)."""
     current = s.group if s.expert_group is None else s.expert_group
     best = ranked[0]
@@ -36,33 +35,33 @@ def challenge(s: Session, scores: dict[int, float], ranked: list[int], margin: f
     return best, lead
 
 
-async def recheck(r: Router, s: Session, tokens: list[int], at: str) -> bool:
-    """Re-score, and migrate if due. True if the session moved."""
-    target = await decide(r, s, tokens, at)
-    return target is not None and await migrate(r, s, target, at)
+async def recheck(cx: TurnContext, s: Chat, tokens: list[int], at: str) -> bool:
+    """Re-score, and migrate if due. True if the chat moved."""
+    target = await decide(cx, s, tokens, at)
+    return target is not None and await migrate(cx, s, target, at)
 
 
-async def decide(r: Router, s: Session, tokens: list[int], at: str) -> int | None:
+async def decide(cx: TurnContext, s: Chat, tokens: list[int], at: str) -> int | None:
     """Re-score S(g) on the transcript's last `window` tokens; the group to
     migrate to once a challenger has won `checks` checks in a row, else None."""
     try:
-        sc, ms = await r.score(tokens[-r.mob.window:] if r.mob.window else tokens)
+        sc, ms = await cx.score(tokens[-cx.mob.window:] if cx.mob.window else tokens)
     except Exception as e:  # scoring must never cost the turn
         log.warning("session %s: re-scoring failed: %s", s.id, e)
         return None
     scores = dict(sc.scores)
     current = s.group if s.expert_group is None else s.expert_group
     s.scores, s.ranked, s.margin = scores, list(sc.ranked), float(sc.margin)
-    best, lead = challenge(s, scores, list(sc.ranked), r.mob.margin)
+    best, lead = challenge(s, scores, list(sc.ranked), cx.mob.margin)
     s.last_check = {"at": at, "tokens": len(tokens), "current": current, "best": best,
                     "lead": round(lead, 4), "streak": s.streak[1], "ms": round(ms, 1)}
-    if s.streak[1] < r.mob.checks:
+    if s.streak[1] < cx.mob.checks:
         return None
     s.streak = (None, 0)
     return best
 
 
-async def migrate(r: Router, s: Session, target: int, at: str = "manual") -> bool:
+async def migrate(cx: TurnContext, s: Chat, target: int, at: str = "manual") -> bool:
     """Make `target` the group that computes the session's experts: hard
     (move the KV) when the mode and size allow, else soft. True if done."""
     rec = {"at": at, "turn": s.turns, "from": s.group if s.expert_group is None else s.expert_group,
@@ -70,71 +69,71 @@ async def migrate(r: Router, s: Session, target: int, at: str = "manual") -> boo
     t0 = time.perf_counter()
     ok = False
     if s.mode == "hard" and target != s.group:
-        if len(s.context) <= r.mob.hard_max_tokens:
-            ok = await hard(r, s, target, rec)
+        if len(s.context) <= cx.mob.hard_max_tokens:
+            ok = await hard(cx, s, target, rec)
         else:
-            rec["note"] = f"{len(s.context)} tokens > hard_max_tokens {r.mob.hard_max_tokens}: soft instead"
+            rec["note"] = f"{len(s.context)} tokens > hard_max_tokens {cx.mob.hard_max_tokens}: soft instead"
     if not ok:
         if "error" in rec:
             rec["hard_error"] = rec.pop("error")
-        ok = soft(r, s, target, rec)
+        ok = soft(cx.fleet, s, target, rec)
     rec.update(ok=ok, ms=round((time.perf_counter() - t0) * 1e3, 1), node_to=s.peer)
     s.migrations.append(rec)
     if ok:
-        r.count("migrations")
+        cx.count("migrations")
         log.info("session %s: %s migration to group %d (%s)", s.id, rec["kind"], target, at)
     return ok
 
 
-def soft(r: Router, s: Session, target: int, rec: dict) -> bool:
+def soft(fleet: Fleet, s: Chat, target: int, rec: dict) -> bool:
     rec["kind"] = "soft"
     if target == s.group:
         s.expert_group = None  # back home: local again
         return True
-    p = r.peer(s.peer)
-    if target not in {int(g) for g in r.group_urls(skip=p)}:
+    p = fleet.peer(s.peer)
+    if target not in {int(g) for g in fleet.group_urls(skip=p)}:
         rec["error"] = f"no live node serves group {target}"
         return False
     s.expert_group = target
     return True
 
 
-async def hard(r: Router, s: Session, target: int, rec: dict) -> bool:
+async def hard(cx: TurnContext, s: Chat, target: int, rec: dict) -> bool:
     """export (old node) -> import (new node) -> re-pin -> close the old
     copy. Nothing is lost on failure: the session stays pinned where it
     was, or, if the old node is gone, is rebuilt on the new one from the
     transcript the next turn carries."""
     rec["kind"] = "hard"
-    src = r.peer(s.peer)
-    dests = r.destinations(target, skip=s.peer)
+    fleet = cx.fleet
+    src = fleet.peer(s.peer)
+    dests = fleet.destinations(target, skip=s.peer)
     if src is None or not dests:
         rec["error"] = f"no live node serves group {target}" if not dests else "session not placed yet"
         return False
-    dst, t = dests[0], r.mob.migrate_timeout
+    dst, t = dests[0], cx.mob.migrate_timeout
     try:
-        state = await export_session(r.client(src), s.id, t)
+        state = await export_session(fleet.client(src), s.id, t)
     except RpcError as e:
         if e.code not in GONE:
             rec["error"] = f"export from {src.name} failed: {e.message}"
             return False
-        r.peers.mark_down(src, e.message)
+        fleet.peers.mark_down(src, e.message)
         state = None  # the old node is gone: rebuild from the transcript on the new one
         rec["rebuilt"] = True
     if state is not None:
         try:
-            await r.client(dst).call("import_session", {"state": state}, timeout=t)
+            await fleet.client(dst).call("import_session", {"state": state}, timeout=t)
         except RpcError as e:
             rec["error"] = f"import into {dst.name} failed: {e.message}"
-            if e.code in GONE:
-                r.peers.mark_down(dst, e.message)
-            r.close_later(s.id, dst.name)  # a half-imported copy, if any
+            fleet.failed(dst, e)
+            fleet.close_later(s.id, dst.name)  # a half-imported copy, if any
             return False
         rec["state_tokens"] = len(state.get("tokens") or [])
     old = s.peer
     s.peer, s.group, s.expert_group = dst.name, target, None
     dst.active_sessions += 1
     if state is not None:
-        r.close_later(s.id, old)
+        fleet.close_later(s.id, old)
     return True
 
 
@@ -151,11 +150,11 @@ async def export_session(c: NodeClient, sid: str, timeout: float) -> dict:
             await asyncio.sleep(0.05)
 
 
-async def peer_failed(r: Router, s: Session, e: RpcError) -> None:
+async def peer_failed(fleet: Fleet, s: Chat, e: RpcError) -> None:
     """The pinned node's remote-expert peer failed: find out which nodes
     are gone, and decode locally rather than through that peer again."""
     try:
-        await asyncio.wait_for(r.probe_all(), 3.0)
+        await asyncio.wait_for(fleet.probe_all(), 3.0)
     except asyncio.TimeoutError:
         pass
     if s.expert_group is not None:

@@ -14,45 +14,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator, Callable
 
 from mlxmoe.cluster.discovery import Peer
 from mlxmoe.cluster.router import migration
-from mlxmoe.cluster.router.placement import GONE
+from mlxmoe.cluster.router.chats import Chat
+from mlxmoe.cluster.router.context import TurnContext
 from mlxmoe.cluster.router.race import race
-from mlxmoe.cluster.router.sessions import Session, tok_s
-from mlxmoe.errors import RpcError
+from mlxmoe.cluster.sessionview import tok_s
+from mlxmoe.errors import MlxMoeError, RpcError
 from mlxmoe.modes import MIGRATING
-
-if TYPE_CHECKING:
-    from mlxmoe.cluster.router.core import Router
+from mlxmoe.params import GenParams
 
 log = logging.getLogger("mlxmoe.router")
 BUSY_WAIT_S = 5.0  # how long a reconnect waits for our own stream on that node to wind down
 
 
-class Rejected(Exception):
-    """No node can take the request now: HTTP status + Retry-After seconds."""
+class Rejected(MlxMoeError):
+    """No node can take the request now: 429 "overloaded" (every candidate is
+    full) or 503 "no_nodes", with Retry-After seconds."""
 
     def __init__(self, status: int, message: str, retry_after: float):
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+        self.code = "overloaded" if status == 429 else "no_nodes"
 
 
-def splice_params(params: dict, n_generated: int, sent_chars: int) -> dict:
+def splice_params(params: GenParams, n_generated: int, sent_chars: int) -> GenParams:
     """Generate params continuing a turn of which `n_generated` tokens (and
     `sent_chars` characters of their text) already reached the client."""
-    out = {**params, "max_tokens": params["max_tokens"] - n_generated}
-    if n_generated:  # only continuations carry the fields: a first connect is what it always was
-        out.update(resume=n_generated, resume_chars=sent_chars)
-    return out
+    if not n_generated:  # a first connect is what it always was
+        return params
+    return params.edit(max_tokens=params.max_tokens - n_generated, resume=n_generated, resume_chars=sent_chars)
 
 
 class Turn:
     """One request's generation, possibly spanning nodes after failovers."""
 
-    def __init__(self, router: Router, s: Session, prompt: list[int], params: dict):
-        self.r, self.s, self.prompt, self.params = router, s, list(prompt), dict(params)
+    def __init__(self, cx: TurnContext, s: Chat, prompt: list[int], params: GenParams, *,
+                 on_end: Callable[[Chat, list[int]], None], deterministic: bool = False):
+        """on_end(chat, context): the router's bookkeeping once the turn is over (Router.end_turn);
+        deterministic: the request gets reproducible text, so placement never spreads it (ranking.py)."""
+        self.cx, self.fleet, self.s, self.prompt, self.params = cx, cx.fleet, s, list(prompt), params
+        self.on_end, self.deterministic = on_end, deterministic
         self.generated: list[int] = []
         self.sent_chars = 0  # characters of text delivered for `generated` (the splice point)
         self.finish_reason: str | None = None
@@ -71,45 +75,44 @@ class Turn:
 
     @property
     def done(self) -> bool:
-        return len(self.generated) >= self.params["max_tokens"] or self.finish_reason == "stop"
+        return len(self.generated) >= self.params.max_tokens or self.finish_reason == "stop"
 
     async def connect(self, first: bool = False, migrated: bool = False) -> None:
-        r, s = self.r, self.s
+        fleet, s = self.fleet, self.s
         params = splice_params(self.params, len(self.generated), self.sent_chars)
         prompt = self.prompt + self.generated
         retry_after, last_err = None, None
-        for p in r.candidates(s, self.tried, self.params):
+        for p in fleet.candidates(s, self.tried, self.deterministic):
             self.tried.add(p.name)
             try:
                 frames, first_frame = await self._start(p, prompt, params)
             except asyncio.TimeoutError:
-                if await r.first_token_late(p):  # busy (its health answers), not down: the client may retry
+                if await fleet.first_token_late(p):  # busy (its health answers), not down: the client may retry
                     retry_after = min(retry_after or 1e9, 2)
                 continue
             except RpcError as e:
                 last_err = e
                 if e.status in (429, 503):
-                    r.mark_busy(p, e.retry_after)
+                    fleet.mark_busy(p, e.retry_after)
                     retry_after = min(retry_after or 1e9, e.retry_after or 2)
                     continue
                 if e.retryable:
-                    if e.code in GONE:
-                        r.peers.mark_down(p, e.message)
+                    fleet.failed(p, e)
                     continue
                 raise  # the request itself is bad (e.g. context overflow): same on every node
             moved = s.peer is not None and s.peer != p.name
             if (moved or not first) and not (migrated and not moved):
                 self.failovers += 1
-                r.count("failovers")
+                self.cx.count("failovers")
                 log.warning("session %s moved from %s to %s (%s)", s.id, s.peer, p.name,
                             last_err.message if last_err else "pinned node not available")
             if s.peer != p.name:
                 p.active_sessions += 1  # until the next probe says better: spreads quick placements
-            s.peer, s.group = p.name, r.group_for(s, p)
+            s.peer, s.group = p.name, fleet.group_for(s, p)
             self._frames, self._first = frames, first_frame
             self.without |= set(s.without)
             return
-        r.count("rejected")
+        self.cx.count("rejected")
         if retry_after is not None:
             raise Rejected(429, "every node that could serve this conversation is full; retry shortly",
                            retry_after)
@@ -119,15 +122,16 @@ class Turn:
                        + (f" (last error: {last_err.message})" if last_err else
                           ": start `mlxmoe node` on your Macs (or list them in --peers)"), 5)
 
-    async def _start(self, p: Peer, prompt: list[int], params: dict) -> tuple[AsyncIterator[dict], dict | None]:
+    async def _start(self, p: Peer, prompt: list[int], params: GenParams) -> tuple[AsyncIterator[dict], dict | None]:
         """Start generating on `p`: (frames, first frame or None). A failed
         remote-expert peer gets one retry on the same node, routed without it."""
-        r, s = self.r, self.s
+        fleet, s = self.fleet, self.s
         attempt, busy_until = 0, time.monotonic() + BUSY_WAIT_S
         while True:
-            frames = r.client(p).generate(s.id, prompt, r.node_params(s, p, params), token_timeout=r.token_timeout)
+            frames = fleet.client(p).generate(s.id, prompt, fleet.node_params(s, p, params),
+                                              token_timeout=fleet.token_timeout)
             try:
-                return frames, await asyncio.wait_for(frames.__anext__(), r.first_token_timeout)
+                return frames, await asyncio.wait_for(frames.__anext__(), fleet.first_token_timeout)
             except StopAsyncIteration:
                 return frames, None
             except RpcError as e:
@@ -140,14 +144,14 @@ class Turn:
                 if e.code != "peer_failed" or attempt:
                     raise
                 attempt += 1
-                await migration.peer_failed(r, s, e)
+                await migration.peer_failed(fleet, s, e)
             except asyncio.TimeoutError:
                 await frames.aclose()
                 raise
 
     async def race(self) -> None:
         """Race placement (race.py); the winner's K tokens become this turn's first."""
-        won = await race(self.r, self.s, self.prompt, self.params)
+        won = await race(self.cx, self.s, self.prompt, self.params)
         if won is None:
             return  # nothing to race, or every run failed: plain placement
         toks, end = won
@@ -155,14 +159,14 @@ class Turn:
         self.generated = [int(f["token"]) for f in toks]
         self.sent_chars = sum(len(f.get("text") or "") for f in toks)
         self.finish_reason = end or toks[-1].get("finish_reason")
-        if self.finish_reason == "length" and len(self.generated) < self.params["max_tokens"]:
+        if self.finish_reason == "length" and len(self.generated) < self.params.max_tokens:
             self.finish_reason = None  # only the race's K tokens ran out: the answer goes on
 
     async def events(self) -> AsyncIterator[dict]:
         """Token frames {"token","text","logprob","finish_reason"} across failovers."""
         try:
             for f in self._queued:  # race winner: already counted in `generated`
-                self.r.count_token()
+                self.cx.tokens += 1
                 self._got()
                 yield f
             self._queued = []
@@ -179,7 +183,7 @@ class Turn:
                             return
                         self.generated.append(int(f["token"]))
                         self.sent_chars += len(f.get("text") or "")
-                        self.r.count_token()
+                        self.cx.tokens += 1
                         self._got()
                         self.finish_reason = f.get("finish_reason")
                         yield f
@@ -190,16 +194,13 @@ class Turn:
                 except RpcError as e:
                     if e.code == "peer_failed" and self.peer_retries < 2:
                         self.peer_retries += 1  # the node is fine, a peer it called is not: same node, new routing
-                        await migration.peer_failed(self.r, self.s, e)
+                        await migration.peer_failed(self.fleet, self.s, e)
                         self.tried.discard(self.s.peer)
-                    elif not e.retryable or self.failovers >= self.r.max_failovers:
+                    elif not e.retryable or self.failovers >= self.cx.max_failovers:
                         raise
-                    if e.code in GONE:
-                        p = self.r.peer(self.s.peer)
-                        if p is not None:
-                            self.r.peers.mark_down(p, e.message)
+                    self.fleet.failed(self.fleet.peer(self.s.peer), e)
                     migrated = e.code == "peer_failed"
-                    if len(self.generated) >= self.params["max_tokens"] or self.finish_reason:
+                    if len(self.generated) >= self.params.max_tokens or self.finish_reason:
                         self.finish_reason = self.finish_reason or "length"
                         return  # the node died after its last token: nothing left to do
                     await self._close_frames()
@@ -237,15 +238,15 @@ class Turn:
     async def _maybe_recheck(self) -> bool:
         """Every `check_every` tokens (soft/hard): re-score; if the session
         migrated, close this stream so the caller reconnects."""
-        r, s, n = self.r, self.s, len(self.generated)
-        if not r.mob.check_every or s.mode not in MIGRATING or n % r.mob.check_every or self.finish_reason:
+        cx, s, n = self.cx, self.s, len(self.generated)
+        if not cx.mob.check_every or s.mode not in MIGRATING or n % cx.mob.check_every or self.finish_reason:
             return False
         s.context = self.prompt + self.generated
-        target = await migration.decide(r, s, s.context, f"token {n}")
+        target = await migration.decide(cx, s, s.context, f"token {n}")
         if target is None:
             return False
         await self._close_frames()  # the node stops this stream before its session is exported
-        await migration.migrate(r, s, target, f"token {n}")  # if it fails, the session goes on as it was
+        await migration.migrate(cx, s, target, f"token {n}")  # if it fails, the session goes on as it was
         self.tried.clear()
         try:
             await self.connect(migrated=True)
@@ -277,4 +278,4 @@ class Turn:
         self._closed = True
         self.ended_at = time.time()
         await self._close_frames()
-        self.r.end_turn(self.s, self.prompt + self.generated)
+        self.on_end(self.s, self.prompt + self.generated)

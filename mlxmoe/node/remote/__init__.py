@@ -9,7 +9,7 @@ Modes (GenParams.routing, per request):
             shared experts, gates and attention stay here. expert_group equal
             to this node's group is plain local decoding.
 - "onehop": per MoE layer and token, the group (this one, or one of `peers`)
-            whose eligible set holds the most top-k router mass (placement.py's
+            whose eligible set holds the most top-k router mass (model/placement.py's
             topk_mass of the full router) computes the routed experts; ties go
             to this node. Candidates: this node's group + the groups in peers.
 - "split":  per MoE layer and token, top-k over this node's eligible set

@@ -1,7 +1,7 @@
-"""Placement as pure functions: which nodes, in which order, serve a
-session, given the groups' scores S(g), the nodes' groups, load and health
-(busy_until: node name -> time until which it said "full"), and the time.
-No I/O here: the Router passes in its live peers and its clock.
+"""Ranking nodes, as pure functions: which nodes, in which order, serve a
+chat, given the groups' scores S(g) (model/placement.py), the nodes' groups,
+load and health (busy_until: node name -> time until which it said "full"),
+and the time. No I/O here: the fleet (fleet.py) passes in its live peers and its clock.
 
 A peer is anything with .name, .url, .groups and the load fields below
 (discovery.Peer).
@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 
 from typing import Iterable, Protocol, Sequence
+
+from mlxmoe.params import GenParams
 
 GONE = ("unreachable", "disconnected", "timeout")  # RPC error codes that mean the node itself is gone
 
@@ -78,12 +80,12 @@ def node_rank(p: PeerLike, busy_until: dict[str, float], now: float) -> tuple:
     return busy(p.name, busy_until, now), load(p)
 
 
-def deterministic(params: dict, defaults: dict | None = None) -> bool:
+def deterministic(params: GenParams, defaults: dict | None = None) -> bool:
     """Does this request get reproducible text (temperature 0, or a seed)? An
     unset temperature is the model's default (`defaults`): greedy unless its
     generation_config samples."""
-    t = params.get("temperature")
-    return params.get("seed") is not None or (t if t is not None else (defaults or {}).get("temperature")) == 0
+    t = params.temperature
+    return params.seed is not None or (t if t is not None else (defaults or {}).get("temperature")) == 0
 
 
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],

@@ -1,7 +1,9 @@
-"""The router's sessions: one per conversation, found again by the client's
-session id (hint) or by the hash of its messages before the last user turn,
-and forgotten after `session_ttl` idle seconds (sessions the client named
-none for, i.e. one-shot API requests, after their shorter `ttl`)."""
+"""The router's chats: one per conversation (a session, as the API and the
+nodes call it: its id names the node's session too), found again by the
+client's session id (hint) or by the hash of its messages before the last
+user turn, and forgotten after `session_ttl` idle seconds (chats the client
+named no session for, i.e. one-shot API requests, after their shorter `ttl`).
+A node's own sessions (their KV caches) are node/sessions.py's."""
 
 from __future__ import annotations
 
@@ -12,16 +14,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlxmoe.cluster.sessionview import session_ref, tok_s
 from mlxmoe.modes import DEFAULT_MODE, MIGRATING, node_routing
 
 
 @dataclass
-class Session:
-    id: str
+class Chat:
+    """One conversation as the router places it: its groups' scores, the node it is pinned to, its mode,
+    its migrations and the turn streaming now."""
+
+    id: str  # the session id the client sees; its node's session has the same id
     scores: dict[int, float]
     ranked: list[int]
     margin: float
-    tie_key: int = 0  # of its first prompt: orders tied groups for deterministic requests (placement)
+    tie_key: int = 0  # of its first prompt: orders tied groups for deterministic requests (ranking.py)
     peer: str | None = None  # pinned node (Peer.name)
     group: int | None = None
     turns: int = 0
@@ -41,7 +47,7 @@ class Session:
     without: list[int] = field(default_factory=list)  # onehop/split: groups no live node serves (placement)
     race: dict | None = None
     remote: dict = field(default_factory=dict)  # node name -> {"routing", "remote_calls", "remote_bytes", "remote_s"}
-    meter: list = field(default_factory=list)  # the quality meter of its last turns (router/meter.py)
+    meter: list = field(default_factory=list)  # the quality meter of its last turns (router/quality_watch.py)
     meter_seen: int = 0  # turns the pinned node has metered, as last harvested
     meter_replaced: bool = False  # the meter re-placed it once already
     owner: str = ""  # the client that made it: its API key's hash ("" without API keys)
@@ -116,18 +122,6 @@ class Session:
                 "created": self.created, "last_used": self.last_used}
 
 
-def tok_s(n: int, first: float | None, now: float) -> float | None:
-    """Decode rate after the first token (TTFT is prefill, not decode); None until there are two."""
-    if first is None or n < 2 or now <= first:
-        return None
-    return round((n - 1) / (now - first), 2)
-
-
-def session_ref(sid: str) -> str:
-    """A short hash of a session id: shown where the id must not be; it does not resume the session."""
-    return "ref-" + hashlib.sha256(sid.encode()).hexdigest()[:16]
-
-
 def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -154,11 +148,11 @@ def _scoped(kind: str, owner: str, key: str) -> str:
     return f"{kind}{owner}:{key}" if owner else kind + key
 
 
-class SessionIndex:
-    """Sessions by id, and the keys (hints "h:...", prefix hashes "p:...") that lead to them."""
+class ChatIndex:
+    """Chats by id, and the keys (hints "h:...", prefix hashes "p:...") that lead to them."""
 
     def __init__(self):
-        self.by_id: dict[str, Session] = {}
+        self.by_id: dict[str, Chat] = {}
         self.by_key: dict[str, str] = {}  # hint / prefix hash -> session id
 
     def __len__(self) -> int:
@@ -167,11 +161,11 @@ class SessionIndex:
     def __iter__(self):
         return iter(list(self.by_id.values()))
 
-    def get(self, sid: str) -> Session | None:
+    def get(self, sid: str) -> Chat | None:
         return self.by_id.get(sid)
 
-    def find(self, hint: str | None, messages: list[dict] | None, owner: str = "") -> Session | None:
-        """The session of `owner` a request continues: by hint (the session's
+    def find(self, hint: str | None, messages: list[dict] | None, owner: str = "") -> Chat | None:
+        """The chat of `owner` a request continues: by hint (the session's
         own id, or a client id), else by the messages before the last user
         turn. Keys are per owner, and another owner's session id finds nothing."""
         sid = None
@@ -185,26 +179,26 @@ class SessionIndex:
         s = self.by_id.get(sid) if sid is not None else None
         return s if s is not None and s.owner == owner else None
 
-    def add(self, s: Session, hint: str | None = None) -> None:
+    def add(self, s: Chat, hint: str | None = None) -> None:
         if hint:
             self._key(s, _scoped("h:", s.owner, hint))
         self.by_id[s.id] = s
 
-    def remember_turn(self, s: Session, messages: list[dict], reply: str) -> None:
+    def remember_turn(self, s: Chat, messages: list[dict], reply: str) -> None:
         """After a completed chat turn: the next turn's prefix leads here."""
         self._key(s, _scoped("", s.owner, prefix_key(messages + [{"role": "assistant", "content": reply}])))
 
-    def _key(self, s: Session, k: str) -> None:
+    def _key(self, s: Chat, k: str) -> None:
         self.by_key[k] = s.id
         s.keys.append(k)
 
-    def forget(self, s: Session) -> None:
+    def forget(self, s: Chat) -> None:
         self.by_id.pop(s.id, None)
         for k in s.keys:
             if self.by_key.get(k) == s.id:
                 del self.by_key[k]
 
-    def expired(self, now: float, ttl: float) -> list[Session]:
+    def expired(self, now: float, ttl: float) -> list[Chat]:
         """Idle past their own ttl (else `ttl`) and not in a turn."""
         return [s for s in self.by_id.values()
                 if now - s.last_used > (ttl if s.ttl is None else s.ttl) and not s.lock.locked()]

@@ -1,11 +1,11 @@
-"""Placement as pure functions (cluster/router/placement.py): candidates,
+"""Ranking nodes as pure functions (cluster/router/ranking.py): candidates,
 ties, busy nodes, the group a node serves, race candidates, group URLs and
 hard-migration destinations. No asyncio, no sockets."""
 
 from __future__ import annotations
 
 from mlxmoe.cluster.discovery import Peer
-from mlxmoe.cluster.router import placement as pl
+from mlxmoe.cluster.router import ranking as pl
 
 SCORES = {0: 0.5, 1: 0.495, 2: 0.1}
 RANKED = [0, 1, 2]

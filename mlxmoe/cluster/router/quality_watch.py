@@ -1,4 +1,5 @@
-"""The live quality meter at the router (docs/ARCHITECTURE.md, "Quality meter").
+"""The router's watch over the nodes' live quality meter (docs/ARCHITECTURE.md,
+"Quality meter"; the meter itself is model/meter.py's).
 
 A node reports per session, in info()["session_stats"][id], `quality_meter`
 (mean over the last turn's decoded tokens of the eligible share of the full
