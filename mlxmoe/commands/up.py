@@ -164,8 +164,10 @@ async def wait_up(router, node, log: Path, timeout: float = 300.0) -> None:
 
 def ensure_master(home: Path, source: str) -> Path:
     """SOURCE as the master bundle (every expert): a bundle is used as it is; a checkpoint or a repo
-    in the Hugging Face cache is split once into the config home."""
+    in the Hugging Face cache is split once into the config home; a repo id that is not there is pulled
+    first (`mlxmoe pull`'s ranged reads, resumable) into the config home."""
     from mlxmoe import ASSETS
+    from mlxmoe.bundle.checkpoint import CheckpointError, resolve
     from mlxmoe.bundle.manifest import FILENAME
     from mlxmoe.bundle.split import split
 
@@ -174,12 +176,29 @@ def ensure_master(home: Path, source: str) -> Path:
     p = Path(source).expanduser()
     if (p / FILENAME).is_file():
         return p
-    out = home / "bundles" / (p.name if p.exists() else source.replace("/", "--")) / "master"
+    here = home / "bundles" / (p.name if p.exists() else source.replace("/", "--"))
+    out = here / "master"
     if (out / FILENAME).is_file():
         return out
+    if not p.exists() and source.count("/") == 1:
+        try:
+            resolve(source)  # in the Hugging Face cache: split it from there
+        except CheckpointError:
+            source = pull_source(source, here / "checkpoint")
     print(f"splitting {source} once -> {out}", flush=True)
     split(source, str(out), 1, force=True)  # split's defaults: 4-bit experts, 8-bit trunk
     return out
+
+
+def pull_source(repo: str, dest: Path) -> str:
+    """Every tensor of `repo` into `dest` (a checkpoint split reads), with a progress bar; resumes a pull cut short."""
+    from mlxmoe.bundle.pull import pull
+    from mlxmoe.progress import progress
+
+    print(f"pulling {repo} -> {dest}", flush=True)
+    with progress(None, f"pull {repo}", "bar", lazy=True) as bar:
+        pull(repo, dest, progress=bar.advance, on_total=lambda n: setattr(bar, "total", n))
+    return str(dest)
 
 
 async def member(home: Path, token, state: dict, memory: int, name, host, node_port, mdns: bool) -> None:

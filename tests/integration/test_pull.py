@@ -302,3 +302,22 @@ def test_the_pull_command(hub, tmp_path, full):
     assert "of the repo" in r.output and Manifest.load(tmp_path / "c").hash == Manifest.load(full).hash
     r = CliRunner().invoke(main, ["pull", REPO, str(tmp_path / "z"), "--group", "1"])
     assert r.exit_code == 2 and "--groups" in r.output
+
+
+def test_mlxmoe_up_pulls_a_repo_it_does_not_have_then_splits_it(hub, tmp_path, source, monkeypatch):
+    """`mlxmoe up REPO` on the first Mac: a repo id that is neither a directory nor in the Hugging Face cache
+    is pulled into the config home (every tensor), then split once into the master bundle; a second start
+    uses that bundle."""
+    import functools
+
+    from mlxmoe.bundle import split
+    from mlxmoe.commands.up import ensure_master
+
+    monkeypatch.setattr(split, "split", functools.partial(split.split, group_size=32))  # the tiny model's width
+
+    master = ensure_master(tmp_path, REPO)
+    m = Manifest.load(master)
+    assert master == tmp_path / "bundles" / REPO.replace("/", "--") / "master" and m.n_groups == 1
+    assert set(tensors_of(tmp_path / "bundles" / REPO.replace("/", "--") / "checkpoint")) == set(tensors_of(source))
+    sent = hub.sent
+    assert ensure_master(tmp_path, REPO) == master and hub.sent == sent
