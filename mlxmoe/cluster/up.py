@@ -87,6 +87,17 @@ def slots_for(master: Manifest, memory: int) -> int:
     return slots
 
 
+def replan(master: Manifest, members: list[Member]) -> list[dict]:
+    """A fresh plan for the members as they are now (`mlxmoe up --replan`), not in the order they joined: the
+    sets grown largest memory first, so the largest Mac holds the most and the others add what it lacks;
+    member i keeps group i."""
+    sets: dict[int, dict] = {}
+    for i in sorted(range(len(members)), key=lambda i: -members[i].memory):
+        sets[i] = lo.grow(list(sets.values()), slots_for(master, members[i].memory), master.moe_layers,
+                          master.n_experts, master.top_k)
+    return [sets[i] for i in range(len(members))]
+
+
 # ------------------------------------------------------------------ enrollment (signed with the cluster key)
 
 def enroll_signature(key: bytes, body: bytes, now: float | None = None) -> str:
@@ -162,7 +173,20 @@ class Coordinator:
         sets = [lo.grow([], slots_for(self.master, me.memory), self.master.moe_layers, self.master.n_experts,
                         self.master.top_k)]
         self.members = [me]
-        me.experts = sum(len(v) for v in sets[0].values())
+        return self.apply(sets)
+
+    def replan(self) -> tuple[list[dict], list[str]]:
+        """Every member's set planned afresh (not written yet), and what changes, one line per member."""
+        old, new = sets_of(self.layout), replan(self.master, self.members)
+        count = lambda st: sum(len(v) for v in st.values())  # noqa: E731
+        return new, [f"{mb.name}: {count(a)} -> {count(b)} experts"
+                     + (" (a new part: it fetches it when `mlxmoe up` runs there again)" if i and a != b else "")
+                     for i, (mb, a, b) in enumerate(zip(self.members, old, new))]
+
+    def apply(self, sets: list[dict]) -> Manifest:
+        """Serve `sets` from now on (before any thread drives MLX)."""
+        for mb, st in zip(self.members, sets):
+            mb.experts = sum(len(v) for v in st.values())
         m = self.write(sets)
         self.save()
         return m
@@ -172,8 +196,8 @@ class Coordinator:
         async with self.lock:
             old = self.layout
             known = next((i for i, mb in enumerate(self.members) if mb.name == name), None)
-            if known is not None:  # enrolling again (a restart): same part, maybe a new address
-                self.members[known].node_url = node_url
+            if known is not None:  # enrolling again (a restart): same part, maybe a new address and memory
+                self.members[known].node_url, self.members[known].memory = node_url, memory  # (--replan reads it)
                 self.save()
                 await self.router.add_peer(node_url)
                 return known, old

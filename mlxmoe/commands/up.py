@@ -25,8 +25,12 @@ from mlxmoe.commands.options import (api_key_option, api_keys, check_bind, check
 @click.option("--node-port", default=7420, show_default=True, type=int, help="This Mac's node's port.")
 @click.option("--join-port", default=7419, show_default=True, type=int, help="The first Mac's join server's port.")
 @click.option("--no-mdns", is_flag=True, help="No Bonjour (members are told of each other directly).")
+@click.option("--replan", is_flag=True, help="First Mac: plan every Mac's experts afresh (moves experts between "
+              "Macs; each other Mac fetches its new part when `mlxmoe up` runs there again).")
+@click.option("--yes", is_flag=True, help="With --replan: do not ask.")
 @click.option("-v", "--verbose", is_flag=True)
-def up_cmd(source, token, memory, name, host, port, router_host, api_key, node_port, join_port, no_mdns, verbose):
+def up_cmd(source, token, memory, name, host, port, router_host, api_key, node_port, join_port, no_mdns, replan,
+           yes, verbose):
     """Start this Mac's part of the cluster, creating or joining it: one command per Mac.
 
     \b
@@ -55,6 +59,8 @@ def up_cmd(source, token, memory, name, host, port, router_host, api_key, node_p
     for p, h in ((node_port, host), (port, router_host)) if not token and state.get("role") != "member" else \
             ((node_port, host),):
         check_port(h, p)
+    if replan and state.get("role") != "coordinator":
+        raise click.UsageError("--replan is the first Mac's, once it has a plan (run `mlxmoe up SOURCE` first)")
     if token or state.get("role") == "member":
         if source:
             raise click.UsageError("a Mac that joins serves the cluster's model: give SOURCE only on the first Mac")
@@ -64,9 +70,26 @@ def up_cmd(source, token, memory, name, host, port, router_host, api_key, node_p
             raise click.UsageError("give SOURCE (a bundle, checkpoint or Hugging Face repo) on the first Mac, "
                                    "or --join TOKEN on another")
         check_bind(router_host, keys)
+        if replan:
+            state = clean_errors(replan_state, home, state, yes)
         coro = coordinator(home, source, state, mem, name, host, router_host, port, node_port, join_port, not no_mdns,
                            keys)
     run_server(coro, host, node_port)
+
+
+def replan_state(home: Path, state: dict, yes: bool) -> dict:
+    """`--replan`: show what moves, ask (unless --yes), write the new plan; the state to start from."""
+    from mlxmoe.cluster.keys import load_key
+    from mlxmoe.cluster.up import STATE, Coordinator, Member
+
+    coord = Coordinator(home, Path(state["master"]), Path(state["layout"]), load_key(home / "cluster.key"), None, None)
+    coord.members = [Member(**m) for m in state["members"]]
+    sets, lines = coord.replan()
+    click.echo("the new plan:\n  " + "\n  ".join(lines))
+    if not yes and not click.confirm("serve it?", default=True):
+        raise click.Abort()
+    coord.apply(sets)
+    return json.loads((home / STATE).read_text())
 
 
 def default_memory() -> int:

@@ -62,7 +62,9 @@ class Mac:
 
 
 def port_free(port: int) -> bool:
+    """Whether a new node could listen on `port` (as servers do, past connections in TIME_WAIT)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -114,18 +116,40 @@ def test_three_macs_from_nothing_to_a_chat(tmp_path):
             assert r.status == 200 and json.load(r)["choices"][0]["message"]["content"]
         # a member restarts: the same part, nothing fetched again
         macs[1].stop()
-        again = Mac(tmp_path / "B", ["--memory", "7MB", "--host", "127.0.0.1", "--node-port", str(node[1]),
-                                     "--no-mdns"], log="B-again.log")
+        b_args = ["--host", "127.0.0.1", "--node-port", str(node[1]), "--no-mdns"]
+        again = Mac(tmp_path / "B", ["--memory", "12MB", *b_args], log="B-again.log")  # more memory: same part
         macs.append(again)
         again.wait_for("ready: group 1")
         assert "0.0/" in again.output() or "done 0" in again.output() or "reused" in again.output() \
             or "in 0.0s" in again.output()
+        held_b = int(again.output().split("ready: group 1, ")[1].split()[0])
         # the first Mac killed outright: its node (a child process) stops too, freeing its port
         a.proc.kill()
         deadline = time.time() + 30
         while not port_free(node[0]):
             assert time.time() < deadline, "the killed up's node still holds its port"
             time.sleep(0.5)
+        # a re-plan on the first Mac: B's 12MB now count, so B gets a new, larger part when it restarts
+        a2 = Mac(tmp_path / "A", ["--replan", "--yes", "--host", "127.0.0.1", "--port", str(router), "--node-port",
+                                  str(node[0]), "--join-port", str(join), "--no-mdns"], log="A-replan.log")
+        macs.append(a2)
+        a2.wait_for("ready:")
+        assert "the new plan:" in a2.output() and "macB: " in a2.output() and "a new part" in a2.output()
+        again.stop()
+        macs[2].stop()  # C's set changes too: it adds what A and the larger B lack
+        b3 = Mac(tmp_path / "B", ["--memory", "12MB", *b_args], log="B-replanned.log")
+        c3 = Mac(tmp_path / "C", ["--memory", "6MB", "--host", "127.0.0.1", "--node-port", str(node[2]), "--no-mdns"],
+                 log="C-replanned.log")
+        macs += [b3, c3]
+        b3.wait_for("ready: group 1")
+        c3.wait_for("ready: group 2")
+        assert int(b3.output().split("ready: group 1, ")[1].split()[0]) > held_b
+        deadline = time.time() + 60
+        while sum(p["state"] == "up" for p in status(url)["peers"]) < 3:
+            assert time.time() < deadline, status(url)["peers"]
+            time.sleep(0.5)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200 and json.load(r)["choices"][0]["message"]["content"]
     finally:
         for m in reversed(macs):
             m.stop()
