@@ -6,7 +6,10 @@ chat endpoint with the same body (max_tokens, temperature 0, no seed so mlx-lm b
 special tokens biased away so no answer ends early). Rows: per server and number of concurrent
 streams, aggregate tok/s (all tokens over the wall time from the first request sent to the last token
 received), p50 / p95 inter-token latency (gaps between consecutive content chunks of one stream,
-pooled over streams) and TTFT (median over streams).
+pooled over streams) and TTFT (median over streams). Then, one chat at a time: TTFT of fresh prompts of
+about --prefill-tokens tokens (prefill speed), and of two chats that share a --shared-prefix-token system
+prompt, the second after the first (the cross-session prefix cache: node/prefixes.py; mlx_lm.server has its
+own LRU prompt cache).
 
     python tools/bench_concurrency.py --synthesize qwen3-30b-a3b:12:4 --out benchmarks/   # GPU
     python tools/bench_concurrency.py --model-dir mlxmoe/assets/reference-moe --streams 1,2,4   # CPU
@@ -56,6 +59,7 @@ class StreamResult:
     sent: float
     chunks: list[float] = field(default_factory=list)
     tokens: int = 0  # usage.completion_tokens, else the number of content chunks
+    prompt_tokens: int | None = None  # usage.prompt_tokens
     retries: int = 0  # 503s before it started (see one_stream)
 
 
@@ -129,6 +133,11 @@ def table(doc: dict) -> str:
                      f"{_ms(r['p95_itl_ms'])} | {_ms(r['ttft_ms'])} |")
     meta = doc.get("meta", {})
     lines += [""] + [f"- {t}" for t in targets(rows)]
+    if doc.get("prefill"):
+        lines += ["", "| server | one chat | prompt tokens | TTFT ms | vs the first chat |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['server']} | {r['kind']} | {r['prompt_tokens']} | {_ms(r['ttft_ms'])} | "
+                  f"{r['vs_first']:.2f}x |" if "vs_first" in r else
+                  f"| {r['server']} | {r['kind']} | {r['prompt_tokens']} | {_ms(r['ttft_ms'])} | |" for r in doc["prefill"]]
     note = ", ".join(f"{k} {meta[k]}" for k in ("model", "layers", "bits", "tokens", "device", "date") if k in meta)
     return "\n".join(lines) + (f"\n\n{doc['machine']}: {note}." if note else "")
 
@@ -309,10 +318,11 @@ def start_servers(a, model_dir: Path, work: Path, children) -> list[Server]:
 
 # ---------------------------------------------------------------- the client
 
-def chat_body(prompt: str, tokens: int, banned: list[int]) -> dict:
+def chat_body(prompt: str, tokens: int, banned: list[int], system: str | None = None) -> dict:
     """The one body both servers get (no model name: each serves one; no seed: mlx-lm batches;
     repetition_penalty 1: off in both, where mlxmoe's default would be 1.1)."""
-    return {"messages": [{"role": "user", "content": prompt}], "max_tokens": tokens, "temperature": 0.0,
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return {"messages": messages, "max_tokens": tokens, "temperature": 0.0,
             "repetition_penalty": 1.0,
             "stream": True, "stream_options": {"include_usage": True},
             "logit_bias": {str(i): -100 for i in banned}}
@@ -347,6 +357,7 @@ async def read_stream(resp, r: StreamResult) -> None:
         d = json.loads(line[6:])
         if d.get("usage"):
             usage = d["usage"].get("completion_tokens")
+            r.prompt_tokens = d["usage"].get("prompt_tokens")
         if any((c.get("delta") or {}).get("content") for c in d.get("choices", [])):
             r.chunks.append(time.perf_counter())
     r.tokens = usage if usage is not None else len(r.chunks)
@@ -405,7 +416,36 @@ async def measure(a, servers: list[Server], banned: list[int]) -> list[dict]:
                     log(f"{s.name:22s} streams {n:2d}: {row['agg_tok_s']:8.1f} tok/s, p50 ITL {row['p50_itl_ms']} ms, "
                         f"TTFT {row['ttft_ms']} ms, tokens {row['tokens_per_stream']}")
                     rows.append(row)
-    return median_runs(rows) if a.runs > 1 else rows
+        rows = median_runs(rows) if a.runs > 1 else rows
+        prefill = [r for s in servers for r in await prefill_rows(a, http, s, banned)]
+    return rows, prefill
+
+
+async def prefill_rows(a, http, s: Server, banned: list[int]) -> list[dict]:
+    """One chat at a time: TTFT of a fresh prompt of about each --prefill-tokens size, then of two chats
+    sharing a system prompt of about --shared-prefix tokens (the second finds the first's prefix)."""
+    rows = []
+
+    async def one(kind: str, body: dict) -> dict:
+        await healthy(http, s)
+        r = await one_stream(http, s, body)
+        row = {"server": s.name, "kind": kind, "prompt_tokens": r.prompt_tokens,
+               "ttft_ms": round(1e3 * (r.chunks[0] - r.sent), 2) if r.chunks else None}
+        log(f"{s.name:22s} {kind:16s} {r.prompt_tokens} prompt tokens: TTFT {row['ttft_ms']} ms")
+        rows.append(row)
+        return row
+
+    probe = await one_stream(http, s, chat_body(prompt_text("probe", 200), 1, banned))
+    per_word = (probe.prompt_tokens or 1400) / 200  # this tokenizer's tokens per "wordN" (the synthesized one: ~7)
+    for n in a.prefill_tokens:
+        await one(f"fresh-{n}", chat_body(prompt_text(f"fresh{n}", int(n / per_word)), 4, banned))
+    if a.shared_prefix:
+        system = prompt_text("system prompt and tools", int(a.shared_prefix / per_word))
+        first = await one("shared-first", chat_body("first question: word1 word2", 4, banned, system))
+        second = await one("shared-second", chat_body("second question: word3 word4", 4, banned, system))
+        if first["ttft_ms"] and second["ttft_ms"]:
+            second["vs_first"] = round(second["ttft_ms"] / first["ttft_ms"], 3)
+    return rows
 
 
 def median_runs(rows: list[dict]) -> list[dict]:
@@ -435,6 +475,10 @@ def parse_args(argv=None):
                     "(mlx_lm.server keeps its KV unquantized: quantized KV turns its batching off)")
     ap.add_argument("--prompt-words", type=int, default=24, help="words per prompt (a word is about 7 tokens)")
     ap.add_argument("--warmup-tokens", type=int, default=8)
+    ap.add_argument("--prefill-tokens", default="1024,8192", help="fresh prompts of about these many tokens, one "
+                    "at a time: TTFT ('' for none)")
+    ap.add_argument("--shared-prefix", type=int, default=1536, help="tokens of the system prompt two chats share "
+                    "(0: skip)")
     ap.add_argument("--runs", type=int, default=1, help="rounds; each row keeps the run of median aggregate tok/s")
     ap.add_argument("--out", type=Path, default=Path("benchmarks"), help="a directory (the file is named "
                     "concurrency-<date>-<machine>.json) or a .json path")
@@ -446,7 +490,8 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     if not a.table and not (a.model_dir or a.synthesize):
         ap.error("give --model-dir, --synthesize or --table")
-    a.streams = [int(x) for x in a.streams.split(",")]
+    a.streams = [int(x) for x in a.streams.split(",") if x]
+    a.prefill_tokens = [int(x) for x in a.prefill_tokens.split(",") if x]
     a.groups = [g.strip() for g in a.groups.split(",") if g.strip()]
     if a.kv_bits == 16:
         a.kv_bits = None
@@ -474,7 +519,7 @@ def main(argv=None) -> int:
     try:
         servers = start_servers(a, model_dir, a.workdir, children)
         log(f"started {', '.join(s.name for s in servers)}; logs in {a.workdir / 'logs'}")
-        rows = asyncio.run(measure(a, servers, banned))
+        rows, prefill = asyncio.run(measure(a, servers, banned))
     except KeyboardInterrupt:
         return 130
     except Exception:
@@ -489,7 +534,7 @@ def main(argv=None) -> int:
             "bits": (cfg.get("quantization") or {}).get("bits"), "tokens": a.tokens, "streams": a.streams,
             "device": device_name(), "platform": platform.platform(), "runs": a.runs,
             "sampling": "temperature 0, no seed, repetition_penalty 1, special tokens biased -100"}
-    doc = {"machine": machine, "meta": meta, "rows": rows}
+    doc = {"machine": machine, "meta": meta, "rows": rows, "prefill": prefill}
     path = out_path(a.out, date, machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -30,6 +30,7 @@ from mlxmoe.model.load import Loaded, load_bundle, load_generation_config, load_
 from mlxmoe.model.meter import SessionMeter
 from mlxmoe.model.moe import pristine, state_of
 from mlxmoe.node.remote.route import Remote, routed_local
+from mlxmoe.node.prefixes import Prefixes, shared_length
 from mlxmoe.node.sessions import Session, SessionStore
 from mlxmoe.node.tokens import Tokens, end_ids, special_ids, turn_start
 from mlxmoe.node.trunk import gate_logits
@@ -66,7 +67,9 @@ class Node(Tokens):
         self.sessions = SessionStore(budget, per_token)
         self.batch = Batch(self.model, [loaded.blocks[l] for l in self.manifest.moe_layers], self.sessions,
                            per_token, self.kv_bits, self.kv_group_size, self.banned)
-        self.sessions.held = self.batch.kv_bytes
+        self.prefixes = Prefixes()  # prompt prefixes shared across sessions (node/prefixes.py)
+        self.sessions.held = lambda: self.batch.kv_bytes() + self.prefixes.nbytes
+        self.sessions.drop_spare = self.prefixes.drop_oldest
         self.meters: dict[str, SessionMeter] = {}  # the live quality meter of each session (model/meter.py)
         if self.group is not None:  # every expert eligible: the meter would read 1.0
             self.batch.metered = loaded
@@ -139,19 +142,20 @@ class Node(Tokens):
 
         return make_prompt_cache(self.model)
 
-    def _reuse(self, s: Session, prompt: list[int]) -> int:
+    def _reuse(self, s: Session, prompt: list[int], local: bool) -> int:
         """Trim the session's cache to its longest common prefix with `prompt`
-        (leaving at least one prompt token to feed); return that prefix length."""
+        (leaving at least one prompt token to feed), or take a longer one another
+        session computed (node/prefixes.py; `local`: this turn borrows no peer's
+        experts, nor did the session); return that prefix length."""
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         if s.cache is None:
             s.cache, s.tokens = self._new_cache(), []
-        n = 0
-        for a, b in zip(s.tokens, prompt):
-            if a != b:
-                break
-            n += 1
-        n = min(n, len(prompt) - 1)
+        n = min(shared_length(s.tokens, prompt), len(prompt) - 1)
+        s.local = s.local and local
+        if s.local and (found := self.prefixes.find(prompt, n, self._donors(s))):
+            s.cache, s.tokens = found.cache, list(prompt[:found.n])
+            return found.n
         if n < len(s.tokens):
             if can_trim_prompt_cache(s.cache):
                 trim_prompt_cache(s.cache, len(s.tokens) - n)
@@ -159,6 +163,11 @@ class Node(Tokens):
                 s.cache, n = self._new_cache(), 0
             s.tokens = s.tokens[:n]
         return n
+
+    def _donors(self, s: Session):
+        """(tokens, cache) of the idle sessions whose KV another session may copy."""
+        return [(d.tokens, d.cache) for d in self.sessions.sessions.values()
+                if d is not s and d.local and not d.busy and d.cache and d.tokens]
 
     # ------------------------------------------------------------ generation
     def check_prompt(self, prompt, params: GenParams):
@@ -188,7 +197,7 @@ class Node(Tokens):
         if s.busy:
             raise SessionBusy(f"session {s.id}: already generating")
         route = self.remote.route(s.id, params)
-        n = self._reuse(s, list(prompt))
+        n = self._reuse(s, list(prompt), route is None)
         self.sessions.admit(s, len(prompt) - n + max_tokens)
         if params.temperature == 0 and params.top_logprobs == 0:
             sampler, chosen = None, deque()  # the batch's shared greedy sampler fills `chosen`
@@ -217,11 +226,11 @@ class Node(Tokens):
             raise SessionBusy(f"session {s.id}: already generating")
         if s.cache is not None and s.tokens == list(prompt):
             return 0
-        n = self._reuse(s, list(prompt))
+        route = self.remote.last_route(s.id)  # the session's latest routing mode, if remote
+        n = self._reuse(s, list(prompt), route is None)
         self.sessions.admit(s, len(prompt) - n)
         pace = self.batch.pace
         end = min(len(prompt), n + pace.tokens(True)) if paced else len(prompt)
-        route = self.remote.last_route(s.id)  # the session's latest routing mode, if remote
         try:
             for i in range(n, end, pace.max_tokens):
                 chunk = prompt[i:min(end, i + pace.max_tokens)]
@@ -284,9 +293,15 @@ class Node(Tokens):
 
     # ------------------------------------------------------------ sessions
     def close_session(self, session_id: str) -> bool:
+        """Forget the session; its cache is kept for later sessions' prefixes (node/prefixes.py)."""
         self.remote.forget(session_id)
         self.meters.pop(session_id, None)
-        return self.sessions.close(session_id)
+        s = self.sessions.sessions.get(session_id)
+        if s is not None and s.local and not s.busy and s.cache:
+            self.prefixes.keep(s.tokens, s.cache)
+        closed = self.sessions.close(session_id)
+        self.sessions.make_room(0)  # kept prefixes over the budget go first
+        return closed
 
     # ------------------------------------------------------------ remote experts
     def attach_cluster(self, key: bytes) -> None:
@@ -367,6 +382,7 @@ class Node(Tokens):
         s = self.sessions.get(state["id"])
         s.tokens = list(state["tokens"])
         s.cache = import_caches(state["caches"])
+        s.local = False  # computed with another node's experts: no prefix for this node's sessions
         return s.id
 
     # ------------------------------------------------------------ status
@@ -384,6 +400,8 @@ class Node(Tokens):
                               for sid, st in self.remote.stats.items() if sid in self.sessions.sessions},
             "experts_op": {"layers": list(m.moe_layers), "hidden": int(m.model["config"]["hidden_size"])},
             "experts_served": self.inbox.served, "batch": self.batch.info(),
+            "prefixes": {"kept": len(self.prefixes.kept), "bytes": self.prefixes.nbytes, "hits": self.prefixes.hits,
+                         "tokens_reused": self.prefixes.tokens},
             "backend": backend_name(), "moe_path": self.loaded.moe_path, "fused_layers": self.loaded.fused_layers,
             "uptime_s": time.time() - self.started,
         }

@@ -23,6 +23,7 @@ class Session:
     last_used: float = field(default_factory=time.time)
     busy: bool = False
     turns: int = 0
+    local: bool = True  # its KV was computed with this node's experts only (no routing mode borrowed a peer's)
 
     @property
     def kv_bytes(self) -> int:
@@ -36,7 +37,8 @@ class SessionStore:
         self.budget, self.per_token = int(budget_bytes), bytes_per_token
         self.sessions: OrderedDict[str, Session] = OrderedDict()
         self.evictions = 0
-        self.held = lambda: 0  # KV held outside sessions' own caches (the node's decoding batch)
+        self.held = lambda: 0  # KV held outside sessions' own caches (the node's decoding batch, kept prefixes)
+        self.drop_spare = lambda: False  # frees some KV nothing needs (a kept prefix); False when none is left
 
     def get(self, sid: str) -> Session:
         s = self.sessions.pop(sid, None) or Session(sid)
@@ -48,7 +50,10 @@ class SessionStore:
         return sum(s.kv_bytes for s in self.sessions.values()) + self.held()
 
     def make_room(self, more: int, keep: Session | None = None) -> bool:
-        """Evict idle sessions' caches (not `keep`'s), LRU first, until `more` bytes fit; whether they do."""
+        """Drop kept prefixes, then evict idle sessions' caches (not `keep`'s), LRU first, until `more` bytes
+        fit; whether they do."""
+        while self.used() + more > self.budget and self.drop_spare():
+            pass
         for s in list(self.sessions.values()):
             if self.used() + more <= self.budget:
                 return True

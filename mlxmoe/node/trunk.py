@@ -45,6 +45,8 @@ class TrunkFrontend(Tokens):
                    model_defaults(load_generation_config(bundle_dir)))
 
     def score(self, tokens: list[int]) -> PlacementScores:
+        if self.manifest.n_groups == 1:  # every node serves the one group: nothing to choose, no trunk to run
+            return PlacementScores({0: 1.0}, [], len(tokens))
         t0 = time.perf_counter()
         s = score_groups(self.manifest, gate_logits(self.loaded, tokens, self.manifest.placement_layers()))
         s.elapsed_ms = (time.perf_counter() - t0) * 1e3

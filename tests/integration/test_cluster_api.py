@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fakes import FakeEngine, LocalCluster, encode, encode_chat, expected_text
+from fakes import MODEL, FakeEngine, LocalCluster, encode, encode_chat, expected_text
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -178,3 +178,24 @@ def _get(url, path):
         return r.status, dict(r.getheaders()), r.read()
     finally:
         c.close()
+
+
+def test_a_new_chat_goes_to_the_replica_that_holds_its_prefix():
+    """Two nodes of one group: a chat's context is recorded for its node (router/prefix_index.py), and a new
+    chat with the same long system prompt goes there, though the other node is less loaded; a chat with
+    another system prompt goes by load."""
+    system = "You are the home lab's assistant. Tools: weather, lights, calendar, music, doors. " * 4
+    with LocalCluster([FakeEngine(group=0, n_groups=1, max_context=4096) for _ in range(2)], names=["a", "b"]) as c:
+        cl = openai.OpenAI(base_url=c.api_url + "/v1", api_key="x")
+
+        def node_of(sys_prompt, question):
+            r = cl.chat.completions.with_raw_response.create(
+                model=MODEL, max_tokens=4, messages=[{"role": "system", "content": sys_prompt},
+                                                     {"role": "user", "content": question}])
+            return r.headers["x-mlxmoe-node"]
+
+        first = node_of(system, "What is the weather?")
+        other = "b" if first == "a" else "a"
+        c.router.peers.peers[next(u for u, p in c.router.peers.peers.items() if p.name == first)].inflight = 3
+        assert node_of(system, "Turn on the lights.") == first
+        assert node_of("A different system prompt, short.", "Hello?") == other

@@ -151,5 +151,6 @@ def test_prefer_quality_keeps_the_best_node_and_speed_takes_the_least_loaded():
     ranked = [2, 1, 0]
     ps = [loaded("a", [0]), loaded("b", [1]), loaded("c", [2], inflight=4)]
     assert pl.rank_candidates(ps, scores, ranked, 0.02, {}, 0.0)[0].name == "c"  # quality, whatever its load
-    assert pl.rank_candidates(ps, scores, ranked, 0.02, {}, 0.0, prefer="speed")[0].name == "a"
+    speed = pl.rank_candidates(ps, scores, ranked, 0.02, {}, 0.0, prefer="speed")
+    assert [p.name for p in speed] == ["b", "a", "c"]  # the least loaded; among them, the better group
     assert pl.rank_candidates(ps, scores, ranked, 0.02, {"c": 10.0}, 0.0)[0].name == "b"  # full: spills to the next

@@ -188,10 +188,8 @@ def test_quantized_kv_cache_and_prefix_reuse(qnode_bundle):
     node.model = node.batch.model = counting
     second = greedy(node, "s", turn2)
     reused = counting.fed
-    fresh = greedy(node, "fresh", turn2)
-    assert second == fresh  # reuse changes nothing but the work
+    assert greedy(Node.load(qnode_bundle, 0), "fresh", turn2) == second  # reuse changes nothing but the work
     assert reused <= len(turn2) - len(prompt) + len(second) + 1  # only the new suffix was prefilled
-    assert counting.fed - reused >= len(turn2)
 
 
 def never(ids: list[int]):

@@ -50,6 +50,7 @@ class Chat:
     meter: list = field(default_factory=list)  # the quality meter of its last turns (router/quality_watch.py)
     meter_seen: int = 0  # turns the pinned node has metered, as last harvested
     meter_replaced: bool = False  # the meter re-placed it once already
+    shared: dict[str, int] = field(default_factory=dict)  # node -> tokens of its first prompt it holds (prefix_index)
     owner: str = ""  # the client that made it: its API key's hash ("" without API keys)
     ttl: float | None = None  # idle seconds before it is forgotten (None: the router's session_ttl)
     # the turn streaming now (Turn updates these per frame; /status shows them live)

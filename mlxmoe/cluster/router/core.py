@@ -22,11 +22,12 @@ from mlxmoe.cluster.router import migration, quality_watch, ranking
 from mlxmoe.cluster.router.chats import Chat, ChatIndex
 from mlxmoe.cluster.router.context import TurnContext
 from mlxmoe.cluster.router.fleet import Fleet
+from mlxmoe.cluster.router.prefix_index import PrefixIndex
 from mlxmoe.cluster.router.turn import Rejected, Turn
 from mlxmoe.cluster.sessionview import session_ref
 from mlxmoe.cluster.worker import EngineWorker
 from mlxmoe.errors import ContextOverflow, RpcError
-from mlxmoe.modes import MIGRATING
+from mlxmoe.modes import MIGRATING, PER_LAYER
 from mlxmoe.params import GenParams
 
 log = logging.getLogger("mlxmoe.router")
@@ -63,6 +64,7 @@ class Router:
             self._bind(frontend)
         self.cx = TurnContext(self.fleet, self.mob, self.score, max_failovers)
         self.sessions = ChatIndex()
+        self.prefixes = PrefixIndex()  # which node holds which prompt prefixes (router/prefix_index.py)
         self.api_keys = [k for k in api_keys if k]  # empty: no API key (serve allows that on loopback only)
         self.vocab_override, self.context_override = vocab_size, context_limit
         self.score_window = score_window
@@ -236,7 +238,7 @@ class Router:
         s = Chat(id=new_session_id(), scores=dict(sc.scores), ranked=list(sc.ranked),
                  margin=float(sc.margin), tie_key=zlib.crc32(array("i", tokens).tobytes()), ephemeral=hint is None and messages is None,
                  mode=mode or self.mob.mode, owner=owner, prefer=prefer or "quality",
-                 ttl=self.api_session_ttl if hint is None else None)
+                 ttl=self.api_session_ttl if hint is None else None, shared=self.prefixes.shared(tokens))
         self.sessions.add(s, hint)
         self.last_placement = {"session": s.id, "scores": {str(g): v for g, v in sc.scores.items()},
                                "margin": float(sc.margin), "best": int(sc.best), "layers": list(sc.layers),
@@ -303,6 +305,8 @@ class Router:
         """A turn is over (Turn.close): update the chat; an ephemeral one
         (no hint, no messages: /v1/completions) is forgotten and closed."""
         s.end_turn(context)
+        if s.peer is not None and s.mode not in PER_LAYER and s.expert_group is None:  # KV of its own experts
+            self.prefixes.record(s.peer, context)
         if s.ephemeral:
             self.forget(s)
             self.fleet.close_later(s.id, s.peer)

@@ -250,7 +250,7 @@ class Fleet:
         deterministic request's (temperature 0 or a seed) by group id among tied groups."""
         return ranking.rank_candidates(self.peers.live(), s.scores, s.ranked, self.tie_margin, self.busy_until,
                                        time.time(), pinned=s.peer, exclude=exclude, deterministic=deterministic,
-                                       tie_key=s.tie_key, prefer=s.prefer, held=self.held_experts)
+                                       tie_key=s.tie_key, prefer=s.prefer, held=self.held_experts, shared=s.shared)
 
     def group_for(self, s: Chat, p: Peer) -> int:
         """The group `p` serves for chat `s`: its best-ranked one."""

@@ -91,7 +91,8 @@ def deterministic(params: GenParams, defaults: dict | None = None) -> bool:
 def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked: Sequence[int],
                     tie_margin: float, busy_until: dict[str, float], now: float,
                     pinned: str | None = None, exclude: Iterable[str] = (), deterministic: bool = False,
-                    tie_key: int = 0, prefer: str = "quality", held: dict[int, int] | None = None) -> list:
+                    tie_key: int = 0, prefer: str = "quality", held: dict[int, int] | None = None,
+                    shared: dict[str, int] | None = None) -> list:
     """Peers for a session, best first: the pinned node, then nodes that did
     not just say "full", then by the rank of the peer's best group (groups
     within `tie_margin` of the best tie, and replicas of one group tie; for a
@@ -101,7 +102,9 @@ def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked:
     larger set (`held`: experts a group holds over all layers, a layout's unequal
     nodes) goes first: the placement layer cannot see what it holds after it.
     prefer="speed": load before rank (a chat may go to a node with a smaller set:
-    it serves it sooner)."""
+    it serves it sooner). Next to load: the node that holds more of the prompt's
+    prefix (`shared`: node name -> tokens, prefix_index.py) skips that much
+    prefill; with prefer="quality" it goes before load."""
     best = scores[ranked[0]]
     exclude = set(exclude)
 
@@ -117,10 +120,13 @@ def rank_candidates(peers: Iterable[PeerLike], scores: dict[int, float], ranked:
         return ranked.index(g), 0, 0.0, b""
 
     out = [p for p in peers if p.name not in exclude]
+    shared = shared or {}
     if prefer == "speed":
-        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), load(p), bucket(p)))
+        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), load(p)[:-1],
+                                -shared.get(p.name, 0), bucket(p), p.name))  # (load's last: the name)
     else:
-        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), load(p)))
+        out.sort(key=lambda p: (p.name != pinned, busy(p.name, busy_until, now), bucket(p), -shared.get(p.name, 0),
+                                load(p)))
     return out
 
 
