@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from mlxmoe.cluster.api import chat, http, sse
-from mlxmoe.cluster.api.fields import (MAX_MESSAGES, MAX_TOOLS, check_messages_fit, check_model, check_range,
-                                       compile_grammar, flag, function_tool, number, opt, requested_mode,
+from mlxmoe.cluster.api.fields import (MAX_TOOLS, check_messages_fit, check_model, check_range, compile_grammar, flag,
+                                       function_tool, message_list, message_role, number, opt, requested_mode,
                                        requested_prefer, session_hint, stop_list, text, unique_names)
 from mlxmoe.cluster.api.openai import check_choice, noticed
 from mlxmoe.errors import ApiError, MlxMoeError, api_error
@@ -93,13 +93,7 @@ def system(body: dict) -> list[dict]:
 
 
 def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
-                       "invalid_type" if "messages" in body else "missing_required_parameter")
-    if len(msgs) > MAX_MESSAGES:
-        raise ApiError(400, f"'messages' has more than {MAX_MESSAGES} entries", "messages", "invalid_value")
-    out = [n for i, m in enumerate(msgs) for n in message(m, f"messages[{i}]")]
+    out = [n for i, m in enumerate(message_list(body)) for n in message(m, f"messages[{i}]")]
     if not any(m["role"] == "user" for m in out):
         raise ApiError(400, "'messages' must contain a user turn with text", "messages", "invalid_value")
     return out
@@ -107,12 +101,7 @@ def parse_messages(body: dict) -> list[dict]:
 
 def message(m: Any, where: str) -> list[dict]:
     """One Anthropic message as neutral messages."""
-    if not isinstance(m, dict):
-        raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
-    role, c, w = m.get("role"), m.get("content"), f"{where}.content"
-    if role not in ("user", "assistant"):
-        raise ApiError(400, f"'{where}.role' must be 'user' or 'assistant', got {role!r}"[:300], f"{where}.role",
-                       "invalid_value")
+    role, c, w = message_role(m, where, ("user", "assistant")), m.get("content"), f"{where}.content"
     if isinstance(c, str):
         return [{"role": role, "content": text(c, w)}]
     return user_turn(blocks(c, w)) if role == "user" else [assistant_turn(blocks(c, w))]

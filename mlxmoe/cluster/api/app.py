@@ -1,7 +1,7 @@
 """The router's HTTP app: the three dialects' routes (openai.py: /v1/chat/completions, /v1/completions,
 /v1/models; anthropic.py: /v1/messages; ollama.py: /api/*), GET /status (JSON), GET / (status page),
 GET /chat (the web chat page), GET /health (open, no secrets). Every request gets one access line
-(access.py); every refused request a 4xx in its dialect's error shape; every prompt is checked (ids,
+(cluster/accesslog.py); every refused request a 4xx in its dialect's error shape; every prompt is checked (ids,
 length) before any work (SECURITY.md)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import time
 
 from aiohttp import web
 
-from mlxmoe.cluster.api import access, anthropic, fields, ollama, openai, sse
+from mlxmoe.cluster import accesslog
+from mlxmoe.cluster.api import anthropic, fields, ollama, openai, sse
 from mlxmoe.cluster.api.http import LIMITS_KEY, ROUTER_KEY, TURN, HttpLimits, client_of
 from mlxmoe.cluster.limits import GuardedSite
 from mlxmoe.cluster.router import Router
@@ -24,6 +25,7 @@ PAGE_KEY = web.AppKey("page", object)  # render(status) -> HTML, passed in by th
 CHAT_PAGE_KEY = web.AppKey("chat_page", object)  # render() -> HTML of the web chat page, passed in like PAGE_KEY
 # the dialect whose error shape a path's answers take (openai's for every other path)
 DIALECTS = (("/v1/messages", anthropic), ("/api/", ollama))
+QUIET_PATHS = ("/status", "/status/public", "/health", "/", "/chat", "/favicon.ico")  # polled: logged at debug level
 
 
 async def status(request: web.Request) -> web.Response:
@@ -101,7 +103,7 @@ async def access_middleware(request: web.Request, handler):
         if turn is not None:
             d.update(turn.stats())
         d["ms"] = round((time.perf_counter() - t0) * 1000, 1)
-        access.emit(d, quiet=request.method == "GET" and request.path in access.QUIET_PATHS)
+        accesslog.emit(d, quiet=request.method == "GET" and request.path in QUIET_PATHS)
 
 
 def dialect_of(path: str):

@@ -157,6 +157,31 @@ def check_logit_bias(bias: dict[str, float], vocab: int | None, where: str = "lo
                        "invalid_value")
 
 
+# ---------------------------------------------------------------- messages
+def message_list(body: dict, required: bool = True) -> list:
+    """`messages`: a list, non-empty when `required`, of at most MAX_MESSAGES entries."""
+    msgs = body.get("messages")
+    if msgs is None and not required:
+        return []
+    if not isinstance(msgs, list) or (required and not msgs):
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
+                       "invalid_type" if "messages" in body else "missing_required_parameter")
+    if len(msgs) > MAX_MESSAGES:
+        raise ApiError(400, f"'messages' has more than {MAX_MESSAGES} entries", "messages", "invalid_value")
+    return msgs
+
+
+def message_role(m: Any, where: str, roles: tuple[str, ...]) -> str:
+    """The role of message `m` (at `where`), one of `roles`."""
+    if not isinstance(m, dict):
+        raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
+    role = m.get("role")
+    if not isinstance(role, str) or role not in roles:
+        raise ApiError(400, f"'{where}.role' must be one of {', '.join(roles)}, got {role!r}"[:300], f"{where}.role",
+                       "invalid_value")
+    return role
+
+
 # ---------------------------------------------------------------- tools and grammars
 def function_tool(name: Any, description: Any, parameters: Any, where: str, names: tuple[str, str, str]) -> dict:
     """One function tool in the neutral (OpenAI) form, its schema compiled as the node will;

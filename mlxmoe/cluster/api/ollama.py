@@ -22,8 +22,8 @@ from aiohttp import web
 from mlxmoe import __version__
 from mlxmoe.cluster.api import chat, http, openai, sse
 from mlxmoe.cluster.api import tools as tl
-from mlxmoe.cluster.api.fields import (MAX_MESSAGES, MAX_TOOLS, check_range, compile_grammar, flag, number, opt,
-                                       stop_list, text)
+from mlxmoe.cluster.api.fields import (MAX_TOOLS, check_range, compile_grammar, flag, message_list, message_role,
+                                       number, opt, stop_list, text)
 from mlxmoe.cluster.api.openai import MAX_TOKENS_DEFAULT, Answer, noticed, piece
 from mlxmoe.errors import ApiError, RpcError, api_error
 from mlxmoe.params import MAX_TOKENS_LIMIT, GenParams, check
@@ -171,18 +171,10 @@ def answer_format(body: dict) -> dict | None:
 
 def parse_messages(body: dict) -> list[dict]:
     """Ollama's messages in the neutral form; tool results paired with the calls they answer."""
-    msgs = opt(body, "messages", (list,), "a list of {role, content} objects", [])
-    if len(msgs) > MAX_MESSAGES:
-        raise ApiError(400, f"'messages' has more than {MAX_MESSAGES} entries", "messages", "invalid_value")
     out, unanswered = [], []  # the calls of the latest assistant message that no tool result has answered yet
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(message_list(body, required=False)):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, got {role!r}"[:300],
-                           f"{where}.role", "invalid_value")
+        role = message_role(m, where, ROLES)
         if opt(m, "images", (list,), "a list", None, f"{where}.images"):
             raise ApiError(400, f"'{where}.images': images are not supported (this model reads text only)",
                            f"{where}.images", "unsupported_value")

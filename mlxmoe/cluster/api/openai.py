@@ -15,10 +15,10 @@ from aiohttp import web
 
 from mlxmoe.cluster.api import chat, http, sse
 from mlxmoe.cluster.api import tools as tl
-from mlxmoe.cluster.api.fields import (MAX_CHARS_PER_TOKEN, MAX_MESSAGES, MAX_TOOLS, check_chars, check_messages_fit,
-                                       check_model, check_range, check_tokens, compile_grammar, flag, function_tool,
-                                       number, opt, requested_mode, requested_prefer, session_hint, stop_list, text,
-                                       unique_names)
+from mlxmoe.cluster.api.fields import (MAX_CHARS_PER_TOKEN, MAX_TOOLS, check_chars, check_messages_fit, check_model,
+                                       check_range, check_tokens, compile_grammar, flag, function_tool, message_list,
+                                       message_role, number, opt, requested_mode, requested_prefer, session_hint,
+                                       stop_list, text, unique_names)
 from mlxmoe.errors import ApiError, MlxMoeError, RpcError, api_error
 from mlxmoe.params import MAX_TOKENS_LIMIT, GenParams, check
 
@@ -129,21 +129,10 @@ def completion_logprobs(body: dict) -> int | None:
 
 
 def parse_messages(body: dict) -> list[dict]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages",
-                       "invalid_type" if "messages" in body else "missing_required_parameter")
-    if len(msgs) > MAX_MESSAGES:
-        raise ApiError(400, f"'messages' has more than {MAX_MESSAGES} entries", "messages", "invalid_value")
     out = []
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(message_list(body)):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", where, "invalid_type")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(400, f"'{where}.role' must be one of {sorted(ROLES)}, got {role!r}"[:300],
-                           f"{where}.role", "invalid_value")
+        role = message_role(m, where, ROLES)
         out.append({"role": role, "content": _content(m.get("content"), f"{where}.content", role),
                     **tool_message_fields(m, where, role)})
     if not any(m["role"] == "user" for m in out):
