@@ -21,7 +21,7 @@ from mlxmoe.errors import MlxMoeError, api_error
 from mlxmoe.params import GenParams
 
 if TYPE_CHECKING:
-    from mlxmoe.cluster.router import Router, Session, Turn
+    from mlxmoe.cluster.router import Chat, Router, Turn
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Part:
 class Reply:
     """An answer in flight. Read `parts()` once (or `collect()`), then `close()` (always: a finally)."""
     router: Router
-    session: Session
+    session: Chat
     turn: Turn
     messages: list[dict] | None  # the chat's messages as the client sent them: remembered with the answer
     parse_calls: bool = False  # the answer may hold tool calls

@@ -49,6 +49,4 @@ from mlxmoe.cluster.router.chats import Chat
 from mlxmoe.cluster.router.core import Router
 from mlxmoe.cluster.router.turn import Rejected, Turn
 
-Session = Chat  # the old name, until cluster/api/ imports Chat
-
-__all__ = ["Chat", "Rejected", "Router", "Session", "Turn"]
+__all__ = ["Chat", "Rejected", "Router", "Turn"]
