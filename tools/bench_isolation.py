@@ -344,7 +344,7 @@ def start_cluster(name: str, n_groups: int, work: Path, timeout: float) -> Clust
 
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_bundle(work, n_groups, quiet=True)
+    bundle = ensure_bundle(work, n_groups, quiet=True, equal=True)  # no node holds every expert: split calls peers
     key = ensure_key(work)
     ports = [free_port() for _ in range(n_groups)]
     peers = work / f"peers-{name}.toml"

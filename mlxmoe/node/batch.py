@@ -44,7 +44,7 @@ from mlxmoe.model.moe import hooked, unhooked
 from mlxmoe.node.batch_cache import is_batched, merge, quantize
 
 PREFILL_TOKENS = 2048  # the largest prompt chunk a step computes (mlx-lm's prefill step size)
-PREFILL_BUDGET_S = 1.0  # beside decoding rows, a step's prompt chunks take about this long
+PREFILL_BUDGET_S = 0.25  # beside decoding rows, a step's prompt chunks take about this long
 PREFILL_MIN = 16  # ... and hold at least this many tokens (a long prompt always progresses)
 METER_EVERY = 8  # decode steps per quality-meter sample (it costs the fused layer step and a router matmul)
 NO_LIMIT = 1 << 40  # GenerationBatch's own max_tokens: rows end here (Row.max_tokens), not there
