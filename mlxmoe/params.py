@@ -1,5 +1,5 @@
 """Generation parameters: the one typed request that travels from an API dialect to a node
-(docs/ARCHITECTURE.md, "The request").
+(docs/ARCHITECTURE.md, "The request path").
 
 A dialect adapter (cluster/api/openai.py, anthropic.py, ollama.py) builds a `GenParams` once;
 the router edits it with `dataclasses.replace` (routing, a splice's resume, a race's cap);
