@@ -215,7 +215,8 @@ class Fleet:
         tried = [f"{p.url} ({p.reason or p.state})" for p in self.peers.peers.values()]
         where = ("tried " + "; ".join(tried)) if tried else (
             "no peers listed" + (" and none found over Bonjour" if self.mdns else " (--peers) and Bonjour is off"))
-        log.warning("no node is up: %s. Chats fail until one is; start `mlxmoe node BUNDLE --group N`", where)
+        log.warning("no node is up: %s. Chats fail until one is (a node of this manifest: `mlxmoe node BUNDLE "
+                    "--group N`, or `mlxmoe up` on a member)", where)
 
     async def probe_named(self, names: set[str], timeout: float) -> None:
         """Probe the live nodes of `names` now, for at most `timeout` seconds."""
