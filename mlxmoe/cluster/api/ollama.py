@@ -25,7 +25,7 @@ from mlxmoe.cluster.api import tools as tl
 from mlxmoe.cluster.api.fields import (MAX_TOOLS, check_range, compile_grammar, flag, message_list, message_role,
                                        number, opt, stop_list, text)
 from mlxmoe.cluster.api.openai import MAX_TOKENS_DEFAULT, Answer, noticed, piece
-from mlxmoe.errors import ApiError, RpcError, api_error
+from mlxmoe.errors import ApiError, MlxMoeError, api_error
 from mlxmoe.params import MAX_TOKENS_LIMIT, GenParams, check
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -269,7 +269,7 @@ async def respond(request: web.Request, router, owner: str, req, how: Answer, na
             return await stream(request, reply, how, name, t0, shape)
         try:
             content, calls, frames = await reply.collect()
-        except RpcError as e:
+        except MlxMoeError as e:  # a node failed, or none is left to continue on
             raise api_error(e) from None
         content, calls = ollama_calls(content, calls)
         out = {**head(name), **shape(content, calls), **done(reply, t0)}
@@ -291,7 +291,7 @@ async def stream(request: web.Request, reply: chat.Reply, how: Answer, name: str
             content, calls = ollama_calls(p.text, [p.call] if p.call is not None else [])
             if content or calls or lp:
                 await sse.send_line(resp, {**head(name), **shape(content, calls), "done": False, **lp})
-    except RpcError as e:
+    except MlxMoeError as e:  # a node failed, or none is left to continue on
         await sse.send_line(resp, error_body(api_error(e)))
         return resp
     await sse.send_line(resp, noticed({**head(name), **shape(""), **done(reply, t0)}, reply))

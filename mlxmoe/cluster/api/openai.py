@@ -19,7 +19,7 @@ from mlxmoe.cluster.api.fields import (MAX_CHARS_PER_TOKEN, MAX_TOOLS, check_cha
                                        check_range, check_tokens, compile_grammar, flag, function_tool, message_list,
                                        message_role, number, opt, requested_mode, requested_prefer, session_hint,
                                        stop_list, text, unique_names)
-from mlxmoe.errors import ApiError, MlxMoeError, RpcError, api_error
+from mlxmoe.errors import ApiError, MlxMoeError, api_error
 from mlxmoe.params import MAX_TOKENS_LIMIT, GenParams, check
 
 __all__ = ["ApiError", "MAX_CHARS_PER_TOKEN", "check_chars", "check_messages_fit", "check_model", "check_tokens",
@@ -286,7 +286,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return await _stream_chat(request, reply, base, answer)
         try:
             content, calls, frames = await reply.collect()
-        except RpcError as e:
+        except MlxMoeError as e:  # a node failed, or none is left to continue on
             raise api_error(e) from None
         out = chat_completion(base, content, [chat_lp(f) for f in frames] if answer.logprobs else None,
                               reply.finish_reason, usage(*reply.usage))
@@ -308,7 +308,7 @@ async def _stream_chat(request: web.Request, reply: chat.Reply, base: dict, answ
                 await sse.send(resp, chat_chunk(chunk, {"tool_calls": [p.call]}, lp))
             elif p.text or lp:
                 await sse.send(resp, chat_chunk(chunk, {"content": p.text}, lp))
-    except RpcError as e:
+    except MlxMoeError as e:  # a node failed, or none is left to continue on
         await sse.send(resp, error_body(api_error(e), param=False))
         return resp
     await sse.send(resp, noticed(chat_chunk(chunk, {}, None, reply.finish_reason), reply))
@@ -330,7 +330,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return await _stream_completion(request, reply, base, answer)
         try:
             content, _, frames = await reply.collect()
-        except RpcError as e:
+        except MlxMoeError as e:  # a node failed, or none is left to continue on
             raise api_error(e) from None
         lp = completion_lp(frames) if answer.completion_logprobs is not None else None
         out = {**base, "choices": [completion_choice(content, lp, reply.finish_reason)], "usage": usage(*reply.usage)}
@@ -347,7 +347,7 @@ async def _stream_completion(request: web.Request, reply: chat.Reply, base: dict
             lp = completion_lp([p.frame], offset) if answer.completion_logprobs is not None else None
             offset += len(p.text)
             await sse.send(resp, {**base, "choices": [completion_choice(p.text, lp, None)]})
-    except RpcError as e:
+    except MlxMoeError as e:  # a node failed, or none is left to continue on
         await sse.send(resp, error_body(api_error(e), param=False))
         return resp
     await sse.send(resp, noticed({**base, "choices": [completion_choice("", None, reply.finish_reason)]}, reply))
