@@ -59,8 +59,11 @@ def decode(tokens: list[int]) -> str:
     return bytes(t & 0xFF for t in tokens).decode("utf-8", errors="replace")
 
 
-def encode_chat(messages: list[dict], tools: list | None = None) -> list[int]:
-    text = "".join(f"<{m['role']}>{_content(m)}\n" for m in messages) + "<assistant>"
+def encode_chat(messages: list[dict], tools: list | None = None, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> list[int]:
+    text = "".join(f"<{m['role']}>{_content(m)}\n" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+    if continue_final_message:  # the last message stays open: the answer continues it
+        text = text.removesuffix("\n")
     if tools:  # a template that renders tools itself
         text = "".join(f"<tool>{t['function']['name']}\n" for t in tools) + text
     return encode(text)

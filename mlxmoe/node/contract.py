@@ -65,7 +65,8 @@ class Engine(Protocol):
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
         """Token ids of OpenAI-style messages with the generation prompt appended; template_kwargs
-        (e.g. `tools=`) go to the chat template."""
+        (e.g. `tools=`) go to the chat template (`add_generation_prompt=False,
+        continue_final_message=True`: the last, assistant, message is continued instead)."""
 
     def generate(self, session_id: str | None, prompt: list[int], params: GenParams) -> Iterator[TokenEvent]:
         """Stream TokenEvents continuing `prompt` in session `session_id` (a new one if unknown or None),
@@ -126,7 +127,8 @@ class Frontend(Protocol):
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
         """Token ids of OpenAI-style messages with the generation prompt appended; template_kwargs
-        (e.g. `tools=`) go to the chat template."""
+        (e.g. `tools=`) go to the chat template (`add_generation_prompt=False,
+        continue_final_message=True`: the last, assistant, message is continued instead)."""
 
     def score(self, tokens: list[int]) -> PlacementScores:
         """How well each group suits `tokens`. MlxMoeError: no tokens."""

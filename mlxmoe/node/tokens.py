@@ -10,9 +10,10 @@ class Tokens:
         return list(self.tokenizer.encode(text))
 
     def encode_chat(self, messages: list[dict], **template_kwargs) -> list[int]:
-        """template_kwargs go to the chat template (`tools=` for templates that render them)."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                                  **template_kwargs)
+        """template_kwargs go to the chat template (`tools=` for templates that render them;
+        `add_generation_prompt=False, continue_final_message=True` to continue the last message)."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  **{"add_generation_prompt": True, **template_kwargs})
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, tokens: list[int]) -> str:

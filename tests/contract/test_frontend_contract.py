@@ -34,6 +34,17 @@ def test_identity_and_tokens(frontend):
     assert frontend.encode("hello") and len(frontend.encode("hello")) <= len(chat)
 
 
+def test_a_last_assistant_message_can_be_continued(frontend):
+    """`add_generation_prompt=False, continue_final_message=True`: the prompt ends with the assistant's
+    open text (Anthropic's prefill), where an answered turn would have opened a new one."""
+    user = [{"role": "user", "content": "hello"}]
+    opened = frontend.encode_chat(user + [{"role": "assistant", "content": "Sure, the"}],
+                                  add_generation_prompt=False, continue_final_message=True)
+    answered = frontend.encode_chat(user)
+    assert opened[:len(answered)] == answered and len(opened) > len(answered)
+    assert frontend.encode("Sure, the")[-1] == opened[-1]  # the last token is the message's, no turn end after it
+
+
 def test_score(frontend):
     tokens = frontend.encode_chat([{"role": "user", "content": "the quick brown fox"}])
     s = frontend.score(tokens)

@@ -136,6 +136,16 @@ def test_system_prompt_reaches_the_node(fake):
     assert last(fake)[1].startswith("<system>Be brief.\n\nBe kind.\n<user>")
 
 
+def test_a_last_assistant_message_is_continued_not_answered(fake):
+    """Anthropic's prefill: the prompt ends inside the assistant's turn (no new turn opened), and the
+    reply holds only what follows it."""
+    r = create(fake, messages=USER + [{"role": "assistant", "content": "The weather is"}])
+    assert last(fake)[1] == "<user>What is the weather in Paris?\n<assistant>The weather is"
+    assert r.content[0].text == TEXT and r.stop_reason == "end_turn"
+    create(fake, messages=USER + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And?"}])
+    assert last(fake)[1].endswith("<assistant>Sunny.\n<user>And?\n<assistant>")  # an earlier turn is whole
+
+
 def test_sampling_fields_reach_the_node(fake):
     r = create(fake, max_tokens=9, stop_sequences=["nowhere"],
                extra_body={"temperature": 0.7, "top_p": 0.9, "top_k": 20})  # this client has no such arguments

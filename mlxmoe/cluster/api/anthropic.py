@@ -2,9 +2,10 @@
 POST /v1/messages/count_tokens. A body is parsed once into a ChatRequest (chat.py) as openai.py does: `system`
 and the content blocks become the neutral messages (a user turn's tool_result blocks "tool" messages, its text
 blocks a user message; an assistant turn's tool_use blocks its tool_calls), `tools`/`tool_choice` the neutral
-ones, `output_config.format` the answer's grammar. The reply's parts come back as content blocks: a text block
-per run of text, a tool_use block per call. Errors as {"type": "error", "error": {"type", "message"}} with our
-status.
+ones, `output_config.format` the answer's grammar. A last assistant message with text is the start of the
+answer (a "prefill"): the model continues it, and the reply holds only what follows. The reply's parts come
+back as content blocks: a text block per run of text, a tool_use block per call. Errors as
+{"type": "error", "error": {"type", "message"}} with our status.
 
 Accepted and ignored: anthropic-version and anthropic-beta headers, `thinking` (no thinking blocks are made;
 those sent back in assistant turns are dropped), `service_tier`, `cache_control`, `container`, `effort`,
@@ -57,9 +58,11 @@ def chat_request(body: dict, headers, params: GenParams) -> chat.ChatRequest:
     if body.get("mcp_servers"):
         raise ApiError(400, "'mcp_servers' is not supported: declare the functions in 'tools'", "mcp_servers",
                        "unsupported_parameter")
-    tools = parse_tools(body)
-    return chat.ChatRequest(system(body) + parse_messages(body), params, tools, tool_choice(body, tools),
-                            output_format(body), routing(headers, body))
+    tools, messages = parse_tools(body), system(body) + parse_messages(body)
+    last = messages[-1]
+    opening = last["role"] == "assistant" and not last.get("tool_calls") and bool(last["content"])
+    return chat.ChatRequest(messages, params, tools, tool_choice(body, tools), output_format(body),
+                            routing(headers, body), continue_last=opening)
 
 
 def routing(headers, body: dict) -> chat.Routing:

@@ -41,6 +41,7 @@ class ChatRequest:
     answer_format: dict | None = None  # a grammar spec of the whole answer (json_object, json_schema)
     routing: Routing = field(default_factory=Routing)
     where: str = "messages"  # the request field a refusal of the prompt names
+    continue_last: bool = False  # the last message is the start of the answer (Anthropic's prefill): continued
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Reply:
     turn: Turn
     messages: list[dict] | None  # the chat's messages as the client sent them: remembered with the answer
     parse_calls: bool = False  # the answer may hold tool calls
+    opening: str = ""  # the answer's start the client sent (continue_last): remembered before the reply
     calls: int = 0
 
     async def parts(self) -> AsyncIterator[Part]:
@@ -85,7 +87,7 @@ class Reply:
         for e in parser.finish() if parser else []:
             yield self._part(e, None)
         if self.messages is not None:
-            reply = "".join(text)
+            reply = self.opening + "".join(text)
             self.router.remember_turn(self.session, self.messages,
                                       tl.parse_tool_calls(reply)[0] if parser else reply)
 
@@ -148,10 +150,13 @@ async def start(router: Router, owner: str, req: ChatRequest | PromptRequest) ->
     if isinstance(req, ChatRequest):
         fields.check_messages_fit(req.messages, router.context_limit, req.where)
         messages, template_kwargs, grammar, parse = await asyncio.to_thread(_structured, router, req)
+        remembered, opening = req.messages, ""
+        if req.continue_last:  # the template leaves the last message open; the turn is remembered whole
+            template_kwargs = {**template_kwargs, "add_generation_prompt": False, "continue_final_message": True}
+            remembered, opening = req.messages[:-1], req.messages[-1]["content"]
         tokens = await router.encode_chat(messages, **template_kwargs)  # once: the same ids are scored and sent
-        remembered = req.messages
     else:
-        grammar, parse, remembered = req.params.grammar, False, None
+        grammar, parse, remembered, opening = req.params.grammar, False, None, ""
         if isinstance(req.prompt, str):
             fields.check_chars(len(req.prompt), router.context_limit, req.where)
         tokens = req.prompt if isinstance(req.prompt, list) else await router.encode(req.prompt)
@@ -165,7 +170,7 @@ async def start(router: Router, owner: str, req: ChatRequest | PromptRequest) ->
         turn = await router.open_turn(s, tokens, req.params.edit(grammar=grammar))
     except MlxMoeError as e:
         raise api_error(e, req.where) from None
-    return Reply(router, s, turn, remembered, parse)
+    return Reply(router, s, turn, remembered, parse, opening)
 
 
 def _structured(router: Router, req: ChatRequest) -> tuple[list[dict], dict, dict | None, bool]:
