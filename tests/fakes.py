@@ -13,6 +13,7 @@ Run as a script to serve a FakeEngine node process (used by the netns test):
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 import uuid
@@ -487,6 +488,17 @@ def _main() -> None:
         router = Router(FakeFrontend(n_groups=a.n_groups, manifest_hash=a.manifest_hash), key,
                         interface=a.interface, probe_interval=1.0, token_timeout=10.0)
         asyncio.run(serve_router(router, a.host, a.port, page=render))
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports free right now (all bound at once, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 if __name__ == "__main__":

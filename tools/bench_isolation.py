@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+from bench_concurrency import percentile  # noqa: E402  (the same statistic in both benchmarks)
 
 SCENARIOS = ("schema", "flood", "longprompt", "split")
 HOSTILE_SCHEMA = {"$ref": "#"}  # "an object that is itself": no finite answer satisfies it
@@ -75,17 +76,6 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- measurements (pure)
-
-def percentile(xs: list[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between closest ranks (numpy's default)."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    pos = (len(s) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
 
 def gaps(times: list[float]) -> list[float]:
     """Gaps between consecutive arrivals."""

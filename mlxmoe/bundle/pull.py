@@ -603,7 +603,8 @@ def split_pulled(pulled, out, group: int, n_groups: int | None = None, plan=None
     from mlxmoe.bundle.checkpoint import open_source
     from mlxmoe.bundle.copy import node_files
     from mlxmoe.bundle.manifest import OVERLAY_FILE, TRUNK_FILE, group_file
-    from mlxmoe.bundle.split import Experts, check_groups_fit, make_grouping, make_overlay, write_experts, write_trunk
+    from mlxmoe.bundle.split import (Experts, check_groups_fit, make_grouping, make_overlay, quantization,
+                                     write_experts, write_trunk)
     from mlxmoe.bundle.writer import write_bundle
 
     pulled = Path(pulled)
@@ -643,13 +644,7 @@ def split_pulled(pulled, out, group: int, n_groups: int | None = None, plan=None
             if lack:
                 raise CheckpointError(f"{pulled}: has no tensors of layer {l} expert(s) {lack[:5]}, which group {group} "
                                       "needs; pull them with the same --group/--groups (or --plan)")
-    if src.is_mlx:
-        mq = src.config.get("quantization")
-        quant = {"trunk": mq, "experts": mq}
-    else:
-        quant = {"trunk": {"bits": trunk_bits, "group_size": group_size} if trunk_bits else None,
-                 "experts": {"bits": bits, "group_size": group_size} if bits else None}
-    quant["kv_bits"] = kv_bits
+    quant = quantization(src, bits, trunk_bits, group_size, kv_bits)
     out = Path(out)
     if out.exists() and not force:
         raise MlxMoeError(f"{out}: already exists (use --force to replace it)")

@@ -273,6 +273,15 @@ def check_groups_fit(facts, grouping, overlay):
                     f"fewer than the model's top_k={facts.top_k}; use fewer groups or an overlay")
 
 
+def quantization(src: Source, bits, trunk_bits, group_size, kv_bits) -> dict:
+    """The manifest's `quantization`: an mlx checkpoint's own, else what the options make of it."""
+    if src.is_mlx:
+        q = src.config.get("quantization")
+        return {"trunk": q, "experts": q, "kv_bits": kv_bits}
+    return {"trunk": {"bits": trunk_bits, "group_size": group_size} if trunk_bits else None,
+            "experts": {"bits": bits, "group_size": group_size} if bits else None, "kv_bits": kv_bits}
+
+
 def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bits=4, group_size=64,
           trunk_bits=8, kv_bits=8, force=False, progress=None, calibration=None) -> Manifest:
     src = open_source(source)
@@ -288,13 +297,7 @@ def split(source: str, out: str, n_groups: int, overlay=None, grouping=None, bit
         raise CheckpointError(f"{src.path}: routed-expert tensors found for layers {experts.layers()}, config says MoE layers are {facts.moe_layers}")
     if not src.is_mlx and not arch.packed:
         _check_complete(experts, facts, src)
-    if src.is_mlx:
-        q = src.config.get("quantization")
-        quant = {"trunk": q, "experts": q}
-    else:
-        quant = {"trunk": {"bits": trunk_bits, "group_size": group_size} if trunk_bits else None,
-                 "experts": {"bits": bits, "group_size": group_size} if bits else None}
-    quant["kv_bits"] = kv_bits
+    quant = quantization(src, bits, trunk_bits, group_size, kv_bits)
 
     out = Path(out)
     if out.exists() and not force:

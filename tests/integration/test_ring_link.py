@@ -5,7 +5,6 @@ fallback takes over from it."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,19 +72,11 @@ def rank_main() -> None:
                       "fallback": fb_answer, "bytes": n, "median_ms": 1e3 * statistics.median(times)}), flush=True)
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_two_ranks_call_each_other(tmp_path):
+    from fakes import free_ports
+
     hosts = tmp_path / "hosts.json"
-    ports = _free_ports(4)
+    ports = free_ports(4)
     hosts.write_text(json.dumps([f"127.0.0.1:{p}" for p in ports[:2]]))
     env = {**os.environ, "MLX_HOSTFILE": str(hosts), "PYTHONPATH": str(ROOT), "CONTROL_PORT": str(ports[2])}
     procs = [subprocess.Popen([sys.executable, __file__], env={**env, "MLX_RANK": str(r)}, stdout=subprocess.PIPE,

@@ -18,19 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from fakes import free_ports
 from mlxmoe.bundle.manifest import Manifest
 
 pytestmark = pytest.mark.timeout(420)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Mac:
